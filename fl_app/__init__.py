@@ -1,0 +1,1 @@
+"""The Flower apps and entry points: wiring between Flower, ``tasks`` and ``strategies``."""

@@ -1,0 +1,70 @@
+"""Before any training: every hospital checks its data against the server's settings.
+
+A hospital with an empty partition or labels outside the global set stops the
+run here, with its own message, instead of failing (or worse, silently
+dropping out) in the middle of round one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from tasks.errors import HospitalDataError
+
+PREFLIGHT_TYPE = "query.preflight"
+
+
+@dataclass
+class HospitalReport:
+    node_id: int
+    hospital: int
+    train_records: int
+    eval_records: int
+    label_counts: list[int]
+
+
+def wait_for_hospitals(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
+    """Node ids once at least ``minimum`` hospitals are connected."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() > deadline:
+            raise HospitalDataError(f"only {len(nodes)} hospital(s) connected after "
+                                    f"{timeout_s:.0f} s; strategy.min_hospitals={minimum}")
+        time.sleep(1.0)
+
+
+def run_preflight(grid: Grid, config: ConfigRecord, minimum: int,
+                  timeout_s: float) -> list[HospitalReport]:
+    nodes = wait_for_hospitals(grid, minimum, timeout_s)
+    messages = [Message(RecordDict({"config": config}), dst_node_id=node,
+                        message_type=PREFLIGHT_TYPE) for node in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    problems, reports = [], []
+    answered = set()
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        answered.add(node)
+        if reply.has_error():
+            problems.append(f"node {node}: preflight failed: {reply.error.reason}")
+            continue
+        status = reply.content["status"]
+        if not status["ok"]:
+            problems.append(str(status["problem"]))
+            continue
+        counts = reply.content["counts"]
+        reports.append(HospitalReport(node, int(status["hospital"]), int(counts["train-records"]),
+                                      int(counts["eval-records"]),
+                                      [int(c) for c in counts["label-counts"]]))
+    problems += [f"node {node}: no preflight reply within {timeout_s:.0f} s"
+                 for node in nodes if node not in answered]
+    if problems:
+        raise HospitalDataError("hospital data check failed before training:\n  "
+                                + "\n  ".join(problems))
+    return sorted(reports, key=lambda r: r.hospital)

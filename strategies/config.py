@@ -1,0 +1,49 @@
+"""Typed settings of the server side: which Flower strategy, and where results are tracked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class StrategyName(Enum):
+    fedavg = "fedavg"
+    fedprox = "fedprox"
+    fedadam = "fedadam"
+    fedyogi = "fedyogi"
+    fedavgm = "fedavgm"
+    fedmedian = "fedmedian"
+    fedtrimmedavg = "fedtrimmedavg"
+    krum = "krum"
+
+
+@dataclass
+class StrategySettings:
+    name: StrategyName = StrategyName.fedavg
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    # Hospitals that must be connected (and sampled) before a round starts.
+    min_hospitals: int = 2
+    # Seconds to wait for replies in a round; a hospital slower than this is dropped.
+    round_timeout_s: float = 3600.0
+    # Strategy parameters; each strategy reads only its own (see conf/strategy/*.yaml).
+    proximal_mu: float = 0.0
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.0
+    eta: float = 1e-2
+    eta_l: float = 1e-2
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    trim_beta: float = 0.2
+    num_malicious_nodes: int = 0
+
+
+@dataclass
+class TrackingSettings:
+    # None: SQLite store and artifacts under mlruns/ at the project root.
+    uri: str | None = None
+    experiment: str = "clinical-fl"
+    run_name: str | None = None
+    log_per_hospital: bool = True
+    save_adapter: bool = True

@@ -1,0 +1,106 @@
+"""MLflow tracking of a federated run: one MLflow run per federated run, one step per round."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+
+import mlflow
+
+from strategies.config import TrackingSettings
+from strategies.plots import plot_rounds
+
+log = logging.getLogger(__name__)
+
+STORE_DIR = "mlruns"
+DB_FILE = "mlflow.db"
+ARTIFACT_DIR = "artifacts"
+
+
+def default_store(project_root: Path) -> tuple[str, str]:
+    """(tracking URI, artifact location) of the SQLite store under ``<root>/mlruns/``.
+
+    Absolute paths on purpose: the ServerApp does not run in the user's directory.
+    """
+    store = (project_root / STORE_DIR).resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / DB_FILE}", (store / ARTIFACT_DIR).as_uri()
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, str]:
+    """Nested config to MLflow params: dotted keys, values as text."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+class RunTracker:
+    """Opens the MLflow run on enter and always closes it: FINISHED, or FAILED on a crash."""
+
+    def __init__(self, settings: TrackingSettings, project_root: Path) -> None:
+        self.settings = settings
+        if settings.uri and settings.uri.startswith("sqlite:///"):
+            # Artifacts beside the database, never relative to the working directory.
+            db = Path(settings.uri.removeprefix("sqlite:///"))
+            db = db if settings.uri.startswith("sqlite:////") else db.resolve()
+            db.parent.mkdir(parents=True, exist_ok=True)
+            self.uri = f"sqlite:///{db}"
+            artifact_location = (db.parent / ARTIFACT_DIR).as_uri()
+        elif settings.uri:
+            self.uri, artifact_location = settings.uri, None  # a tracking server decides
+        else:
+            self.uri, artifact_location = default_store(project_root)
+        mlflow.set_tracking_uri(self.uri)
+        experiment = mlflow.get_experiment_by_name(settings.experiment)
+        self.experiment_id = (experiment.experiment_id if experiment else
+                              mlflow.create_experiment(settings.experiment,
+                                                       artifact_location=artifact_location))
+        self.history: dict[int, dict[str, float]] = {}
+        self.run_id: str | None = None
+
+    def __enter__(self) -> RunTracker:
+        run = mlflow.start_run(experiment_id=self.experiment_id,
+                               run_name=self.settings.run_name)
+        self.run_id = run.info.run_id
+        log.info("MLflow run %s in %s", self.run_id, self.uri)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is not None:
+            mlflow.set_tag("failure", f"{exc_type.__name__}: {exc}"[:5000])
+            mlflow.end_run(status="FAILED")
+        else:
+            mlflow.end_run(status="FINISHED")
+
+    def log_params(self, params: Mapping) -> None:
+        mlflow.log_params(flatten(params))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        mlflow.set_tags(dict(tags))
+
+    def log_round(self, server_round: int, metrics: Mapping[str, float]) -> None:
+        values = {k: float(v) for k, v in metrics.items()}
+        self.history.setdefault(server_round, {}).update(values)
+        mlflow.log_metrics(values, step=server_round)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        mlflow.log_text(text, artifact_file)
+
+    def log_artifacts(self, directory: Path, artifact_path: str) -> None:
+        mlflow.log_artifacts(str(directory), artifact_path)
+
+    def log_round_plot(self) -> None:
+        """A PNG of the per-round curves, from what was logged in this run."""
+        with tempfile.TemporaryDirectory() as tmp:
+            png = plot_rounds(self.history, Path(tmp) / "metrics_per_round.png")
+            if png:
+                mlflow.log_artifact(str(png))

@@ -1,0 +1,31 @@
+"""Centralized evaluation: the server scores the global adapter on a test set it holds.
+
+Only for data the coordinator may hold (the synthetic default, or a public
+benchmark test split); in a real federation of private records it is off.
+"""
+
+from __future__ import annotations
+
+import datasets
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tasks.batches import make_loader, tokenize
+from tasks.evaluation import evaluate
+from tasks.model import load_trainable_state
+
+
+class CentralEvaluator:
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                 records: datasets.Dataset, num_labels: int, max_length: int,
+                 batch_size: int) -> None:
+        self.model = model
+        self.num_labels = num_labels
+        self.loader = make_loader(tokenize(records, tokenizer, max_length), tokenizer,
+                                  batch_size, shuffle=False)
+
+    def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        load_trainable_state(self.model, state)
+        outcome = evaluate(self.model, self.loader, self.num_labels)
+        return {"accuracy": outcome.accuracy, "macro_f1": outcome.macro_f1,
+                "loss": outcome.loss}

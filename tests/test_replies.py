@@ -1,0 +1,63 @@
+"""What leaves a hospital: trainable-parameter arrays (float32) and numeric metrics only."""
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fl_app.replies import evaluate_reply, train_reply
+from strategies.metered_grid import payload_bytes
+from tasks.config import ModelSettings
+from tasks.evaluation import EvalOutcome
+from tasks.model import build_model, trainable_state
+from tasks.training import TrainOutcome
+
+LABELS = ["a", "b", "c"]
+
+
+@pytest.fixture(autouse=True)
+def _process_identity():
+    """Flower stamps messages with the run and node of the process; tests play one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
+
+
+def _instruction(message_type):
+    return Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=1,
+                   message_type=message_type)
+
+
+def test_train_reply_holds_the_trainable_arrays_and_numeric_metrics_only(tiny_random_bert):
+    model = build_model(ModelSettings(name_or_path=str(tiny_random_bert)), LABELS, seed=0)
+    state = trainable_state(model)
+    msg = _instruction("train")
+    reply = train_reply(msg, state, TrainOutcome(1.2, 40, 3, 0.5), hospital=1)
+    content = reply.content
+    assert list(content.array_records) == ["arrays"] and list(content.metric_records) == ["metrics"]
+    assert not content.config_records
+    arrays = content.array_records["arrays"]
+    assert set(arrays) == set(state)
+    assert all(a.dtype == "float32" for a in arrays.values())
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert not frozen & set(arrays), "no frozen base weight leaves the hospital"
+    metrics = content.metric_records["metrics"]
+    assert set(metrics) == {"num-examples", "train-loss", "train-seconds", "hospital"}
+    assert metrics["num-examples"] == 40
+    assert payload_bytes(content) >= sum(v.numel() * 4 for v in state.values())
+
+
+def test_evaluate_reply_carries_counts_not_records():
+    outcome = EvalOutcome(0.7, 0.5, 0.4, 10, [2, 3, 0], [1, 2, 2], [3, 0, 2])
+    reply = evaluate_reply(_instruction("evaluate"), outcome, hospital=0)
+    assert not reply.content.array_records and not reply.content.config_records
+    metrics = reply.content.metric_records["metrics"]
+    assert metrics["true-positives"] == [2, 3, 0]
+    assert all(isinstance(v, int | float | list) for v in metrics.values())
+
+
+def test_payload_bytes_counts_arrays_metrics_and_config_with_empty_strings():
+    content = RecordDict({"a": ArrayRecord({"w": torch.zeros(10)}),
+                          "m": MetricRecord({"x": 1.0}), "c": ConfigRecord({"s": ""})})
+    assert payload_bytes(content) >= 40 + 8 + 1
