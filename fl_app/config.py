@@ -16,8 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from strategies.config import StrategySettings, TrackingSettings
-from tasks.config import (DataSettings, ModelSettings, PrivacySettings, TaskSettings,
-                          TrainSettings)
+from tasks.config import DataSettings, ModelSettings, PrivacySettings, TaskSettings, TrainSettings
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -81,8 +80,8 @@ def validate_config(composed: DictConfig) -> DictConfig:
         merged = OmegaConf.merge(schema, composed)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
-        raise ConfigError(f"invalid configuration at '{key}': {err.msg if hasattr(err, 'msg') else err}"
-                          ) from err
+        detail = getattr(err, "msg", None) or str(err)
+        raise ConfigError(f"invalid configuration at '{key}': {detail}") from err
     _check_values(merged)
     return merged
 

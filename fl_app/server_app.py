@@ -16,8 +16,13 @@ from flwr.serverapp.strategy import Strategy
 from omegaconf import OmegaConf
 
 from fl_app.client_app import TASK_KEY
-from fl_app.config import (compose_config, parse_overrides, task_settings,
-                           task_settings_to_yaml, to_run_settings)
+from fl_app.config import (
+    compose_config,
+    parse_overrides,
+    task_settings,
+    task_settings_to_yaml,
+    to_run_settings,
+)
 from fl_app.paths import project_root
 from fl_app.preflight import run_preflight
 from strategies.metered_grid import MeteredGrid
@@ -27,8 +32,13 @@ from strategies.round_log import RoundLogger
 from strategies.tracking import RunTracker
 from tasks.central_evaluation import CentralEvaluator
 from tasks.data import load_server_test_set, source_labels
-from tasks.model import (build_model, load_tokenizer, load_trainable_state, save_adapter,
-                         trainable_state)
+from tasks.model import (
+    build_model,
+    load_tokenizer,
+    load_trainable_state,
+    save_adapter,
+    trainable_state,
+)
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy import (FedAdam, FedAvg, FedAvgM, FedMedian, FedProx,
-                                     FedTrimmedAvg, FedYogi, Krum, Strategy)
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    Strategy,
+)
 
 from strategies.config import StrategyName, StrategySettings
 

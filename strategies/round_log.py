@@ -44,8 +44,8 @@ class RoundLogger:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         metrics: dict[str, float] = {}
-        for rules, names, kind in ((self.train_rules, _TRAIN_NAMES, "train"),
-                                   (self.evaluate_rules, _EVAL_NAMES, "evaluate")):
+        for rules, names in ((self.train_rules, _TRAIN_NAMES),
+                             (self.evaluate_rules, _EVAL_NAMES)):
             combined, per_hospital = rules.take()
             metrics.update({names[k]: v for k, v in combined.items() if k in names})
             if server_round > 0 and not combined:

@@ -26,7 +26,8 @@ class EvalOutcome:
 
 
 @torch.no_grad()
-def predict_labels(model: torch.nn.Module, loader: DataLoader) -> tuple[list[int], list[int], float]:
+def predict_labels(model: torch.nn.Module, loader: DataLoader
+                   ) -> tuple[list[int], list[int], float]:
     """(true labels, predicted labels, summed loss) over the loader."""
     model.eval()
     truths, preds, loss_sum = [], [], 0.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datasets
 import torch
 from omegaconf import OmegaConf
+from transformers import PreTrainedTokenizerBase
 
 from tasks.batches import make_loader, tokenize
 from tasks.config import TaskSettings
@@ -39,7 +40,8 @@ def _cached_model(key: str, settings: TaskSettings, labels: tuple[str, ...]):
 
 
 def _cached_records(key: str, settings: TaskSettings, labels: tuple[str, ...],
-                    partition_id: int, num_partitions: int, tokenizer
+                    partition_id: int, num_partitions: int,
+                    tokenizer: PreTrainedTokenizerBase
                     ) -> tuple[HospitalData, datasets.Dataset, datasets.Dataset]:
     if key not in _RECORDS:
         if len(_RECORDS) >= 16:

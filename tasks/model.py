@@ -14,8 +14,12 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
-                          PreTrainedTokenizerBase)
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 from tasks.config import ModelSettings
@@ -160,7 +164,10 @@ def save_adapter(model: PeftModel, directory: str | Path, settings: ModelSetting
 
 def load_adapter(directory: str | Path, base_model: str | None = None
                  ) -> tuple[PeftModel, PreTrainedTokenizerBase, list[str], int]:
-    """Base model + saved adapter, ready to classify; returns (model, tokenizer, labels, max_length)."""
+    """Base model + saved adapter, ready to classify.
+
+    Returns (model, tokenizer, labels, max_length).
+    """
     directory = Path(directory)
     meta_file = directory / LABELS_FILE
     if not meta_file.is_file():

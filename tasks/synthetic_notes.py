@@ -109,7 +109,8 @@ _GENERIC_EXAM: tuple[str, ...] = (
 )
 
 _DIAGNOSES: dict[str, tuple[str, ...]] = {
-    "cardiology": ("stable angina", "atrial fibrillation", "heart failure with reduced ejection fraction",
+    "cardiology": ("stable angina", "atrial fibrillation",
+                   "heart failure with reduced ejection fraction",
                    "hypertensive heart disease", "aortic stenosis"),
     "pulmonology": ("asthma exacerbation", "COPD", "community acquired pneumonia",
                     "pulmonary embolism", "interstitial lung disease"),
@@ -128,7 +129,8 @@ _PLANS: dict[str, tuple[str, ...]] = {
                    "Holter monitor for 48 hours", "lipid panel and troponin"),
     "pulmonology": ("chest x-ray", "pulmonary function tests", "inhaled corticosteroid",
                     "CT angiogram of the chest", "sputum culture"),
-    "gastroenterology": ("upper endoscopy", "proton pump inhibitor trial", "right upper quadrant ultrasound",
+    "gastroenterology": ("upper endoscopy", "proton pump inhibitor trial",
+                         "right upper quadrant ultrasound",
                          "colonoscopy", "H. pylori breath test"),
     "neurology": ("MRI of the brain", "EEG", "nerve conduction study",
                   "start a triptan as needed", "carotid duplex"),

@@ -1,7 +1,14 @@
 import pytest
 
-from fl_app.config import (ConfigError, compose_config, parse_overrides, task_settings,
-                           task_settings_from_yaml, task_settings_to_yaml, to_run_settings)
+from fl_app.config import (
+    ConfigError,
+    compose_config,
+    parse_overrides,
+    task_settings,
+    task_settings_from_yaml,
+    task_settings_to_yaml,
+    to_run_settings,
+)
 from strategies.config import StrategyName
 from tasks.config import Partitioning
 

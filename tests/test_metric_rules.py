@@ -4,8 +4,13 @@ import pytest
 from flwr.app import MetricRecord, RecordDict
 from sklearn.metrics import f1_score
 
-from strategies.metric_rules import (MetricRules, Rule, evaluate_metrics_rules,
-                                     macro_f1_from_counts, train_metrics_rules)
+from strategies.metric_rules import (
+    MetricRules,
+    Rule,
+    evaluate_metrics_rules,
+    macro_f1_from_counts,
+    train_metrics_rules,
+)
 
 
 def _reply(**metrics):
@@ -14,7 +19,7 @@ def _reply(**metrics):
 
 def _counts(truths, preds, k):
     tp, fp, fn = [0] * k, [0] * k, [0] * k
-    for t, p in zip(truths, preds):
+    for t, p in zip(truths, preds, strict=True):
         if t == p:
             tp[t] += 1
         else:
@@ -44,7 +49,7 @@ def test_federated_macro_f1_equals_sklearn_on_the_pooled_predictions():
                         zero_division=0)
     assert combined["macro-f1"] == pytest.approx(expected, abs=1e-12)
     assert combined["accuracy"] == pytest.approx(
-        sum(t == p for t, p in zip(pooled_t, pooled_p)) / len(pooled_t))
+        sum(t == p for t, p in zip(pooled_t, pooled_p, strict=True)) / len(pooled_t))
     assert combined["eval-loss"] == pytest.approx((30 * 1 + 70 * 2 + 5 * 3) / 105)
     assert combined["num-examples"] == 105 and combined["replies"] == 3
     latest, per_hospital = rules.take()

@@ -4,12 +4,19 @@ import pytest
 import torch
 
 from tasks.batches import make_loader, tokenize
-from tasks.config import ModelSettings
+from tasks.config import DataSettings, ModelSettings
 from tasks.data import load_hospital_data
-from tasks.config import DataSettings
 from tasks.errors import ModelNotFoundError
-from tasks.model import (build_model, load_adapter, load_tokenizer, load_trainable_state,
-                         lora_target_modules, resolve_model_path, save_adapter, trainable_state)
+from tasks.model import (
+    build_model,
+    load_adapter,
+    load_tokenizer,
+    load_trainable_state,
+    lora_target_modules,
+    resolve_model_path,
+    save_adapter,
+    trainable_state,
+)
 
 LABELS = ["cardiology", "pulmonology", "gastroenterology", "neurology", "endocrinology",
           "orthopedics"]

