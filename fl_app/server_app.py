@@ -103,7 +103,9 @@ def main(grid: Grid, context: Context) -> None:
 
         tracker.log_round_plot()
         if settings.tracking.save_adapter:
-            load_trainable_state(model, result.arrays.to_torch_state_dict())
+            # If no round aggregated anything, the global adapter is still the initial one.
+            final = result.arrays if len(result.arrays) else initial
+            load_trainable_state(model, final.to_torch_state_dict())
             with tempfile.TemporaryDirectory() as tmp:
                 save_adapter(model, Path(tmp), task.model, labels)
                 tracker.log_artifacts(Path(tmp), "adapter")
