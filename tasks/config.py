@@ -22,8 +22,19 @@ class Partitioning(Enum):
     iid = "iid"
 
 
-class PrivacyMode(Enum):
-    none = "none"
+class Accountant(Enum):
+    """Opacus accountants that give an upper bound on epsilon (GDP is only an approximation)."""
+
+    rdp = "rdp"
+    prv = "prv"
+
+
+class GradSampleMode(Enum):
+    """How Opacus computes per-sample gradients (see docs/benchmarks.md for speed)."""
+
+    hooks = "hooks"
+    functorch = "functorch"
+    ghost = "ghost"  # ghost clipping: per-sample norms without materializing gradients
 
 
 @dataclass
@@ -58,8 +69,14 @@ class DataSettings:
     seed: int = 42
 
 
+class OptimizerName(Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
 @dataclass
 class TrainSettings:
+    optimizer: OptimizerName = OptimizerName.adamw
     local_epochs: int = 1
     batch_size: int = 16
     eval_batch_size: int = 64
@@ -71,8 +88,46 @@ class TrainSettings:
 
 
 @dataclass
+class DpSgdSettings:
+    """Record-level DP: DP-SGD inside each hospital (Opacus).
+
+    Give ``target_epsilon`` (the noise is calibrated once for the whole planned
+    training) or ``noise_multiplier``, not both. ``target_epsilon: .inf`` trains
+    without DP-SGD: the non-private point of a privacy sweep.
+    """
+
+    enabled: bool = False
+    target_epsilon: float | None = None
+    # None: min(1e-5, 1 / (10 x the hospital's training records)).
+    target_delta: float | None = None
+    noise_multiplier: float | None = None
+    # Per-record L2 clipping norm of the gradient of the trainable parameters.
+    max_grad_norm: float = 1.0
+    # A hospital refuses any round that would take its epsilon above this. A hospital's own
+    # node config (max-epsilon=...) can only lower it.
+    max_epsilon: float | None = None
+    accountant: Accountant = Accountant.rdp
+    grad_sample_mode: GradSampleMode = GradSampleMode.hooks
+
+
+@dataclass
+class CentralDpSettings:
+    """Client-level DP on the server: Flower's fixed-clipping wrapper adds Gaussian noise to
+    the aggregate of hospital updates, each clipped inside the hospital to ``clipping_norm``."""
+
+    enabled: bool = False
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0
+    # None: 1 / (10 x hospitals)
+    target_delta: float | None = None
+    # The server stops before a release that would exceed it.
+    max_epsilon: float | None = None
+
+
+@dataclass
 class PrivacySettings:
-    mode: PrivacyMode = PrivacyMode.none
+    dp_sgd: DpSgdSettings = field(default_factory=DpSgdSettings)
+    central_dp: CentralDpSettings = field(default_factory=CentralDpSettings)
 
 
 @dataclass
@@ -84,3 +139,6 @@ class TaskSettings:
     train: TrainSettings = field(default_factory=TrainSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     seed: int = 42
+    # Set by the server: the rounds each hospital is expected to train in, for calibrating
+    # DP-SGD noise over the whole training (rounds x share of hospitals sampled per round).
+    planned_rounds: int = 1

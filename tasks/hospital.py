@@ -18,7 +18,10 @@ from tasks.config import TaskSettings
 from tasks.data import HospitalData, load_hospital_data
 from tasks.evaluation import EvalOutcome, evaluate
 from tasks.model import build_model, load_tokenizer, load_trainable_state, trainable_state
-from tasks.training import TrainOutcome, train_locally
+from tasks.privacy.accounting import PrivacyLedger, is_finite_target
+from tasks.privacy.dp_sgd import train_with_dp_sgd
+from tasks.privacy.plan import DpSgdPlan, PrivacyBudgetError, plan_dp_sgd
+from tasks.training import PrivacyReport, TrainOutcome, train_locally
 
 
 def _key(*parts: object) -> str:
@@ -69,15 +72,55 @@ class Hospital:
         self.data, self._train, self._eval = _cached_records(
             data_key, settings, tuple(labels), partition_id, num_partitions, self.tokenizer)
 
+    @property
+    def uses_dp_sgd(self) -> bool:
+        """DP-SGD is on, with a finite target or an explicit noise (target .inf: no DP)."""
+        dp = self.settings.privacy.dp_sgd
+        return dp.enabled and (dp.noise_multiplier is not None
+                               or is_finite_target(dp.target_epsilon))
+
+    def dp_sgd_plan(self, node_max_epsilon: float | None = None,
+                    ledger: PrivacyLedger | None = None) -> DpSgdPlan:
+        """This hospital's DP-SGD plan; raises PrivacyBudgetError on settings it cannot keep."""
+        return plan_dp_sgd(
+            self.settings.privacy.dp_sgd, self.data.hospital, len(self.data.train),
+            self.settings.train.batch_size, self.settings.train.local_epochs,
+            self.settings.planned_rounds, node_max_epsilon,
+            committed_noise_multiplier=ledger.noise_multiplier if ledger else None)
+
     def train(self, global_state: dict[str, torch.Tensor], server_round: int,
-              proximal_mu: float = 0.0) -> tuple[dict[str, torch.Tensor], TrainOutcome]:
-        """Start from the global adapter, train locally, return the new trainable state."""
+              proximal_mu: float = 0.0, ledger: PrivacyLedger | None = None,
+              node_max_epsilon: float | None = None
+              ) -> tuple[dict[str, torch.Tensor], TrainOutcome]:
+        """Start from the global adapter, train locally, return the new trainable state.
+
+        With DP-SGD, ``ledger`` is this hospital's privacy ledger for the run; the
+        steps taken are added to it. A round that would exceed the budget raises
+        PrivacyBudgetError before any step.
+        """
         load_trainable_state(self.model, global_state)
         seed = self.settings.seed * 100_003 + server_round * 1_009 + self.data.hospital
         torch.manual_seed(seed)
         loader = make_loader(self._train, self.tokenizer, self.settings.train.batch_size,
                              shuffle=True, seed=seed)
-        outcome = train_locally(self.model, loader, self.settings.train, proximal_mu)
+        if not self.uses_dp_sgd:
+            outcome = train_locally(self.model, loader, self.settings.train, proximal_mu)
+            return trainable_state(self.model), outcome
+        if ledger is None:
+            raise ValueError("DP-SGD training needs the hospital's privacy ledger")
+        if proximal_mu > 0:
+            raise PrivacyBudgetError("FedProx's proximal term is not supported with DP-SGD")
+        plan = self.dp_sgd_plan(node_max_epsilon, ledger)
+        refusal = plan.refusal(ledger.history, server_round)
+        if refusal:
+            raise PrivacyBudgetError(refusal)
+        ledger.noise_multiplier, ledger.delta = plan.noise_multiplier, plan.delta
+        outcome = train_with_dp_sgd(self.model, loader, self.settings.train,
+                                    plan.noise_multiplier, plan.max_grad_norm,
+                                    self.settings.privacy.dp_sgd.grad_sample_mode,
+                                    ledger.history)
+        ledger.rounds_trained.append(server_round)
+        outcome.privacy = privacy_report(plan, ledger)
         return trainable_state(self.model), outcome
 
     def evaluate(self, global_state: dict[str, torch.Tensor]) -> EvalOutcome:
@@ -86,3 +129,12 @@ class Hospital:
         loader = make_loader(self._eval, self.tokenizer, self.settings.train.eval_batch_size,
                              shuffle=False)
         return evaluate(self.model, loader, len(self.labels))
+
+
+def privacy_report(plan: DpSgdPlan, ledger: PrivacyLedger) -> PrivacyReport:
+    return PrivacyReport(
+        epsilon=plan.epsilon(ledger.history), delta=plan.delta,
+        noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+        sample_rate=plan.sample_rate, steps=ledger.steps, max_epsilon=plan.max_epsilon,
+        can_train_next_round=plan.max_epsilon is None
+        or plan.epsilon_after_round(ledger.history) <= plan.max_epsilon)

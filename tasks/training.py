@@ -8,7 +8,21 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from tasks.config import TrainSettings
+from tasks.config import OptimizerName, TrainSettings
+
+
+@dataclass
+class PrivacyReport:
+    """A hospital's record-level privacy after a round: cumulative over the whole run."""
+
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int  # DP-SGD steps taken in this run so far
+    max_epsilon: float | None
+    can_train_next_round: bool  # False: one more round would exceed max_epsilon
 
 
 @dataclass
@@ -17,11 +31,21 @@ class TrainOutcome:
     num_examples: int  # records in the local training set
     num_steps: int
     seconds: float
+    privacy: PrivacyReport | None = None
+
+
+def make_optimizer(params: list[torch.nn.Parameter],
+                   settings: TrainSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == OptimizerName.sgd:
+        return torch.optim.SGD(params, lr=settings.learning_rate,
+                               weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(params, lr=settings.learning_rate,
+                             weight_decay=settings.weight_decay)
 
 
 def train_locally(model: torch.nn.Module, loader: DataLoader, settings: TrainSettings,
                   proximal_mu: float = 0.0) -> TrainOutcome:
-    """Run ``settings.local_epochs`` passes of AdamW over the trainable parameters.
+    """Run ``settings.local_epochs`` passes of the optimizer over the trainable parameters.
 
     ``proximal_mu`` > 0 adds FedProx's term (mu/2)·||w - w_global||², which keeps
     a hospital with skewed data from drifting far from the global adapter.
@@ -30,8 +54,7 @@ def train_locally(model: torch.nn.Module, loader: DataLoader, settings: TrainSet
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate,
-                                  weight_decay=settings.weight_decay)
+    optimizer = make_optimizer(params, settings)
     total_loss, seen, steps = 0.0, 0, 0
     for _ in range(settings.local_epochs):
         for batch in loader:

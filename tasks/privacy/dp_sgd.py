@@ -1,0 +1,87 @@
+"""Local training with DP-SGD (Opacus): Poisson-sampled batches, per-record gradient
+clipping, Gaussian noise. Only the trainable parameters (LoRA + head) are private
+parameters; the frozen base model is public.
+
+The noise and the sampling draw from fresh OS entropy, never from the run's seed:
+anyone who knew the seed could regenerate the noise and subtract it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import warnings
+
+import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader
+
+from tasks.config import GradSampleMode, TrainSettings
+from tasks.privacy.accounting import Step
+from tasks.training import TrainOutcome, make_optimizer
+
+
+def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: TrainSettings,
+                      noise_multiplier: float, max_grad_norm: float,
+                      grad_sample_mode: GradSampleMode, history: list[Step],
+                      poisson_sampling: bool = True,
+                      noise_seed: int | None = None) -> TrainOutcome:
+    """``settings.local_epochs`` epochs of DP-SGD (the optimizer steps on privatized gradients).
+
+    ``history`` is the hospital's accountant history; the steps taken here are
+    appended to it by Opacus' own accountant hook, step by step.
+    ``poisson_sampling=False`` and ``noise_seed`` exist for tests that compare
+    against non-private training; they void the privacy guarantee.
+    """
+    start = time.perf_counter()
+    model.train()  # Opacus records activations only in training mode
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, settings)
+    generator = torch.Generator().manual_seed(
+        noise_seed if noise_seed is not None else secrets.randbits(63))
+    if poisson_sampling:
+        torch.manual_seed(secrets.randbits(63))  # the Poisson sampler uses torch's global RNG
+    with warnings.catch_warnings():
+        # Opacus warns that secure_mode is off (it needs torchcsprng, not maintained for this
+        # torch); see README, "What epsilon means".
+        warnings.filterwarnings("ignore", message=".*Secure RNG.*")
+        engine = PrivacyEngine(accountant="rdp")  # only its history is used; see accounting.py
+        engine.accountant.history = [tuple(step) for step in history]
+        parts = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader,
+            criterion=torch.nn.CrossEntropyLoss(), noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm, poisson_sampling=poisson_sampling,
+            grad_sample_mode=grad_sample_mode.value, noise_generator=generator,
+            wrap_model=False)  # hooks on our own model object, removed after training
+    if grad_sample_mode == GradSampleMode.ghost:
+        grad_hooks, dp_optimizer, criterion, dp_loader = parts
+    else:
+        grad_hooks, dp_optimizer, dp_loader = parts
+        criterion = torch.nn.CrossEntropyLoss()
+
+    total_loss, seen, steps = 0.0, 0, 0
+    # Token ids never require grad, so torch notes that backward hooks see outputs only.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    try:
+        for _ in range(settings.local_epochs):
+            for batch in dp_loader:
+                dp_optimizer.zero_grad(set_to_none=True)
+                batch_size = int(batch["labels"].shape[0])
+                loss = criterion(_logits(model, batch), batch["labels"])
+                loss.backward()
+                dp_optimizer.step()  # clip per record, add noise, record the step
+                steps += 1
+                if batch_size:
+                    total_loss += float(loss.detach()) * batch_size
+                    seen += batch_size
+    finally:
+        # The model object is reused for evaluation and the next round: drop Opacus' hooks.
+        grad_hooks.cleanup()
+    history[:] = [tuple(step) for step in engine.accountant.history]
+    return TrainOutcome(loss=total_loss / max(seen, 1), num_examples=len(loader.dataset),
+                        num_steps=steps, seconds=time.perf_counter() - start)
+

@@ -1,0 +1,112 @@
+"""DP-SGD in a hospital: it must compute the same LoRA update as plain training when its
+noise is off and clipping cannot bite, must clip every record, and must add noise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tasks.batches import make_loader, tokenize
+from tasks.config import (
+    DataSettings,
+    GradSampleMode,
+    ModelSettings,
+    OptimizerName,
+    TrainSettings,
+)
+from tasks.data import load_hospital_data
+from tasks.model import build_model, load_tokenizer, load_trainable_state, trainable_state
+from tasks.privacy.dp_sgd import train_with_dp_sgd
+from tasks.synthetic_notes import SPECIALTIES
+from tasks.training import train_locally
+
+
+@pytest.fixture(scope="module", params=["bert", "gpt2"])
+def setup(request, tiny_bert, tiny_gpt2):
+    path = tiny_bert if request.param == "bert" else tiny_gpt2
+    settings = ModelSettings(name_or_path=str(path), max_length=64)
+    tokenizer = load_tokenizer(settings)
+    model = build_model(settings, list(SPECIALTIES), 0, tokenizer)
+    for module in model.modules():  # LoRA's and the base model's: two runs must see the same
+        if isinstance(module, torch.nn.Dropout):  # forward pass
+            module.p = 0.0
+    data = load_hospital_data(DataSettings(notes_per_hospital=40), list(SPECIALTIES), 0, 2)
+    records = tokenize(data.train, tokenizer, 64)
+    return model, tokenizer, records, trainable_state(model)
+
+
+def _delta(model, start):
+    return {k: v - start[k] for k, v in trainable_state(model).items()}
+
+
+def _flat(update):
+    return torch.cat([v.flatten() for v in update.values()])
+
+
+def test_dp_sgd_without_noise_or_clipping_reproduces_the_plain_lora_update(setup):
+    model, tokenizer, records, start = setup
+    settings = TrainSettings(learning_rate=1e-2, local_epochs=2, max_grad_norm=0.0)
+
+    load_trainable_state(model, start)
+    train_locally(model, make_loader(records, tokenizer, 8, shuffle=False), settings)
+    plain = _delta(model, start)
+
+    for mode in (GradSampleMode.hooks, GradSampleMode.ghost):
+        load_trainable_state(model, start)
+        history = []
+        train_with_dp_sgd(model, make_loader(records, tokenizer, 8, shuffle=False), settings,
+                          noise_multiplier=0.0, max_grad_norm=1e6, grad_sample_mode=mode,
+                          history=history, poisson_sampling=False)
+        private = _delta(model, start)
+        assert plain.keys() == private.keys()
+        assert _flat(plain).norm() > 1e-3, "the update is not trivially zero"
+        for key in plain:
+            torch.testing.assert_close(private[key], plain[key], rtol=1e-3, atol=2e-5,
+                                       msg=lambda m, k=key, mode=mode: f"{mode.value} {k}: {m}")
+
+    load_trainable_state(model, start)
+    train_with_dp_sgd(model, make_loader(records, tokenizer, 8, shuffle=False), settings,
+                      noise_multiplier=1.0, max_grad_norm=1e6,
+                      grad_sample_mode=GradSampleMode.hooks, history=[],
+                      poisson_sampling=False)
+    noisy = _delta(model, start)
+    assert (_flat(noisy) - _flat(plain)).norm() > 0.1 * _flat(plain).norm()
+
+
+def test_every_record_contributes_at_most_the_clipping_norm(setup):
+    model, tokenizer, records, start = setup
+    clip = 1e-3  # far below the natural per-record gradient norm
+    settings = TrainSettings(optimizer=OptimizerName.sgd, learning_rate=1.0, local_epochs=1)
+
+    def update(indices, unclipped=False):
+        load_trainable_state(model, start)
+        subset = records.select(indices)
+        # Batch = all given records; expected batch size = len(indices), so with SGD at
+        # learning rate 1 the update is minus the mean of the clipped gradients.
+        train_with_dp_sgd(model, make_loader(subset, tokenizer, len(indices), shuffle=False),
+                          settings, noise_multiplier=0.0,
+                          max_grad_norm=1e6 if unclipped else clip,
+                          grad_sample_mode=GradSampleMode.hooks, history=[],
+                          poisson_sampling=False)
+        return _flat(_delta(model, start))
+
+    singles = [update([i]) for i in range(6)]
+    for i, single in enumerate(singles):
+        assert single.norm() <= clip * (1 + 1e-4), f"record {i}: {single.norm()} > {clip}"
+        assert update([i], unclipped=True).norm() > 10 * clip, "clipping did bite"
+    together = update(list(range(6)))
+    torch.testing.assert_close(together * 6, sum(singles), rtol=1e-3, atol=1e-7)
+
+
+def test_the_accountant_hook_records_every_step(setup):
+    model, tokenizer, records, start = setup
+    load_trainable_state(model, start)
+    history = [(2.0, 0.5, 3)]
+    outcome = train_with_dp_sgd(model, make_loader(records, tokenizer, 8, shuffle=True, seed=1),
+                                TrainSettings(local_epochs=2), noise_multiplier=1.5,
+                                max_grad_norm=1.0, grad_sample_mode=GradSampleMode.hooks,
+                                history=history)
+    batches = -(-len(records) // 8)
+    assert outcome.num_steps == 2 * batches
+    assert history == [(2.0, 0.5, 3), (1.5, 1 / batches, 2 * batches)]
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters()), "hooks removed"
