@@ -5,11 +5,15 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from fl_app.client_mods import asks_for_clipping, clip_update_for_client_level_dp
 from fl_app.config import task_settings_from_yaml
-from fl_app.replies import evaluate_reply, preflight_reply, train_reply
+from fl_app.hospital_state import load_ledger, node_max_epsilon, save_ledger
+from fl_app.replies import evaluate_reply, preflight_reply, refusal_reply, train_reply
 from tasks.data import load_hospital_data
 from tasks.errors import TaskInputError
 from tasks.hospital import Hospital
+from tasks.privacy.accounting import is_finite_target
+from tasks.privacy.plan import PrivacyBudgetError, plan_dp_sgd
 
 TASK_KEY = "task"  # ConfigRecord key holding the server's task settings (YAML)
 
@@ -33,27 +37,44 @@ def _hospital(msg: Message, context: Context) -> Hospital:
 
 @app.query("preflight")
 def preflight(msg: Message, context: Context) -> Message:
-    """Check this hospital's data against the server's settings before any training."""
+    """Check this hospital's data and privacy settings against the server's before any
+    training: an empty partition, unknown labels, a delta too large for the records or a
+    budget too small for one round stop the run here."""
     partition_id = int(context.node_config.get("partition-id", -1))
     try:
         settings = task_settings_from_yaml(str(msg.content["config"][TASK_KEY]))
         partition_id, num_partitions = _partition(context)
         data = load_hospital_data(settings.data, settings.data.labels, partition_id,
                                   num_partitions)
+        dp = settings.privacy.dp_sgd
+        if dp.enabled and (dp.noise_multiplier is not None
+                           or is_finite_target(dp.target_epsilon)):
+            plan_dp_sgd(dp, data.hospital, len(data.train), settings.train.batch_size,
+                        settings.train.local_epochs, settings.planned_rounds,
+                        node_max_epsilon(context))
+            load_ledger(context, data.hospital)  # an unreadable ledger stops the run here
     except (TaskInputError, ValueError) as err:
         return preflight_reply(msg, partition_id, None, 0, 0, problem=str(err))
     return preflight_reply(msg, partition_id, data.label_counts(settings.data.labels),
                            len(data.train), len(data.eval))
 
 
-@app.train()
+@app.train(mods=[clip_update_for_client_level_dp])
 def train(msg: Message, context: Context) -> Message:
     hospital = _hospital(msg, context)
     config = msg.content["config"]
     global_state = msg.content["arrays"].to_torch_state_dict()
-    state, outcome = hospital.train(global_state, int(config.get("server-round", 0)),
-                                    proximal_mu=float(config.get("proximal-mu", 0.0)))
-    return train_reply(msg, state, outcome, hospital.data.hospital)
+    ledger = load_ledger(context, hospital.data.hospital) if hospital.uses_dp_sgd else None
+    try:
+        state, outcome = hospital.train(global_state, int(config.get("server-round", 0)),
+                                        proximal_mu=float(config.get("proximal-mu", 0.0)),
+                                        ledger=ledger, node_max_epsilon=node_max_epsilon(context))
+    except PrivacyBudgetError as refusal:
+        return refusal_reply(msg, str(refusal))
+    if ledger is not None:
+        save_ledger(context, ledger)  # before the update leaves: spending is never forgotten
+    return train_reply(msg, state, outcome, hospital.data.hospital,
+                       equal_weight=asks_for_clipping(msg))
 
 
 @app.evaluate()

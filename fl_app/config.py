@@ -15,8 +15,15 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from strategies.config import StrategySettings, TrackingSettings
-from tasks.config import DataSettings, ModelSettings, PrivacySettings, TaskSettings, TrainSettings
+from strategies.config import CentralDpSettings, StrategySettings, TrackingSettings
+from tasks.config import (
+    DataSettings,
+    DpSgdSettings,
+    ModelSettings,
+    PrivacySettings,
+    TaskSettings,
+    TrainSettings,
+)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -26,13 +33,21 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class RunPrivacySettings:
+    """``conf/privacy/``: record-level DP in the hospitals, client-level DP on the server."""
+
+    dp_sgd: DpSgdSettings = field(default_factory=DpSgdSettings)
+    central_dp: CentralDpSettings = field(default_factory=CentralDpSettings)
+
+
+@dataclass
 class RunSettings:
     """The schema of ``conf/config.yaml`` after composition."""
 
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
-    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    privacy: RunPrivacySettings = field(default_factory=RunPrivacySettings)
     strategy: StrategySettings = field(default_factory=StrategySettings)
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
     num_rounds: int = 3
@@ -108,10 +123,55 @@ def _check_values(cfg: DictConfig) -> None:
         if not ok:
             raise ConfigError(f"invalid configuration at '{key}': got "
                               f"{OmegaConf.select(cfg, key)!r}, expected {expected}")
+    _check_privacy(cfg)
     labels = cfg.data.labels
     if labels is not None and (len(labels) < 2 or len(set(labels)) != len(labels)):
         raise ConfigError(f"invalid configuration at 'data.labels': got {list(labels)}, "
                           "expected at least 2 distinct labels")
+
+
+def _check_privacy(cfg: DictConfig) -> None:
+    """Privacy settings that are wrong whatever the hospital's data; the hospital checks the
+    rest (delta against its record count, a budget too small for one round) in preflight."""
+    def fail(key: str, expected: str) -> None:
+        raise ConfigError(f"invalid configuration at '{key}': got "
+                          f"{OmegaConf.select(cfg, key)!r}, {expected}")
+
+    dp, central = cfg.privacy.dp_sgd, cfg.privacy.central_dp
+    if dp.enabled:
+        if (dp.target_epsilon is None) == (dp.noise_multiplier is None):
+            raise ConfigError(
+                "invalid configuration at 'privacy.dp_sgd': give exactly one of target_epsilon "
+                f"(got {dp.target_epsilon!r}) and noise_multiplier (got "
+                f"{dp.noise_multiplier!r}): the noise is either calibrated or fixed")
+        if dp.target_epsilon is not None and not dp.target_epsilon > 0:
+            fail("privacy.dp_sgd.target_epsilon", "expected > 0 (.inf: no DP-SGD)")
+        if dp.noise_multiplier is not None and not dp.noise_multiplier > 0:
+            fail("privacy.dp_sgd.noise_multiplier", "expected > 0 (use privacy=none for none)")
+        if dp.target_delta is not None and not 0 < dp.target_delta < 1:
+            fail("privacy.dp_sgd.target_delta", "expected in (0, 1)")
+        if not dp.max_grad_norm > 0:
+            fail("privacy.dp_sgd.max_grad_norm", "expected > 0")
+        if dp.max_epsilon is not None and not dp.max_epsilon > 0:
+            fail("privacy.dp_sgd.max_epsilon", "expected > 0")
+        if cfg.strategy.proximal_mu > 0:
+            fail("strategy.proximal_mu", "expected 0 with privacy.dp_sgd: FedProx's proximal "
+                 "term is not part of the DP-SGD analysis")
+    if central.enabled:
+        if not central.noise_multiplier > 0:
+            fail("privacy.central_dp.noise_multiplier", "expected > 0")
+        if not central.clipping_norm > 0:
+            fail("privacy.central_dp.clipping_norm", "expected > 0")
+        if central.target_delta is not None and not 0 < central.target_delta < 1:
+            fail("privacy.central_dp.target_delta", "expected in (0, 1)")
+        if central.max_epsilon is not None and not central.max_epsilon > 0:
+            fail("privacy.central_dp.max_epsilon", "expected > 0")
+        if cfg.strategy.name.value != "fedavg":
+            fail("strategy.name", "expected fedavg with privacy.central_dp: Flower's DP "
+                 "accountant requires FedAvg's aggregation")
+        if cfg.strategy.fraction_train != 1.0:
+            fail("strategy.fraction_train", "expected 1.0 with privacy.central_dp: its noise is "
+                 "calibrated to every hospital in every round")
 
 
 def to_run_settings(cfg: DictConfig) -> RunSettings:
@@ -123,7 +183,9 @@ def task_settings(cfg: DictConfig, labels: list[str]) -> TaskSettings:
     settings = TaskSettings(model=OmegaConf.to_object(cfg.model),
                             data=OmegaConf.to_object(cfg.data),
                             train=OmegaConf.to_object(cfg.train),
-                            privacy=OmegaConf.to_object(cfg.privacy), seed=cfg.seed)
+                            privacy=PrivacySettings(
+                                dp_sgd=OmegaConf.to_object(cfg.privacy.dp_sgd)),
+                            seed=cfg.seed)
     settings.data.labels = list(labels)
     return settings
 

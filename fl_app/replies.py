@@ -6,27 +6,49 @@ and metrics. Never text, never token ids, never labels of single records.
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from strategies.privacy_budget import CAN_TRAIN_NEXT_KEY, PRIVACY_BUDGET_REFUSED
+from strategies.registry import WEIGHT_KEY
 from tasks.evaluation import EvalOutcome
 from tasks.training import TrainOutcome
 
 
 def train_reply(msg: Message, state: dict[str, torch.Tensor], outcome: TrainOutcome,
-                hospital: int) -> Message:
+                hospital: int, equal_weight: bool = False) -> Message:
+    """``equal_weight``: client-level DP on the server averages hospitals with equal weights."""
     arrays = ArrayRecord({k: v.to(torch.float32) for k, v in state.items()})
-    metrics = MetricRecord({
+    values: dict[str, int | float] = {
         "num-examples": outcome.num_examples,
+        WEIGHT_KEY: 1 if equal_weight else outcome.num_examples,
         "train-loss": outcome.loss,
         "train-seconds": outcome.seconds,
         "hospital": hospital,
-    })
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    }
+    if outcome.privacy is not None:  # cumulative over the run, at this hospital's delta
+        report = outcome.privacy
+        values.update({
+            "epsilon": report.epsilon,
+            "delta": report.delta,
+            "noise-multiplier": report.noise_multiplier,
+            "clipping-norm": report.max_grad_norm,
+            "sample-rate": report.sample_rate,
+            "dp-steps": report.steps,
+            CAN_TRAIN_NEXT_KEY: int(report.can_train_next_round),
+        })
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(values)}),
+                   reply_to=msg)
+
+
+def refusal_reply(msg: Message, reason: str) -> Message:
+    """A hospital declines a round over its privacy budget: no update, only the reason."""
+    return Message(Error(code=PRIVACY_BUDGET_REFUSED, reason=reason), reply_to=msg)
 
 
 def evaluate_reply(msg: Message, outcome: EvalOutcome, hospital: int) -> Message:
     metrics = MetricRecord({
         "num-examples": outcome.num_examples,
+        WEIGHT_KEY: outcome.num_examples,
         "eval-loss": outcome.loss,
         "accuracy": outcome.accuracy,
         "macro-f1": outcome.macro_f1,

@@ -7,16 +7,19 @@ or a hospital's data is found before the first round trains anything.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 from omegaconf import OmegaConf
 
 from fl_app.client_app import TASK_KEY
 from fl_app.config import (
+    RunSettings,
     compose_config,
     parse_overrides,
     task_settings,
@@ -24,9 +27,11 @@ from fl_app.config import (
     to_run_settings,
 )
 from fl_app.paths import project_root
-from fl_app.preflight import run_preflight
+from fl_app.preflight import run_preflight, wait_for_hospitals
+from strategies.central_dp import with_client_level_dp
 from strategies.metered_grid import MeteredGrid
 from strategies.metric_rules import evaluate_metrics_rules, train_metrics_rules
+from strategies.privacy_budget import PrivacyBudgetGate, TrainingStopped
 from strategies.registry import build_strategy
 from strategies.round_log import RoundLogger
 from strategies.tracking import RunTracker
@@ -43,6 +48,26 @@ from tasks.model import (
 log = logging.getLogger(__name__)
 
 app = ServerApp()
+
+
+def planned_rounds_per_hospital(num_rounds: int, hospitals: int, fraction_train: float,
+                                min_hospitals: int) -> int:
+    """Rounds each hospital is expected to train in, as Flower samples them: per round
+    max(int(hospitals x fraction_train), min_hospitals) of the hospitals. DP-SGD noise is
+    calibrated over this many rounds; a hospital sampled more often is stopped by its budget."""
+    sampled = min(hospitals, max(int(hospitals * fraction_train), min_hospitals))
+    return max(1, math.ceil(num_rounds * sampled / hospitals))
+
+
+def privacy_tag(settings: RunSettings) -> str:
+    dp_sgd, central = settings.privacy.dp_sgd, settings.privacy.central_dp
+    parts = []
+    if dp_sgd.enabled:
+        parts.append(f"dp_sgd(epsilon={dp_sgd.target_epsilon})" if dp_sgd.noise_multiplier is None
+                     else f"dp_sgd(noise={dp_sgd.noise_multiplier})")
+    if central.enabled:
+        parts.append(f"central_dp(noise={central.noise_multiplier})")
+    return "+".join(parts) or "none"
 
 
 def evaluate_before_training(strategy: Strategy, grid: Grid, arrays: ArrayRecord,
@@ -74,37 +99,57 @@ def main(grid: Grid, context: Context) -> None:
         tracker.log_text(OmegaConf.to_yaml(cfg), "config/resolved_config.yaml")
         grid = MeteredGrid(grid)
         train_rules, evaluate_rules = train_metrics_rules(), evaluate_metrics_rules()
-        strategy = build_strategy(settings.strategy, train_rules, evaluate_rules)
         test_set = load_server_test_set(settings.data, labels)
         central = None
         if test_set is not None:
             evaluator = CentralEvaluator(model, tokenizer, test_set, len(labels),
                                          task.model.max_length, task.train.eval_batch_size)
             central = lambda arrays: evaluator(arrays.to_torch_state_dict())  # noqa: E731
-        round_logger = RoundLogger(tracker, grid, train_rules, evaluate_rules, central,
-                                   settings.tracking.log_per_hospital)
 
+        connected = wait_for_hospitals(grid, settings.strategy.min_hospitals, timeout)
+        task.planned_rounds = planned_rounds_per_hospital(
+            settings.num_rounds, len(connected), settings.strategy.fraction_train,
+            settings.strategy.min_hospitals)
         task_yaml = task_settings_to_yaml(task)
         reports = run_preflight(grid, ConfigRecord({TASK_KEY: task_yaml}),
                                 settings.strategy.min_hospitals, timeout)
         tracker.log_params({f"hospital_{r.hospital}": {
             "train_records": r.train_records, "eval_records": r.eval_records,
             "label_counts": r.label_counts} for r in reports})
-        tracker.set_tags({"hospitals": str(len(reports)), "labels": ",".join(labels)})
+        tracker.log_params({"planned_rounds_per_hospital": task.planned_rounds})
+        tracker.set_tags({"hospitals": str(len(reports)), "labels": ",".join(labels),
+                          "privacy": privacy_tag(settings)})
+
+        strategy = build_strategy(settings.strategy, train_rules, evaluate_rules)
+        client_level_privacy = None
+        if settings.privacy.central_dp.enabled:
+            strategy = with_client_level_dp(strategy, settings.privacy.central_dp, len(reports))
+            client_level_privacy = strategy.privacy_spent
+        if settings.privacy.dp_sgd.enabled or settings.privacy.central_dp.enabled:
+            strategy = PrivacyBudgetGate(strategy,
+                                         all_or_nothing=settings.privacy.central_dp.enabled)
+        round_logger = RoundLogger(tracker, grid, train_rules, evaluate_rules, central,
+                                   settings.tracking.log_per_hospital, client_level_privacy)
 
         initial = ArrayRecord(trainable_state(model))
         evaluate_before_training(strategy, grid, initial, ConfigRecord({TASK_KEY: task_yaml}),
                                  timeout)
-        result = strategy.start(
-            grid=grid, initial_arrays=initial, num_rounds=settings.num_rounds, timeout=timeout,
-            train_config=ConfigRecord({TASK_KEY: task_yaml}),
-            evaluate_config=ConfigRecord({TASK_KEY: task_yaml}),
-            evaluate_fn=round_logger)
+        try:
+            strategy.start(
+                grid=grid, initial_arrays=initial, num_rounds=settings.num_rounds,
+                timeout=timeout, train_config=ConfigRecord({TASK_KEY: task_yaml}),
+                evaluate_config=ConfigRecord({TASK_KEY: task_yaml}), evaluate_fn=round_logger)
+        except (TrainingStopped, PrivacyBudgetExhausted) as stop:
+            # A budget ran out: the run ends cleanly with the last global adapter.
+            reason = str(stop) or type(stop).__name__
+            log.warning("training stopped early: %s", reason)
+            tracker.set_tags({"stopped_early": reason[:5000]})
 
         tracker.log_round_plot()
         if settings.tracking.save_adapter:
-            # If no round aggregated anything, the global adapter is still the initial one.
-            final = result.arrays if len(result.arrays) else initial
+            # The global adapter after the last round that was evaluated (round 0: initial).
+            final = round_logger.latest_arrays
+            final = final if final is not None else initial
             load_trainable_state(model, final.to_torch_state_dict())
             with tempfile.TemporaryDirectory() as tmp:
                 save_adapter(model, Path(tmp), task.model, labels)

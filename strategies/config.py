@@ -40,6 +40,20 @@ class StrategySettings:
 
 
 @dataclass
+class CentralDpSettings:
+    """Client-level DP on the server: Flower's fixed-clipping wrapper adds Gaussian noise to
+    the aggregate of hospital updates, each clipped inside the hospital to ``clipping_norm``."""
+
+    enabled: bool = False
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0
+    # None: 1 / (10 x hospitals)
+    target_delta: float | None = None
+    # The server stops before a release that would exceed it.
+    max_epsilon: float | None = None
+
+
+@dataclass
 class TrackingSettings:
     # None: SQLite store and artifacts under mlruns/ at the project root.
     uri: str | None = None
@@ -47,3 +61,6 @@ class TrackingSettings:
     run_name: str | None = None
     log_per_hospital: bool = True
     save_adapter: bool = True
+    # Set by a sweep (clinical-fl -m): the MLflow parent run and the sweep's name.
+    parent_run_id: str | None = None
+    sweep: str | None = None

@@ -22,18 +22,31 @@ class Rule(Enum):
     WEIGHTED_MEAN = "weighted_mean"  # by the weighting key (records seen)
     SUM = "sum"  # element-wise for lists
     MAX = "max"
+    MIN = "min"
+    MAX_AND_MEAN = "max_and_mean"  # the key holds the max; "<key>-mean" the plain mean
     PER_HOSPITAL = "per_hospital"  # reported per hospital, never combined
 
 
 TRAIN_RULES: dict[str, Rule] = {
     "num-examples": Rule.SUM,
+    "aggregation-weight": Rule.PER_HOSPITAL,
     "train-loss": Rule.WEIGHTED_MEAN,
     "train-seconds": Rule.MAX,
     "hospital": Rule.PER_HOSPITAL,
+    # Record-level DP (DP-SGD), cumulative per hospital. The federation is as private as
+    # its least private hospital: epsilon and delta by max, noise by min.
+    "epsilon": Rule.MAX_AND_MEAN,
+    "delta": Rule.MAX,
+    "noise-multiplier": Rule.MIN,
+    "clipping-norm": Rule.MAX,
+    "sample-rate": Rule.MAX,
+    "dp-steps": Rule.MAX,
+    "can-train-next": Rule.SUM,  # hospitals that can afford one more round
 }
 
 EVALUATE_RULES: dict[str, Rule] = {
     "num-examples": Rule.SUM,
+    "aggregation-weight": Rule.PER_HOSPITAL,
     "eval-loss": Rule.WEIGHTED_MEAN,
     "accuracy": Rule.WEIGHTED_MEAN,
     "macro-f1": Rule.PER_HOSPITAL,  # local score; the federation's is derived below
@@ -65,8 +78,10 @@ def _combine(rule: Rule, values: list[Value], weights: list[float]) -> Value:
         if isinstance(values[0], list):
             return [sum(column) for column in zip(*values, strict=True)]
         return sum(values)
-    if rule == Rule.MAX:
+    if rule in (Rule.MAX, Rule.MAX_AND_MEAN):
         return max(values)
+    if rule == Rule.MIN:
+        return min(values)
     total = sum(weights)
     if total <= 0:
         raise ValueError("cannot take a weighted mean: the weights add up to 0")
@@ -108,6 +123,8 @@ class MetricRules:
             pairs = [(rec[key], w) for rec, w in zip(records, weights, strict=True) if key in rec]
             if pairs and rule != Rule.PER_HOSPITAL:
                 combined[key] = _combine(rule, [v for v, _ in pairs], [w for _, w in pairs])
+            if pairs and rule == Rule.MAX_AND_MEAN:
+                combined[f"{key}-mean"] = sum(v for v, _ in pairs) / len(pairs)
         if self.derive:
             self.derive(combined)
         combined["replies"] = len(records)

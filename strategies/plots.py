@@ -14,6 +14,8 @@ _PANELS = (
     ("Accuracy", ("federated/accuracy", "central/accuracy")),
     ("Macro-F1", ("federated/macro_f1", "central/macro_f1")),
     ("Loss", ("federated/loss", "central/loss", "train/loss")),
+    ("Privacy spent (epsilon)", ("privacy/epsilon_max", "privacy/epsilon_mean",
+                                 "privacy/client_level_epsilon")),
 )
 
 
@@ -21,8 +23,12 @@ def plot_rounds(history: dict[int, dict[str, float]], path: Path) -> Path | None
     """One panel per quantity, rounds on the x axis; None when nothing was logged."""
     if not history:
         return None
-    fig, axes = plt.subplots(1, len(_PANELS), figsize=(5 * len(_PANELS), 3.8))
-    for ax, (title, keys) in zip(axes, _PANELS, strict=True):
+    logged = {key for metrics in history.values() for key in metrics}
+    panels = [(title, keys) for title, keys in _PANELS if logged & set(keys)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels, strict=True):
         for key in keys:
             points = sorted((r, m[key]) for r, m in history.items() if key in m)
             if points:

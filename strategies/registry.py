@@ -21,6 +21,10 @@ from strategies.config import StrategyName, StrategySettings
 
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 
+# Every reply states the weight it asks for: its records, except train replies under
+# client-level DP, where Flower's accountant requires equal weights.
+WEIGHT_KEY = "aggregation-weight"
+
 
 def build_strategy(settings: StrategySettings, train_metrics: MetricsAggregator,
                    evaluate_metrics: MetricsAggregator) -> Strategy:
@@ -30,6 +34,7 @@ def build_strategy(settings: StrategySettings, train_metrics: MetricsAggregator,
         min_train_nodes=settings.min_hospitals,
         min_evaluate_nodes=settings.min_hospitals,
         min_available_nodes=settings.min_hospitals,
+        weighted_by_key=WEIGHT_KEY,
         train_metrics_aggr_fn=train_metrics,
         evaluate_metrics_aggr_fn=evaluate_metrics,
     )

@@ -42,33 +42,44 @@ def flatten(tree: Mapping, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def resolve_store(settings: TrackingSettings, project_root: Path) -> tuple[str, str | None]:
+    """(tracking URI, artifact location for a new experiment) from the settings."""
+    if settings.uri and settings.uri.startswith("sqlite:///"):
+        # Artifacts beside the database, never relative to the working directory.
+        db = Path(settings.uri.removeprefix("sqlite:///"))
+        db = db if settings.uri.startswith("sqlite:////") else db.resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{db}", (db.parent / ARTIFACT_DIR).as_uri()
+    if settings.uri:
+        return settings.uri, None  # a tracking server decides
+    return default_store(project_root)
+
+
+def experiment_id(settings: TrackingSettings, project_root: Path) -> str:
+    """Point MLflow at the configured store; the experiment's id, created if needed."""
+    uri, artifact_location = resolve_store(settings, project_root)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(settings.experiment)
+    return (experiment.experiment_id if experiment else
+            mlflow.create_experiment(settings.experiment, artifact_location=artifact_location))
+
+
 class RunTracker:
     """Opens the MLflow run on enter and always closes it: FINISHED, or FAILED on a crash."""
 
     def __init__(self, settings: TrackingSettings, project_root: Path) -> None:
         self.settings = settings
-        if settings.uri and settings.uri.startswith("sqlite:///"):
-            # Artifacts beside the database, never relative to the working directory.
-            db = Path(settings.uri.removeprefix("sqlite:///"))
-            db = db if settings.uri.startswith("sqlite:////") else db.resolve()
-            db.parent.mkdir(parents=True, exist_ok=True)
-            self.uri = f"sqlite:///{db}"
-            artifact_location = (db.parent / ARTIFACT_DIR).as_uri()
-        elif settings.uri:
-            self.uri, artifact_location = settings.uri, None  # a tracking server decides
-        else:
-            self.uri, artifact_location = default_store(project_root)
-        mlflow.set_tracking_uri(self.uri)
-        experiment = mlflow.get_experiment_by_name(settings.experiment)
-        self.experiment_id = (experiment.experiment_id if experiment else
-                              mlflow.create_experiment(settings.experiment,
-                                                       artifact_location=artifact_location))
+        self.experiment_id = experiment_id(settings, project_root)
+        self.uri = mlflow.get_tracking_uri()
         self.history: dict[int, dict[str, float]] = {}
         self.run_id: str | None = None
 
     def __enter__(self) -> RunTracker:
+        # A run started by a sweep is nested under the sweep's parent run in the MLflow UI.
+        tags = {"mlflow.parentRunId": self.settings.parent_run_id,
+                "sweep": self.settings.sweep} if self.settings.parent_run_id else None
         run = mlflow.start_run(experiment_id=self.experiment_id,
-                               run_name=self.settings.run_name)
+                               run_name=self.settings.run_name, tags=tags)
         self.run_id = run.info.run_id
         log.info("MLflow run %s in %s", self.run_id, self.uri)
         return self

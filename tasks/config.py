@@ -111,23 +111,11 @@ class DpSgdSettings:
 
 
 @dataclass
-class CentralDpSettings:
-    """Client-level DP on the server: Flower's fixed-clipping wrapper adds Gaussian noise to
-    the aggregate of hospital updates, each clipped inside the hospital to ``clipping_norm``."""
-
-    enabled: bool = False
-    noise_multiplier: float = 1.0
-    clipping_norm: float = 1.0
-    # None: 1 / (10 x hospitals)
-    target_delta: float | None = None
-    # The server stops before a release that would exceed it.
-    max_epsilon: float | None = None
-
-
-@dataclass
 class PrivacySettings:
+    """The privacy a hospital applies itself. (Client-level DP on the server is configured in
+    ``strategies/config.py``; hospitals only receive its clipping norm.)"""
+
     dp_sgd: DpSgdSettings = field(default_factory=DpSgdSettings)
-    central_dp: CentralDpSettings = field(default_factory=CentralDpSettings)
 
 
 @dataclass

@@ -1,17 +1,22 @@
-import tomllib
+import pytest
+from flwr.common.config import parse_config_args
 
-from fl_app.cli import flwr_run_command
+from fl_app.cli import flwr_run_command, write_run_config
 from fl_app.config import parse_overrides
 from fl_app.flower_runs import started_run_id
 
 
-def test_hydra_overrides_reach_flwr_run_as_one_valid_toml_value():
-    command = flwr_run_command(["train.local_epochs=2", "tracking.run_name='a b'"])
+@pytest.mark.parametrize("overrides", [
+    ["train.local_epochs=2", "tracking.run_name='a b'"],
+    ["tracking.uri=sqlite\\:////tmp/x/mlflow.db", "privacy.dp_sgd.target_epsilon=inf"],
+    ['tracking.run_name="a b"', "+sweep=epsilon", "tracking.experiment='c d'"],
+])
+def test_hydra_overrides_reach_the_server_app_through_flowers_own_parser(overrides, tmp_path):
+    command = flwr_run_command(write_run_config(overrides, tmp_path / "run.toml"))
     assert command[:2] == ["flwr", "run"] and "--stream" in command
-    run_config = command[command.index("--run-config") + 1]
-    overrides = tomllib.loads(run_config)["overrides"]
+    run_config = parse_config_args([command[command.index("--run-config") + 1]])
     # The ServerApp splits the string back into exactly the overrides Hydra received.
-    assert parse_overrides(overrides) == ["train.local_epochs=2", "tracking.run_name='a b'"]
+    assert parse_overrides(run_config["overrides"]) == overrides
 
 
 def test_run_id_is_read_from_flwr_run_output():

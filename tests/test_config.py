@@ -75,3 +75,36 @@ def test_hospital_rejects_settings_with_a_wrong_type():
     yaml = task_settings_to_yaml(task_settings(compose_config([]), ["a", "b"]))
     with pytest.raises(ConfigError):
         task_settings_from_yaml(yaml.replace("local_epochs: 1", "local_epochs: many"))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["privacy=dp_sgd", "privacy.dp_sgd.target_epsilon=0"],
+     r"privacy\.dp_sgd\.target_epsilon': got 0\.0, expected > 0"),
+    (["privacy=dp_sgd", "privacy.dp_sgd.target_epsilon=-3"], r"target_epsilon': got -3\.0"),
+    (["privacy=dp_sgd", "privacy.dp_sgd.target_delta=1.5"],
+     r"privacy\.dp_sgd\.target_delta': got 1\.5, expected in \(0, 1\)"),
+    (["privacy=dp_sgd", "privacy.dp_sgd.target_delta=0"], r"target_delta': got 0\.0"),
+    (["privacy=dp_sgd", "privacy.dp_sgd.noise_multiplier=1.0"],
+     r"give exactly one of target_epsilon \(got 8\.0\) and noise_multiplier \(got 1\.0\)"),
+    (["privacy=dp_sgd", "privacy.dp_sgd.target_epsilon=null"], r"give exactly one of"),
+    (["privacy=dp_sgd", "privacy.dp_sgd.max_epsilon=0"], r"privacy\.dp_sgd\.max_epsilon"),
+    (["privacy=dp_sgd", "strategy=fedprox", "strategy.proximal_mu=0.1"],
+     r"strategy\.proximal_mu.*FedProx"),
+    (["privacy=central_dp", "strategy=fedadam"], r"strategy\.name.*fedavg"),
+    (["privacy=central_dp", "strategy.fraction_train=0.5"], r"strategy\.fraction_train"),
+    (["privacy=central_dp", "privacy.central_dp.noise_multiplier=0"],
+     r"privacy\.central_dp\.noise_multiplier"),
+    (["privacy=dp_sgd", "privacy.dp_sgd.accountant=gdp"], r"accountant.*expected one of"),
+])
+def test_bad_privacy_settings_fail_before_anything_starts(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_config(overrides)
+
+
+def test_privacy_options_compose():
+    both = compose_config(["privacy=dp_sgd_central_dp", "privacy.dp_sgd.target_epsilon=3"])
+    assert both.privacy.dp_sgd.enabled and both.privacy.central_dp.enabled
+    assert both.privacy.dp_sgd.target_epsilon == 3.0
+    assert compose_config(["privacy=dp_sgd", "privacy.dp_sgd.target_epsilon=inf"]
+                          ).privacy.dp_sgd.target_epsilon == float("inf")
+    assert not compose_config([]).privacy.dp_sgd.enabled

@@ -77,3 +77,19 @@ def test_a_metric_without_a_rule_is_an_error_not_an_average():
 
 def test_macro_f1_counts_a_class_nobody_predicted_or_had_as_zero():
     assert macro_f1_from_counts([1, 0], [0, 0], [0, 0]) == 0.5
+
+
+def test_privacy_metrics_are_combined_by_the_least_private_hospital():
+    rules = train_metrics_rules()
+    common = {"num-examples": 10, "aggregation-weight": 1, "train-loss": 1.0,
+              "train-seconds": 1.0, "clipping-norm": 1.0, "sample-rate": 0.1, "dp-steps": 30}
+    combined = rules([
+        _reply(**common, hospital=0, epsilon=2.0, delta=1e-5, **{"noise-multiplier": 1.1,
+                                                                  "can-train-next": 1}),
+        _reply(**common, hospital=1, epsilon=5.0, delta=4e-5, **{"noise-multiplier": 0.7,
+                                                                  "can-train-next": 0}),
+    ], "aggregation-weight")
+    assert combined["epsilon"] == 5.0 and combined["epsilon-mean"] == 3.5
+    assert combined["delta"] == 4e-5 and combined["noise-multiplier"] == 0.7
+    assert combined["can-train-next"] == 1
+    assert "aggregation-weight" not in combined

@@ -4,12 +4,12 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fl_app.replies import evaluate_reply, train_reply
+from fl_app.replies import evaluate_reply, refusal_reply, train_reply
 from strategies.metered_grid import payload_bytes
 from tasks.config import ModelSettings
 from tasks.evaluation import EvalOutcome
 from tasks.model import build_model, trainable_state
-from tasks.training import TrainOutcome
+from tasks.training import PrivacyReport, TrainOutcome
 
 LABELS = ["a", "b", "c"]
 
@@ -43,8 +43,9 @@ def test_train_reply_holds_the_trainable_arrays_and_numeric_metrics_only(tiny_ra
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert not frozen & set(arrays), "no frozen base weight leaves the hospital"
     metrics = content.metric_records["metrics"]
-    assert set(metrics) == {"num-examples", "train-loss", "train-seconds", "hospital"}
-    assert metrics["num-examples"] == 40
+    assert set(metrics) == {"num-examples", "aggregation-weight", "train-loss",
+                            "train-seconds", "hospital"}
+    assert metrics["num-examples"] == metrics["aggregation-weight"] == 40
     assert payload_bytes(content) >= sum(v.numel() * 4 for v in state.values())
 
 
@@ -61,3 +62,22 @@ def test_payload_bytes_counts_arrays_metrics_and_config_with_empty_strings():
     content = RecordDict({"a": ArrayRecord({"w": torch.zeros(10)}),
                           "m": MetricRecord({"x": 1.0}), "c": ConfigRecord({"s": ""})})
     assert payload_bytes(content) >= 40 + 8 + 1
+
+
+def test_a_private_train_reply_states_its_cumulative_privacy_and_weight_for_central_dp():
+    report = PrivacyReport(epsilon=2.5, delta=1e-5, noise_multiplier=1.1, max_grad_norm=1.0,
+                           sample_rate=0.0667, steps=30, max_epsilon=8.0,
+                           can_train_next_round=True)
+    outcome = TrainOutcome(1.2, 40, 3, 0.5, privacy=report)
+    reply = train_reply(_instruction("train"), {"w": torch.zeros(2)}, outcome, hospital=1,
+                        equal_weight=True)
+    metrics = reply.content.metric_records["metrics"]
+    assert metrics["epsilon"] == 2.5 and metrics["delta"] == 1e-5
+    assert metrics["noise-multiplier"] == 1.1 and metrics["dp-steps"] == 30
+    assert metrics["can-train-next"] == 1 and metrics["aggregation-weight"] == 1
+
+
+def test_a_refusal_sends_no_update_only_the_reason():
+    reply = refusal_reply(_instruction("train"), "hospital 1: privacy budget: ...")
+    assert reply.has_error() and not reply.has_content()
+    assert reply.error.code == 4031 and "privacy budget" in reply.error.reason

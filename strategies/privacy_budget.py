@@ -1,0 +1,83 @@
+"""Stop asking hospitals that have spent their privacy budget, and end the run when none is left.
+
+Each hospital enforces its own budget (it refuses a round that would exceed it);
+this wrapper is the server's courtesy on top: it stops sending training work to
+a hospital that said it cannot afford another round, and ends training cleanly
+when no hospital can train, instead of running empty rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+log = logging.getLogger(__name__)
+
+# Error code of a hospital's reply refusing a round over its privacy budget.
+PRIVACY_BUDGET_REFUSED = 4031
+# Train metric: 1 if the hospital can afford one more round within its budget, else 0.
+CAN_TRAIN_NEXT_KEY = "can-train-next"
+
+
+class TrainingStopped(Exception):
+    """Training ended before the planned rounds, for the reason given."""
+
+
+class PrivacyBudgetGate(Strategy):
+    """Wraps a strategy; only hospitals within budget are sent training messages.
+
+    ``all_or_nothing``: stop as soon as any hospital is out of budget, for
+    server-side DP whose noise is calibrated to a fixed number of hospitals.
+    """
+
+    def __init__(self, strategy: Strategy, all_or_nothing: bool = False) -> None:
+        self.strategy = strategy
+        self.all_or_nothing = all_or_nothing
+        self.exhausted: dict[int, str] = {}  # node id -> why
+
+    def summary(self) -> None:
+        log.info("PrivacyBudgetGate around:")
+        self.strategy.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if self.exhausted and self.all_or_nothing:
+            raise TrainingStopped(f"before round {server_round}: {self._why()}; server-side DP "
+                                  "needs every hospital in every round")
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        within = [m for m in messages if m.metadata.dst_node_id not in self.exhausted]
+        if messages and not within:
+            raise TrainingStopped(f"before round {server_round}: no hospital can train within "
+                                  f"its privacy budget ({self._why()})")
+        return within
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                if reply.error.code == PRIVACY_BUDGET_REFUSED:
+                    self.exhausted[node] = reply.error.reason
+                continue
+            for metrics in reply.content.metric_records.values():
+                if metrics.get(CAN_TRAIN_NEXT_KEY, 1) == 0:
+                    hospital = metrics.get("hospital", node)
+                    self.exhausted[node] = (f"hospital {hospital} cannot afford another round "
+                                            "within its max_epsilon")
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int,
+                           replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def _why(self) -> str:
+        return "; ".join(sorted(self.exhausted.values()))

@@ -1,0 +1,57 @@
+"""The privacy sweep end to end: ``clinical-fl -m +sweep=epsilon`` on the tiny model runs one
+real ``flwr run`` per privacy level, nests them under one MLflow parent run, and writes the
+accuracy-against-epsilon plot and table."""
+
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.flower_processes import VENV_BIN, LocalSimulationSuperLink
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def superlink(tmp_path_factory):
+    link = LocalSimulationSuperLink(tmp_path_factory.mktemp("flwr-home"))
+    yield link
+    link.stop()
+
+
+def test_privacy_sweep_reports_accuracy_against_epsilon(superlink, tiny_bert, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    command = [
+        str(VENV_BIN / "clinical-fl"), "-m", "+sweep=epsilon",
+        "privacy.dp_sgd.target_epsilon=8,inf",
+        f"model.name_or_path={tiny_bert}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        "num_rounds=2", "data.notes_per_hospital=100", "data.server_test_notes=60",
+        "model.max_length=96", "train.learning_rate=1e-2", f"hydra.sweep.dir={sweep_dir}"]
+    out = subprocess.run(command, env=superlink.env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=900, check=False)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+
+    with (sweep_dir / "privacy_sweep.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(r["target_epsilon"]) for r in rows] == [8.0, math.inf]
+    private, public = rows
+    assert 0 < float(private["epsilon"]) <= 8.0 and math.isinf(float(public["epsilon"]))
+    assert all(0 <= float(r["accuracy"]) <= 1 and r["status"] == "FINISHED" for r in rows)
+    table = (sweep_dir / "privacy_sweep.md").read_text()
+    assert "| target epsilon |" in table and "inf (no DP-SGD)" in table
+    assert (sweep_dir / "accuracy_vs_epsilon.png").stat().st_size > 10_000
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    parents = client.search_runs(experiments, filter_string="tags.kind = 'privacy-sweep'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0].info.run_id
+    children = client.search_runs(experiments,
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert {c.info.run_id for c in children} == {r["run_id"] for r in rows}
+    assert {a.path for a in client.list_artifacts(parent)} == {
+        "privacy_sweep.csv", "privacy_sweep.md", "accuracy_vs_epsilon.png"}
