@@ -47,16 +47,19 @@ def preflight(msg: Message, context: Context) -> Message:
         data = load_hospital_data(settings.data, settings.data.labels, partition_id,
                                   num_partitions)
         dp = settings.privacy.dp_sgd
-        if dp.enabled and (dp.noise_multiplier is not None
-                           or is_finite_target(dp.target_epsilon)):
+        private = dp.enabled and (dp.noise_multiplier is not None
+                                  or is_finite_target(dp.target_epsilon))
+        if private:
             plan_dp_sgd(dp, data.hospital, len(data.train), settings.train.batch_size,
                         settings.train.local_epochs, settings.planned_rounds,
                         node_max_epsilon(context))
             load_ledger(context, data.hospital)  # an unreadable ledger stops the run here
     except (TaskInputError, ValueError) as err:
         return preflight_reply(msg, partition_id, None, 0, 0, problem=str(err))
-    return preflight_reply(msg, partition_id, data.label_counts(settings.data.labels),
-                           len(data.train), len(data.eval))
+    # Under DP-SGD the per-label counts of training records stay home: they are exact
+    # statistics of the private records.
+    counts = None if private else data.label_counts(settings.data.labels)
+    return preflight_reply(msg, partition_id, counts, len(data.train), len(data.eval))
 
 
 @app.train(mods=[clip_update_for_client_level_dp])

@@ -24,7 +24,7 @@ class HospitalReport:
     hospital: int
     train_records: int
     eval_records: int
-    label_counts: list[int]
+    label_counts: list[int]  # empty: not shared (DP-SGD)
 
 
 def wait_for_hospitals(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
@@ -61,7 +61,7 @@ def run_preflight(grid: Grid, config: ConfigRecord, minimum: int,
         counts = reply.content["counts"]
         reports.append(HospitalReport(node, int(status["hospital"]), int(counts["train-records"]),
                                       int(counts["eval-records"]),
-                                      [int(c) for c in counts["label-counts"]]))
+                                      [int(c) for c in counts.get("label-counts", [])]))
     problems += [f"node {node}: no preflight reply within {timeout_s:.0f} s"
                  for node in nodes if node not in answered]
     if problems:

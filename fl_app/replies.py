@@ -21,11 +21,14 @@ def train_reply(msg: Message, state: dict[str, torch.Tensor], outcome: TrainOutc
     values: dict[str, int | float] = {
         "num-examples": outcome.num_examples,
         WEIGHT_KEY: 1 if equal_weight else outcome.num_examples,
-        "train-loss": outcome.loss,
         "train-seconds": outcome.seconds,
         "hospital": hospital,
     }
-    if outcome.privacy is not None:  # cumulative over the run, at this hospital's delta
+    if outcome.privacy is None:
+        values["train-loss"] = outcome.loss
+    else:
+        # No training loss under DP-SGD: it is computed on the training records without
+        # noise, outside what epsilon covers. The privacy state is cumulative over the run.
         report = outcome.privacy
         values.update({
             "epsilon": report.epsilon,
@@ -63,8 +66,10 @@ def evaluate_reply(msg: Message, outcome: EvalOutcome, hospital: int) -> Message
 
 def preflight_reply(msg: Message, hospital: int, label_counts: list[int] | None,
                     train_records: int, eval_records: int, problem: str = "") -> Message:
-    """Whether this hospital can take part, and how many records of each label it holds."""
+    """Whether this hospital can take part, and how many records of each label it holds
+    (``label_counts`` None: not shared, as under DP-SGD)."""
     status = ConfigRecord({"ok": not problem, "problem": problem, "hospital": hospital})
-    counts = MetricRecord({"train-records": train_records, "eval-records": eval_records,
-                           "label-counts": label_counts or [0]})
+    counts = MetricRecord({"train-records": train_records, "eval-records": eval_records})
+    if label_counts:
+        counts["label-counts"] = label_counts
     return Message(RecordDict({"status": status, "counts": counts}), reply_to=msg)

@@ -75,6 +75,7 @@ def test_a_private_train_reply_states_its_cumulative_privacy_and_weight_for_cent
     assert metrics["epsilon"] == 2.5 and metrics["delta"] == 1e-5
     assert metrics["noise-multiplier"] == 1.1 and metrics["dp-steps"] == 30
     assert metrics["can-train-next"] == 1 and metrics["aggregation-weight"] == 1
+    assert "train-loss" not in metrics, "an unprotected statistic of the training records"
 
 
 def test_a_refusal_sends_no_update_only_the_reason():
