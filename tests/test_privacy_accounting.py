@@ -96,10 +96,19 @@ def test_budget_too_small_for_one_round_is_refused_before_training():
 
 
 def test_the_hospital_budget_from_node_config_can_only_tighten():
-    settings = DpSgdSettings(enabled=True, target_epsilon=8.0, max_epsilon=10.0)
+    settings = DpSgdSettings(enabled=True, noise_multiplier=1.0, max_epsilon=10.0)
     tight = plan_dp_sgd(settings, 0, 240, 16, 1, 4, node_max_epsilon=6.0)
     loose = plan_dp_sgd(settings, 0, 240, 16, 1, 4, node_max_epsilon=50.0)
     assert tight.max_epsilon == 6.0 and loose.max_epsilon == 10.0
+
+
+def test_the_target_epsilon_is_also_a_cap():
+    plan = plan_dp_sgd(DpSgdSettings(enabled=True, target_epsilon=3.0), 0, 240, 16, 1,
+                       planned_rounds=4)
+    assert plan.max_epsilon == 3.0
+    history = [plan.round_steps()] * 4
+    assert plan.refusal(history[:3], 4) is None, "the planned rounds fit"
+    assert "round 5 would raise epsilon" in plan.refusal(history, 5)
 
 
 def test_ledger_round_trips_through_its_durable_store(tmp_path):
@@ -127,7 +136,8 @@ def test_cumulative_epsilon_over_rounds_is_exact_monotone_and_within_budget(tiny
     settings = TaskSettings(model=ModelSettings(name_or_path=str(tiny_bert), max_length=64),
                             data=DataSettings(notes_per_hospital=60),
                             train=Train(batch_size=8, local_epochs=1), planned_rounds=3)
-    settings.privacy.dp_sgd = DpSgdSettings(enabled=True, target_epsilon=2.0, max_epsilon=2.2)
+    settings.privacy.dp_sgd = DpSgdSettings(enabled=True, noise_multiplier=1.0,
+                                             max_epsilon=6.8)
     hospital = Hospital(settings, list(SPECIALTIES), 0, 2)
     ledger = PrivacyLedger(run_id=1, hospital=hospital.data.hospital)
     state = trainable_state(hospital.model)
@@ -137,18 +147,18 @@ def test_cumulative_epsilon_over_rounds_is_exact_monotone_and_within_budget(tiny
             state, outcome = hospital.train(state, server_round, ledger=ledger)
         except PrivacyBudgetError as refusal:
             assert f"round {server_round} would raise epsilon" in str(refusal)
-            assert "above max_epsilon 2.2" in str(refusal)
+            assert "above its budget 6.8" in str(refusal)
             break
         report = outcome.privacy
         reported.append(report.epsilon)
         assert report.epsilon == pytest.approx(
             independent_epsilon(ledger.history, report.delta), rel=1e-6)
-        assert report.epsilon <= 2.2
+        assert report.epsilon <= 6.8
         after = independent_epsilon(ledger.history + [ledger.history[-1][:2] + (
             report.steps // server_round,)], report.delta)
-        assert report.can_train_next_round == (after <= 2.2)
+        assert report.can_train_next_round == (after <= 6.8)
     assert reported == sorted(reported) and len(set(reported)) == len(reported)
-    assert reported[2] <= 2.0, "the planned 3 rounds stay within the target"
-    assert len(reported) == 3, "a 4th round would exceed the 2.2 budget"
-    assert ledger.rounds_trained == [1, 2, 3]
-    assert ledger.steps == 3 * -(-len(hospital.data.train) // 8)
+    rounds = len(reported)
+    assert rounds == 3, "4.27, 5.45, 6.50; a 4th round would reach 7.07"
+    assert ledger.rounds_trained == list(range(1, rounds + 1))
+    assert ledger.steps == rounds * -(-len(hospital.data.train) // 8)

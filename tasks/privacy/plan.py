@@ -34,7 +34,7 @@ class DpSgdPlan:
     noise_multiplier: float
     max_grad_norm: float
     accountant: Accountant
-    max_epsilon: float | None  # the tighter of the server's and the hospital's budget
+    max_epsilon: float | None  # the tightest of target, server budget and hospital budget
 
     def round_steps(self) -> Step:
         return (self.noise_multiplier, self.sample_rate, self.steps_per_round)
@@ -54,7 +54,7 @@ class DpSgdPlan:
         if after <= self.max_epsilon:
             return None
         return (f"hospital {self.hospital}: privacy budget: round {server_round} would raise "
-                f"epsilon from {now:.4g} to {after:.4g}, above max_epsilon {self.max_epsilon:g} "
+                f"epsilon from {now:.4g} to {after:.4g}, above its budget {self.max_epsilon:g} "
                 f"(delta {self.delta:.3g}); no update sent")
 
 
@@ -80,7 +80,10 @@ def plan_dp_sgd(settings: DpSgdSettings, hospital: int, train_records: int, batc
             f"1/{train_records} = {1 / train_records:.3g}; a delta that large permits "
             "revealing a whole record. Use a smaller delta (or leave it null).")
 
-    budgets = [b for b in (settings.max_epsilon, node_max_epsilon) if b is not None]
+    # The target is a promise too: a hospital sampled more often than planned (fraction_train
+    # below 1) stops at it rather than spend more.
+    target = settings.target_epsilon if settings.noise_multiplier is None else None
+    budgets = [b for b in (settings.max_epsilon, node_max_epsilon, target) if b is not None]
     max_epsilon = min(budgets) if budgets else None
 
     if committed_noise_multiplier is not None:
