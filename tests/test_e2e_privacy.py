@@ -86,3 +86,15 @@ def test_run_ends_cleanly_when_no_hospital_can_afford_another_round(superlink, t
     assert _history(client, run.info.run_id, "privacy/hospitals_within_budget")[trained[-1]] == 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "adapter" in artifacts, "the last global adapter is still saved"
+
+
+def test_a_delta_too_large_for_a_hospital_stops_the_run_before_training(superlink, tiny_bert,
+                                                                         tmp_path):
+    # 150 notes per hospital -> 120 training records; 0.01 is not below 1/120.
+    status, _, output = superlink.flwr_run(_overrides(
+        tiny_bert, tmp_path, "privacy=dp_sgd privacy.dp_sgd.target_delta=0.01"))
+    assert status == "finished:failed"
+    assert "hospital 0: privacy.dp_sgd.target_delta=0.01 is not below 1/records" in output
+    client, run = _only_run(tmp_path)
+    assert run.info.status == "FAILED" and "target_delta" in run.data.tags["failure"]
+    assert not client.get_metric_history(run.info.run_id, "privacy/epsilon_max")
