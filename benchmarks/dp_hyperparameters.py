@@ -15,7 +15,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from tasks.config import DataSettings, DpSgdSettings, ModelSettings, TaskSettings, TrainSettings
+from tasks.config import (
+    DataSettings,
+    DpSgdSettings,
+    ModelSettings,
+    OptimizerName,
+    TaskSettings,
+    TrainSettings,
+)
 from tasks.data import source_labels
 from tasks.hospital import Hospital
 from tasks.model import DEFAULT_MODEL_ID, trainable_state
@@ -46,6 +53,7 @@ def main() -> None:
     parser.add_argument("--hospitals", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--optimizer", choices=[o.value for o in OptimizerName], default="adamw")
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -56,7 +64,8 @@ def main() -> None:
         settings = TaskSettings(
             model=ModelSettings(name_or_path=DEFAULT_MODEL_ID), data=DataSettings(),
             train=TrainSettings(batch_size=args.batch_size, learning_rate=args.learning_rate,
-                                local_epochs=args.local_epochs),
+                                local_epochs=args.local_epochs,
+                                optimizer=OptimizerName(args.optimizer)),
             planned_rounds=args.rounds)
         settings.model.lora.r = args.lora_r
         if private:
