@@ -75,8 +75,9 @@ def main() -> None:
         accuracy = federated_accuracy(settings, args.rounds, args.hospitals)
         label = f"DP-SGD epsilon={args.epsilon:g}" if private else "non-private"
         print(f"{label:<22} accuracy {accuracy:.3f}   ({time.perf_counter() - began:.0f} s)  "
-              f"batch {args.batch_size}, lr {args.learning_rate:g}, r {args.lora_r}, "
-              f"epochs {args.local_epochs}, clip {args.max_grad_norm:g}", flush=True)
+              f"{args.optimizer}, batch {args.batch_size}, lr {args.learning_rate:g}, "
+              f"r {args.lora_r}, epochs {args.local_epochs}, clip {args.max_grad_norm:g}",
+              flush=True)
 
 
 if __name__ == "__main__":
