@@ -50,6 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--notes-per-hospital", type=int, default=300)
     parser.add_argument("--hospitals", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -62,7 +63,8 @@ def main() -> None:
 
     for private in (True, False) if not args.no_baseline else (True,):
         settings = TaskSettings(
-            model=ModelSettings(name_or_path=DEFAULT_MODEL_ID), data=DataSettings(),
+            model=ModelSettings(name_or_path=DEFAULT_MODEL_ID),
+            data=DataSettings(notes_per_hospital=args.notes_per_hospital),
             train=TrainSettings(batch_size=args.batch_size, learning_rate=args.learning_rate,
                                 local_epochs=args.local_epochs,
                                 optimizer=OptimizerName(args.optimizer)),
@@ -76,7 +78,8 @@ def main() -> None:
         label = f"DP-SGD epsilon={args.epsilon:g}" if private else "non-private"
         print(f"{label:<22} accuracy {accuracy:.3f}   ({time.perf_counter() - began:.0f} s)  "
               f"{args.optimizer}, batch {args.batch_size}, lr {args.learning_rate:g}, "
-              f"r {args.lora_r}, epochs {args.local_epochs}, clip {args.max_grad_norm:g}",
+              f"r {args.lora_r}, epochs {args.local_epochs}, clip {args.max_grad_norm:g}, "
+              f"{args.notes_per_hospital} notes/hospital",
               flush=True)
 
 
