@@ -46,8 +46,8 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
     if poisson_sampling:
         torch.manual_seed(secrets.randbits(63))  # the Poisson sampler uses torch's global RNG
     with warnings.catch_warnings():
-        # Opacus warns that secure_mode is off (it needs torchcsprng, not maintained for this
-        # torch); see README, "What epsilon means".
+        # Opacus warns that secure_mode is off (it needs the torchcsprng package, not used
+        # yet); see README, "What the epsilon in MLflow means".
         warnings.filterwarnings("ignore", message=".*Secure RNG.*")
         engine = PrivacyEngine(accountant="rdp")  # only its history is used; see accounting.py
         engine.accountant.history = [tuple(step) for step in history]
