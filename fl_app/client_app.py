@@ -12,8 +12,7 @@ from fl_app.replies import evaluate_reply, preflight_reply, refusal_reply, train
 from tasks.data import load_hospital_data
 from tasks.errors import TaskInputError
 from tasks.hospital import Hospital
-from tasks.privacy.accounting import is_finite_target
-from tasks.privacy.plan import PrivacyBudgetError, plan_dp_sgd
+from tasks.privacy.plan import PrivacyBudgetError, dp_sgd_active, plan_dp_sgd
 
 TASK_KEY = "task"  # ConfigRecord key holding the server's task settings (YAML)
 
@@ -47,8 +46,7 @@ def preflight(msg: Message, context: Context) -> Message:
         data = load_hospital_data(settings.data, settings.data.labels, partition_id,
                                   num_partitions)
         dp = settings.privacy.dp_sgd
-        private = dp.enabled and (dp.noise_multiplier is not None
-                                  or is_finite_target(dp.target_epsilon))
+        private = dp_sgd_active(dp)
         if private:
             plan_dp_sgd(dp, data.hospital, len(data.train), settings.train.batch_size,
                         settings.train.local_epochs, settings.planned_rounds,

@@ -18,9 +18,9 @@ from tasks.config import TaskSettings
 from tasks.data import HospitalData, load_hospital_data
 from tasks.evaluation import EvalOutcome, evaluate
 from tasks.model import build_model, load_tokenizer, load_trainable_state, trainable_state
-from tasks.privacy.accounting import PrivacyLedger, is_finite_target
+from tasks.privacy.accounting import PrivacyLedger
 from tasks.privacy.dp_sgd import train_with_dp_sgd
-from tasks.privacy.plan import DpSgdPlan, PrivacyBudgetError, plan_dp_sgd
+from tasks.privacy.plan import DpSgdPlan, PrivacyBudgetError, dp_sgd_active, plan_dp_sgd
 from tasks.training import PrivacyReport, TrainOutcome, train_locally
 
 
@@ -74,10 +74,7 @@ class Hospital:
 
     @property
     def uses_dp_sgd(self) -> bool:
-        """DP-SGD is on, with a finite target or an explicit noise (target .inf: no DP)."""
-        dp = self.settings.privacy.dp_sgd
-        return dp.enabled and (dp.noise_multiplier is not None
-                               or is_finite_target(dp.target_epsilon))
+        return dp_sgd_active(self.settings.privacy.dp_sgd)
 
     def dp_sgd_plan(self, node_max_epsilon: float | None = None,
                     ledger: PrivacyLedger | None = None) -> DpSgdPlan:

@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+from tests.flower_processes import LocalSimulationSuperLink  # noqa: E402
 from tests.tiny_models import make_tiny_bert, make_tiny_gpt2  # noqa: E402
 
 
@@ -28,3 +29,11 @@ def tiny_random_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2")
+
+
+@pytest.fixture(scope="module")
+def superlink(tmp_path_factory: pytest.TempPathFactory):
+    """A simulation SuperLink of the test module's own, on free ports, stopped by PID."""
+    link = LocalSimulationSuperLink(tmp_path_factory.mktemp("flwr-home"))
+    yield link
+    link.stop()

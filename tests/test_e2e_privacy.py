@@ -8,18 +8,10 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.flower_processes import LocalSimulationSuperLink
 from tests.test_e2e_simulation import _history, _overrides
 from tests.test_privacy_accounting import independent_epsilon
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def superlink(tmp_path_factory):
-    link = LocalSimulationSuperLink(tmp_path_factory.mktemp("flwr-home"))
-    yield link
-    link.stop()
 
 
 def _only_run(store):

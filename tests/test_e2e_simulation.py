@@ -11,16 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from fl_app import predict_cli
 from tasks.synthetic_notes import generate_hospital_notes
-from tests.flower_processes import LocalSimulationSuperLink
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def superlink(tmp_path_factory):
-    link = LocalSimulationSuperLink(tmp_path_factory.mktemp("flwr-home"))
-    yield link
-    link.stop()
 
 
 def _overrides(tiny_bert, store, extra=""):

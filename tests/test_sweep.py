@@ -11,16 +11,9 @@ import subprocess
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.flower_processes import VENV_BIN, LocalSimulationSuperLink
+from tests.flower_processes import VENV_BIN
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def superlink(tmp_path_factory):
-    link = LocalSimulationSuperLink(tmp_path_factory.mktemp("flwr-home"))
-    yield link
-    link.stop()
 
 
 def test_privacy_sweep_reports_accuracy_against_epsilon(superlink, tiny_bert, tmp_path):

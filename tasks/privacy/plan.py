@@ -12,11 +12,22 @@ from dataclasses import dataclass
 
 from tasks.config import Accountant, DpSgdSettings
 from tasks.errors import TaskInputError
-from tasks.privacy.accounting import Step, calibrate_noise_multiplier, epsilon_spent
+from tasks.privacy.accounting import (
+    Step,
+    calibrate_noise_multiplier,
+    epsilon_spent,
+    is_finite_target,
+)
 
 
 class PrivacyBudgetError(TaskInputError):
     """The hospital's privacy settings or budget rule out (further) training."""
+
+
+def dp_sgd_active(settings: DpSgdSettings) -> bool:
+    """DP-SGD is on, with a finite target or an explicit noise (target .inf: no DP-SGD)."""
+    return settings.enabled and (settings.noise_multiplier is not None
+                                 or is_finite_target(settings.target_epsilon))
 
 
 def default_delta(train_records: int) -> float:
