@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from logging import INFO
+
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from fl_app.client_mods import asks_for_clipping, clip_update_for_client_level_dp
 from fl_app.config import task_settings_from_yaml
@@ -20,18 +23,30 @@ app = ClientApp()
 
 
 def _partition(context: Context) -> tuple[int, int]:
+    """(hospital number, hospitals). With a data-path the hospital reads its own file and
+    num-partitions is not needed."""
     try:
-        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+        partition_id = int(context.node_config["partition-id"])
+        if _data_path(context):
+            return partition_id, int(context.node_config.get("num-partitions", partition_id + 1))
+        return partition_id, int(context.node_config["num-partitions"])
     except KeyError as err:
         raise TaskInputError(
             f"node {context.node_id}: node config lacks {err.args[0]!r}; start the SuperNode with "
-            "--node-config 'partition-id=<k> num-partitions=<n>'") from err
+            "--node-config 'partition-id=<k> data-path=<file>' (or num-partitions=<n> "
+            "to take a share of the configured data.path)") from err
+
+
+def _data_path(context: Context) -> str | None:
+    path = context.node_config.get("data-path")
+    return str(path) if path else None
 
 
 def _hospital(msg: Message, context: Context) -> Hospital:
     settings = task_settings_from_yaml(str(msg.content["config"][TASK_KEY]))
     partition_id, num_partitions = _partition(context)
-    return Hospital(settings, settings.data.labels, partition_id, num_partitions)
+    return Hospital(settings, settings.data.labels, partition_id, num_partitions,
+                    _data_path(context))
 
 
 @app.query("preflight")
@@ -44,7 +59,7 @@ def preflight(msg: Message, context: Context) -> Message:
         settings = task_settings_from_yaml(str(msg.content["config"][TASK_KEY]))
         partition_id, num_partitions = _partition(context)
         data = load_hospital_data(settings.data, settings.data.labels, partition_id,
-                                  num_partitions)
+                                  num_partitions, _data_path(context))
         dp = settings.privacy.dp_sgd
         private = dp_sgd_active(dp)
         if private:
@@ -57,7 +72,11 @@ def preflight(msg: Message, context: Context) -> Message:
     # Under DP-SGD the per-label counts of training records stay home: they are exact
     # statistics of the private records.
     counts = None if private else data.label_counts(settings.data.labels)
-    return preflight_reply(msg, partition_id, counts, len(data.train), len(data.eval))
+    dropped = data.report.empty_texts_dropped if data.report else 0
+    if data.report:
+        log(INFO, "hospital %s: %s", partition_id, data.report.summary())
+    return preflight_reply(msg, partition_id, counts, len(data.train), len(data.eval),
+                           empty_texts_dropped=dropped)
 
 
 @app.train(mods=[clip_update_for_client_level_dp])

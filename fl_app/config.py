@@ -18,8 +18,10 @@ from omegaconf.errors import OmegaConfBaseException
 from strategies.config import CentralDpSettings, StrategySettings, TrackingSettings
 from tasks.config import (
     DataSettings,
+    DataSource,
     DpSgdSettings,
     ModelSettings,
+    Partitioning,
     PrivacySettings,
     TaskSettings,
     TrainSettings,
@@ -124,10 +126,26 @@ def _check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"invalid configuration at '{key}': got "
                               f"{OmegaConf.select(cfg, key)!r}, expected {expected}")
     _check_privacy(cfg)
+    _check_data(cfg)
     labels = cfg.data.labels
     if labels is not None and (len(labels) < 2 or len(set(labels)) != len(labels)):
         raise ConfigError(f"invalid configuration at 'data.labels': got {list(labels)}, "
                           "expected at least 2 distinct labels")
+
+
+def _check_data(cfg: DictConfig) -> None:
+    data = cfg.data
+    source, partitioning = DataSource(data.source), Partitioning(data.partitioning)
+    if source != DataSource.synthetic and not data.path:
+        raise ConfigError(f"invalid configuration at 'data.path': data.source={source.value} "
+                          "needs a path (file, glob of parts, folder, or dataset id)")
+    if partitioning == Partitioning.size and data.size_skew <= 0:
+        raise ConfigError(f"invalid configuration at 'data.size_skew': got {data.size_skew!r}, "
+                          "expected greater than 0 with data.partitioning=size")
+    if (partitioning == Partitioning.natural and source != DataSource.synthetic
+            and not data.site_column):
+        raise ConfigError("invalid configuration at 'data.site_column': data.partitioning="
+                          "natural needs the column that names each record's hospital")
 
 
 def _check_privacy(cfg: DictConfig) -> None:

@@ -25,6 +25,7 @@ class HospitalReport:
     train_records: int
     eval_records: int
     label_counts: list[int]  # empty: not shared (DP-SGD)
+    empty_texts_dropped: int = 0
 
 
 def wait_for_hospitals(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
@@ -61,7 +62,8 @@ def run_preflight(grid: Grid, config: ConfigRecord, minimum: int,
         counts = reply.content["counts"]
         reports.append(HospitalReport(node, int(status["hospital"]), int(counts["train-records"]),
                                       int(counts["eval-records"]),
-                                      [int(c) for c in counts.get("label-counts", [])]))
+                                      [int(c) for c in counts.get("label-counts", [])],
+                                      int(counts.get("empty-texts-dropped", 0))))
     problems += [f"node {node}: no preflight reply within {timeout_s:.0f} s"
                  for node in nodes if node not in answered]
     if problems:

@@ -65,11 +65,13 @@ def evaluate_reply(msg: Message, outcome: EvalOutcome, hospital: int) -> Message
 
 
 def preflight_reply(msg: Message, hospital: int, label_counts: list[int] | None,
-                    train_records: int, eval_records: int, problem: str = "") -> Message:
+                    train_records: int, eval_records: int, problem: str = "",
+                    empty_texts_dropped: int = 0) -> Message:
     """Whether this hospital can take part, and how many records of each label it holds
     (``label_counts`` None: not shared, as under DP-SGD)."""
     status = ConfigRecord({"ok": not problem, "problem": problem, "hospital": hospital})
-    counts = MetricRecord({"train-records": train_records, "eval-records": eval_records})
+    counts = MetricRecord({"train-records": train_records, "eval-records": eval_records,
+                           "empty-texts-dropped": empty_texts_dropped})
     if label_counts:
         counts["label-counts"] = label_counts
     return Message(RecordDict({"status": status, "counts": counts}), reply_to=msg)

@@ -115,6 +115,7 @@ def main(grid: Grid, context: Context) -> None:
                                 settings.strategy.min_hospitals, timeout)
         tracker.log_params({f"hospital_{r.hospital}": {
             "train_records": r.train_records, "eval_records": r.eval_records,
+            "empty_texts_dropped": r.empty_texts_dropped,
             "label_counts": r.label_counts or "not shared (DP-SGD)"} for r in reports})
         tracker.log_params({"planned_rounds_per_hospital": task.planned_rounds})
         tracker.set_tags({"hospitals": str(len(reports)), "labels": ",".join(labels),

@@ -14,12 +14,26 @@ from omegaconf import MISSING
 
 
 class DataSource(Enum):
-    synthetic = "synthetic"
+    synthetic = "synthetic"  # built-in notes with fake PHI (tasks/synthetic_notes.py)
+    files = "files"  # CSV / JSONL / Parquet: one file, a glob of parts, or a folder
+    huggingface = "huggingface"  # a datasets.load_from_disk folder, or a hub id when online
+
+
+class DataFormat(Enum):
+    auto = "auto"  # from each file's suffix
+    csv = "csv"
+    jsonl = "jsonl"
+    parquet = "parquet"
 
 
 class Partitioning(Enum):
-    natural = "natural"  # by the site each note was written at
+    """How one shared corpus is dealt out to simulated hospitals (flwr-datasets partitioners).
+    In deployment each hospital reads its own file (node config data-path) instead."""
+
+    natural = "natural"  # by the site each note was written at (data.site_column)
     iid = "iid"
+    dirichlet = "dirichlet"  # label skew: each label's notes dealt by Dirichlet(label_skew_alpha)
+    size = "size"  # size skew: log-normal hospital sizes with sigma data.size_skew
 
 
 class Accountant(Enum):
@@ -59,6 +73,15 @@ class DataSettings:
     # None: the full label set of the source. The server fixes it for everyone.
     labels: list[str] | None = None
     partitioning: Partitioning = Partitioning.natural
+    # source=files / huggingface: where the records are and which columns hold what.
+    path: str | None = None
+    format: DataFormat = DataFormat.auto
+    text_column: str = "text"
+    label_column: str = "label"
+    site_column: str | None = None  # needed by partitioning=natural
+    split_column: str | None = None  # rows whose value is test_split form the server test set
+    test_split: str = "test"
+    # source=synthetic: notes written per hospital.
     notes_per_hospital: int = 300
     size_skew: float = 0.0
     label_skew_alpha: float = 1.0

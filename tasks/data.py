@@ -6,10 +6,18 @@ from collections import Counter
 from dataclasses import dataclass
 
 import datasets
-from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner
+import numpy as np
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    NaturalIdPartitioner,
+    Partitioner,
+    SizePartitioner,
+)
 
 from tasks.config import DataSettings, DataSource, Partitioning
-from tasks.errors import HospitalDataError
+from tasks.errors import DataFileError, HospitalDataError
+from tasks.loaders import LoadReport, Records, load_records
 from tasks.synthetic_notes import SPECIALTIES, generate_hospital_notes, hospital_sizes
 
 # Synthetic hospitals whose notes the server keeps for centralized evaluation.
@@ -26,6 +34,7 @@ class HospitalData:
     hospital: int
     train: datasets.Dataset
     eval: datasets.Dataset
+    report: LoadReport | None = None  # file sources: files read, empty texts dropped
 
     def label_counts(self, labels: list[str]) -> list[int]:
         counts = Counter(self.train["label"]) + Counter(self.eval["label"])
@@ -33,48 +42,95 @@ class HospitalData:
 
 
 def source_labels(settings: DataSettings) -> list[str]:
-    """The global label set: the configured one, else the source's full set."""
+    """The global label set: the configured one, else the source's full set.
+
+    For files the server reads ``data.path`` once and takes every label found, in
+    sorted order; where the server cannot read the hospitals' data (deployment),
+    ``data.labels`` must be given.
+    """
     if settings.labels:
         return list(settings.labels)
     if settings.source == DataSource.synthetic:
         return list(SPECIALTIES)
-    raise ValueError(f"data.source={settings.source.value} has no built-in label set")
+    if not settings.path:
+        raise DataFileError(f"data.source={settings.source.value}: set data.labels (the global "
+                            "label set) or data.path for the server to read them from")
+    return sorted(set(load_records(settings).label))
 
 
 def _synthetic_corpus(settings: DataSettings, num_hospitals: int) -> datasets.Dataset:
     sizes = hospital_sizes(num_hospitals, settings.notes_per_hospital, settings.size_skew,
                            settings.seed)
-    rows: dict[str, list] = {"text": [], "label": [], "hospital": []}
+    rows: dict[str, list] = {"text": [], "label": [], "site": []}
     for hospital, size in enumerate(sizes):
         for note in generate_hospital_notes(hospital, size, settings.seed,
                                             settings.label_skew_alpha, settings.label_noise):
             rows["text"].append(note.text)
             rows["label"].append(note.label)
-            rows["hospital"].append(hospital)
+            rows["site"].append(f"{hospital:05d}")  # zero-padded: sorts like the ids
     return datasets.Dataset.from_dict(
         rows, features=datasets.Features({"text": datasets.Value("string"),
                                           "label": datasets.Value("string"),
-                                          "hospital": datasets.Value("int64")}))
+                                          "site": datasets.Value("string")}))
+
+
+def _lognormal_sizes(total: int, parts: int, sigma: float, seed: int) -> list[int]:
+    """Hospital sizes summing to ``total``, log-normal with ``sigma``, each at least 1."""
+    weights = np.random.default_rng(seed).lognormal(0.0, sigma, parts)
+    sizes = np.maximum(1, np.floor(weights / weights.sum() * total).astype(int))
+    sizes[np.argmax(sizes)] += total - int(sizes.sum())
+    return [int(n) for n in sizes]
+
+
+def _partitioner(settings: DataSettings, corpus: datasets.Dataset, num_partitions: int
+                 ) -> Partitioner:
+    method = settings.partitioning
+    if method == Partitioning.natural:
+        if "site" not in corpus.column_names:
+            raise DataFileError("data.partitioning=natural needs data.site_column (the column "
+                                "naming each record's hospital)")
+        return NaturalIdPartitioner(partition_by="site")
+    if method == Partitioning.dirichlet:
+        # min_partition_size 1: a hospital may get few notes, but never none.
+        return DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
+                                    alpha=settings.label_skew_alpha, min_partition_size=1,
+                                    self_balancing=False, seed=settings.seed)
+    if method == Partitioning.size:
+        return SizePartitioner(_lognormal_sizes(len(corpus), num_partitions,
+                                                settings.size_skew, settings.seed))
+    return IidPartitioner(num_partitions=num_partitions)
 
 
 def _partition(corpus: datasets.Dataset, settings: DataSettings, partition_id: int,
-               num_partitions: int) -> datasets.Dataset:
+               num_partitions: int) -> tuple[datasets.Dataset, str]:
+    """Hospital ``partition_id``'s share of the corpus, and a name for it in messages."""
     if len(corpus) == 0:
-        return corpus
-    if settings.partitioning == Partitioning.iid:
-        partitioner = IidPartitioner(num_partitions=num_partitions)
-        # IidPartitioner slices in order (FederatedDataset shuffles first); so do we.
-        partitioner.dataset = corpus.shuffle(seed=settings.seed)
-        return partitioner.load_partition(partition_id)
-    partitioner = NaturalIdPartitioner(partition_by="hospital")
+        return corpus, f"partition {partition_id}"
+    # IID and size partitioners slice in order (FederatedDataset shuffles first); so do we.
+    corpus = corpus.shuffle(seed=settings.seed)
+    partitioner = _partitioner(settings, corpus, num_partitions)
     partitioner.dataset = corpus
-    # The partitioner numbers the sites present in the data; a site with no
-    # notes at all has no partition, so look the hospital up by its own id.
-    partitioner.num_partitions  # noqa: B018 - builds the site <-> partition mapping
-    by_site = {site: index for index, site in partitioner.partition_id_to_natural_id.items()}
-    if partition_id not in by_site:
-        return corpus.select([])
-    return partitioner.load_partition(by_site[partition_id])
+    if isinstance(partitioner, NaturalIdPartitioner):
+        partitioner.num_partitions  # noqa: B018 - builds the site <-> partition mapping
+        sites = partitioner.partition_id_to_natural_id
+        if settings.source != DataSource.synthetic and len(sites) != num_partitions:
+            raise DataFileError(
+                f"data.site_column '{settings.site_column}' names {len(sites)} sites "
+                f"({', '.join(list(map(str, sites.values()))[:8])}) but the federation has "
+                f"{num_partitions} hospitals (num-partitions / num-supernodes); make them equal")
+        # Synthetic sites are hospital ids; one with no notes has no partition at all.
+        by_site = {site: index for index, site in sites.items()}
+        site = f"{partition_id:05d}" if settings.source == DataSource.synthetic \
+            else sites.get(partition_id)
+        if site not in by_site:
+            return corpus.select([]), f"partition {partition_id}"
+        return partitioner.load_partition(by_site[site]), f"site '{site}'"
+    try:
+        return partitioner.load_partition(partition_id), f"partition {partition_id}"
+    except ValueError as err:
+        raise DataFileError(f"data.partitioning={settings.partitioning.value}: cannot deal "
+                            f"{len(corpus)} records to {num_partitions} hospitals ({err})"
+                            ) from err
 
 
 def encode_labels(records: datasets.Dataset, labels: list[str], where: str) -> datasets.Dataset:
@@ -91,28 +147,67 @@ def encode_labels(records: datasets.Dataset, labels: list[str], where: str) -> d
                                                    "label": datasets.Value("int64")}))
 
 
+def _records(settings: DataSettings, path: str | None = None) -> tuple[Records, LoadReport]:
+    """The training records of a file source (the server's test split left out)."""
+    records = load_records(settings, path)
+    return records.where_split(settings.test_split if settings.split_column else None,
+                               keep=False), records.report
+
+
 def load_hospital_data(settings: DataSettings, labels: list[str], partition_id: int,
-                       num_partitions: int) -> HospitalData:
-    """Hospital ``partition_id`` of ``num_partitions``: its local train and eval splits."""
+                       num_partitions: int, data_path: str | None = None) -> HospitalData:
+    """Hospital ``partition_id`` of ``num_partitions``: its local train and eval splits.
+
+    ``data_path`` (a hospital's node config in deployment) is this hospital's own
+    export: read whole, no partitioning.
+    """
     where = f"hospital {partition_id} (partition-id={partition_id} of {num_partitions})"
-    if not 0 <= partition_id < num_partitions:
-        raise HospitalDataError(f"{where}: partition-id must lie in [0, {num_partitions})")
-    corpus = _synthetic_corpus(settings, num_partitions)
-    records = _partition(corpus, settings, partition_id, num_partitions)
-    if len(records) == 0:
-        raise HospitalDataError(f"{where}: the partition is empty; this hospital has no notes "
-                                f"(data.notes_per_hospital={settings.notes_per_hospital})")
-    if len(records) < 2:
-        raise HospitalDataError(f"{where}: {len(records)} note is too few to hold out an "
-                                "evaluation split; at least 2 are needed")
-    records = encode_labels(records, labels, where)
-    split = records.train_test_split(test_size=settings.eval_fraction, seed=settings.seed)
-    return HospitalData(hospital=partition_id, train=split["train"], eval=split["test"])
+    report = None
+    if data_path:
+        records, report = _records(settings, data_path)
+        records.check_labels(labels, settings.label_column)
+        hospital_records = records.to_dataset()
+        where = f"hospital {partition_id} (data-path={data_path})"
+    else:
+        if not 0 <= partition_id < num_partitions:
+            raise HospitalDataError(f"{where}: partition-id must lie in [0, {num_partitions})")
+        if settings.source == DataSource.synthetic:
+            corpus = _synthetic_corpus(settings, num_partitions)
+        else:
+            records, report = _records(settings)
+            records.check_labels(labels, settings.label_column)
+            corpus = records.to_dataset()
+        hospital_records, name = _partition(corpus, settings, partition_id, num_partitions)
+        if settings.source != DataSource.synthetic:
+            where = f"hospital {partition_id} ({name} of {settings.path})"
+    if len(hospital_records) == 0:
+        raise HospitalDataError(f"{where}: the partition is empty; this hospital has no notes")
+    if len(hospital_records) < 2:
+        raise HospitalDataError(f"{where}: {len(hospital_records)} note is too few to hold out "
+                                "an evaluation split; at least 2 are needed")
+    hospital_records = encode_labels(hospital_records, labels, where)
+    split = hospital_records.train_test_split(test_size=settings.eval_fraction,
+                                              seed=settings.seed)
+    return HospitalData(hospital=partition_id, train=split["train"], eval=split["test"],
+                        report=report)
 
 
 def load_server_test_set(settings: DataSettings, labels: list[str]) -> datasets.Dataset | None:
-    """Synthetic notes from a hospital outside the federation, for centralized evaluation."""
-    if settings.source != DataSource.synthetic or settings.server_test_notes <= 0:
+    """The server's held-out notes for centralized evaluation, or None.
+
+    Synthetic: notes from a hospital outside the federation. Files: the rows
+    whose ``data.split_column`` equals ``data.test_split``.
+    """
+    if settings.source != DataSource.synthetic:
+        if not settings.split_column:
+            return None
+        records = load_records(settings).where_split(settings.test_split, keep=True)
+        if not records.text:
+            raise DataFileError(f"{settings.path}: no rows with {settings.split_column} = "
+                                f"'{settings.test_split}' for the server's test set")
+        records.check_labels(labels, settings.label_column)
+        return encode_labels(records.to_dataset(), labels, "server test set")
+    if settings.server_test_notes <= 0:
         return None
     # A near-uniform case mix, so no specialty dominates the global score.
     notes = generate_hospital_notes(_SERVER_TEST_HOSPITAL, settings.server_test_notes,

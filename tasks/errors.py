@@ -11,3 +11,7 @@ class ModelNotFoundError(TaskInputError):
 
 class HospitalDataError(TaskInputError):
     """A hospital's data is empty or disagrees with the global label set."""
+
+
+class DataFileError(TaskInputError):
+    """A data file is missing, unreadable, not UTF-8, or lacks a configured column."""

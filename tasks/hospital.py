@@ -44,12 +44,13 @@ def _cached_model(key: str, settings: TaskSettings, labels: tuple[str, ...]):
 
 def _cached_records(key: str, settings: TaskSettings, labels: tuple[str, ...],
                     partition_id: int, num_partitions: int,
-                    tokenizer: PreTrainedTokenizerBase
+                    tokenizer: PreTrainedTokenizerBase, data_path: str | None
                     ) -> tuple[HospitalData, datasets.Dataset, datasets.Dataset]:
     if key not in _RECORDS:
         if len(_RECORDS) >= 16:
             _RECORDS.clear()
-        data = load_hospital_data(settings.data, list(labels), partition_id, num_partitions)
+        data = load_hospital_data(settings.data, list(labels), partition_id, num_partitions,
+                                  data_path)
         max_length = settings.model.max_length
         _RECORDS[key] = (data, tokenize(data.train, tokenizer, max_length),
                          tokenize(data.eval, tokenizer, max_length))
@@ -57,10 +58,14 @@ def _cached_records(key: str, settings: TaskSettings, labels: tuple[str, ...],
 
 
 class Hospital:
-    """Hospital ``partition_id`` of ``num_partitions``, configured by the server's settings."""
+    """Hospital ``partition_id`` of ``num_partitions``, configured by the server's settings.
+
+    ``data_path`` (deployment: the hospital's node config) is the hospital's own
+    export, read whole instead of a partition of a shared corpus.
+    """
 
     def __init__(self, settings: TaskSettings, labels: list[str], partition_id: int,
-                 num_partitions: int) -> None:
+                 num_partitions: int, data_path: str | None = None) -> None:
         self.settings = settings
         self.labels = list(labels)
         if settings.train.num_threads > 0:
@@ -68,9 +73,10 @@ class Hospital:
         model_key = _key(settings.model, settings.seed, tuple(labels))
         self.model, self.tokenizer = _cached_model(model_key, settings, tuple(labels))
         data_key = _key(settings.data, settings.model, tuple(labels), partition_id,
-                        num_partitions)
+                        num_partitions, data_path)
         self.data, self._train, self._eval = _cached_records(
-            data_key, settings, tuple(labels), partition_id, num_partitions, self.tokenizer)
+            data_key, settings, tuple(labels), partition_id, num_partitions, self.tokenizer,
+            data_path)
 
     @property
     def uses_dp_sgd(self) -> bool:

@@ -12,7 +12,7 @@ def test_each_hospital_gets_its_own_notes_and_an_eval_split():
     parts = [load_hospital_data(settings, labels, k, 3) for k in range(3)]
     for k, part in enumerate(parts):
         assert len(part.train) == 40 and len(part.eval) == 10
-        assert set(part.train["hospital"]) == {k}
+        assert set(part.train["site"]) == {f"{k:05d}"}
         assert set(part.train["label"]) <= set(range(len(labels)))
     texts = [set(p.train["text"]) for p in parts]
     assert not texts[0] & texts[1]
@@ -23,7 +23,7 @@ def test_iid_partitioning_deals_the_pooled_notes_evenly():
     labels = source_labels(settings)
     parts = [load_hospital_data(settings, labels, k, 2) for k in range(2)]
     assert [len(p.train) + len(p.eval) for p in parts] == [40, 40]
-    assert len(set(parts[0].train["hospital"])) == 2, "IID mixes the sites"
+    assert len(set(parts[0].train["site"])) == 2, "IID mixes the sites"
 
 
 def test_empty_partition_names_the_hospital():
