@@ -68,6 +68,17 @@ class ModelSettings:
 
 
 @dataclass
+class DeidSettings:
+    """De-identification inside each hospital, before tokenization (tasks/deid.py)."""
+
+    enabled: bool = True
+    # An installed spaCy model with NER (e.g. en_core_web_lg) adds names and places that no
+    # cue word announces; null: patterns only, no model needed.
+    spacy_model: str | None = None
+    score_threshold: float = 0.35  # Presidio confidence below which a finding is ignored
+
+
+@dataclass
 class DataSettings:
     source: DataSource = DataSource.synthetic
     # None: the full label set of the source. The server fixes it for everyone.
@@ -89,6 +100,7 @@ class DataSettings:
     eval_fraction: float = 0.2
     # Notes the server holds for centralized evaluation; 0 turns it off.
     server_test_notes: int = 400
+    deid: DeidSettings = field(default_factory=DeidSettings)
     seed: int = 42
 
 

@@ -16,6 +16,7 @@ from flwr_datasets.partitioner import (
 )
 
 from tasks.config import DataSettings, DataSource, Partitioning
+from tasks.deid import deidentify_records
 from tasks.errors import DataFileError, HospitalDataError
 from tasks.loaders import LoadReport, Records, load_records
 from tasks.synthetic_notes import SPECIALTIES, generate_hospital_notes, hospital_sizes
@@ -186,6 +187,8 @@ def load_hospital_data(settings: DataSettings, labels: list[str], partition_id: 
         raise HospitalDataError(f"{where}: {len(hospital_records)} note is too few to hold out "
                                 "an evaluation split; at least 2 are needed")
     hospital_records = encode_labels(hospital_records, labels, where)
+    # Before anything else reads the text: the tokenizer only ever sees placeholders.
+    hospital_records = deidentify_records(hospital_records, settings.deid)
     split = hospital_records.train_test_split(test_size=settings.eval_fraction,
                                               seed=settings.seed)
     return HospitalData(hospital=partition_id, train=split["train"], eval=split["test"],
@@ -206,7 +209,9 @@ def load_server_test_set(settings: DataSettings, labels: list[str]) -> datasets.
             raise DataFileError(f"{settings.path}: no rows with {settings.split_column} = "
                                 f"'{settings.test_split}' for the server's test set")
         records.check_labels(labels, settings.label_column)
-        return encode_labels(records.to_dataset(), labels, "server test set")
+        # The server's notes get the same placeholders the hospitals train on.
+        return deidentify_records(encode_labels(records.to_dataset(), labels,
+                                                "server test set"), settings.deid)
     if settings.server_test_notes <= 0:
         return None
     # A near-uniform case mix, so no specialty dominates the global score.
@@ -216,4 +221,4 @@ def load_server_test_set(settings: DataSettings, labels: list[str]) -> datasets.
                                     labels=tuple(labels))
     records = datasets.Dataset.from_dict({"text": [n.text for n in notes],
                                           "label": [n.label for n in notes]})
-    return encode_labels(records, labels, "server test set")
+    return deidentify_records(encode_labels(records, labels, "server test set"), settings.deid)
