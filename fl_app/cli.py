@@ -3,6 +3,7 @@
     clinical-fl train.local_epochs=2 strategy=fedprox
     clinical-fl -m strategy=fedavg,fedprox          # one flwr run per combination
     clinical-fl -m +sweep=epsilon                   # accuracy against epsilon (conf/sweep/)
+    CLINICAL_FL_FEDERATION_CONFIG="num-supernodes=8" clinical-fl ...   # 8 hospitals
 
 Hydra parses and validates the overrides here (so a typo fails at once), then
 hands them to ``flwr run`` through the Flower run config, where the ServerApp
@@ -51,12 +52,19 @@ def write_run_config(overrides: list[str], path: Path) -> Path:
     return path
 
 
-def flwr_run_command(run_config: Path, connection: str | None = None) -> list[str]:
-    """The ``flwr run`` command line for the app with this run-config file."""
+def flwr_run_command(run_config: Path, connection: str | None = None,
+                     federation_config: str | None = None) -> list[str]:
+    """The ``flwr run`` command line for the app with this run-config file.
+
+    ``federation_config`` is Flower's simulation setting, e.g. ``num-supernodes=8``.
+    """
     command = ["flwr", "run", str(project_root())]
     if connection:
         command.append(connection)
-    return command + ["--stream", "--run-config", str(run_config)]
+    command += ["--stream", "--run-config", str(run_config)]
+    if federation_config:
+        command += ["--federation-config", federation_config]
+    return command
 
 
 def _sweep_overrides(overrides: list[str]) -> list[str]:
@@ -96,9 +104,11 @@ def _run(cfg: DictConfig) -> None:
     overrides += _sweep_overrides(overrides)
     env = {**OFFLINE_FLOWER_ENV, **os.environ}
     connection = os.environ.get("CLINICAL_FL_CONNECTION")  # a SuperLink from config.toml
+    # Simulation only, e.g. "num-supernodes=8": how many hospitals Flower starts.
+    federation_config = os.environ.get("CLINICAL_FL_FEDERATION_CONFIG")
     with tempfile.TemporaryDirectory() as tmp:
         run_config = write_run_config(overrides, Path(tmp) / "run_config.toml")
-        output = _stream(flwr_run_command(run_config, connection), env)
+        output = _stream(flwr_run_command(run_config, connection, federation_config), env)
     run_id = started_run_id(output)
     status, details = run_status(run_id, connection, env) if run_id else ("not started", "")
     if status == COMPLETED:

@@ -51,6 +51,14 @@ class GradSampleMode(Enum):
     ghost = "ghost"  # ghost clipping: per-sample norms without materializing gradients
 
 
+class Pooling(Enum):
+    """What the classification head reads (tasks/pooling.py)."""
+
+    auto = "auto"  # mean where the model was trained for it (sentence-transformers), else model
+    mean = "mean"  # masked mean of the token vectors (BERT-style encoders)
+    model = "model"  # the model's own head input ([CLS] pooler for BERT, last token for GPT)
+
+
 @dataclass
 class LoraSettings:
     r: int = 8
@@ -64,6 +72,7 @@ class LoraSettings:
 class ModelSettings:
     name_or_path: str = MISSING
     max_length: int = 256
+    pooling: Pooling = Pooling.auto
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 

@@ -22,8 +22,9 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from tasks.config import ModelSettings
+from tasks.config import ModelSettings, Pooling
 from tasks.errors import ModelNotFoundError
+from tasks.pooling import resolve_pooling, use_mean_pooling
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
@@ -119,6 +120,8 @@ def build_model(settings: ModelSettings, labels: list[str], seed: int,
         id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
     if base.config.pad_token_id is None:
         base.config.pad_token_id = tokenizer.pad_token_id
+    if resolve_pooling(settings.pooling, path) == Pooling.mean:
+        use_mean_pooling(base)
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=settings.lora.r,
@@ -156,9 +159,10 @@ def save_adapter(model: PeftModel, directory: str | Path, settings: ModelSetting
     """Save in PEFT's format (``PeftModel.from_pretrained`` loads it) plus the label set."""
     directory = Path(directory)
     model.save_pretrained(directory)
+    pooling = resolve_pooling(settings.pooling, resolve_model_path(settings.name_or_path))
     (directory / LABELS_FILE).write_text(json.dumps(
         {"labels": labels, "base_model": settings.name_or_path,
-         "max_length": settings.max_length}, indent=2))
+         "max_length": settings.max_length, "pooling": pooling.value}, indent=2))
     return directory
 
 
@@ -176,13 +180,16 @@ def load_adapter(directory: str | Path, base_model: str | None = None
     meta = json.loads(meta_file.read_text())
     labels = meta["labels"]
     settings = ModelSettings(name_or_path=base_model or meta["base_model"],
-                             max_length=meta["max_length"])
+                             max_length=meta["max_length"],
+                             pooling=Pooling(meta.get("pooling", Pooling.model.value)))
     tokenizer = load_tokenizer(settings)
     base = AutoModelForSequenceClassification.from_pretrained(
         resolve_model_path(settings.name_or_path), num_labels=len(labels),
         id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
     if base.config.pad_token_id is None:
         base.config.pad_token_id = tokenizer.pad_token_id
+    if settings.pooling == Pooling.mean:  # as trained: the head reads the same vector
+        use_mean_pooling(base)
     model = PeftModel.from_pretrained(base, directory)
     model.eval()
     return model, tokenizer, labels, settings.max_length

@@ -12,6 +12,7 @@ from tasks.config import (
     GradSampleMode,
     ModelSettings,
     OptimizerName,
+    Pooling,
     TrainSettings,
 )
 from tasks.data import load_hospital_data
@@ -21,10 +22,11 @@ from tasks.synthetic_notes import SPECIALTIES
 from tasks.training import train_locally
 
 
-@pytest.fixture(scope="module", params=["bert", "gpt2"])
+@pytest.fixture(scope="module", params=["bert", "bert-mean-pooling", "gpt2"])
 def setup(request, tiny_bert, tiny_gpt2):
-    path = tiny_bert if request.param == "bert" else tiny_gpt2
-    settings = ModelSettings(name_or_path=str(path), max_length=64)
+    path = tiny_gpt2 if request.param == "gpt2" else tiny_bert
+    pooling = Pooling.mean if request.param == "bert-mean-pooling" else Pooling.model
+    settings = ModelSettings(name_or_path=str(path), max_length=64, pooling=pooling)
     tokenizer = load_tokenizer(settings)
     model = build_model(settings, list(SPECIALTIES), 0, tokenizer)
     for module in model.modules():  # LoRA's and the base model's: two runs must see the same

