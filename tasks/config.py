@@ -84,7 +84,9 @@ class DeidSettings:
     # An installed spaCy model with NER (e.g. en_core_web_lg) adds names and places that no
     # cue word announces; null: patterns only, no model needed.
     spacy_model: str | None = None
-    score_threshold: float = 0.35  # Presidio confidence below which a finding is ignored
+    # Presidio confidence below which a finding is ignored; 0.5 drops Presidio's uncued
+    # phone-number guesses (0.4), which on real text are mostly measurements.
+    score_threshold: float = 0.5
 
 
 @dataclass

@@ -52,19 +52,26 @@ _PATTERNS: list[tuple[str, str, str, float]] = [
              rf"Physician|Nurse|Resident|Referred by|Referring)\s*[:#]\s*)(?P<phi>{_NAME})",
      "phi", 0.85),
     ("NAME", rf"\b(?:Dr|Drs|Mr|Mrs|Ms|Miss|Prof)\.?[ \t]+(?P<phi>{_NAME})", "phi", 0.85),
-    ("NAME", rf"\b(?:signed by|dictated by|seen with|seen by|attending|cc|reviewed by|"
+    ("NAME", rf"\b(?:signed by|dictated by|seen with|seen by|attending|reviewed by|"
              rf"transcribed by)[ \t]+(?:Dr\.?[ \t]+)?(?P<phi>{_NAME})", "phi", 0.8),
-    ("NAME", rf"(?P<phi>{_NAME}),?[ \t]+(?:MD|M\.D\.|DO|RN|NP|PA-C|PhD)\b", "phi", 0.8),
+    # "Jane Doe, MD"; the short degrees only after a comma ("MAbs NP-2" is an antibody).
+    ("NAME", rf"(?P<phi>{_NAME})(?:,?[ \t]+(?:MD|M\.D\.)|,[ \t]*(?:DO|RN|NP|PA-C|PhD))\b",
+     "phi", 0.8),
     ("DATE", rf"\b(?P<phi>{_MONTH}[ \t]+\d{{1,2}}(?:st|nd|rd|th)?,?[ \t]+\d{{4}})\b", "phi", 0.9),
     ("DATE", rf"\b(?P<phi>\d{{1,2}}(?:st|nd|rd|th)?[ \t]+{_MONTH},?[ \t]+\d{{4}})\b", "phi", 0.9),
-    ("DATE", r"\b(?P<phi>\d{1,2}[/.\-]\d{1,2}[/.\-](?:\d{4}|\d{2}))\b", "phi", 0.8),
+    # One separator throughout: "03/14/1961", not the numeric range "9.6-13".
+    ("DATE", r"(?<![\d.])(?P<phi>\d{1,2}([/.\-])\d{1,2}\2(?:\d{4}|\d{2}))(?![\d.]?\d)", "phi",
+     0.8),
     ("DATE", r"\b(?P<phi>\d{4}-\d{1,2}-\d{1,2})\b", "phi", 0.9),
     # The cue goes too: "MRN: 12345678" -> "[ID]".
     ("MEDICAL_RECORD_ID",
      r"(?P<phi>\b(?:MRN|MR#|MR\s*No\.?|Medical record(?: number| no\.?| #)?|Pt ID|"
      r"Patient ID|Acct|Account(?: number)?|ID|Chart(?: number)?)\s*[:#]?\s*"
      r"(?=[A-Z0-9\-]*\d)[A-Z0-9][A-Z0-9\-]{3,})\b", "phi", 0.9),
-    ("MEDICAL_RECORD_ID", r"\b(?P<phi>\d{6,}|\d{3,}-\d{3,}(?:-\d+)*)\b", "phi", 0.4),
+    # Uncued: a long digit string or dashed groups of 7+ digits; not ranges like "250-400" or
+    # "1984-1989", which abound in clinical text.
+    ("MEDICAL_RECORD_ID", r"(?<![\d.\-])(?P<phi>\d{7,}|(?!(?:19|20)\d\d-(?:19|20)\d\d\b)"
+                          r"(?=(?:\d-?){7,})\d{3,}-\d{3,}(?:-\d+)*)(?![\d.]?\d)", "phi", 0.6),
     ("PHONE_NUMBER",
      r"(?P<phi>(?:\+?1[ .\-]?)?(?:\(\d{3}\)[ \t]?|\b\d{3}[ .\-])\d{3}[ .\-]\d{4})\b",
      "phi", 0.85),
