@@ -28,4 +28,4 @@ class CentralEvaluator:
         load_trainable_state(self.model, state)
         outcome = evaluate(self.model, self.loader, self.num_labels)
         return {"accuracy": outcome.accuracy, "macro_f1": outcome.macro_f1,
-                "loss": outcome.loss}
+                "loss": outcome.loss, "records": outcome.num_examples}

@@ -89,3 +89,60 @@ def test_unknown_config_key_fails_before_anything_starts(superlink, tiny_bert, t
     assert status == "finished:failed"
     assert "unknown key 'train.epochs'" in output
     assert not (tmp_path / "mlflow.db").exists(), "no MLflow run for an invalid config"
+
+
+def _export(tmp_path, bad_label_row: int | None = None):
+    """Two hospitals' notes as one CSV with site and split columns, as an export would be."""
+    import pandas as pd
+
+    rows = []
+    for site in (0, 1):
+        for i, note in enumerate(generate_hospital_notes(site, 120, seed=9,
+                                                         label_skew_alpha=1.0,
+                                                         label_noise=0.0)):
+            rows.append({"note_text": note.text, "specialty": note.label,
+                         "hospital": f"site-{site}",
+                         "split": "test" if i % 6 == 0 else "train"})
+    if bad_label_row is not None:
+        rows[bad_label_row]["specialty"] = "dermatology"
+    path = tmp_path / "export.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def _file_overrides(tiny_bert, tmp_path, path, labels: str | None = None):
+    extra = (f"data=files data.path={path} data.text_column=note_text "
+             "data.label_column=specialty data.site_column=hospital "
+             "data.partitioning=natural data.split_column=split")
+    if labels:
+        extra += f" data.labels=[{labels}]"
+    return _overrides(tiny_bert, tmp_path, extra)
+
+
+def test_run_on_a_csv_export_partitions_by_site_and_scores_the_test_split(superlink, tiny_bert,
+                                                                          tmp_path):
+    path = _export(tmp_path)
+    status, details, output = superlink.flwr_run(_file_overrides(tiny_bert, tmp_path, path))
+    assert status == "finished:completed", f"{details}\n{output[-4000:]}"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    params = run.data.params
+    # 120 notes per site, every 6th held back for the server: 100 per hospital.
+    for k in (0, 1):
+        assert "'train_records': 80" in params[f"hospital_{k}"], params[f"hospital_{k}"]
+        assert "'eval_records': 20" in params[f"hospital_{k}"]
+    assert sorted(_history(client, run.info.run_id, "central/accuracy")) == [0, 1, 2]
+    assert _history(client, run.info.run_id, "central/records")[2] == 40
+    assert run.data.tags["labels"] == ",".join(sorted({n.label for s in (0, 1) for n in
+                                                       generate_hospital_notes(
+                                                           s, 120, 9, 1.0, 0.0)}))
+
+
+def test_an_unknown_label_in_an_export_stops_the_run_naming_file_row_and_column(
+        superlink, tiny_bert, tmp_path):
+    path = _export(tmp_path, bad_label_row=5)
+    labels = "cardiology,pulmonology,gastroenterology,neurology,endocrinology,orthopedics"
+    status, details, output = superlink.flwr_run(
+        _file_overrides(tiny_bert, tmp_path, path, labels))
+    assert status == "finished:failed"
+    assert f"{path}, row 7, column 'specialty': label 'dermatology' is not in" in output
