@@ -12,9 +12,12 @@ is row 2 (row 1 is the header); JSONL rows are line numbers.
 
 from __future__ import annotations
 
+import csv
 import glob
+import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,39 +120,63 @@ def _format_of(file: Path, data_format: DataFormat) -> DataFormat:
     return found
 
 
-def _decode(file: Path) -> str:
+def _decode(file: Path) -> tuple[str, int | None]:
+    """The file's text, and the line of its first non-UTF-8 byte (None: all valid).
+
+    Invalid bytes are kept as surrogate escapes so that the reader can still find
+    the row and column they sit in, which is what the error should name.
+    """
     try:
         raw = file.read_bytes()
     except OSError as err:
         raise DataFileError(f"{file}: cannot read the file ({err.strerror or err})") from err
     try:
-        return raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig"), None
     except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise DataFileError(f"{file}, line {line}: byte 0x{raw[err.start]:02x} at offset "
-                            f"{err.start} is not UTF-8; re-export the file as UTF-8") from err
+        bad_line = raw.count(b"\n", 0, err.start) + 1
+        return raw.decode("utf-8-sig", errors="surrogateescape"), bad_line
+
+
+_ESCAPED = re.compile("[\udc80-\udcff]")
+
+
+def _not_utf8(file: Path, where: str, value: str) -> DataFileError:
+    byte = ord(_ESCAPED.search(value).group()) - 0xDC00
+    return DataFileError(f"{file}, {where}: byte 0x{byte:02x} is not UTF-8; re-export the "
+                         "file as UTF-8")
+
+
+def _check_utf8(file: Path, row: int, record: dict) -> None:
+    for column, value in record.items():
+        if isinstance(value, str) and _ESCAPED.search(value):
+            raise _not_utf8(file, f"row {row}, column '{column}'", value)
 
 
 def _csv_rows(file: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    import csv
-    import io
-
-    text = _decode(file)
+    text, bad_line = _decode(file)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         header = list(reader.fieldnames or [])
+        if bad_line is not None and any(_ESCAPED.search(h) for h in header):
+            raise _not_utf8(file, "header", next(h for h in header if _ESCAPED.search(h)))
         rows = []
         for record in reader:
-            # Spreadsheet numbering: header is row 1; the reader counts physical lines.
-            rows.append((len(rows) + 2, record))
+            # Spreadsheet numbering: the header is row 1.
+            row = len(rows) + 2
+            if bad_line is not None:
+                _check_utf8(file, row, record)
+            rows.append((row, record))
     except csv.Error as err:
         raise DataFileError(f"{file}, line {reader.line_num}: not valid CSV ({err})") from err
+    if bad_line is not None:  # the bad byte sits outside every field (e.g. a stray quote)
+        raise DataFileError(f"{file}, line {bad_line}: bytes that are not UTF-8")
     return header, rows
 
 
 def _jsonl_rows(file: Path) -> tuple[list[str], list[tuple[int, dict]]]:
+    text, bad_line = _decode(file)
     rows, header = [], []
-    for number, line in enumerate(_decode(file).splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -159,8 +186,12 @@ def _jsonl_rows(file: Path) -> tuple[list[str], list[tuple[int, dict]]]:
         if not isinstance(record, dict):
             raise DataFileError(f"{file}, row {number}: expected a JSON object per line, "
                                 f"got {type(record).__name__}")
+        if bad_line is not None:
+            _check_utf8(file, number, record)
         header = header or list(record)
         rows.append((number, record))
+    if bad_line is not None:
+        raise DataFileError(f"{file}, line {bad_line}: bytes that are not UTF-8")
     return header, rows
 
 

@@ -100,11 +100,17 @@ def test_unknown_label_names_file_row_and_column(tmp_path):
                            ["cardiology", "neurology"], 0, 2)
 
 
-def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
+def test_non_utf8_bytes_name_the_file_row_and_column(tmp_path):
     path = tmp_path / "notes.csv"
-    path.write_bytes(b"note,dx\nchest pain,cardiology\nna\xefve cough,pulmonology\n")
-    with pytest.raises(DataFileError, match=r"notes.csv, line 3: byte 0xef .* not UTF-8"):
+    path.write_bytes(b'note,dx\n"chest pain\nat rest",cardiology\nna\xefve cough,pulmonology\n')
+    with pytest.raises(DataFileError,
+                       match=r"notes.csv, row 3, column 'note': byte 0xef is not UTF-8"):
         load_records(files_settings(path))
+    jsonl = tmp_path / "notes.jsonl"
+    jsonl.write_bytes(b'{"note": "a", "dx": "cardiology"}\n{"note": "b", "dx": "card\xe9"}\n')
+    with pytest.raises(DataFileError,
+                       match=r"notes.jsonl, row 2, column 'dx': byte 0xe9 is not UTF-8"):
+        load_records(files_settings(jsonl))
 
 
 def test_bad_json_line_names_the_row(tmp_path):
