@@ -136,9 +136,12 @@ def _check_values(cfg: DictConfig) -> None:
 def _check_data(cfg: DictConfig) -> None:
     data = cfg.data
     source, partitioning = DataSource(data.source), Partitioning(data.partitioning)
-    if source != DataSource.synthetic and not data.path:
+    if source != DataSource.synthetic and not data.path and not data.labels:
+        # In deployment the server reads no hospital data: each hospital's node config names
+        # its own file (data-path), and the label set must then be given.
         raise ConfigError(f"invalid configuration at 'data.path': data.source={source.value} "
-                          "needs a path (file, glob of parts, folder, or dataset id)")
+                          "needs a path (file, glob of parts, folder, or dataset id), or, in a "
+                          "deployment where each hospital reads its own data-path, data.labels")
     if partitioning == Partitioning.size and data.size_skew <= 0:
         raise ConfigError(f"invalid configuration at 'data.size_skew': got {data.size_skew!r}, "
                           "expected greater than 0 with data.partitioning=size")

@@ -129,8 +129,8 @@ def test_run_on_a_csv_export_partitions_by_site_and_scores_the_test_split(superl
     params = run.data.params
     # 120 notes per site, every 6th held back for the server: 100 per hospital.
     for k in (0, 1):
-        assert "'train_records': 80" in params[f"hospital_{k}"], params[f"hospital_{k}"]
-        assert "'eval_records': 20" in params[f"hospital_{k}"]
+        assert params[f"hospital_{k}.train_records"] == "80"
+        assert params[f"hospital_{k}.eval_records"] == "20"
     assert sorted(_history(client, run.info.run_id, "central/accuracy")) == [0, 1, 2]
     assert _history(client, run.info.run_id, "central/records")[2] == 40
     assert run.data.tags["labels"] == ",".join(sorted({n.label for s in (0, 1) for n in

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Start one hospital's SuperNode on its own data.
+#   bash deploy/supernode.sh --hospital NAME --number K --data-path FILE --state-dir DIR \
+#       --ca CA_CERT --key KEY_FILE [--superlink HOST:8000] [--port 9094] [--max-epsilon E]
+#   ... --insecure instead of --ca/--key for local experiments only.
+# NAME is for logs; K (0, 1, ...) numbers the hospital in MLflow. DIR keeps what the
+# hospital must remember (privacy ledger); it must survive restarts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+superlink="127.0.0.1:8000"; port=9094; insecure=0; max_epsilon=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --hospital) hospital="$2"; shift 2;;
+    --number) number="$2"; shift 2;;
+    --data-path) data="$2"; shift 2;;
+    --state-dir) state="$2"; shift 2;;
+    --ca) ca="$2"; shift 2;;
+    --key) key="$2"; shift 2;;
+    --superlink) superlink="$2"; shift 2;;
+    --port) port="$2"; shift 2;;
+    --max-epsilon) max_epsilon="$2"; shift 2;;
+    --insecure) insecure=1; shift;;
+    *) echo "unknown option $1" >&2; exit 2;;
+  esac
+done
+: "${hospital:?--hospital NAME is required}" "${number:?--number K is required}"
+: "${data:?--data-path FILE is required}" "${state:?--state-dir DIR is required}"
+[ -e "$data" ] || { echo "hospital $hospital: data path '$data' not found" >&2; exit 1; }
+source scripts/env.sh
+mkdir -p "$state"
+node_config="partition-id=$number data-path=\"$(realpath "$data")\" state-dir=\"$(realpath "$state")\""
+[ -n "$max_epsilon" ] && node_config+=" max-epsilon=$max_epsilon"
+if [ "$insecure" = 1 ]; then
+  echo "WARNING: insecure SuperNode: local experiments only" >&2
+  security=(--insecure)
+else
+  : "${ca:?--ca CA_CERT is required (or --insecure)}" "${key:?--key KEY_FILE is required (or --insecure)}"
+  security=(--root-certificates "$ca" --auth-supernode-private-key "$key")
+fi
+export FLWR_HOME="${FLWR_HOME:-$state/flwr-home}"
+exec flower-supernode "${security[@]}" --superlink "$superlink" --port "$port" \
+  --node-config "$node_config"

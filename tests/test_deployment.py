@@ -1,0 +1,86 @@
+"""Deployment with real processes on 127.0.0.1, built with the scripts in deploy/: TLS +
+SuperNode authentication, each hospital on its own data file, the MLflow run with the server."""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tasks.synthetic_notes import SPECIALTIES, generate_hospital_notes
+from tests.deployment import Deployment
+
+pytestmark = pytest.mark.e2e
+
+
+def _hospital_file(directory, hospital: int, notes: int = 90):
+    """A hospital's own export: CSV with its notes (its own style and case mix)."""
+    rows = [{"text": n.text, "label": n.label}
+            for n in generate_hospital_notes(hospital, notes, seed=21, label_skew_alpha=1.0,
+                                             label_noise=0.0)]
+    path = directory / f"hospital-{hospital}.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def _overrides(tiny_bert, store, hospitals: int, extra: str = "") -> str:
+    return (f"model.name_or_path={tiny_bert} tracking.uri=sqlite:///{store}/mlflow.db "
+            f"data=files data.labels=[{','.join(SPECIALTIES)}] strategy.min_hospitals="
+            f"{hospitals} num_rounds=2 model.max_length=64 model.lora.dropout=0.0 "
+            f"train.learning_rate=1e-2 {extra}")
+
+
+def _history(client, run_id, key):
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    deployment = Deployment(tmp_path)
+    deployment.start_superlink()
+    yield deployment
+    deployment.stop()
+
+
+def test_tls_and_authenticated_supernodes_complete_a_run_on_their_own_files(deployment,
+                                                                           tiny_bert, tmp_path):
+    for k in (0, 1):
+        deployment.hospital_key(f"hospital-{k}")
+        deployment.start_supernode(f"hospital-{k}", k, _hospital_file(tmp_path, k))
+    deployment.wait_for_nodes(2)
+    status, details, output = deployment.finish(
+        deployment.run(_overrides(tiny_bert, tmp_path, 2)))
+    assert status == "finished:completed", f"{details}\n{output[-4000:]}"
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    assert run.info.status == "FINISHED"
+    for key in ("federated/accuracy", "federated/macro_f1"):
+        assert sorted(_history(client, run.info.run_id, key)) == [0, 1, 2], key
+    assert _history(client, run.info.run_id, "round/train_replies") == {1: 2, 2: 2}
+    # Each hospital trained on its own file: 90 notes, 72 for training.
+    for k in (0, 1):
+        assert run.data.params[f"hospital_{k}.train_records"] == "72"
+
+
+def test_an_unregistered_supernode_is_refused_and_gets_no_task(deployment, tmp_path):
+    deployment.hospital_key("hospital-0")
+    rogue_key = deployment.hospital_key("rogue", register=False)
+    deployment.start_supernode("hospital-0", 0, _hospital_file(tmp_path, 0))
+    rogue = deployment.start_supernode("rogue", 1, _hospital_file(tmp_path, 1), key=rogue_key)
+    deployment.wait_for_nodes(1)
+    assert rogue.wait(timeout=120) != 0, "the SuperLink must turn the unknown key away"
+    log = deployment.supernode_log("rogue")
+    assert "Failed to activate SuperNode" in log, log[-2000:]
+    assert "Starting ClientApp" not in log and "flwr-clientapp" not in log
+    assert deployment.connected_nodes() == 1
+
+
+def test_a_supernode_without_tls_cannot_join_a_tls_superlink(deployment, tmp_path):
+    deployment.hospital_key("hospital-0")
+    deployment.start_supernode("hospital-0", 0, _hospital_file(tmp_path, 0), secure=False)
+    time.sleep(15)
+    assert deployment.connected_nodes() == 0
+    assert "Connection attempt failed" in deployment.supernode_log("hospital-0")
