@@ -118,7 +118,10 @@ def main() -> None:
     plan = parts(table, args.rounds, args.max_length)
     client = MlflowClient(tracking_uri=resolve_store(TrackingSettings(), project_root())[0])
     if not args.report:
-        for name, (overrides, hospitals) in plan.items():
+        # Most informative first, so an interrupted sitting still yields the key comparisons.
+        order = ["federated", "dp_eps8", "centralized", "dp_eps3", "dp_eps1"]
+        for name in sorted(plan, key=order.index):
+            overrides, hospitals = plan[name]
             if args.only and name not in args.only:
                 continue
             if finished(client, name):
