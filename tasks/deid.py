@@ -16,6 +16,7 @@ Recall and precision per PHI type on the synthetic notes are measured by
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
@@ -133,6 +134,8 @@ class Deidentifier:
         from presidio_analyzer.nlp_engine import SpacyNlpEngine
 
         self.settings = settings
+        # Presidio warns once per recognizer of every language it was not asked for.
+        logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
         model = settings.spacy_model
         if model and not (spacy.util.is_package(model) or _is_dir(model)):
             raise TaskInputError(

@@ -3,6 +3,7 @@ SuperNode authentication, each hospital on its own data file, the MLflow run wit
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pandas as pd
@@ -84,3 +85,67 @@ def test_a_supernode_without_tls_cannot_join_a_tls_superlink(deployment, tmp_pat
     time.sleep(15)
     assert deployment.connected_nodes() == 0
     assert "Connection attempt failed" in deployment.supernode_log("hospital-0")
+
+
+def _wait_for_log(deployment, name: str, text: str, count: int = 1, timeout: float = 600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if deployment.supernode_log(name).count(text) >= count:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{name}: '{text}' x{count} not seen in {timeout} s")
+
+
+def test_a_hospital_lost_mid_round_is_logged_and_the_others_finish_the_run(deployment,
+                                                                          tiny_bert, tmp_path):
+    for k in range(3):
+        deployment.hospital_key(f"hospital-{k}")
+        deployment.start_supernode(f"hospital-{k}", k, _hospital_file(tmp_path, k))
+    deployment.wait_for_nodes(3)
+    run = deployment.run(_overrides(tiny_bert, tmp_path, 2, "num_rounds=3"))
+    _wait_for_log(deployment, "hospital-2", "Receiving: train message")
+    deployment.stop_supernode("hospital-2", signal.SIGKILL)  # dies in the middle of round 1
+    status, details, output = deployment.finish(run)
+    assert status == "finished:completed", f"{details}\n{output[-4000:]}"
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run_record = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    assert run_record.info.status == "FINISHED"
+    replies = _history(client, run_record.info.run_id, "round/train_replies")
+    errors = _history(client, run_record.info.run_id, "round/error_replies")
+    assert replies[1] == 2, "round 1 aggregated the two hospitals that answered"
+    assert sum(errors.values()) >= 1, "the lost hospital's failure is visible in MLflow"
+    assert replies[3] == 2
+    assert sorted(_history(client, run_record.info.run_id, "federated/accuracy")) == [0, 1, 2, 3]
+
+
+def test_a_restarted_supernode_keeps_its_privacy_ledger(deployment, tiny_bert, tmp_path):
+    from tasks.privacy.accounting import PrivacyLedger
+
+    for k in (0, 1):
+        deployment.hospital_key(f"hospital-{k}")
+        deployment.start_supernode(f"hospital-{k}", k, _hospital_file(tmp_path, k))
+    deployment.wait_for_nodes(2)
+    run = deployment.run(_overrides(tiny_bert, tmp_path, 2,
+                                    "num_rounds=3 privacy=dp_sgd "
+                                    "privacy.dp_sgd.noise_multiplier=1.0"))
+    # After hospital 1 has sent its round-1 update, stop its SuperNode and start a new one
+    # with the same key, data and state directory.
+    _wait_for_log(deployment, "hospital-1", "Sending: train message")
+    deployment.stop_supernode("hospital-1")
+    deployment.start_supernode("hospital-1", 1, _hospital_file(tmp_path, 1))
+    status, details, output = deployment.finish(run)
+    assert status == "finished:completed", f"{details}\n{output[-4000:]}"
+
+    ledgers = list((tmp_path / "hospitals" / "hospital-1").glob("privacy_ledger_run_*.json"))
+    assert len(ledgers) == 1
+    ledger = PrivacyLedger.from_json(ledgers[0].read_text())
+    trained = ledger.rounds_trained
+    assert trained[0] == 1 and len(trained) >= 2 and trained[-1] == 3, trained
+    # Every step of every round it trained is still in the ledger after the restart:
+    # 72 training notes in batches of 16 = 5 steps a round.
+    assert ledger.steps == 5 * len(trained)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run_record = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    epsilon = _history(client, run_record.info.run_id, "hospital_1/epsilon")
+    assert epsilon[3] > epsilon[1] > 0
