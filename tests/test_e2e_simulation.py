@@ -111,12 +111,15 @@ def _export(tmp_path, bad_label_row: int | None = None):
 
 
 def _file_overrides(tiny_bert, tmp_path, path, labels: str | None = None):
-    extra = (f"data=files data.path={path} data.text_column=note_text "
-             "data.label_column=specialty data.site_column=hospital "
-             "data.partitioning=natural data.split_column=split")
+    overrides = (f"model.name_or_path={tiny_bert} tracking.uri=sqlite:///{tmp_path}/mlflow.db "
+                 "num_rounds=2 model.max_length=128 model.lora.dropout=0.0 "
+                 "train.learning_rate=1e-2 train.local_epochs=2 "
+                 f"data=files data.path={path} data.text_column=note_text "
+                 "data.label_column=specialty data.site_column=hospital "
+                 "data.partitioning=natural data.split_column=split")
     if labels:
-        extra += f" data.labels=[{labels}]"
-    return _overrides(tiny_bert, tmp_path, extra)
+        overrides += f" data.labels=[{labels}]"
+    return overrides
 
 
 def test_run_on_a_csv_export_partitions_by_site_and_scores_the_test_split(superlink, tiny_bert,
