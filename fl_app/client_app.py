@@ -72,7 +72,8 @@ def preflight(msg: Message, context: Context) -> Message:
     # Under DP-SGD the per-label counts of training records stay home: they are exact
     # statistics of the private records.
     counts = None if private else data.label_counts(settings.data.labels)
-    dropped = data.report.empty_texts_dropped if data.report else 0
+    # Like label counts, an exact count of the hospital's records: withheld under DP-SGD.
+    dropped = data.report.empty_texts_dropped if data.report and not private else 0
     if data.report:
         log(INFO, "hospital %s: %s", partition_id, data.report.summary())
     return preflight_reply(msg, partition_id, counts, len(data.train), len(data.eval),
