@@ -57,7 +57,7 @@ class Deployment:
     def __post_init__(self) -> None:
         self.certs, self.keys = self.root / "certs", self.root / "keys"
         self.home = self.root / "coordinator-home"
-        self.env = _env(self.home)
+        self.env = {**_env(self.home), "HOSPITAL_REGISTRY": str(self.root / "hospitals.tsv")}
         self.port = free_port()
         if self.secure:
             _script("certs.sh", str(self.certs), env=self.env)

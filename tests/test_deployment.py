@@ -79,6 +79,23 @@ def test_an_unregistered_supernode_is_refused_and_gets_no_task(deployment, tmp_p
     assert deployment.connected_nodes() == 1
 
 
+def test_a_revoked_hospital_is_disconnected(deployment, tmp_path):
+    for k in (0, 1):
+        deployment.hospital_key(f"hospital-{k}")
+        deployment.start_supernode(f"hospital-{k}", k, _hospital_file(tmp_path, k))
+    deployment.wait_for_nodes(2)
+    # register.sh noted each hospital's node id: the coordinator revokes by name.
+    registry = dict(line.split("\t")[:2] for line in
+                    (tmp_path / "hospitals.tsv").read_text().splitlines())
+    assert sorted(registry) == ["hospital-0", "hospital-1"]
+    revoked = deployment.flwr("supernode", "unregister", registry["hospital-1"],
+                              deployment.connection)
+    assert revoked.returncode == 0, revoked.stdout + revoked.stderr
+    assert deployment.supernodes["hospital-1"].wait(timeout=120) is not None
+    assert deployment.connected_nodes() == 1
+    assert deployment.supernodes["hospital-0"].poll() is None, "the other hospital stays"
+
+
 def test_a_supernode_without_tls_cannot_join_a_tls_superlink(deployment, tmp_path):
     deployment.hospital_key("hospital-0")
     deployment.start_supernode("hospital-0", 0, _hospital_file(tmp_path, 0), secure=False)
