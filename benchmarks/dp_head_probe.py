@@ -13,8 +13,8 @@ Two measurements behind docs/benchmarks.md ("What limits DP-SGD here"):
    what DP can reach when the LoRA part learns nothing, which is what the product measurements
    show at this size.
 
-    .venv/bin/python benchmarks/dp_head_probe.py                       # 300 and 1200 notes
-    .venv/bin/python benchmarks/dp_head_probe.py --notes-per-hospital 300 --seeds 5
+    .venv/bin/python benchmarks/dp_head_probe.py                  # 300 notes, 1/3/8 epochs
+    .venv/bin/python benchmarks/dp_head_probe.py --notes-per-hospital 300 1200 --epochs 1
 
 Accuracy is on the hospitals' held-out notes, mean over seeds (fresh noise and batches).
 """
@@ -137,9 +137,11 @@ def federated_probe(data: list[dict], classes: int, epsilon: float, seed: int, r
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--notes-per-hospital", type=int, nargs="+", default=[300, 1200])
+    parser.add_argument("--notes-per-hospital", type=int, nargs="+", default=[300])
+    parser.add_argument("--epochs", type=int, nargs="+", default=[1, 3, 8],
+                        help="local epochs per round (4 rounds)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-3, 1e-2])
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-2, 3e-2])
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -156,14 +158,17 @@ def main() -> None:
         data = [pooled_vectors(h) for h in members]
         train = len(data[0]["train"][1])
         print(f"\nlinear probe, {train} training notes per hospital, {HOSPITALS} hospitals, "
-              "4 rounds x 1 epoch, batch 16, clipping 1.0, delta 1e-5")
-        print("| learning rate | non-private | epsilon 8 | epsilon 3 |")
-        print("|---|---|---|---|")
-        for lr in args.learning_rates:
-            row = [statistics.mean(federated_probe(data, len(labels), eps, seed, learning_rate=lr)
-                                   for seed in range(args.seeds))
-                   for eps in (math.inf, 8.0, 3.0)]
-            print(f"| {lr:g} | " + " | ".join(f"{a:.3f}" for a in row) + " |", flush=True)
+              "4 rounds, batch 16, clipping 1.0, delta 1e-5, Adam")
+        print("| local epochs | learning rate | non-private | epsilon 8 | epsilon 3 |")
+        print("|---|---|---|---|---|")
+        for epochs in args.epochs:
+            for lr in args.learning_rates:
+                row = [statistics.mean(federated_probe(data, len(labels), eps, seed,
+                                                       epochs=epochs, learning_rate=lr)
+                                       for seed in range(args.seeds))
+                       for eps in (math.inf, 8.0, 3.0)]
+                print(f"| {epochs} | {lr:g} | " + " | ".join(f"{a:.3f}" for a in row) + " |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ computes), 4 rounds, federated accuracy on the hospitals' held-out notes at the 
 
     .venv/bin/python benchmarks/dp_hyperparameters.py --batch-size 64 --learning-rate 5e-3
     .venv/bin/python benchmarks/dp_hyperparameters.py --lora-r 2 --epsilon 8 --no-baseline
+    .venv/bin/python benchmarks/dp_hyperparameters.py --head-learning-rate 3e-2
 
 Numbers from a real ``flwr run`` are in MLflow; this is for scanning settings faster (no
 process start-up, no evaluation rounds in between). One DP run per setting: DP results vary
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument("--hospitals", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--head-learning-rate", type=float, default=None,
+                        help="the classification head's own rate (default: --learning-rate)")
     parser.add_argument("--optimizer", choices=[o.value for o in OptimizerName], default="adamw")
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--lora-r", type=int, default=8)
@@ -66,6 +69,7 @@ def main() -> None:
             model=ModelSettings(name_or_path=DEFAULT_MODEL_ID),
             data=DataSettings(notes_per_hospital=args.notes_per_hospital),
             train=TrainSettings(batch_size=args.batch_size, learning_rate=args.learning_rate,
+                                head_learning_rate=args.head_learning_rate,
                                 local_epochs=args.local_epochs,
                                 optimizer=OptimizerName(args.optimizer)),
             planned_rounds=args.rounds)
@@ -78,6 +82,7 @@ def main() -> None:
         label = f"DP-SGD epsilon={args.epsilon:g}" if private else "non-private"
         print(f"{label:<22} accuracy {accuracy:.3f}   ({time.perf_counter() - began:.0f} s)  "
               f"{args.optimizer}, batch {args.batch_size}, lr {args.learning_rate:g}, "
+              f"head lr {args.head_learning_rate or args.learning_rate:g}, "
               f"r {args.lora_r}, epochs {args.local_epochs}, clip {args.max_grad_norm:g}, "
               f"{args.notes_per_hospital} notes/hospital",
               flush=True)

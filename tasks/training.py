@@ -34,12 +34,23 @@ class TrainOutcome:
     privacy: PrivacyReport | None = None
 
 
-def make_optimizer(params: list[torch.nn.Parameter],
-                   settings: TrainSettings) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    """The optimizer over ``model``'s trainable parameters.
+
+    With ``head_learning_rate`` set, the LoRA matrices and the rest of the trainable
+    parameters (the classification head) are two parameter groups with their own rates.
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups: list[dict] = [{"params": [p for _, p in named]}]
+    if settings.head_learning_rate is not None:
+        groups = [{"params": [p for name, p in named if "lora_" in name]},
+                  {"params": [p for name, p in named if "lora_" not in name],
+                   "lr": settings.head_learning_rate}]
+        groups = [group for group in groups if group["params"]]
     if settings.optimizer == OptimizerName.sgd:
-        return torch.optim.SGD(params, lr=settings.learning_rate,
+        return torch.optim.SGD(groups, lr=settings.learning_rate,
                                weight_decay=settings.weight_decay)
-    return torch.optim.AdamW(params, lr=settings.learning_rate,
+    return torch.optim.AdamW(groups, lr=settings.learning_rate,
                              weight_decay=settings.weight_decay)
 
 
@@ -54,7 +65,7 @@ def train_locally(model: torch.nn.Module, loader: DataLoader, settings: TrainSet
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    optimizer = make_optimizer(params, settings)
+    optimizer = make_optimizer(model, settings)
     total_loss, seen, steps = 0.0, 0, 0
     for _ in range(settings.local_epochs):
         for batch in loader:

@@ -57,6 +57,7 @@ def test_invalid_enum_value_lists_the_choices():
     ("num_rounds=0", "num_rounds"),
     ("data.eval_fraction=1.5", "data.eval_fraction"),
     ("train.learning_rate=-1", "train.learning_rate"),
+    ("train.head_learning_rate=0", "train.head_learning_rate"),
     ("data.labels=[cardiology]", "data.labels"),
 ])
 def test_out_of_range_values_name_the_key(override, key):

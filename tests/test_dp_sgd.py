@@ -75,6 +75,37 @@ def test_dp_sgd_without_noise_or_clipping_reproduces_the_plain_lora_update(setup
     assert (_flat(noisy) - _flat(plain)).norm() > 0.1 * _flat(plain).norm()
 
 
+def test_the_head_can_have_its_own_learning_rate(setup):
+    """One SGD step: the head moves by head_learning_rate x its gradient, the LoRA matrices
+    by learning_rate x theirs, in plain training and under DP-SGD alike."""
+    model, tokenizer, records, start = setup
+    subset = records.select(range(8))
+
+    def one_step(settings, private):
+        load_trainable_state(model, start)
+        loader = make_loader(subset, tokenizer, 8, shuffle=False)
+        if private:
+            train_with_dp_sgd(model, loader, settings, noise_multiplier=0.0, max_grad_norm=1e6,
+                              grad_sample_mode=GradSampleMode.hooks, history=[],
+                              poisson_sampling=False)
+        else:
+            train_locally(model, loader, settings)
+        return _delta(model, start)
+
+    for private in (False, True):
+        base = dict(optimizer=OptimizerName.sgd, learning_rate=0.01, max_grad_norm=0.0)
+        same = one_step(TrainSettings(**base), private)
+        split = one_step(TrainSettings(**base, head_learning_rate=0.5), private)
+        lora = [k for k in same if "lora_" in k]
+        head = [k for k in same if "lora_" not in k]
+        assert lora and head
+        assert _flat({k: same[k] for k in head}).norm() > 0
+        for key in lora:
+            torch.testing.assert_close(split[key], same[key], rtol=1e-4, atol=1e-8)
+        for key in head:
+            torch.testing.assert_close(split[key], same[key] * 50, rtol=1e-3, atol=1e-7)
+
+
 def test_every_record_contributes_at_most_the_clipping_norm(setup):
     model, tokenizer, records, start = setup
     clip = 1e-3  # far below the natural per-record gradient norm

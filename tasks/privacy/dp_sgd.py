@@ -39,8 +39,7 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
     """
     start = time.perf_counter()
     model.train()  # Opacus records activations only in training mode
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, settings)
+    optimizer = make_optimizer(model, settings)
     generator = torch.Generator().manual_seed(
         noise_seed if noise_seed is not None else secrets.randbits(63))
     if poisson_sampling:
