@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/ohsumed_benchmark.py                  # all parts, resumable
     .venv/bin/python benchmarks/ohsumed_benchmark.py --only federated  # one part
     .venv/bin/python benchmarks/ohsumed_benchmark.py --report          # table only
+    .venv/bin/python benchmarks/ohsumed_benchmark.py --variant head3e-2 \
+        --set train.head_learning_rate=3e-2 --only dp_eps8             # a variant of a part
 
 Each part is one real ``clinical-fl`` run (a Flower simulation) logged to the
 MLflow experiment ``ohsumed-benchmark`` under the part's name. A part whose
@@ -35,9 +37,11 @@ EXPERIMENT = "ohsumed-benchmark"
 DEFAULT_TABLE = Path("~/.cache/clinical-fl/ohsumed_ma5.parquet")
 
 
-def parts(table: Path, rounds: int, max_length: int) -> dict[str, tuple[list[str], int]]:
-    """name -> (Hydra overrides, hospitals)."""
-    common = [
+def parts(table: Path, rounds: int, max_length: int, extra: list[str] | None = None,
+          variant: str = "") -> dict[str, tuple[list[str], int]]:
+    """name -> (Hydra overrides, hospitals). A variant adds overrides and names its parts
+    ``<part>+<variant>``, so they sit beside the plain parts in MLflow and the table."""
+    common = [*(extra or []),
         "data=files", f"data.path={table}", "data.site_column=site", "data.split_column=split",
         "data.test_split=test", f"num_rounds={rounds}", "train.local_epochs=1",
         f"model.max_length={max_length}", f"tracking.experiment={EXPERIMENT}",
@@ -50,7 +54,8 @@ def parts(table: Path, rounds: int, max_length: int) -> dict[str, tuple[list[str
     for epsilon in (1, 3, 8):
         runs[f"dp_eps{epsilon}"] = (
             [*federated, "privacy=dp_sgd", f"privacy.dp_sgd.target_epsilon={epsilon}"], 8)
-    return {name: ([*o, f"tracking.run_name={name}"], n) for name, (o, n) in runs.items()}
+    named = {(f"{name}+{variant}" if variant else name): spec for name, spec in runs.items()}
+    return {name: ([*o, f"tracking.run_name={name}"], n) for name, (o, n) in named.items()}
 
 
 def finished(client: MlflowClient, name: str) -> str | None:
@@ -111,25 +116,32 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--only", nargs="*", help="run only these parts")
     parser.add_argument("--report", action="store_true", help="print the table, run nothing")
+    parser.add_argument("--variant", default="", help="name of a variant of the parts")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="Hydra overrides of the variant (needs --variant)")
     args = parser.parse_args()
     table = args.table.expanduser()
     if not table.is_file():
         sys.exit(f"{table}: not found; run benchmarks/ohsumed_prepare.py first")
-    plan = parts(table, args.rounds, args.max_length)
+    if args.set and not args.variant:
+        parser.error("--set changes the runs: name them with --variant")
+    plan = parts(table, args.rounds, args.max_length, args.set, args.variant)
     client = MlflowClient(tracking_uri=resolve_store(TrackingSettings(), project_root())[0])
     if not args.report:
         # Most informative first, so an interrupted sitting still yields the key comparisons.
         order = ["federated", "dp_eps8", "centralized", "dp_eps3", "dp_eps1"]
-        for name in sorted(plan, key=order.index):
+        for name in sorted(plan, key=lambda n: order.index(n.split("+")[0])):
             overrides, hospitals = plan[name]
-            if args.only and name not in args.only:
+            if args.only and name.split("+")[0] not in args.only:
                 continue
             if finished(client, name):
                 print(f"{name}: already finished in MLflow, skipped")
                 continue
             if run_part(overrides, hospitals) != 0:
                 print(f"{name}: failed; rerun this script to retry it", file=sys.stderr)
-    print(report(client, list(plan)))
+    print(report(client, [*parts(table, args.rounds, args.max_length), *(
+        [n for n in plan if not args.only or n.split("+")[0] in args.only]
+        if args.variant else [])]))
 
 
 if __name__ == "__main__":
