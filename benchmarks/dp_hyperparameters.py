@@ -62,9 +62,11 @@ def main() -> None:
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--no-baseline", action="store_true", help="skip the non-private run")
+    parser.add_argument("--baseline-only", action="store_true", help="only the non-private run")
     args = parser.parse_args()
 
-    for private in (True, False) if not args.no_baseline else (True,):
+    plan = (False,) if args.baseline_only else (True,) if args.no_baseline else (True, False)
+    for private in plan:
         settings = TaskSettings(
             model=ModelSettings(name_or_path=DEFAULT_MODEL_ID),
             data=DataSettings(notes_per_hospital=args.notes_per_hospital),
