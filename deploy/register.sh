@@ -11,10 +11,11 @@ pub="${1:?usage: register.sh KEY.pub CONNECTION [NAME]}"; conn="${2:?usage: regi
 name="${3:-$(basename "$pub" .pub)}"
 registry="${HOSPITAL_REGISTRY:-deploy-state/hospitals.tsv}"
 source scripts/env.sh
-output="$(flwr supernode register "$pub" "$conn" --name "$name")"
-echo "$output"
+status=0
+output="$(flwr supernode register "$pub" "$conn" --name "$name")" || status=$?
+echo "$output"  # flwr's own message, also when it failed
 node_id="$(grep -oE 'SuperNode [0-9]+ registered' <<<"$output" | grep -oE '[0-9]+' || true)"
-if [ -z "$node_id" ]; then
+if [ "$status" -ne 0 ] || [ -z "$node_id" ]; then
   echo "register.sh: $pub was not registered (see the message above)" >&2
   exit 1
 fi
