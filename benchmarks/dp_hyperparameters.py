@@ -60,6 +60,11 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=[o.value for o in OptimizerName], default="adamw")
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--lora-alpha", type=int, default=16,
+                        help="LoRA scaling is alpha / r: it sets the LoRA gradients' size "
+                             "against the head's, and so their share of each clipped record")
+    parser.add_argument("--num-threads", type=int, default=0,
+                        help="torch threads (0: torch's default); 1 lets two runs share 2 cores")
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--no-baseline", action="store_true", help="skip the non-private run")
     parser.add_argument("--baseline-only", action="store_true", help="only the non-private run")
@@ -73,9 +78,11 @@ def main() -> None:
             train=TrainSettings(batch_size=args.batch_size, learning_rate=args.learning_rate,
                                 head_learning_rate=args.head_learning_rate,
                                 local_epochs=args.local_epochs,
+                                num_threads=args.num_threads,
                                 optimizer=OptimizerName(args.optimizer)),
             planned_rounds=args.rounds)
         settings.model.lora.r = args.lora_r
+        settings.model.lora.alpha = args.lora_alpha
         if private:
             settings.privacy.dp_sgd = DpSgdSettings(enabled=True, target_epsilon=args.epsilon,
                                                     max_grad_norm=args.max_grad_norm)
@@ -85,7 +92,7 @@ def main() -> None:
         print(f"{label:<22} accuracy {accuracy:.3f}   ({time.perf_counter() - began:.0f} s)  "
               f"{args.optimizer}, batch {args.batch_size}, lr {args.learning_rate:g}, "
               f"head lr {args.head_learning_rate or args.learning_rate:g}, "
-              f"r {args.lora_r}, epochs {args.local_epochs}, clip {args.max_grad_norm:g}, "
+              f"r {args.lora_r}, alpha {args.lora_alpha}, epochs {args.local_epochs}, clip {args.max_grad_norm:g}, "
               f"{args.notes_per_hospital} notes/hospital",
               flush=True)
 
