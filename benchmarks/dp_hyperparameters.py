@@ -92,7 +92,8 @@ def main() -> None:
         print(f"{label:<22} accuracy {accuracy:.3f}   ({time.perf_counter() - began:.0f} s)  "
               f"{args.optimizer}, batch {args.batch_size}, lr {args.learning_rate:g}, "
               f"head lr {args.head_learning_rate or args.learning_rate:g}, "
-              f"r {args.lora_r}, alpha {args.lora_alpha}, epochs {args.local_epochs}, clip {args.max_grad_norm:g}, "
+              f"r {args.lora_r}, alpha {args.lora_alpha}, epochs {args.local_epochs}, "
+              f"clip {args.max_grad_norm:g}, "
               f"{args.notes_per_hospital} notes/hospital",
               flush=True)
 
