@@ -109,3 +109,12 @@ def test_privacy_options_compose():
     assert compose_config(["privacy=dp_sgd", "privacy.dp_sgd.target_epsilon=inf"]
                           ).privacy.dp_sgd.target_epsilon == float("inf")
     assert not compose_config([]).privacy.dp_sgd.enabled
+
+
+def test_dp_sgd_brings_its_training_recipe_and_the_command_line_still_wins():
+    assert compose_config([]).train.local_epochs == 1
+    for privacy in ("dp_sgd", "dp_sgd_central_dp"):
+        assert compose_config([f"privacy={privacy}"]).train.local_epochs == 3
+    assert compose_config(["+sweep=epsilon"]).train.local_epochs == 3, "every sweep level alike"
+    assert compose_config(["privacy=dp_sgd", "train.local_epochs=1"]).train.local_epochs == 1
+    assert compose_config(["privacy=central_dp"]).train.local_epochs == 1

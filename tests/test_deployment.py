@@ -149,7 +149,7 @@ def test_a_restarted_supernode_keeps_its_privacy_ledger(deployment, tiny_bert, t
         deployment.start_supernode(f"hospital-{k}", k, _hospital_file(tmp_path, k))
     deployment.wait_for_nodes(2)
     run = deployment.run(_overrides(tiny_bert, tmp_path, 2,
-                                    "num_rounds=3 privacy=dp_sgd "
+                                    "num_rounds=3 privacy=dp_sgd train.local_epochs=1 "
                                     "privacy.dp_sgd.target_epsilon=null "
                                     "privacy.dp_sgd.noise_multiplier=1.0"))
     # After hospital 1 has sent its round-1 update, stop its SuperNode and start a new one

@@ -65,8 +65,9 @@ def test_record_and_client_level_dp_are_logged_every_round(superlink, tiny_bert,
 def test_run_ends_cleanly_when_no_hospital_can_afford_another_round(superlink, tiny_bert,
                                                                     tmp_path):
     status, details, output = superlink.flwr_run(_overrides(
-        tiny_bert, tmp_path, "num_rounds=6 privacy=dp_sgd privacy.dp_sgd.target_epsilon=null "
-        "privacy.dp_sgd.noise_multiplier=1.0 privacy.dp_sgd.max_epsilon=6"))
+        tiny_bert, tmp_path, "num_rounds=6 privacy=dp_sgd train.local_epochs=1 "
+        "privacy.dp_sgd.target_epsilon=null privacy.dp_sgd.noise_multiplier=1.0 "
+        "privacy.dp_sgd.max_epsilon=6"))
     assert status == "finished:completed", f"{details}\n{output[-4000:]}"
     client, run = _only_run(tmp_path)
     assert run.info.status == "FINISHED"
