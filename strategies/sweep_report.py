@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 TARGET_PARAM = "privacy.dp_sgd.target_epsilon"
@@ -106,7 +107,7 @@ def plot_accuracy_vs_epsilon(rows: list[SweepRow], path: Path) -> Path | None:
     public = [r for r in rows if not math.isfinite(r.epsilon)]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     series = [("accuracy", "federated accuracy", "tab:blue"),
               ("macro_f1", "federated macro-F1", "tab:orange"),
               ("central_accuracy", "central accuracy", "tab:green")]
@@ -122,12 +123,16 @@ def plot_accuracy_vs_epsilon(rows: list[SweepRow], path: Path) -> Path | None:
                            label=f"{label}, no DP")
     if private:
         ax.set_xscale("log")
+        # Ticks at the epsilons actually spent, in plain numbers (log axes default to 2x10^0).
+        spent = sorted({r.epsilon for r in private})
+        ax.set_xticks(spent, [f"{e:.3g}" for e in spent])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("epsilon spent (record-level, max over hospitals)")
     ax.set_ylabel("final score")
     ax.set_title("Accuracy against privacy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the data
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
