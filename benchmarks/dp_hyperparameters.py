@@ -27,7 +27,7 @@ from tasks.config import (
 from tasks.data import source_labels
 from tasks.hospital import Hospital
 from tasks.model import DEFAULT_MODEL_ID, trainable_state
-from tasks.privacy.accounting import PrivacyLedger
+from tasks.privacy.ledger import PrivacyLedger
 
 
 def federated_accuracy(settings: TaskSettings, rounds: int, hospitals: int) -> float:

@@ -10,12 +10,18 @@ from flwr.common.logger import log
 
 from fl_app.client_mods import asks_for_clipping, clip_update_for_client_level_dp
 from fl_app.config import task_settings_from_yaml
-from fl_app.hospital_state import load_ledger, node_max_epsilon, save_ledger
+from fl_app.hospital_state import hospital_policy, load_ledger, save_ledger
 from fl_app.replies import evaluate_reply, preflight_reply, refusal_reply, train_reply
 from tasks.data import load_hospital_data
 from tasks.errors import TaskInputError
 from tasks.hospital import Hospital
-from tasks.privacy.plan import PrivacyBudgetError, dp_sgd_active, plan_dp_sgd
+from tasks.privacy.plan import (
+    PolicyRefusal,
+    PrivacyBudgetError,
+    dp_sgd_active,
+    plan_dp_sgd,
+    refuse_without_dp,
+)
 
 TASK_KEY = "task"  # ConfigRecord key holding the server's task settings (YAML)
 
@@ -53,31 +59,42 @@ def _hospital(msg: Message, context: Context) -> Hospital:
 def preflight(msg: Message, context: Context) -> Message:
     """Check this hospital's data and privacy settings against the server's before any
     training: an empty partition, unknown labels, a delta too large for the records or a
-    budget too small for one round stop the run here."""
+    budget too small for one round stop the run here. What the hospital's own policy rules
+    out is a refusal of this hospital only: the server sends it no work."""
     partition_id = int(context.node_config.get("partition-id", -1))
+    declined = ""
     try:
         settings = task_settings_from_yaml(str(msg.content["config"][TASK_KEY]))
         partition_id, num_partitions = _partition(context)
         data = load_hospital_data(settings.data, settings.data.labels, partition_id,
                                   num_partitions, _data_path(context))
+        policy = hospital_policy(context, data.hospital)
+        policy.check_records(len(data.train))
         dp = settings.privacy.dp_sgd
         private = dp_sgd_active(dp)
-        if private:
-            plan_dp_sgd(dp, data.hospital, len(data.train), settings.train.batch_size,
-                        settings.train.local_epochs, settings.planned_rounds,
-                        node_max_epsilon(context))
-            load_ledger(context, data.hospital)  # an unreadable ledger stops the run here
+        try:
+            refuse_without_dp(dp, policy)
+            if private:
+                # An unreadable ledger, or one kept with another accountant, stops the run.
+                lifetime, run = load_ledger(context, data.hospital, dp.accountant)
+                plan_dp_sgd(dp, data.hospital, len(data.train), settings.train.batch_size,
+                            settings.train.local_epochs, settings.planned_rounds, policy,
+                            committed_noise_multiplier=run.noise_multiplier,
+                            prior_history=lifetime.history(except_run=context.run_id))
+        except PolicyRefusal as refusal:
+            declined = str(refusal)
     except (TaskInputError, ValueError) as err:
         return preflight_reply(msg, partition_id, None, 0, 0, problem=str(err))
     # Under DP-SGD the per-label counts of training records stay home: they are exact
     # statistics of the private records.
-    counts = None if private else data.label_counts(settings.data.labels)
+    withheld = private or policy.require_dp
+    counts = None if withheld else data.label_counts(settings.data.labels)
     # Like label counts, an exact count of the hospital's records: withheld under DP-SGD.
-    dropped = data.report.empty_texts_dropped if data.report and not private else 0
+    dropped = data.report.empty_texts_dropped if data.report and not withheld else 0
     if data.report:
         log(INFO, "hospital %s: %s", partition_id, data.report.summary())
     return preflight_reply(msg, partition_id, counts, len(data.train), len(data.eval),
-                           empty_texts_dropped=dropped)
+                           empty_texts_dropped=dropped, declined=declined)
 
 
 @app.train(mods=[clip_update_for_client_level_dp])
@@ -85,15 +102,20 @@ def train(msg: Message, context: Context) -> Message:
     hospital = _hospital(msg, context)
     config = msg.content["config"]
     global_state = msg.content["arrays"].to_torch_state_dict()
-    ledger = load_ledger(context, hospital.data.hospital) if hospital.uses_dp_sgd else None
+    policy = hospital_policy(context, hospital.data.hospital)
+    lifetime = ledger = None
+    if hospital.uses_dp_sgd:
+        lifetime, ledger = load_ledger(context, hospital.data.hospital,
+                                       hospital.settings.privacy.dp_sgd.accountant)
     try:
-        state, outcome = hospital.train(global_state, int(config.get("server-round", 0)),
-                                        proximal_mu=float(config.get("proximal-mu", 0.0)),
-                                        ledger=ledger, node_max_epsilon=node_max_epsilon(context))
+        state, outcome = hospital.train(
+            global_state, int(config.get("server-round", 0)),
+            proximal_mu=float(config.get("proximal-mu", 0.0)), ledger=ledger, policy=policy,
+            prior_history=lifetime.history(except_run=context.run_id) if lifetime else ())
     except PrivacyBudgetError as refusal:
         return refusal_reply(msg, str(refusal))
-    if ledger is not None:
-        save_ledger(context, ledger)  # before the update leaves: spending is never forgotten
+    if lifetime is not None:
+        save_ledger(context, lifetime)  # before the update leaves: spending is never forgotten
     return train_reply(msg, state, outcome, hospital.data.hospital,
                        equal_weight=asks_for_clipping(msg))
 
@@ -103,4 +125,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     hospital = _hospital(msg, context)
     arrays: ArrayRecord = msg.content["arrays"]
     outcome = hospital.evaluate(arrays.to_torch_state_dict())
-    return evaluate_reply(msg, outcome, hospital.data.hospital)
+    release = hospital_policy(context, hospital.data.hospital).eval_release(
+        hospital.uses_dp_sgd)
+    return evaluate_reply(msg, outcome, hospital.data.hospital, release)

@@ -1,9 +1,11 @@
-"""What a hospital keeps between messages: its privacy ledger, in Flower's ``context.state``
-and durably in its own state directory.
+"""What a hospital keeps on its own side: its privacy policy and its privacy ledger.
 
-In deployment a new ClientApp process may serve each message and a SuperNode
-may restart, so ``context.state`` alone is not enough; the file alone would do,
-but both are kept and the copy recording more spending wins.
+Both live in the hospital's state directory (node config ``state-dir``; in
+simulation one folder per partition under ``$FLWR_HOME``); the policy may also
+be given as node config keys. The ledger is also mirrored in Flower's
+``context.state``: in deployment a new ClientApp process may serve each message
+and a SuperNode may restart, so the file is the durable copy, and of the two
+copies of this run's ledger the one recording more spending wins.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 
-from tasks.privacy.accounting import LedgerStore, PrivacyLedger, most_spent
+from tasks.config import Accountant
+from tasks.privacy.ledger import LedgerStore, LifetimeLedger, PrivacyLedger, most_spent
+from tasks.privacy.policy import HospitalPolicy, load_policy
 
 LEDGER_KEY = "privacy-ledger"
 
@@ -29,21 +33,26 @@ def state_dir(context: Context) -> Path:
     return home / "clinical-fl" / "hospital-state" / f"partition-{partition}"
 
 
-def node_max_epsilon(context: Context) -> float | None:
-    """The hospital's own privacy budget, ``max-epsilon`` in its node config."""
-    value = context.node_config.get("max-epsilon")
-    return float(value) if value not in (None, "") else None
+def hospital_policy(context: Context, hospital: int) -> HospitalPolicy:
+    """The hospital's privacy policy: ``privacy-policy.toml`` in its state directory and its
+    node config keys (the stricter of the two)."""
+    return load_policy(state_dir(context), context.node_config, hospital)
 
 
-def load_ledger(context: Context, hospital: int) -> PrivacyLedger:
+def load_ledger(context: Context, hospital: int,
+                accountant: Accountant) -> tuple[LifetimeLedger, PrivacyLedger]:
+    """(the hospital's lifetime ledger, this run's entry in it)."""
+    lifetime = LedgerStore(state_dir(context)).load(hospital, accountant)
     in_memory = None
     if LEDGER_KEY in context.state.config_records:
         in_memory = PrivacyLedger.from_json(str(context.state.config_records[LEDGER_KEY]["json"]))
-    on_disk = LedgerStore(state_dir(context)).load(context.run_id)
-    return most_spent(in_memory, on_disk) or PrivacyLedger(run_id=context.run_id,
-                                                           hospital=hospital)
+    run = most_spent(in_memory, lifetime.runs.get(context.run_id))
+    lifetime.runs[context.run_id] = run or PrivacyLedger(run_id=context.run_id,
+                                                         hospital=hospital)
+    return lifetime, lifetime.runs[context.run_id]
 
 
-def save_ledger(context: Context, ledger: PrivacyLedger) -> Path:
-    context.state.config_records[LEDGER_KEY] = ConfigRecord({"json": ledger.to_json()})
-    return LedgerStore(state_dir(context)).save(ledger)
+def save_ledger(context: Context, lifetime: LifetimeLedger) -> Path:
+    context.state.config_records[LEDGER_KEY] = ConfigRecord(
+        {"json": lifetime.run(context.run_id).to_json()})
+    return LedgerStore(state_dir(context)).save(lifetime)

@@ -26,6 +26,7 @@ class HospitalReport:
     eval_records: int
     label_counts: list[int]  # empty: not shared (DP-SGD)
     empty_texts_dropped: int = 0
+    declined: str = ""  # the hospital's privacy policy refuses this run: why
 
 
 def wait_for_hospitals(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
@@ -63,7 +64,8 @@ def run_preflight(grid: Grid, config: ConfigRecord, minimum: int,
         reports.append(HospitalReport(node, int(status["hospital"]), int(counts["train-records"]),
                                       int(counts["eval-records"]),
                                       [int(c) for c in counts.get("label-counts", [])],
-                                      int(counts.get("empty-texts-dropped", 0))))
+                                      int(counts.get("empty-texts-dropped", 0)),
+                                      str(status.get("declined", ""))))
     problems += [f"node {node}: no preflight reply within {timeout_s:.0f} s"
                  for node in nodes if node not in answered]
     if problems:

@@ -1,6 +1,14 @@
 """What a hospital sends back. These functions are the only way a reply is built, so
 what leaves a hospital is visible in one place: trainable-parameter arrays (float32)
 and metrics. Never text, never token ids, never labels of single records.
+
+Under DP-SGD exactly this leaves a hospital: the adapter arrays (covered by
+epsilon), record counts (treated as public), its privacy state (epsilon, delta,
+noise, clipping norm, sampling rate, steps, whether it can train on), and the
+evaluation metrics its policy releases (``aggregate`` by default: accuracy,
+loss and macro-F1 of its held-out notes, no per-class counts). No training
+loss, no per-label training counts, no timing: each is an exact function of
+the private records (a round's duration follows the Poisson batch sizes).
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from strategies.privacy_budget import CAN_TRAIN_NEXT_KEY, PRIVACY_BUDGET_REFUSED
 from strategies.registry import WEIGHT_KEY
 from tasks.evaluation import EvalOutcome
+from tasks.privacy.policy import EvalRelease
 from tasks.training import TrainOutcome
 
 
@@ -21,11 +30,11 @@ def train_reply(msg: Message, state: dict[str, torch.Tensor], outcome: TrainOutc
     values: dict[str, int | float] = {
         "num-examples": outcome.num_examples,
         WEIGHT_KEY: 1 if equal_weight else outcome.num_examples,
-        "train-seconds": outcome.seconds,
         "hospital": hospital,
     }
     if outcome.privacy is None:
         values["train-loss"] = outcome.loss
+        values["train-seconds"] = outcome.seconds
     else:
         # No training loss under DP-SGD: it is computed on the training records without
         # noise, outside what epsilon covers. The privacy state is cumulative over the run.
@@ -37,6 +46,8 @@ def train_reply(msg: Message, state: dict[str, torch.Tensor], outcome: TrainOutc
             "clipping-norm": report.max_grad_norm,
             "sample-rate": report.sample_rate,
             "dp-steps": report.steps,
+            "lifetime-epsilon": report.lifetime_epsilon,
+            "lifetime-delta": report.hospital_delta,
             CAN_TRAIN_NEXT_KEY: int(report.can_train_next_round),
         })
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(values)}),
@@ -48,28 +59,34 @@ def refusal_reply(msg: Message, reason: str) -> Message:
     return Message(Error(code=PRIVACY_BUDGET_REFUSED, reason=reason), reply_to=msg)
 
 
-def evaluate_reply(msg: Message, outcome: EvalOutcome, hospital: int) -> Message:
+def evaluate_reply(msg: Message, outcome: EvalOutcome, hospital: int,
+                   release: EvalRelease = EvalRelease.full) -> Message:
+    """``release``: what the hospital's policy lets out of its held-out notes."""
     metrics = MetricRecord({
         "num-examples": outcome.num_examples,
         WEIGHT_KEY: outcome.num_examples,
-        "eval-loss": outcome.loss,
-        "accuracy": outcome.accuracy,
-        "macro-f1": outcome.macro_f1,
-        # Per-class counts let the server compute the federation's exact macro-F1.
-        "true-positives": outcome.true_positives,
-        "false-positives": outcome.false_positives,
-        "false-negatives": outcome.false_negatives,
         "hospital": hospital,
     })
+    if release in (EvalRelease.aggregate, EvalRelease.full):
+        metrics.update({"eval-loss": outcome.loss, "accuracy": outcome.accuracy,
+                        "macro-f1": outcome.macro_f1})
+    if release == EvalRelease.full:
+        # Per-class counts let the server compute the federation's exact macro-F1; they also
+        # add up to the held-out label histogram, so only the full release has them.
+        metrics.update({"true-positives": outcome.true_positives,
+                        "false-positives": outcome.false_positives,
+                        "false-negatives": outcome.false_negatives})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 def preflight_reply(msg: Message, hospital: int, label_counts: list[int] | None,
                     train_records: int, eval_records: int, problem: str = "",
-                    empty_texts_dropped: int = 0) -> Message:
+                    empty_texts_dropped: int = 0, declined: str = "") -> Message:
     """Whether this hospital can take part, and how many records of each label it holds
-    (``label_counts`` None: not shared, as under DP-SGD)."""
-    status = ConfigRecord({"ok": not problem, "problem": problem, "hospital": hospital})
+    (``label_counts`` None: not shared, as under DP-SGD). ``problem`` stops the run;
+    ``declined`` (its privacy policy refuses the run) only keeps this hospital out."""
+    status = ConfigRecord({"ok": not problem, "problem": problem, "hospital": hospital,
+                           "declined": declined})
     counts = MetricRecord({"train-records": train_records, "eval-records": eval_records,
                            "empty-texts-dropped": empty_texts_dropped})
     if label_counts:

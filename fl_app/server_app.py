@@ -126,9 +126,15 @@ def main(grid: Grid, context: Context) -> None:
         if settings.privacy.central_dp.enabled:
             strategy = with_client_level_dp(strategy, settings.privacy.central_dp, len(reports))
             client_level_privacy = strategy.privacy_spent
-        if settings.privacy.dp_sgd.enabled or settings.privacy.central_dp.enabled:
-            strategy = PrivacyBudgetGate(strategy,
-                                         all_or_nothing=settings.privacy.central_dp.enabled)
+        # Hospitals enforce their own budgets and policies, in any run; the gate stops
+        # sending work to one that refused and records why in MLflow.
+        hospital_of = {r.node_id: r.hospital for r in reports}
+        strategy = PrivacyBudgetGate(
+            strategy, all_or_nothing=settings.privacy.central_dp.enabled,
+            on_refusal=lambda node, why: tracker.record_refusal(hospital_of.get(node, node), why))
+        for report in reports:
+            if report.declined:
+                strategy.exclude(report.node_id, report.declined)
         round_logger = RoundLogger(tracker, grid, train_rules, evaluate_rules, central,
                                    settings.tracking.log_per_hospital, client_level_privacy)
 

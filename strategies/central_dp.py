@@ -18,14 +18,15 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, 
 
 from strategies.config import CentralDpSettings
 
-
-def default_client_delta(hospitals: int) -> float:
-    return 1.0 / (10 * hospitals)
+# Client-level delta when none is configured. A delta of 1/(10 x hospitals) would be 0.05 for
+# two hospitals: a 5% chance of revealing a whole hospital's update outright.
+DEFAULT_CLIENT_DELTA = 1e-5
 
 
 def with_client_level_dp(strategy: FedAvg, settings: CentralDpSettings,
                          hospitals: int) -> DifferentialPrivacyClientSideFixedClipping:
-    delta = settings.target_delta or default_client_delta(hospitals)
+    delta = settings.target_delta if settings.target_delta is not None \
+        else DEFAULT_CLIENT_DELTA
     accountant = RdpAccountant(PrivacyConfig(
         target_delta=delta, population_size=hospitals,
         # Flower's accountant supports add-or-remove-one neighbours without amplification.

@@ -47,7 +47,7 @@ class CentralDpSettings:
     enabled: bool = False
     noise_multiplier: float = 1.0
     clipping_norm: float = 1.0
-    # None: 1 / (10 x hospitals)
+    # None: 1e-5 (strategies/central_dp.py)
     target_delta: float | None = None
     # The server stops before a release that would exceed it.
     max_epsilon: float | None = None

@@ -41,6 +41,9 @@ TRAIN_RULES: dict[str, Rule] = {
     "clipping-norm": Rule.MAX,
     "sample-rate": Rule.MAX,
     "dp-steps": Rule.MAX,
+    # The hospital's epsilon over every run on its ledger, at its own delta (its policy).
+    "lifetime-epsilon": Rule.MAX,
+    "lifetime-delta": Rule.MAX,
     "can-train-next": Rule.SUM,  # hospitals that can afford one more round
 }
 
@@ -50,6 +53,7 @@ EVALUATE_RULES: dict[str, Rule] = {
     "eval-loss": Rule.WEIGHTED_MEAN,
     "accuracy": Rule.WEIGHTED_MEAN,
     "macro-f1": Rule.PER_HOSPITAL,  # local score; the federation's is derived below
+    # Per-class counts: only from hospitals whose policy releases them (eval-metrics=full).
     "true-positives": Rule.SUM,
     "false-positives": Rule.SUM,
     "false-negatives": Rule.SUM,
@@ -67,10 +71,23 @@ def macro_f1_from_counts(tp: list[float], fp: list[float], fn: list[float]) -> f
     return sum(scores) / len(scores) if scores else 0.0
 
 
-def _add_federated_macro_f1(combined: dict[str, Value]) -> None:
-    counts = [combined.get(k) for k in ("true-positives", "false-positives", "false-negatives")]
-    if all(isinstance(c, list) for c in counts):
-        combined["macro-f1"] = macro_f1_from_counts(*counts)
+_COUNT_KEYS = ("true-positives", "false-positives", "false-negatives")
+
+
+def _add_federated_macro_f1(combined: dict[str, Value], records: list[MetricRecord],
+                            weights: list[float]) -> None:
+    """From the summed per-class counts when every hospital released them; otherwise the
+    record-weighted mean of the local macro-F1 scores (partial counts would be wrong)."""
+    if all(all(k in rec for k in _COUNT_KEYS) for rec in records):
+        combined["macro-f1"] = macro_f1_from_counts(*[combined[k] for k in _COUNT_KEYS])
+        return
+    for key in _COUNT_KEYS:
+        combined.pop(key, None)
+    scored = [(float(rec["macro-f1"]), w) for rec, w in zip(records, weights, strict=True)
+              if "macro-f1" in rec]
+    if scored and sum(w for _, w in scored) > 0:
+        combined["macro-f1"] = _combine(Rule.WEIGHTED_MEAN, [v for v, _ in scored],
+                                        [w for _, w in scored])
 
 
 def _combine(rule: Rule, values: list[Value], weights: list[float]) -> Value:
@@ -96,7 +113,8 @@ class MetricRules:
     """
 
     def __init__(self, rules: dict[str, Rule],
-                 derive: Callable[[dict[str, Value]], None] | None = None) -> None:
+                 derive: Callable[[dict[str, Value], list[MetricRecord], list[float]], None]
+                 | None = None) -> None:
         self.rules = rules
         self.derive = derive
         self.per_hospital: dict[int, dict[str, Scalar]] = {}
@@ -126,7 +144,7 @@ class MetricRules:
             if pairs and rule == Rule.MAX_AND_MEAN:
                 combined[f"{key}-mean"] = sum(v for v, _ in pairs) / len(pairs)
         if self.derive:
-            self.derive(combined)
+            self.derive(combined, records, weights)
         combined["replies"] = len(records)
         self.latest = dict(combined)
         self.per_hospital = {

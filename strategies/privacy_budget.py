@@ -1,15 +1,17 @@
-"""Stop asking hospitals that have spent their privacy budget, and end the run when none is left.
+"""Stop asking hospitals that have spent their privacy budget or refuse the run, and end the
+run when none is left.
 
-Each hospital enforces its own budget (it refuses a round that would exceed it);
-this wrapper is the server's courtesy on top: it stops sending training work to
-a hospital that said it cannot afford another round, and ends training cleanly
-when no hospital can train, instead of running empty rounds.
+Each hospital enforces its own budget and policy (it refuses a round that
+would break them); this wrapper is the server's courtesy on top: it stops
+sending training work to a hospital that refused, or said it cannot afford
+another round, reports why, and ends training cleanly when no hospital can
+train, instead of running empty rounds.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -17,7 +19,7 @@ from flwr.serverapp.strategy import Strategy
 
 log = logging.getLogger(__name__)
 
-# Error code of a hospital's reply refusing a round over its privacy budget.
+# Error code of a hospital's reply refusing a round over its privacy budget or policy.
 PRIVACY_BUDGET_REFUSED = 4031
 # Train metric: 1 if the hospital can afford one more round within its budget, else 0.
 CAN_TRAIN_NEXT_KEY = "can-train-next"
@@ -34,10 +36,19 @@ class PrivacyBudgetGate(Strategy):
     server-side DP whose noise is calibrated to a fixed number of hospitals.
     """
 
-    def __init__(self, strategy: Strategy, all_or_nothing: bool = False) -> None:
+    def __init__(self, strategy: Strategy, all_or_nothing: bool = False,
+                 on_refusal: Callable[[int, str], None] | None = None) -> None:
         self.strategy = strategy
         self.all_or_nothing = all_or_nothing
+        self.on_refusal = on_refusal  # (node id, reason): e.g. to record it in MLflow
         self.exhausted: dict[int, str] = {}  # node id -> why
+
+    def exclude(self, node: int, reason: str) -> None:
+        """No more training work for ``node``, for ``reason``."""
+        if self.exhausted.get(node) != reason:
+            self.exhausted[node] = reason
+            if self.on_refusal:
+                self.on_refusal(node, reason)
 
     def summary(self) -> None:
         log.info("PrivacyBudgetGate around:")
@@ -62,13 +73,13 @@ class PrivacyBudgetGate(Strategy):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 if reply.error.code == PRIVACY_BUDGET_REFUSED:
-                    self.exhausted[node] = reply.error.reason
+                    self.exclude(node, reply.error.reason)
                 continue
             for metrics in reply.content.metric_records.values():
                 if metrics.get(CAN_TRAIN_NEXT_KEY, 1) == 0:
                     hospital = metrics.get("hospital", node)
-                    self.exhausted[node] = (f"hospital {hospital} cannot afford another round "
-                                            "within its max_epsilon")
+                    self.exclude(node, f"hospital {hospital} cannot afford another round "
+                                       "within its privacy budget")
         return self.strategy.aggregate_train(server_round, replies)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -29,13 +29,16 @@ _TRAIN_NAMES = {"train-loss": "train/loss", "train-seconds": "train/slowest_hosp
                 "delta": "privacy/delta", "noise-multiplier": "privacy/noise_multiplier",
                 "clipping-norm": "privacy/clipping_norm", "sample-rate": "privacy/sample_rate",
                 "dp-steps": "privacy/dp_steps",
+                "lifetime-epsilon": "privacy/lifetime_epsilon_max",
+                "lifetime-delta": "privacy/lifetime_delta",
                 "can-train-next": "privacy/hospitals_within_budget"}
 _EVAL_NAMES = {"eval-loss": "federated/loss", "accuracy": "federated/accuracy",
                "macro-f1": "federated/macro_f1", "num-examples": "federated/records",
                "replies": "round/evaluate_replies"}
 _HOSPITAL_NAMES = {"train-loss": "train_loss", "train-seconds": "train_s",
                    "num-examples": "records", "eval-loss": "loss", "accuracy": "accuracy",
-                   "macro-f1": "macro_f1", "epsilon": "epsilon"}
+                   "macro-f1": "macro_f1", "epsilon": "epsilon",
+                   "lifetime-epsilon": "lifetime_epsilon"}
 
 
 class RoundLogger:

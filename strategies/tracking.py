@@ -98,6 +98,11 @@ class RunTracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         mlflow.set_tags(dict(tags))
 
+    def record_refusal(self, hospital: int, reason: str) -> None:
+        """A hospital refused work (its budget or its privacy policy): the reason as a tag."""
+        log.warning("hospital %s refused: %s", hospital, reason)
+        mlflow.set_tag(f"refused/hospital_{hospital}", reason[:5000])
+
     def log_round(self, server_round: int, metrics: Mapping[str, float]) -> None:
         values = {k: float(v) for k, v in metrics.items()}
         self.history.setdefault(server_round, {}).update(values)

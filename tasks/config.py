@@ -149,13 +149,13 @@ class DpSgdSettings:
 
     enabled: bool = False
     target_epsilon: float | None = None
-    # None: min(1e-5, 1 / (10 x the hospital's training records)).
+    # None: the hospital's own delta (tasks/privacy/policy.py); a hospital refuses one above it.
     target_delta: float | None = None
     noise_multiplier: float | None = None
     # Per-record L2 clipping norm of the gradient of the trainable parameters.
     max_grad_norm: float = 1.0
-    # A hospital refuses any round that would take its epsilon above this. A hospital's own
-    # node config (max-epsilon=...) can only lower it.
+    # This run's cap: a hospital refuses any round that would take the run's epsilon above
+    # it. A hospital's own lifetime budget (its privacy policy, max-epsilon) holds as well.
     max_epsilon: float | None = None
     accountant: Accountant = Accountant.rdp
     grad_sample_mode: GradSampleMode = GradSampleMode.hooks

@@ -18,9 +18,17 @@ from tasks.config import TaskSettings
 from tasks.data import HospitalData, load_hospital_data
 from tasks.evaluation import EvalOutcome, evaluate
 from tasks.model import build_model, load_tokenizer, load_trainable_state, trainable_state
-from tasks.privacy.accounting import PrivacyLedger
+from tasks.privacy.accounting import Step
 from tasks.privacy.dp_sgd import train_with_dp_sgd
-from tasks.privacy.plan import DpSgdPlan, PrivacyBudgetError, dp_sgd_active, plan_dp_sgd
+from tasks.privacy.ledger import PrivacyLedger
+from tasks.privacy.plan import (
+    DpSgdPlan,
+    PrivacyBudgetError,
+    dp_sgd_active,
+    plan_dp_sgd,
+    refuse_without_dp,
+)
+from tasks.privacy.policy import HospitalPolicy
 from tasks.training import PrivacyReport, TrainOutcome, train_locally
 
 
@@ -82,26 +90,34 @@ class Hospital:
     def uses_dp_sgd(self) -> bool:
         return dp_sgd_active(self.settings.privacy.dp_sgd)
 
-    def dp_sgd_plan(self, node_max_epsilon: float | None = None,
-                    ledger: PrivacyLedger | None = None) -> DpSgdPlan:
+    def dp_sgd_plan(self, policy: HospitalPolicy | None = None,
+                    ledger: PrivacyLedger | None = None,
+                    prior_history: list[Step] | tuple[Step, ...] = ()) -> DpSgdPlan:
         """This hospital's DP-SGD plan; raises PrivacyBudgetError on settings it cannot keep."""
         return plan_dp_sgd(
             self.settings.privacy.dp_sgd, self.data.hospital, len(self.data.train),
             self.settings.train.batch_size, self.settings.train.local_epochs,
-            self.settings.planned_rounds, node_max_epsilon,
-            committed_noise_multiplier=ledger.noise_multiplier if ledger else None)
+            self.settings.planned_rounds, policy,
+            committed_noise_multiplier=ledger.noise_multiplier if ledger else None,
+            prior_history=prior_history)
 
     def train(self, global_state: dict[str, torch.Tensor], server_round: int,
               proximal_mu: float = 0.0, ledger: PrivacyLedger | None = None,
-              node_max_epsilon: float | None = None
+              policy: HospitalPolicy | None = None,
+              prior_history: list[Step] | tuple[Step, ...] = ()
               ) -> tuple[dict[str, torch.Tensor], TrainOutcome]:
         """Start from the global adapter, train locally, return the new trainable state.
 
         With DP-SGD, ``ledger`` is this hospital's privacy ledger for the run; the
-        steps taken are added to it. A round that would exceed the budget raises
-        PrivacyBudgetError before any step.
+        steps taken are added to it. ``policy`` is the hospital's own, and
+        ``prior_history`` its spending in earlier runs (its lifetime budget). A round
+        that breaks either raises PrivacyBudgetError before any step.
         """
+        policy = policy or HospitalPolicy(self.data.hospital)
+        refuse_without_dp(self.settings.privacy.dp_sgd, policy)
         load_trainable_state(self.model, global_state)
+        # The run seed is known to the server: it drives dropout and the non-private path's
+        # shuffling only. DP-SGD's sampling and noise draw from OS entropy (dp_sgd.py).
         seed = self.settings.seed * 100_003 + server_round * 1_009 + self.data.hospital
         torch.manual_seed(seed)
         loader = make_loader(self._train, self.tokenizer, self.settings.train.batch_size,
@@ -113,7 +129,7 @@ class Hospital:
             raise ValueError("DP-SGD training needs the hospital's privacy ledger")
         if proximal_mu > 0:
             raise PrivacyBudgetError("FedProx's proximal term is not supported with DP-SGD")
-        plan = self.dp_sgd_plan(node_max_epsilon, ledger)
+        plan = self.dp_sgd_plan(policy, ledger, prior_history)
         refusal = plan.refusal(ledger.history, server_round)
         if refusal:
             raise PrivacyBudgetError(refusal)
@@ -139,5 +155,6 @@ def privacy_report(plan: DpSgdPlan, ledger: PrivacyLedger) -> PrivacyReport:
         epsilon=plan.epsilon(ledger.history), delta=plan.delta,
         noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
         sample_rate=plan.sample_rate, steps=ledger.steps, max_epsilon=plan.max_epsilon,
-        can_train_next_round=plan.max_epsilon is None
-        or plan.epsilon_after_round(ledger.history) <= plan.max_epsilon)
+        can_train_next_round=plan.refusal(ledger.history, 0) is None,
+        lifetime_epsilon=plan.lifetime_epsilon(ledger.history),
+        hospital_delta=plan.hospital_delta)

@@ -13,7 +13,8 @@ from tasks.config import OptimizerName, TrainSettings
 
 @dataclass
 class PrivacyReport:
-    """A hospital's record-level privacy after a round: cumulative over the whole run."""
+    """A hospital's record-level privacy after a round: cumulative over the whole run (and,
+    for the lifetime figures, over every run on the same state directory)."""
 
     epsilon: float
     delta: float
@@ -22,7 +23,9 @@ class PrivacyReport:
     sample_rate: float
     steps: int  # DP-SGD steps taken in this run so far
     max_epsilon: float | None
-    can_train_next_round: bool  # False: one more round would exceed max_epsilon
+    can_train_next_round: bool  # False: one more round would exceed a budget
+    lifetime_epsilon: float = 0.0  # every run of this hospital, at hospital_delta
+    hospital_delta: float = 0.0  # the hospital's own delta (its policy's max-delta)
 
 
 @dataclass

@@ -1,9 +1,10 @@
-"""One training round of one hospital in a process of its own, as a SuperNode would run it:
+"""One message to one hospital's real ClientApp handlers, as a SuperNode would deliver it:
 
-    python -m tests.hospital_process SETTINGS_YAML STATE_DIR RUN_ID ROUND
+    python -m tests.hospital_process SETTINGS_YAML STATE_DIR RUN_ID ROUND [NODE_CONFIG_JSON]
 
 Prints the reply's metrics as JSON. The process starts with an empty Flower
-context, so anything it knows about earlier rounds comes from the state directory.
+context, so anything it knows about earlier rounds or runs comes from the state
+directory. Tests also call ``hospital_train``/``hospital_preflight`` in-process.
 """
 
 from __future__ import annotations
@@ -15,29 +16,63 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_app.client_app import TASK_KEY, train
+from fl_app.client_app import TASK_KEY, evaluate, preflight, train
 from fl_app.config import task_settings_from_yaml
 from tasks.model import build_model, load_tokenizer, trainable_state
 
+NODE = 7
 
-def main(settings_file: str, state_dir: str, run_id: str, server_round: str) -> None:
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, int(run_id), 7
-    text = Path(settings_file).read_text()
+
+def _context(run_id: int, state_dir: str | Path, node_config: dict | None) -> Context:
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, int(run_id), NODE
+    config = {"partition-id": 0, "num-partitions": 2, "state-dir": str(state_dir)}
+    return Context(run_id=int(run_id), node_id=NODE, state=RecordDict(), run_config={},
+                   node_config=config | (node_config or {}))
+
+
+def _arrays(text: str) -> ArrayRecord:
     settings = task_settings_from_yaml(text)
     model = build_model(settings.model, settings.data.labels, settings.seed,
                         load_tokenizer(settings.model))
-    msg = Message(RecordDict({"arrays": ArrayRecord(trainable_state(model)),
-                              "config": ConfigRecord({TASK_KEY: text,
+    return ArrayRecord(trainable_state(model))
+
+
+def hospital_train(settings_yaml: str, state_dir: str | Path, run_id: int, server_round: int,
+                   node_config: dict | None = None) -> dict:
+    """The train reply's metrics, or ``{"error": reason, "code": code}``."""
+    context = _context(run_id, state_dir, node_config)
+    msg = Message(RecordDict({"arrays": _arrays(settings_yaml),
+                              "config": ConfigRecord({TASK_KEY: settings_yaml,
                                                       "server-round": int(server_round)})}),
-                  dst_node_id=7, message_type="train")
-    context = Context(run_id=int(run_id), node_id=7, state=RecordDict(), run_config={},
-                      node_config={"partition-id": 0, "num-partitions": 2,
-                                   "state-dir": state_dir})
+                  dst_node_id=NODE, message_type="train")
     reply = train(msg, context)
     if reply.has_error():
-        print(json.dumps({"error": reply.error.reason}))
-    else:
-        print(json.dumps(dict(reply.content.metric_records["metrics"])))
+        return {"error": reply.error.reason, "code": reply.error.code}
+    return dict(reply.content.metric_records["metrics"])
+
+
+def hospital_evaluate(settings_yaml: str, state_dir: str | Path, run_id: int,
+                      node_config: dict | None = None) -> dict:
+    context = _context(run_id, state_dir, node_config)
+    msg = Message(RecordDict({"arrays": _arrays(settings_yaml),
+                              "config": ConfigRecord({TASK_KEY: settings_yaml})}),
+                  dst_node_id=NODE, message_type="evaluate")
+    return dict(evaluate(msg, context).content.metric_records["metrics"])
+
+
+def hospital_preflight(settings_yaml: str, state_dir: str | Path, run_id: int,
+                       node_config: dict | None = None) -> dict:
+    """The preflight reply's status (ok, problem, declined)."""
+    context = _context(run_id, state_dir, node_config)
+    msg = Message(RecordDict({"config": ConfigRecord({TASK_KEY: settings_yaml})}),
+                  dst_node_id=NODE, message_type="query.preflight")
+    return dict(preflight(msg, context).content["status"])
+
+
+def main(settings_file: str, state_dir: str, run_id: str, server_round: str,
+         node_config: str = "{}") -> None:
+    print(json.dumps(hospital_train(Path(settings_file).read_text(), state_dir, int(run_id),
+                                    int(server_round), json.loads(node_config))))
 
 
 if __name__ == "__main__":

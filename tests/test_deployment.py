@@ -142,7 +142,8 @@ def test_a_hospital_lost_mid_round_is_logged_and_the_others_finish_the_run(deplo
 
 def test_a_restarted_supernode_keeps_its_privacy_ledger(deployment, tiny_bert, tmp_path):
     from tasks.config import Accountant
-    from tasks.privacy.accounting import PrivacyLedger, epsilon_spent
+    from tasks.privacy.accounting import epsilon_spent
+    from tasks.privacy.ledger import LedgerStore
 
     for k in (0, 1):
         deployment.hospital_key(f"hospital-{k}")
@@ -160,9 +161,9 @@ def test_a_restarted_supernode_keeps_its_privacy_ledger(deployment, tiny_bert, t
     status, details, output = deployment.finish(run)
     assert status == "finished:completed", f"{details}\n{output[-4000:]}"
 
-    ledgers = list((tmp_path / "hospitals" / "hospital-1").glob("privacy_ledger_run_*.json"))
-    assert len(ledgers) == 1
-    ledger = PrivacyLedger.from_json(ledgers[0].read_text())
+    lifetime = LedgerStore(tmp_path / "hospitals" / "hospital-1").load(1, Accountant.rdp)
+    assert len(lifetime.runs) == 1
+    ledger = next(iter(lifetime.runs.values()))
     trained = ledger.rounds_trained
     assert trained[0] == 1 and len(trained) >= 2 and trained[-1] == 3, trained
     # Every step of every round it trained is still in the ledger after the restart:

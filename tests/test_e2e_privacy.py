@@ -22,11 +22,13 @@ def _only_run(store):
 
 
 def _ledgers(superlink, flwr_run_id):
+    """This run's entry in each hospital's lifetime ledger."""
     state = superlink.env["FLWR_HOME"] + "/clinical-fl/hospital-state"
     from pathlib import Path
 
-    files = sorted(Path(state).glob(f"partition-*/privacy_ledger_run_{flwr_run_id}.json"))
-    return [json.loads(f.read_text()) for f in files]
+    files = sorted(Path(state).glob("partition-*/privacy-ledger.json"))
+    runs = [run for f in files for run in json.loads(f.read_text())["runs"]]
+    return [run for run in runs if str(run["run_id"]) == str(flwr_run_id)]
 
 
 def test_record_and_client_level_dp_are_logged_every_round(superlink, tiny_bert, tmp_path):

@@ -49,5 +49,5 @@ def test_epsilon_keeps_composing_across_process_restarts(tiny_bert, tmp_path):
     assert third["epsilon"] <= 4.0 and third["can-train-next"] == 0
     refused = _round_in_new_process(settings_file, state, 4)
     assert "privacy budget: round 4 would raise epsilon" in refused["error"]
-    ledger = json.loads((state / "privacy_ledger_run_42.json").read_text())
-    assert ledger["rounds_trained"] == [1, 2, 3]
+    ledger = json.loads((state / "privacy-ledger.json").read_text())
+    assert [run["rounds_trained"] for run in ledger["runs"]] == [[1, 2, 3]]

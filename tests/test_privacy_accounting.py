@@ -12,15 +12,10 @@ from tasks.config import Accountant, DataSettings, DpSgdSettings, ModelSettings,
 from tasks.config import TrainSettings as Train
 from tasks.hospital import Hospital
 from tasks.model import trainable_state
-from tasks.privacy.accounting import (
-    RDP_ORDERS,
-    LedgerStore,
-    PrivacyLedger,
-    calibrate_noise_multiplier,
-    epsilon_spent,
-    most_spent,
-)
-from tasks.privacy.plan import PrivacyBudgetError, default_delta, plan_dp_sgd
+from tasks.privacy.accounting import RDP_ORDERS, calibrate_noise_multiplier, epsilon_spent
+from tasks.privacy.ledger import LedgerError, LedgerStore, LifetimeLedger, PrivacyLedger, most_spent
+from tasks.privacy.plan import PrivacyBudgetError, plan_dp_sgd
+from tasks.privacy.policy import default_delta
 from tasks.synthetic_notes import SPECIALTIES
 
 
@@ -95,13 +90,6 @@ def test_budget_too_small_for_one_round_is_refused_before_training():
         _plan(target_epsilon=None, noise_multiplier=0.8, max_epsilon=0.1)
 
 
-def test_the_hospital_budget_from_node_config_can_only_tighten():
-    settings = DpSgdSettings(enabled=True, noise_multiplier=1.0, max_epsilon=10.0)
-    tight = plan_dp_sgd(settings, 0, 240, 16, 1, 4, node_max_epsilon=6.0)
-    loose = plan_dp_sgd(settings, 0, 240, 16, 1, 4, node_max_epsilon=50.0)
-    assert tight.max_epsilon == 6.0 and loose.max_epsilon == 10.0
-
-
 def test_the_target_epsilon_is_also_a_cap():
     plan = plan_dp_sgd(DpSgdSettings(enabled=True, target_epsilon=3.0), 0, 240, 16, 1,
                        planned_rounds=4)
@@ -113,15 +101,17 @@ def test_the_target_epsilon_is_also_a_cap():
 
 def test_ledger_round_trips_through_its_durable_store(tmp_path):
     store = LedgerStore(tmp_path / "state")
-    assert store.load(7) is None
-    ledger = PrivacyLedger(run_id=7, hospital=1, noise_multiplier=1.2, delta=1e-5,
-                           history=[(1.2, 1 / 15, 15)], rounds_trained=[1])
+    empty = store.load(1, Accountant.rdp)
+    assert empty.runs == {} and empty.epsilon(1e-5) == 0.0
+    ledger = LifetimeLedger(hospital=1, accountant=Accountant.rdp)
+    ledger.runs[7] = PrivacyLedger(run_id=7, hospital=1, noise_multiplier=1.2, delta=1e-5,
+                                   history=[(1.2, 1 / 15, 15)], rounds_trained=[1])
     store.save(ledger)
-    assert store.load(7) == ledger
-    assert [p.name for p in (tmp_path / "state").iterdir()] == ["privacy_ledger_run_7.json"]
-    store.path(7).write_text("{not json")
-    with pytest.raises(ValueError, match="unreadable"):
-        store.load(7)
+    assert store.load(1, Accountant.rdp) == ledger
+    assert [p.name for p in (tmp_path / "state").iterdir()] == ["privacy-ledger.json"]
+    store.path.write_text("{not json")
+    with pytest.raises(LedgerError, match="unreadable"):
+        store.load(1, Accountant.rdp)
 
 
 def test_of_two_copies_the_one_with_more_spending_wins():

@@ -2,8 +2,16 @@
 clipping, Gaussian noise. Only the trainable parameters (LoRA + head) are private
 parameters; the frozen base model is public.
 
-The noise and the sampling draw from fresh OS entropy, never from the run's seed:
-anyone who knew the seed could regenerate the noise and subtract it.
+Every random draw that the guarantee rests on comes from fresh OS entropy that
+never leaves the hospital, never from the run's seed (the server knows it):
+- the noise: anyone who knew its seed could regenerate it and subtract it;
+- the Poisson sampling: outside ``secure_mode`` Opacus' ``DPDataLoader`` keeps
+  the generator of the loader it wraps, so a loader seeded from the run seed
+  would let the server recompute every batch (``torch.rand(N, generator=g) < q``)
+  and the amplification by subsampling that the accountant assumes would be gone.
+Opacus' ``secure_mode`` is not used: it needs the ``torchcsprng`` package, which
+has no build for this torch. Both generators are torch's Mersenne Twister seeded
+with 63 bits from ``secrets`` at every round.
 """
 
 from __future__ import annotations
@@ -25,6 +33,14 @@ def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
+def with_secret_sampling(loader: DataLoader) -> DataLoader:
+    """The same records and collation, with a sampling generator seeded from OS entropy.
+    Opacus' Poisson loader takes its generator from this loader."""
+    secret = torch.Generator().manual_seed(secrets.randbits(63))
+    return DataLoader(loader.dataset, batch_size=loader.batch_size,
+                      collate_fn=loader.collate_fn, generator=secret)
+
+
 def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: TrainSettings,
                       noise_multiplier: float, max_grad_norm: float,
                       grad_sample_mode: GradSampleMode, history: list[Step],
@@ -43,10 +59,9 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
     generator = torch.Generator().manual_seed(
         noise_seed if noise_seed is not None else secrets.randbits(63))
     if poisson_sampling:
-        torch.manual_seed(secrets.randbits(63))  # the Poisson sampler uses torch's global RNG
+        loader = with_secret_sampling(loader)
     with warnings.catch_warnings():
-        # Opacus warns that secure_mode is off (it needs the torchcsprng package, not used
-        # yet); see README, "What the epsilon in MLflow means".
+        # Opacus warns that secure_mode is off (it needs torchcsprng; see the docstring).
         warnings.filterwarnings("ignore", message=".*Secure RNG.*")
         engine = PrivacyEngine(accountant="rdp")  # only its history is used; see accounting.py
         engine.accountant.history = [tuple(step) for step in history]

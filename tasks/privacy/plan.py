@@ -8,7 +8,7 @@ small for even one round, fails with the hospital's name before any work.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tasks.config import Accountant, DpSgdSettings
 from tasks.errors import TaskInputError
@@ -18,10 +18,15 @@ from tasks.privacy.accounting import (
     epsilon_spent,
     is_finite_target,
 )
+from tasks.privacy.policy import HospitalPolicy
 
 
 class PrivacyBudgetError(TaskInputError):
     """The hospital's privacy settings or budget rule out (further) training."""
+
+
+class PolicyRefusal(PrivacyBudgetError):
+    """The hospital's own privacy policy rules out what the server asked for."""
 
 
 def dp_sgd_active(settings: DpSgdSettings) -> bool:
@@ -30,71 +35,123 @@ def dp_sgd_active(settings: DpSgdSettings) -> bool:
                                  or is_finite_target(settings.target_epsilon))
 
 
-def default_delta(train_records: int) -> float:
-    """Well below 1/records: a delta near 1/n allows releasing a record outright."""
-    return min(1e-5, 1.0 / (10 * train_records))
+def refuse_without_dp(settings: DpSgdSettings, policy: HospitalPolicy) -> None:
+    """A hospital whose policy requires DP refuses a run without DP-SGD, whatever the server
+    says (``privacy=none``, or ``target_epsilon=.inf``, the sweep's non-private point)."""
+    if policy.require_dp and not dp_sgd_active(settings):
+        asked = "privacy.dp_sgd.target_epsilon=.inf" if settings.enabled else "no DP-SGD"
+        implied = ", implied by max-epsilon" if policy.require_dp_setting is None else ""
+        raise PolicyRefusal(
+            f"hospital {policy.hospital}: privacy policy require-dp ({policy.source}{implied}): "
+            f"the server asked for training with {asked}; refused, nothing trained")
+
+
+def steps_per_epoch(train_records: int, batch_size: int) -> tuple[float, int]:
+    """(sample rate, steps per epoch) exactly as Opacus' Poisson loader takes them: rate
+    1/ceil(N/B) and int(1/rate) steps, which is one step fewer than ceil(N/B) for some N
+    (e.g. N = 93 x B - 1, where 1/(1/93) rounds below 93)."""
+    sample_rate = 1.0 / math.ceil(train_records / batch_size)
+    return sample_rate, int(1 / sample_rate)
 
 
 @dataclass(frozen=True)
 class DpSgdPlan:
     hospital: int
     train_records: int
-    sample_rate: float  # Poisson sampling rate of each step (1 / batches per epoch)
+    sample_rate: float  # Poisson sampling rate of each step
     steps_per_round: int
-    delta: float
+    delta: float  # of this run
     noise_multiplier: float
     max_grad_norm: float
     accountant: Accountant
-    max_epsilon: float | None  # the tightest of target, server budget and hospital budget
+    max_epsilon: float | None  # this run's cap: the tighter of the target and the server's
+    # The hospital's own policy: its lifetime budget at its own delta, over every run.
+    policy: HospitalPolicy = field(default_factory=lambda: HospitalPolicy(hospital=-1))
+    prior_history: tuple[Step, ...] = ()  # steps of the hospital's earlier runs
+
+    @property
+    def hospital_delta(self) -> float:
+        return self.policy.delta(self.train_records)
 
     def round_steps(self) -> Step:
         return (self.noise_multiplier, self.sample_rate, self.steps_per_round)
 
     def epsilon(self, history: list[Step]) -> float:
+        """This run's epsilon at this run's delta."""
         return epsilon_spent(history, self.delta, self.accountant)
+
+    def lifetime_epsilon(self, history: list[Step]) -> float:
+        """Every run's steps so far, at the hospital's delta."""
+        return epsilon_spent(list(self.prior_history) + list(history), self.hospital_delta,
+                             self.accountant)
 
     def epsilon_after_round(self, history: list[Step]) -> float:
         """Epsilon if this hospital trains one more round."""
         return self.epsilon(list(history) + [self.round_steps()])
 
     def refusal(self, history: list[Step], server_round: int) -> str | None:
-        """Why the next round would break the budget, or None if it fits."""
-        if self.max_epsilon is None:
-            return None
-        now, after = self.epsilon(history), self.epsilon_after_round(history)
-        if after <= self.max_epsilon:
-            return None
-        return (f"hospital {self.hospital}: privacy budget: round {server_round} would raise "
-                f"epsilon from {now:.4g} to {after:.4g}, above its budget {self.max_epsilon:g} "
-                f"(delta {self.delta:.3g}); no update sent")
+        """Why the next round would break the run's cap or the hospital's lifetime budget."""
+        where = f"hospital {self.hospital}"
+        if self.max_epsilon is not None:
+            now, after = self.epsilon(history), self.epsilon_after_round(history)
+            if after > self.max_epsilon:
+                return (f"{where}: privacy budget: round {server_round} would raise epsilon "
+                        f"from {now:.4g} to {after:.4g}, above its budget {self.max_epsilon:g} "
+                        f"(delta {self.delta:.3g}); no update sent")
+        cap = self.policy.max_epsilon
+        if cap is not None:
+            now = self.lifetime_epsilon(history)
+            after = self.lifetime_epsilon(list(history) + [self.round_steps()])
+            if after > cap:
+                return (f"{where}: privacy policy max-epsilon ({self.policy.source}): round "
+                        f"{server_round} would raise the lifetime epsilon from {now:.4g} to "
+                        f"{after:.4g}, above the hospital's lifetime budget {cap:g} (delta "
+                        f"{self.hospital_delta:.3g}, noise multiplier "
+                        f"{self.noise_multiplier:.3g}); no update sent")
+        return None
 
 
-def plan_dp_sgd(settings: DpSgdSettings, hospital: int, train_records: int, batch_size: int,
-                local_epochs: int, planned_rounds: int,
-                node_max_epsilon: float | None = None,
-                committed_noise_multiplier: float | None = None) -> DpSgdPlan:
-    """The plan for one hospital. ``committed_noise_multiplier`` is the noise its ledger
-    already uses: the calibration happens once and is never redone mid-run."""
-    where = f"hospital {hospital}"
-    if train_records < 1:
-        raise PrivacyBudgetError(f"{where}: no training records, nothing to train privately")
-    batches_per_epoch = math.ceil(train_records / batch_size)
-    sample_rate = 1.0 / batches_per_epoch  # what Opacus' Poisson loader uses
-    steps_per_round = local_epochs * batches_per_epoch
-
+def _policy_delta(settings: DpSgdSettings, policy: HospitalPolicy, train_records: int) -> float:
+    """This run's delta: the server's, if the hospital accepts it, else the hospital's own."""
+    where = f"hospital {policy.hospital}"
+    policy.check_records(train_records)
+    hospital_delta = policy.delta(train_records)
     delta = settings.target_delta
     if delta is None:
-        delta = default_delta(train_records)
-    elif delta >= 1.0 / train_records:
+        return hospital_delta
+    if delta >= 1.0 / train_records:
         raise PrivacyBudgetError(
             f"{where}: privacy.dp_sgd.target_delta={delta:g} is not below 1/records = "
             f"1/{train_records} = {1 / train_records:.3g}; a delta that large permits "
             "revealing a whole record. Use a smaller delta (or leave it null).")
+    if delta > hospital_delta:
+        raise PolicyRefusal(
+            f"{where}: privacy policy max-delta ({policy.source}): the server asked for "
+            f"privacy.dp_sgd.target_delta={delta:g}, above the hospital's maximum "
+            f"{hospital_delta:g}; refused, nothing trained")
+    return delta
+
+
+def plan_dp_sgd(settings: DpSgdSettings, hospital: int, train_records: int, batch_size: int,
+                local_epochs: int, planned_rounds: int,
+                policy: HospitalPolicy | None = None,
+                committed_noise_multiplier: float | None = None,
+                prior_history: list[Step] | tuple[Step, ...] = ()) -> DpSgdPlan:
+    """The plan for one hospital. ``committed_noise_multiplier`` is the noise its ledger
+    already uses in this run: the calibration happens once and is never redone mid-run.
+    ``prior_history``: the hospital's steps in earlier runs, for its lifetime budget."""
+    where = f"hospital {hospital}"
+    policy = policy or HospitalPolicy(hospital)
+    if train_records < 1:
+        raise PrivacyBudgetError(f"{where}: no training records, nothing to train privately")
+    sample_rate, batches_per_epoch = steps_per_epoch(train_records, batch_size)
+    steps_per_round = local_epochs * batches_per_epoch
+    delta = _policy_delta(settings, policy, train_records)
 
     # The target is a promise too: a hospital sampled more often than planned (fraction_train
     # below 1) stops at it rather than spend more.
     target = settings.target_epsilon if settings.noise_multiplier is None else None
-    budgets = [b for b in (settings.max_epsilon, node_max_epsilon, target) if b is not None]
+    budgets = [b for b in (settings.max_epsilon, target) if b is not None]
     max_epsilon = min(budgets) if budgets else None
 
     if committed_noise_multiplier is not None:
@@ -112,12 +169,17 @@ def plan_dp_sgd(settings: DpSgdSettings, hospital: int, train_records: int, batc
     plan = DpSgdPlan(hospital=hospital, train_records=train_records, sample_rate=sample_rate,
                      steps_per_round=steps_per_round, delta=delta, noise_multiplier=noise,
                      max_grad_norm=settings.max_grad_norm, accountant=settings.accountant,
-                     max_epsilon=max_epsilon)
-    if max_epsilon is not None and committed_noise_multiplier is None:
+                     max_epsilon=max_epsilon, policy=policy,
+                     prior_history=tuple(tuple(s) for s in prior_history))
+    if committed_noise_multiplier is None:
         first = plan.epsilon([plan.round_steps()])
-        if first > max_epsilon:
+        if max_epsilon is not None and first > max_epsilon:
             raise PrivacyBudgetError(
                 f"{where}: max_epsilon {max_epsilon:g} is too small for even one round: one "
                 f"round ({steps_per_round} steps at sample rate {sample_rate:.3g}, noise "
                 f"multiplier {noise:.3g}) spends epsilon {first:.3g} at delta {delta:.3g}")
+        refusal = plan.refusal([], 1)
+        if refusal and policy.max_epsilon is not None:
+            raise PolicyRefusal(refusal.replace("round 1 would", "one round would")
+                                + " (the noise is too low for the remaining lifetime budget)")
     return plan
