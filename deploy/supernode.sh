@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Start one hospital's SuperNode on its own data.
 #   bash deploy/supernode.sh --hospital NAME --number K --data-path FILE --state-dir DIR \
-#       --ca CA_CERT --key KEY_FILE [--superlink HOST:8000] [--port 9094] [--max-epsilon E]
+#       --ca CA_CERT --key KEY_FILE [--superlink HOST:8000] [--port 9094]
+#       [--max-epsilon E] [--max-delta D] [--require-dp true|false] [--eval-metrics full|aggregate|none]
 #   ... --insecure instead of --ca/--key for local experiments only.
 # NAME is for logs; K (0, 1, ...) numbers the hospital in MLflow. DIR keeps what the
-# hospital must remember (privacy ledger); it must survive restarts.
+# hospital must remember (privacy ledger, privacy-policy.toml); it must survive restarts.
+# The --max-*/--require-dp/--eval-metrics flags are the hospital's privacy policy (node config
+# keys); they add to DIR/privacy-policy.toml, the stricter value winning. The server cannot
+# loosen them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-superlink="127.0.0.1:8000"; port=9094; insecure=0; max_epsilon=""
+superlink="127.0.0.1:8000"; port=9094; insecure=0; policy=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --hospital) hospital="$2"; shift 2;;
@@ -18,7 +22,10 @@ while [ $# -gt 0 ]; do
     --key) key="$2"; shift 2;;
     --superlink) superlink="$2"; shift 2;;
     --port) port="$2"; shift 2;;
-    --max-epsilon) max_epsilon="$2"; shift 2;;
+    --max-epsilon) policy+=" max-epsilon=$2"; shift 2;;
+    --max-delta) policy+=" max-delta=$2"; shift 2;;
+    --require-dp) policy+=" require-dp=$2"; shift 2;;
+    --eval-metrics) policy+=" eval-metrics=\"$2\""; shift 2;;
     --insecure) insecure=1; shift;;
     *) echo "unknown option $1" >&2; exit 2;;
   esac
@@ -29,7 +36,7 @@ done
 source scripts/env.sh
 mkdir -p "$state"
 node_config="partition-id=$number data-path=\"$(realpath "$data")\" state-dir=\"$(realpath "$state")\""
-[ -n "$max_epsilon" ] && node_config+=" max-epsilon=$max_epsilon"
+node_config+="$policy"
 if [ "$insecure" = 1 ]; then
   echo "WARNING: insecure SuperNode: local experiments only" >&2
   security=(--insecure)

@@ -6,7 +6,7 @@ Under DP-SGD exactly this leaves a hospital: the adapter arrays (covered by
 epsilon), record counts (treated as public), its privacy state (epsilon, delta,
 noise, clipping norm, sampling rate, steps, whether it can train on), and the
 evaluation metrics its policy releases (``aggregate`` by default: accuracy,
-loss and macro-F1 of its held-out notes, no per-class counts). No training
+loss and macro-F1 of its held-out notes; per-class counts withheld). No training
 loss, no per-label training counts, no timing: each is an exact function of
 the private records (a round's duration follows the Poisson batch sizes).
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from strategies.metric_rules import WITHHELD
 from strategies.privacy_budget import CAN_TRAIN_NEXT_KEY, PRIVACY_BUDGET_REFUSED
 from strategies.registry import WEIGHT_KEY
 from tasks.evaluation import EvalOutcome
@@ -61,21 +62,27 @@ def refusal_reply(msg: Message, reason: str) -> Message:
 
 def evaluate_reply(msg: Message, outcome: EvalOutcome, hospital: int,
                    release: EvalRelease = EvalRelease.full) -> Message:
-    """``release``: what the hospital's policy lets out of its held-out notes."""
+    """``release``: what the hospital's policy lets out of its held-out notes.
+
+    The keys are always the same (Flower aggregates only replies with identical keys,
+    and hospitals may have different policies): a withheld score is NaN, withheld
+    per-class counts are empty lists.
+    """
+    scores = release in (EvalRelease.aggregate, EvalRelease.full)
+    # Per-class counts let the server compute the federation's exact macro-F1; they also
+    # add up to the held-out label histogram, so only the full release has them.
+    counts = release == EvalRelease.full
     metrics = MetricRecord({
         "num-examples": outcome.num_examples,
         WEIGHT_KEY: outcome.num_examples,
+        "eval-loss": outcome.loss if scores else WITHHELD,
+        "accuracy": outcome.accuracy if scores else WITHHELD,
+        "macro-f1": outcome.macro_f1 if scores else WITHHELD,
+        "true-positives": outcome.true_positives if counts else [],
+        "false-positives": outcome.false_positives if counts else [],
+        "false-negatives": outcome.false_negatives if counts else [],
         "hospital": hospital,
     })
-    if release in (EvalRelease.aggregate, EvalRelease.full):
-        metrics.update({"eval-loss": outcome.loss, "accuracy": outcome.accuracy,
-                        "macro-f1": outcome.macro_f1})
-    if release == EvalRelease.full:
-        # Per-class counts let the server compute the federation's exact macro-F1; they also
-        # add up to the held-out label histogram, so only the full release has them.
-        metrics.update({"true-positives": outcome.true_positives,
-                        "false-positives": outcome.false_positives,
-                        "false-negatives": outcome.false_negatives})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 

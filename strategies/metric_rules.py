@@ -9,6 +9,7 @@ A key with no rule is an error rather than silently averaged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from enum import Enum
 
@@ -16,6 +17,17 @@ from flwr.app import MetricRecord, RecordDict
 
 Scalar = int | float
 Value = Scalar | list[int] | list[float]
+
+
+# A value a hospital's policy does not release: NaN for a score, an empty list for counts.
+# Replies keep every key (Flower aggregates only replies with identical keys); rules skip it.
+WITHHELD = math.nan
+
+
+def released(value: Value) -> bool:
+    if isinstance(value, list):
+        return bool(value)
+    return not (isinstance(value, float) and math.isnan(value))
 
 
 class Rule(Enum):
@@ -78,13 +90,13 @@ def _add_federated_macro_f1(combined: dict[str, Value], records: list[MetricReco
                             weights: list[float]) -> None:
     """From the summed per-class counts when every hospital released them; otherwise the
     record-weighted mean of the local macro-F1 scores (partial counts would be wrong)."""
-    if all(all(k in rec for k in _COUNT_KEYS) for rec in records):
+    if all(all(released(rec.get(k, [])) for k in _COUNT_KEYS) for rec in records):
         combined["macro-f1"] = macro_f1_from_counts(*[combined[k] for k in _COUNT_KEYS])
         return
     for key in _COUNT_KEYS:
         combined.pop(key, None)
     scored = [(float(rec["macro-f1"]), w) for rec, w in zip(records, weights, strict=True)
-              if "macro-f1" in rec]
+              if "macro-f1" in rec and released(rec["macro-f1"])]
     if scored and sum(w for _, w in scored) > 0:
         combined["macro-f1"] = _combine(Rule.WEIGHTED_MEAN, [v for v, _ in scored],
                                         [w for _, w in scored])
@@ -138,7 +150,8 @@ class MetricRules:
         weights = [float(rec[weighted_by_key]) for rec in records]
         combined: dict[str, Value] = {}
         for key, rule in self.rules.items():
-            pairs = [(rec[key], w) for rec, w in zip(records, weights, strict=True) if key in rec]
+            pairs = [(rec[key], w) for rec, w in zip(records, weights, strict=True)
+                     if key in rec and released(rec[key])]
             if pairs and rule != Rule.PER_HOSPITAL:
                 combined[key] = _combine(rule, [v for v, _ in pairs], [w for _, w in pairs])
             if pairs and rule == Rule.MAX_AND_MEAN:
@@ -149,7 +162,8 @@ class MetricRules:
         self.latest = dict(combined)
         self.per_hospital = {
             int(rec["hospital"]): {k: v for k, v in rec.items()
-                                   if k != "hospital" and not isinstance(v, list)}
+                                   if k != "hospital" and not isinstance(v, list)
+                                   and released(v)}
             for rec in records if "hospital" in rec}
         return MetricRecord(combined)
 

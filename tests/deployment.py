@@ -91,7 +91,9 @@ class Deployment:
         return self.keys / name
 
     def start_supernode(self, name: str, number: int, data: Path, secure: bool | None = None,
-                        key: Path | None = None) -> subprocess.Popen:
+                        key: Path | None = None, policy: dict[str, str] | None = None
+                        ) -> subprocess.Popen:
+        """``policy``: the hospital's privacy policy flags, e.g. {"max-epsilon": "3"}."""
         secure = self.secure if secure is None else secure
         state = self.root / "hospitals" / name
         state.mkdir(parents=True, exist_ok=True)
@@ -101,7 +103,8 @@ class Deployment:
         process = subprocess.Popen(
             ["bash", str(DEPLOY / "supernode.sh"), "--hospital", name, "--number", str(number),
              "--data-path", str(data), "--state-dir", str(state), "--superlink",
-             f"127.0.0.1:{self.port}", "--port", str(free_port()), *security],
+             f"127.0.0.1:{self.port}", "--port", str(free_port()), *security,
+             *[arg for key, value in (policy or {}).items() for arg in (f"--{key}", value)]],
             env={**self.env, "FLWR_HOME": str(state / "flwr-home")}, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True)
         self.supernodes[name] = process

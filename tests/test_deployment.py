@@ -180,3 +180,26 @@ def test_a_restarted_supernode_keeps_its_privacy_ledger(deployment, tiny_bert, t
                                        ledger.delta, Accountant.rdp)
     assert last == pytest.approx(whole, rel=1e-9)
     assert last > after_restart_only * 1.05
+
+
+def test_policy_refuses_in_a_deployment_from_the_supernode_node_config(deployment, tiny_bert,
+                                                                      tmp_path):
+    """Hospital 0's node config sets a budget; the server asks for training without DP-SGD:
+    hospital 0 trains nothing, hospital 1 (no policy) carries on, and MLflow says why."""
+    for k, policy in ((0, {"max-epsilon": "3"}), (1, None)):
+        deployment.hospital_key(f"hospital-{k}")
+        deployment.start_supernode(f"hospital-{k}", k, _hospital_file(tmp_path, k),
+                                   policy=policy)
+    deployment.wait_for_nodes(2)
+    status, details, output = deployment.finish(
+        deployment.run(_overrides(tiny_bert, tmp_path, 2, "privacy=none")))
+    assert status == "finished:completed", f"{details}\n{output[-4000:]}"
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    assert "privacy policy require-dp (node config, implied by max-epsilon)" in \
+        run.data.tags["refused/hospital_0"]
+    assert "refused/hospital_1" not in run.data.tags
+    assert _history(client, run.info.run_id, "round/train_replies") == {1: 1, 2: 1}
+    assert not _history(client, run.info.run_id, "hospital_0/train_loss"), "nothing trained"
+    assert sorted(_history(client, run.info.run_id, "hospital_1/train_loss")) == [1, 2]

@@ -93,3 +93,30 @@ def test_a_delta_too_large_for_a_hospital_stops_the_run_before_training(superlin
     client, run = _only_run(tmp_path)
     assert run.info.status == "FAILED" and "target_delta" in run.data.tags["failure"]
     assert not client.get_metric_history(run.info.run_id, "privacy/epsilon_max")
+
+
+def test_policy_refuses_in_simulation_and_the_reason_reaches_mlflow(superlink, tiny_bert,
+                                                                    tmp_path):
+    """Both hospitals' policy files require DP; the server asks for none: nothing trains."""
+    from pathlib import Path
+
+    state = Path(superlink.env["FLWR_HOME"]) / "clinical-fl" / "hospital-state"
+    policies = [state / f"partition-{k}" / "privacy-policy.toml" for k in (0, 1)]
+    try:
+        for policy in policies:
+            policy.parent.mkdir(parents=True, exist_ok=True)
+            policy.write_text("max-epsilon = 3.0\n")
+        status, details, output = superlink.flwr_run(_overrides(tiny_bert, tmp_path,
+                                                                 "privacy=none"))
+    finally:
+        for policy in policies:
+            policy.unlink(missing_ok=True)
+    assert status == "finished:completed", f"{details}\n{output[-4000:]}"
+    client, run = _only_run(tmp_path)
+    tags = run.data.tags
+    for k in (0, 1):
+        assert "privacy policy require-dp" in tags[f"refused/hospital_{k}"]
+        assert "implied by max-epsilon" in tags[f"refused/hospital_{k}"]
+    assert "no hospital can train within its privacy budget" in tags["stopped_early"]
+    assert not client.get_metric_history(run.info.run_id, "train/loss"), "nothing trained"
+    assert not client.get_metric_history(run.info.run_id, "round/train_replies")

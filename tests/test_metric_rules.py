@@ -93,3 +93,28 @@ def test_privacy_metrics_are_combined_by_the_least_private_hospital():
     assert combined["delta"] == 4e-5 and combined["noise-multiplier"] == 0.7
     assert combined["can-train-next"] == 1
     assert "aggregation-weight" not in combined
+
+
+def test_withheld_values_are_skipped_and_macro_f1_falls_back_to_the_local_scores():
+    """One hospital releases per-class counts, the other only its scores (its policy)."""
+    from strategies.metric_rules import WITHHELD, evaluate_metrics_rules
+
+    full = MetricRecord({"num-examples": 30, "aggregation-weight": 30, "eval-loss": 1.0,
+                         "accuracy": 0.9, "macro-f1": 0.8, "true-positives": [9, 18],
+                         "false-positives": [1, 2], "false-negatives": [2, 1], "hospital": 0})
+    aggregate = MetricRecord({"num-examples": 10, "aggregation-weight": 10, "eval-loss": 2.0,
+                              "accuracy": 0.5, "macro-f1": 0.4, "true-positives": [],
+                              "false-positives": [], "false-negatives": [], "hospital": 1})
+    silent = MetricRecord({"num-examples": 60, "aggregation-weight": 60,
+                           "eval-loss": WITHHELD, "accuracy": WITHHELD, "macro-f1": WITHHELD,
+                           "true-positives": [], "false-positives": [],
+                           "false-negatives": [], "hospital": 2})
+    rules = evaluate_metrics_rules()
+    combined = rules([RecordDict({"m": r}) for r in (full, aggregate, silent)],
+                     "aggregation-weight")
+    assert combined["accuracy"] == pytest.approx((0.9 * 30 + 0.5 * 10) / 40)
+    assert combined["macro-f1"] == pytest.approx((0.8 * 30 + 0.4 * 10) / 40)
+    assert "true-positives" not in combined, "partial counts would be wrong"
+    assert combined["num-examples"] == 100
+    _, per_hospital = rules.take()
+    assert "accuracy" not in per_hospital[2] and per_hospital[1]["accuracy"] == 0.5
