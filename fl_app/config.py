@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from strategies.config import CentralDpSettings, StrategySettings, TrackingSettings
 from tasks.config import (
+    AuditSettings,
     DataSettings,
     DataSource,
     DpSgdSettings,
@@ -52,6 +53,7 @@ class RunSettings:
     privacy: RunPrivacySettings = field(default_factory=RunPrivacySettings)
     strategy: StrategySettings = field(default_factory=StrategySettings)
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     num_rounds: int = 3
     seed: int = 42
 
@@ -123,6 +125,8 @@ def _check_values(cfg: DictConfig) -> None:
         ("strategy.min_hospitals", cfg.strategy.min_hospitals >= 1, "at least 1"),
         ("strategy.fraction_train", 0 < cfg.strategy.fraction_train <= 1, "in (0, 1]"),
         ("strategy.fraction_evaluate", 0 < cfg.strategy.fraction_evaluate <= 1, "in (0, 1]"),
+        ("audit.canary_norm", cfg.audit.canary_norm is None or cfg.audit.canary_norm > 0,
+         "greater than 0, or null (the DP-SGD clipping norm)"),
     ]
     for key, ok, expected in checks:
         if not ok:
@@ -209,7 +213,7 @@ def task_settings(cfg: DictConfig, labels: list[str]) -> TaskSettings:
                             train=OmegaConf.to_object(cfg.train),
                             privacy=PrivacySettings(
                                 dp_sgd=OmegaConf.to_object(cfg.privacy.dp_sgd)),
-                            seed=cfg.seed)
+                            audit=OmegaConf.to_object(cfg.audit), seed=cfg.seed)
     settings.data.labels = list(labels)
     return settings
 

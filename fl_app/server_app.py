@@ -35,6 +35,7 @@ from strategies.privacy_budget import PrivacyBudgetGate, TrainingStopped
 from strategies.registry import build_strategy
 from strategies.round_log import RoundLogger
 from strategies.tracking import RunTracker
+from strategies.update_recorder import UpdateRecorder
 from tasks.central_evaluation import CentralEvaluator
 from tasks.data import load_server_test_set, source_labels
 from tasks.model import (
@@ -135,6 +136,9 @@ def main(grid: Grid, context: Context) -> None:
         for report in reports:
             if report.declined:
                 strategy.exclude(report.node_id, report.declined)
+        if settings.audit.updates_dir:  # clinical-fl-audit: keep the audited hospital's updates
+            strategy = UpdateRecorder(strategy, settings.audit.hospital,
+                                      Path(settings.audit.updates_dir))
         round_logger = RoundLogger(tracker, grid, train_rules, evaluate_rules, central,
                                    settings.tracking.log_per_hospital, client_level_privacy)
 

@@ -38,7 +38,7 @@ _EVAL_NAMES = {"eval-loss": "federated/loss", "accuracy": "federated/accuracy",
 _HOSPITAL_NAMES = {"train-loss": "train_loss", "train-seconds": "train_s",
                    "num-examples": "records", "eval-loss": "loss", "accuracy": "accuracy",
                    "macro-f1": "macro_f1", "epsilon": "epsilon",
-                   "lifetime-epsilon": "lifetime_epsilon"}
+                   "delta": "delta", "lifetime-epsilon": "lifetime_epsilon"}
 
 
 class RoundLogger:

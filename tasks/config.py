@@ -170,6 +170,21 @@ class PrivacySettings:
 
 
 @dataclass
+class AuditSettings:
+    """The privacy audit's canaries (``clinical-fl-audit`` sets these; simulation only)."""
+
+    # JSONL of the canaries to add to one hospital's training records (tasks/audit/).
+    canaries_path: str | None = None
+    hospital: int = 0  # the audited hospital (partition id)
+    # Norm of a gradient canary; None: the DP-SGD clipping norm (under DP-SGD the canary is
+    # clipped to it anyway).
+    canary_norm: float | None = None
+    # Where the server keeps the audited hospital's updates (its view, for the white-box
+    # scores); server side only.
+    updates_dir: str | None = None
+
+
+@dataclass
 class TaskSettings:
     """What the server sends to each hospital."""
 
@@ -177,6 +192,7 @@ class TaskSettings:
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     seed: int = 42
     # Set by the server: the rounds each hospital is expected to train in, for calibrating
     # DP-SGD noise over the whole training (rounds x share of hospitals sampled per round).

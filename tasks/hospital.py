@@ -13,9 +13,11 @@ import torch
 from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerBase
 
+from tasks.audit.canaries import CANARY_COLUMN, GradientCanaries, read_canaries, with_canaries
 from tasks.batches import make_loader, tokenize
 from tasks.config import TaskSettings
 from tasks.data import HospitalData, load_hospital_data
+from tasks.errors import TaskInputError
 from tasks.evaluation import EvalOutcome, evaluate
 from tasks.model import build_model, load_tokenizer, load_trainable_state, trainable_state
 from tasks.privacy.accounting import Step
@@ -59,10 +61,24 @@ def _cached_records(key: str, settings: TaskSettings, labels: tuple[str, ...],
             _RECORDS.clear()
         data = load_hospital_data(settings.data, list(labels), partition_id, num_partitions,
                                   data_path)
+        data.train = _audit_canaries(settings, partition_id, data_path, data.train)
         max_length = settings.model.max_length
         _RECORDS[key] = (data, tokenize(data.train, tokenizer, max_length),
                          tokenize(data.eval, tokenizer, max_length))
     return _RECORDS[key]
+
+
+def _audit_canaries(settings: TaskSettings, partition_id: int, data_path: str | None,
+                    train: datasets.Dataset) -> datasets.Dataset:
+    """The audited hospital's training records with the audit's canaries (simulation only:
+    a real hospital never lets the server add records to its training set)."""
+    audit = settings.audit
+    if not audit.canaries_path or partition_id != audit.hospital:
+        return train
+    if data_path:
+        raise TaskInputError(f"hospital {partition_id}: audit.canaries_path is set, but audit "
+                             "canaries are for simulation only; a deployed hospital refuses them")
+    return with_canaries(train, read_canaries(audit.canaries_path))
 
 
 class Hospital:
@@ -80,11 +96,17 @@ class Hospital:
             torch.set_num_threads(settings.train.num_threads)
         model_key = _key(settings.model, settings.seed, tuple(labels))
         self.model, self.tokenizer = _cached_model(model_key, settings, tuple(labels))
-        data_key = _key(settings.data, settings.model, tuple(labels), partition_id,
-                        num_partitions, data_path)
+        data_key = _key(settings.data, settings.model, settings.audit, tuple(labels),
+                        partition_id, num_partitions, data_path)
         self.data, self._train, self._eval = _cached_records(
             data_key, settings, tuple(labels), partition_id, num_partitions, self.tokenizer,
             data_path)
+        self.canaries = None
+        if CANARY_COLUMN in self.data.train.column_names:
+            trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            norm = settings.audit.canary_norm or settings.privacy.dp_sgd.max_grad_norm
+            self.canaries = GradientCanaries(
+                trainable, read_canaries(settings.audit.canaries_path), norm)
 
     @property
     def uses_dp_sgd(self) -> bool:
@@ -123,7 +145,8 @@ class Hospital:
         loader = make_loader(self._train, self.tokenizer, self.settings.train.batch_size,
                              shuffle=True, seed=seed)
         if not self.uses_dp_sgd:
-            outcome = train_locally(self.model, loader, self.settings.train, proximal_mu)
+            outcome = train_locally(self.model, loader, self.settings.train, proximal_mu,
+                                    canaries=self.canaries)
             return trainable_state(self.model), outcome
         if ledger is None:
             raise ValueError("DP-SGD training needs the hospital's privacy ledger")
@@ -137,7 +160,7 @@ class Hospital:
         outcome = train_with_dp_sgd(self.model, loader, self.settings.train,
                                     plan.noise_multiplier, plan.max_grad_norm,
                                     self.settings.privacy.dp_sgd.grad_sample_mode,
-                                    ledger.history)
+                                    ledger.history, canaries=self.canaries)
         ledger.rounds_trained.append(server_round)
         outcome.privacy = privacy_report(plan, ledger)
         return trainable_state(self.model), outcome

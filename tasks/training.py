@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
+from tasks.audit.canaries import CANARY_COLUMN, NOT_A_CANARY, GradientCanaries
 from tasks.config import OptimizerName, TrainSettings
 
 
@@ -58,11 +59,13 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.opt
 
 
 def train_locally(model: torch.nn.Module, loader: DataLoader, settings: TrainSettings,
-                  proximal_mu: float = 0.0) -> TrainOutcome:
+                  proximal_mu: float = 0.0,
+                  canaries: GradientCanaries | None = None) -> TrainOutcome:
     """Run ``settings.local_epochs`` passes of the optimizer over the trainable parameters.
 
     ``proximal_mu`` > 0 adds FedProx's term (mu/2)·||w - w_global||², which keeps
     a hospital with skewed data from drifting far from the global adapter.
+    ``canaries``: the privacy audit's gradient canaries (tasks/audit/canaries.py).
     """
     start = time.perf_counter()
     model.train()
@@ -73,14 +76,23 @@ def train_locally(model: torch.nn.Module, loader: DataLoader, settings: TrainSet
     for _ in range(settings.local_epochs):
         for batch in loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = model(**batch).loss
+            canary_ids = batch.pop(CANARY_COLUMN, None)
             batch_size = batch["labels"].shape[0]
+            if canaries is None or canary_ids is None:
+                loss = model(**batch).loss
+            else:  # a gradient canary's own loss does not count: its gradient is set below
+                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                per_record = torch.nn.functional.cross_entropy(logits, batch["labels"],
+                                                               reduction="none")
+                loss = (per_record * (canary_ids == NOT_A_CANARY)).sum() / batch_size
             total_loss += loss.item() * batch_size
             seen += batch_size
             if proximal_mu > 0:
                 drift = sum((p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True))
                 loss = loss + proximal_mu / 2 * drift
             loss.backward()
+            if canaries is not None and canary_ids is not None:
+                canaries.add_to_grads(canary_ids, batch_size)
             if settings.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             optimizer.step()

@@ -24,13 +24,14 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
 
+from tasks.audit.canaries import CANARY_COLUMN, GradientCanaries
 from tasks.config import GradSampleMode, TrainSettings
 from tasks.privacy.accounting import Step
 from tasks.training import TrainOutcome, make_optimizer
 
 
 def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    return model(**{k: v for k, v in batch.items() if k not in ("labels", CANARY_COLUMN)}).logits
 
 
 def with_secret_sampling(loader: DataLoader) -> DataLoader:
@@ -45,13 +46,15 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
                       noise_multiplier: float, max_grad_norm: float,
                       grad_sample_mode: GradSampleMode, history: list[Step],
                       poisson_sampling: bool = True,
-                      noise_seed: int | None = None) -> TrainOutcome:
+                      noise_seed: int | None = None,
+                      canaries: GradientCanaries | None = None) -> TrainOutcome:
     """``settings.local_epochs`` epochs of DP-SGD (the optimizer steps on privatized gradients).
 
     ``history`` is the hospital's accountant history; the steps taken here are
     appended to it by Opacus' own accountant hook, step by step.
     ``poisson_sampling=False`` and ``noise_seed`` exist for tests that compare
-    against non-private training; they void the privacy guarantee.
+    against non-private training; they void the privacy guarantee. ``canaries``: the
+    privacy audit's gradient canaries (tasks/audit/canaries.py).
     """
     start = time.perf_counter()
     model.train()  # Opacus records activations only in training mode
@@ -87,6 +90,8 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
                 batch_size = int(batch["labels"].shape[0])
                 loss = criterion(_logits(model, batch), batch["labels"])
                 loss.backward()
+                if canaries is not None and CANARY_COLUMN in batch:
+                    canaries.replace_grad_samples(batch[CANARY_COLUMN])
                 dp_optimizer.step()  # clip per record, add noise, record the step
                 steps += 1
                 if batch_size:
