@@ -76,6 +76,7 @@ def test_a_private_train_reply_states_its_cumulative_privacy_and_weight_for_cent
     assert metrics["noise-multiplier"] == 1.1 and metrics["dp-steps"] == 30
     assert metrics["can-train-next"] == 1 and metrics["aggregation-weight"] == 1
     assert "train-loss" not in metrics, "an unprotected statistic of the training records"
+    assert "train-seconds" not in metrics, "a round's duration follows its Poisson batches"
 
 
 def test_a_refusal_sends_no_update_only_the_reason():
