@@ -14,7 +14,7 @@ from fl_app.hospital_state import hospital_policy, load_ledger, save_ledger
 from fl_app.replies import evaluate_reply, preflight_reply, refusal_reply, train_reply
 from tasks.data import load_hospital_data
 from tasks.errors import TaskInputError
-from tasks.hospital import Hospital
+from tasks.hospital import Hospital, refuse_audit_in_deployment
 from tasks.privacy.plan import (
     PolicyRefusal,
     PrivacyBudgetError,
@@ -66,6 +66,7 @@ def preflight(msg: Message, context: Context) -> Message:
     try:
         settings = task_settings_from_yaml(str(msg.content["config"][TASK_KEY]))
         partition_id, num_partitions = _partition(context)
+        refuse_audit_in_deployment(settings, partition_id, _data_path(context))
         data = load_hospital_data(settings.data, settings.data.labels, partition_id,
                                   num_partitions, _data_path(context))
         policy = hospital_policy(context, data.hospital)

@@ -17,6 +17,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from strategies.wrapper import StrategyWrapper
+
 log = logging.getLogger(__name__)
 
 # Error code of a hospital's reply refusing a round over its privacy budget or policy.
@@ -29,7 +31,7 @@ class TrainingStopped(Exception):
     """Training ended before the planned rounds, for the reason given."""
 
 
-class PrivacyBudgetGate(Strategy):
+class PrivacyBudgetGate(StrategyWrapper):
     """Wraps a strategy; only hospitals within budget are sent training messages.
 
     ``all_or_nothing``: stop as soon as any hospital is out of budget, for
@@ -38,7 +40,7 @@ class PrivacyBudgetGate(Strategy):
 
     def __init__(self, strategy: Strategy, all_or_nothing: bool = False,
                  on_refusal: Callable[[int, str], None] | None = None) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.all_or_nothing = all_or_nothing
         self.on_refusal = on_refusal  # (node id, reason): e.g. to record it in MLflow
         self.exhausted: dict[int, str] = {}  # node id -> why
@@ -81,14 +83,6 @@ class PrivacyBudgetGate(Strategy):
                     self.exclude(node, f"hospital {hospital} cannot afford another round "
                                        "within its privacy budget")
         return self.strategy.aggregate_train(server_round, replies)
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int,
-                           replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
     def _why(self) -> str:
         return "; ".join(sorted(self.exhausted.values()))

@@ -16,6 +16,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from strategies.wrapper import StrategyWrapper
+
 log = logging.getLogger(__name__)
 
 
@@ -23,12 +25,12 @@ def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True))
 
 
-class UpdateRecorder(Strategy):
+class UpdateRecorder(StrategyWrapper):
     """Wraps a strategy; writes hospital ``hospital``'s update of round r to
     ``directory/round-<r>.npz`` (one array per trainable parameter)."""
 
     def __init__(self, strategy: Strategy, hospital: int, directory: Path) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.hospital = hospital
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -57,11 +59,3 @@ class UpdateRecorder(Strategy):
             np.savez(self.directory / f"round-{server_round}.npz",
                      **{k: v - sent[k] for k, v in received.items()})
         return self.strategy.aggregate_train(server_round, replies)
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int,
-                           replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)

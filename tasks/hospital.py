@@ -68,16 +68,22 @@ def _cached_records(key: str, settings: TaskSettings, labels: tuple[str, ...],
     return _RECORDS[key]
 
 
+def refuse_audit_in_deployment(settings: TaskSettings, partition_id: int,
+                               data_path: str | None) -> None:
+    """A real hospital (reading its own data-path) never lets the server add records to its
+    training set: the audit's canaries are for simulation only."""
+    if settings.audit.canaries_path and data_path:
+        raise TaskInputError(f"hospital {partition_id}: audit.canaries_path is set, but audit "
+                             "canaries are for simulation only; a deployed hospital refuses them")
+
+
 def _audit_canaries(settings: TaskSettings, partition_id: int, data_path: str | None,
                     train: datasets.Dataset) -> datasets.Dataset:
-    """The audited hospital's training records with the audit's canaries (simulation only:
-    a real hospital never lets the server add records to its training set)."""
+    """The audited hospital's training records with the audit's canaries."""
+    refuse_audit_in_deployment(settings, partition_id, data_path)
     audit = settings.audit
     if not audit.canaries_path or partition_id != audit.hospital:
         return train
-    if data_path:
-        raise TaskInputError(f"hospital {partition_id}: audit.canaries_path is set, but audit "
-                             "canaries are for simulation only; a deployed hospital refuses them")
     return with_canaries(train, read_canaries(audit.canaries_path))
 
 
