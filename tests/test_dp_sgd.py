@@ -143,3 +143,19 @@ def test_the_accountant_hook_records_every_step(setup):
     assert outcome.num_steps == 2 * batches
     assert history == [(2.0, 0.5, 3), (1.5, 1 / batches, 2 * batches)]
     assert not any(hasattr(p, "grad_sample") for p in model.parameters()), "hooks removed"
+
+
+@pytest.mark.parametrize("mode", [GradSampleMode.hooks, GradSampleMode.ghost])
+def test_an_empty_poisson_batch_takes_a_noise_only_step(setup, mode):
+    """Secret sampling makes empty batches possible in any run ((1-q)^N per step): here 2
+    records at rate 1/2, so about one step in four draws none. Each still adds noise and
+    counts in the accountant; none crashes the model."""
+    model, tokenizer, records, start = setup
+    load_trainable_state(model, start)
+    history = []
+    outcome = train_with_dp_sgd(model, make_loader(records.select(range(2)), tokenizer, 1,
+                                                   shuffle=True), TrainSettings(local_epochs=20),
+                                noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode,
+                                history=history)
+    assert outcome.num_steps == 40 and history == [(1.0, 0.5, 40)]
+    assert all(torch.isfinite(v).all() for v in trainable_state(model).values())

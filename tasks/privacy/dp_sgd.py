@@ -42,6 +42,25 @@ def with_secret_sampling(loader: DataLoader) -> DataLoader:
                       collate_fn=loader.collate_fn, generator=secret)
 
 
+def _noise_only_step(dp_optimizer: torch.optim.Optimizer) -> None:
+    """An empty Poisson batch (every record left out, probability (1-q)^N) still takes its
+    step: the noise alone, recorded by the accountant like any other. The model cannot run
+    on zero notes (attention reshapes fail), so the empty per-record gradients are set here."""
+    for param in dp_optimizer.params:
+        param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
+        param.grad = torch.zeros_like(param)  # ghost clipping reads the summed gradient
+    dp_optimizer.step()
+
+
+def _shape_empty_batches_like_a_record(dp_loader: DataLoader) -> None:
+    """Opacus makes an empty batch in the shape of the first non-empty one; when the very
+    first draw is empty it falls back to shapes read from ``dataset[0]``, which fails for
+    records that are dicts (ours). Give it that template before the first draw."""
+    collate = dp_loader.collate_fn
+    if getattr(collate, "first_batch", False) is None:  # opacus' CollateFnWithEmpty
+        collate.first_batch = collate.wrapped_collator_fn([dp_loader.dataset[0]])
+
+
 def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: TrainSettings,
                       noise_multiplier: float, max_grad_norm: float,
                       grad_sample_mode: GradSampleMode, history: list[Step],
@@ -80,6 +99,8 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
         grad_hooks, dp_optimizer, dp_loader = parts
         criterion = torch.nn.CrossEntropyLoss()
 
+    if poisson_sampling:
+        _shape_empty_batches_like_a_record(dp_loader)
     total_loss, seen, steps = 0.0, 0, 0
     # Token ids never require grad, so torch notes that backward hooks see outputs only.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -88,15 +109,18 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
             for batch in dp_loader:
                 dp_optimizer.zero_grad(set_to_none=True)
                 batch_size = int(batch["labels"].shape[0])
+                if batch_size == 0:
+                    _noise_only_step(dp_optimizer)
+                    steps += 1
+                    continue
                 loss = criterion(_logits(model, batch), batch["labels"])
                 loss.backward()
                 if canaries is not None and CANARY_COLUMN in batch:
                     canaries.replace_grad_samples(batch[CANARY_COLUMN])
                 dp_optimizer.step()  # clip per record, add noise, record the step
                 steps += 1
-                if batch_size:
-                    total_loss += float(loss.detach()) * batch_size
-                    seen += batch_size
+                total_loss += float(loss.detach()) * batch_size
+                seen += batch_size
     finally:
         # The model object is reused for evaluation and the next round: drop Opacus' hooks.
         grad_hooks.cleanup()
