@@ -180,6 +180,6 @@ def plan_dp_sgd(settings: DpSgdSettings, hospital: int, train_records: int, batc
                 f"multiplier {noise:.3g}) spends epsilon {first:.3g} at delta {delta:.3g}")
         refusal = plan.refusal([], 1)
         if refusal and policy.max_epsilon is not None:
-            raise PolicyRefusal(refusal.replace("round 1 would", "one round would")
-                                + " (the noise is too low for the remaining lifetime budget)")
+            raise PolicyRefusal(f"{refusal} (the noise is too low for the remaining lifetime "
+                                "budget)")
     return plan
