@@ -29,11 +29,11 @@ import statistics
 import torch
 from opacus.accountants.utils import get_noise_multiplier
 
-from tasks.batches import make_loader
-from tasks.config import DataSettings, ModelSettings, TaskSettings, TrainSettings
-from tasks.data import source_labels
+from tasks.data.hospital_data import source_labels
 from tasks.hospital import Hospital
-from tasks.model import DEFAULT_MODEL_ID
+from tasks.learning.batches import make_loader
+from tasks.model.build import DEFAULT_MODEL_ID
+from tasks.task_settings import DataSettings, ModelSettings, TaskSettings, TrainSettings
 
 HOSPITALS = 2
 

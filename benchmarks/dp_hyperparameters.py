@@ -16,7 +16,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from tasks.config import (
+from tasks.data.hospital_data import source_labels
+from tasks.hospital import Hospital
+from tasks.model.build import DEFAULT_MODEL_ID, trainable_state
+from tasks.privacy.ledger import PrivacyLedger
+from tasks.task_settings import (
     DataSettings,
     DpSgdSettings,
     ModelSettings,
@@ -24,10 +28,6 @@ from tasks.config import (
     TaskSettings,
     TrainSettings,
 )
-from tasks.data import source_labels
-from tasks.hospital import Hospital
-from tasks.model import DEFAULT_MODEL_ID, trainable_state
-from tasks.privacy.ledger import PrivacyLedger
 
 
 def federated_accuracy(settings: TaskSettings, rounds: int, hospitals: int) -> float:

@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from tasks.batches import make_loader, tokenize
-from tasks.config import DataSettings, GradSampleMode, ModelSettings, TrainSettings
-from tasks.data import load_hospital_data, source_labels
-from tasks.model import (
+from tasks.data.hospital_data import load_hospital_data, source_labels
+from tasks.learning.batches import make_loader, tokenize
+from tasks.learning.training import train_locally
+from tasks.model.build import (
     DEFAULT_MODEL_ID,
     build_model,
     load_tokenizer,
@@ -29,7 +29,7 @@ from tasks.model import (
     trainable_state,
 )
 from tasks.privacy.dp_sgd import train_with_dp_sgd
-from tasks.training import train_locally
+from tasks.task_settings import DataSettings, GradSampleMode, ModelSettings, TrainSettings
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ out="${1:?usage: example-data.sh OUT_DIR [HOSPITALS] [NOTES]}"; hospitals="${2:-
 mkdir -p "$out"
 .venv/bin/python - "$out" "$hospitals" "$notes" <<'PY'
 import csv, sys
-from tasks.synthetic_notes import generate_hospital_notes
+from tasks.data.synthetic_notes import generate_hospital_notes
 out, hospitals, notes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 for k in range(hospitals):
     path = f"{out}/hospital-{k}.csv"

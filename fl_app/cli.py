@@ -27,9 +27,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from fl_app.config import CONF_DIR, ConfigError, validate_config
 from fl_app.flower_runs import COMPLETED, run_status, started_run_id
 from fl_app.paths import project_root
+from fl_app.run_settings import CONF_DIR, ConfigError, validate_config
 from fl_app.sweep import FAILED_JOBS, PARENT_RUN_ENV, SWEEP_NAME_ENV
 
 OFFLINE_FLOWER_ENV = {

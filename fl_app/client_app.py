@@ -9,10 +9,11 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from fl_app.client_mods import asks_for_clipping, clip_update_for_client_level_dp
-from fl_app.config import task_settings_from_yaml
 from fl_app.hospital_state import hospital_policy, load_ledger, save_ledger
 from fl_app.replies import evaluate_reply, preflight_reply, refusal_reply, train_reply
-from tasks.data import load_hospital_data
+from fl_app.run_settings import task_settings_from_yaml
+from protocol import messages as m
+from tasks.data.hospital_data import load_hospital_data
 from tasks.errors import TaskInputError
 from tasks.hospital import Hospital, refuse_audit_in_deployment
 from tasks.privacy.plan import (
@@ -22,8 +23,6 @@ from tasks.privacy.plan import (
     plan_dp_sgd,
     refuse_without_dp,
 )
-
-TASK_KEY = "task"  # ConfigRecord key holding the server's task settings (YAML)
 
 app = ClientApp()
 
@@ -49,13 +48,13 @@ def _data_path(context: Context) -> str | None:
 
 
 def _hospital(msg: Message, context: Context) -> Hospital:
-    settings = task_settings_from_yaml(str(msg.content["config"][TASK_KEY]))
+    settings = task_settings_from_yaml(str(msg.content[m.CONFIG_RECORD][m.TASK_KEY]))
     partition_id, num_partitions = _partition(context)
     return Hospital(settings, settings.data.labels, partition_id, num_partitions,
                     _data_path(context))
 
 
-@app.query("preflight")
+@app.query(m.PREFLIGHT_QUERY)
 def preflight(msg: Message, context: Context) -> Message:
     """Check this hospital's data and privacy settings against the server's before any
     training: an empty partition, unknown labels, a delta too large for the records or a
@@ -64,7 +63,7 @@ def preflight(msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config.get("partition-id", -1))
     declined = ""
     try:
-        settings = task_settings_from_yaml(str(msg.content["config"][TASK_KEY]))
+        settings = task_settings_from_yaml(str(msg.content[m.CONFIG_RECORD][m.TASK_KEY]))
         partition_id, num_partitions = _partition(context)
         refuse_audit_in_deployment(settings, partition_id, _data_path(context))
         data = load_hospital_data(settings.data, settings.data.labels, partition_id,
@@ -101,8 +100,8 @@ def preflight(msg: Message, context: Context) -> Message:
 @app.train(mods=[clip_update_for_client_level_dp])
 def train(msg: Message, context: Context) -> Message:
     hospital = _hospital(msg, context)
-    config = msg.content["config"]
-    global_state = msg.content["arrays"].to_torch_state_dict()
+    config = msg.content[m.CONFIG_RECORD]
+    global_state = msg.content[m.ARRAYS_RECORD].to_torch_state_dict()
     policy = hospital_policy(context, hospital.data.hospital)
     lifetime = ledger = None
     if hospital.uses_dp_sgd:
@@ -110,8 +109,8 @@ def train(msg: Message, context: Context) -> Message:
                                        hospital.settings.privacy.dp_sgd.accountant)
     try:
         state, outcome = hospital.train(
-            global_state, int(config.get("server-round", 0)),
-            proximal_mu=float(config.get("proximal-mu", 0.0)), ledger=ledger, policy=policy,
+            global_state, int(config.get(m.SERVER_ROUND_KEY, 0)),
+            proximal_mu=float(config.get(m.PROXIMAL_MU_KEY, 0.0)), ledger=ledger, policy=policy,
             prior_history=lifetime.history(except_run=context.run_id) if lifetime else ())
     except PrivacyBudgetError as refusal:
         return refusal_reply(msg, str(refusal))
@@ -124,7 +123,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     hospital = _hospital(msg, context)
-    arrays: ArrayRecord = msg.content["arrays"]
+    arrays: ArrayRecord = msg.content[m.ARRAYS_RECORD]
     outcome = hospital.evaluate(arrays.to_torch_state_dict())
     release = hospital_policy(context, hospital.data.hospital).eval_release(
         hospital.uses_dp_sgd)

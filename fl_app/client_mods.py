@@ -6,8 +6,7 @@ from flwr.app import Context, Message
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
-# Key in the train config by which Flower's client-side fixed-clipping wrapper asks for clipping.
-CLIPPING_NORM_KEY = "clipping_norm"
+from protocol.messages import CLIPPING_NORM_KEY
 
 
 def asks_for_clipping(msg: Message) -> bool:

@@ -12,14 +12,14 @@ import tempfile
 from pathlib import Path
 
 from tasks.errors import TaskInputError
-from tasks.predict import classify
+from tasks.model.predict import classify
 
 
 def _adapter_from_run(run_id: str, tracking_uri: str | None) -> Path:
     import mlflow
 
     from fl_app.paths import project_root
-    from strategies.tracking import default_store
+    from tracking.run_tracker import default_store
 
     mlflow.set_tracking_uri(tracking_uri or default_store(project_root())[0])
     target = Path(tempfile.mkdtemp(prefix="adapter-"))

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from protocol import messages as m
 from tasks.errors import HospitalDataError
 
-PREFLIGHT_TYPE = "query.preflight"
+PREFLIGHT_TYPE = f"query.{m.PREFLIGHT_QUERY}"
 
 
 @dataclass
@@ -45,7 +46,7 @@ def wait_for_hospitals(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
 def run_preflight(grid: Grid, config: ConfigRecord, minimum: int,
                   timeout_s: float) -> list[HospitalReport]:
     nodes = wait_for_hospitals(grid, minimum, timeout_s)
-    messages = [Message(RecordDict({"config": config}), dst_node_id=node,
+    messages = [Message(RecordDict({m.CONFIG_RECORD: config}), dst_node_id=node,
                         message_type=PREFLIGHT_TYPE) for node in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout_s))
     problems, reports = [], []
@@ -56,16 +57,16 @@ def run_preflight(grid: Grid, config: ConfigRecord, minimum: int,
         if reply.has_error():
             problems.append(f"node {node}: preflight failed: {reply.error.reason}")
             continue
-        status = reply.content["status"]
-        if not status["ok"]:
-            problems.append(str(status["problem"]))
+        status = reply.content[m.PREFLIGHT_STATUS_RECORD]
+        if not status[m.PREFLIGHT_OK]:
+            problems.append(str(status[m.PREFLIGHT_PROBLEM]))
             continue
-        counts = reply.content["counts"]
-        reports.append(HospitalReport(node, int(status["hospital"]), int(counts["train-records"]),
-                                      int(counts["eval-records"]),
-                                      [int(c) for c in counts.get("label-counts", [])],
-                                      int(counts.get("empty-texts-dropped", 0)),
-                                      str(status.get("declined", ""))))
+        counts = reply.content[m.PREFLIGHT_COUNTS_RECORD]
+        reports.append(HospitalReport(
+            node, int(status[m.PREFLIGHT_HOSPITAL]), int(counts[m.TRAIN_RECORDS]),
+            int(counts[m.EVAL_RECORDS]), [int(c) for c in counts.get(m.LABEL_COUNTS, [])],
+            int(counts.get(m.EMPTY_TEXTS_DROPPED, 0)),
+            str(status.get(m.PREFLIGHT_DECLINED, ""))))
     problems += [f"node {node}: no preflight reply within {timeout_s:.0f} s"
                  for node in nodes if node not in answered]
     if problems:

@@ -9,6 +9,8 @@ evaluation metrics its policy releases (``aggregate`` by default: accuracy,
 loss and macro-F1 of its held-out notes; per-class counts withheld). No training
 loss, no per-label training counts, no timing: each is an exact function of
 the private records (a round's duration follows the Poisson batch sizes).
+Every key is defined, with its rule and what may be sent under DP-SGD, in
+``protocol/messages.py``.
 """
 
 from __future__ import annotations
@@ -16,12 +18,10 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from strategies.metric_rules import WITHHELD
-from strategies.privacy_budget import CAN_TRAIN_NEXT_KEY, PRIVACY_BUDGET_REFUSED
-from strategies.registry import WEIGHT_KEY
-from tasks.evaluation import EvalOutcome
+from protocol import messages as m
+from tasks.learning.evaluation import EvalOutcome
+from tasks.learning.training import TrainOutcome
 from tasks.privacy.policy import EvalRelease
-from tasks.training import TrainOutcome
 
 
 def train_reply(msg: Message, state: dict[str, torch.Tensor], outcome: TrainOutcome,
@@ -29,35 +29,35 @@ def train_reply(msg: Message, state: dict[str, torch.Tensor], outcome: TrainOutc
     """``equal_weight``: client-level DP on the server averages hospitals with equal weights."""
     arrays = ArrayRecord({k: v.to(torch.float32) for k, v in state.items()})
     values: dict[str, int | float] = {
-        "num-examples": outcome.num_examples,
-        WEIGHT_KEY: 1 if equal_weight else outcome.num_examples,
-        "hospital": hospital,
+        m.NUM_EXAMPLES: outcome.num_examples,
+        m.WEIGHT_KEY: 1 if equal_weight else outcome.num_examples,
+        m.HOSPITAL: hospital,
     }
     if outcome.privacy is None:
-        values["train-loss"] = outcome.loss
-        values["train-seconds"] = outcome.seconds
+        values[m.TRAIN_LOSS] = outcome.loss
+        values[m.TRAIN_SECONDS] = outcome.seconds
     else:
-        # No training loss under DP-SGD: it is computed on the training records without
-        # noise, outside what epsilon covers. The privacy state is cumulative over the run.
+        # What the protocol's table allows under DP-SGD: no training loss (computed on the
+        # training records without noise), no timing. The privacy state is cumulative.
         report = outcome.privacy
         values.update({
-            "epsilon": report.epsilon,
-            "delta": report.delta,
-            "noise-multiplier": report.noise_multiplier,
-            "clipping-norm": report.max_grad_norm,
-            "sample-rate": report.sample_rate,
-            "dp-steps": report.steps,
-            "lifetime-epsilon": report.lifetime_epsilon,
-            "lifetime-delta": report.hospital_delta,
-            CAN_TRAIN_NEXT_KEY: int(report.can_train_next_round),
+            m.EPSILON: report.epsilon,
+            m.DELTA: report.delta,
+            m.NOISE_MULTIPLIER: report.noise_multiplier,
+            m.CLIPPING_NORM: report.max_grad_norm,
+            m.SAMPLE_RATE: report.sample_rate,
+            m.DP_STEPS: report.steps,
+            m.LIFETIME_EPSILON: report.lifetime_epsilon,
+            m.LIFETIME_DELTA: report.hospital_delta,
+            m.CAN_TRAIN_NEXT: int(report.can_train_next_round),
         })
-    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(values)}),
+    return Message(RecordDict({m.ARRAYS_RECORD: arrays, m.METRICS_RECORD: MetricRecord(values)}),
                    reply_to=msg)
 
 
 def refusal_reply(msg: Message, reason: str) -> Message:
     """A hospital declines a round over its privacy budget: no update, only the reason."""
-    return Message(Error(code=PRIVACY_BUDGET_REFUSED, reason=reason), reply_to=msg)
+    return Message(Error(code=m.PRIVACY_BUDGET_REFUSED, reason=reason), reply_to=msg)
 
 
 def evaluate_reply(msg: Message, outcome: EvalOutcome, hospital: int,
@@ -73,17 +73,17 @@ def evaluate_reply(msg: Message, outcome: EvalOutcome, hospital: int,
     # add up to the held-out label histogram, so only the full release has them.
     counts = release == EvalRelease.full
     metrics = MetricRecord({
-        "num-examples": outcome.num_examples,
-        WEIGHT_KEY: outcome.num_examples,
-        "eval-loss": outcome.loss if scores else WITHHELD,
-        "accuracy": outcome.accuracy if scores else WITHHELD,
-        "macro-f1": outcome.macro_f1 if scores else WITHHELD,
-        "true-positives": outcome.true_positives if counts else [],
-        "false-positives": outcome.false_positives if counts else [],
-        "false-negatives": outcome.false_negatives if counts else [],
-        "hospital": hospital,
+        m.NUM_EXAMPLES: outcome.num_examples,
+        m.WEIGHT_KEY: outcome.num_examples,
+        m.EVAL_LOSS: outcome.loss if scores else m.WITHHELD,
+        m.ACCURACY: outcome.accuracy if scores else m.WITHHELD,
+        m.MACRO_F1: outcome.macro_f1 if scores else m.WITHHELD,
+        m.TRUE_POSITIVES: outcome.true_positives if counts else [],
+        m.FALSE_POSITIVES: outcome.false_positives if counts else [],
+        m.FALSE_NEGATIVES: outcome.false_negatives if counts else [],
+        m.HOSPITAL: hospital,
     })
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({m.METRICS_RECORD: metrics}), reply_to=msg)
 
 
 def preflight_reply(msg: Message, hospital: int, label_counts: list[int] | None,
@@ -92,10 +92,11 @@ def preflight_reply(msg: Message, hospital: int, label_counts: list[int] | None,
     """Whether this hospital can take part, and how many records of each label it holds
     (``label_counts`` None: not shared, as under DP-SGD). ``problem`` stops the run;
     ``declined`` (its privacy policy refuses the run) only keeps this hospital out."""
-    status = ConfigRecord({"ok": not problem, "problem": problem, "hospital": hospital,
-                           "declined": declined})
-    counts = MetricRecord({"train-records": train_records, "eval-records": eval_records,
-                           "empty-texts-dropped": empty_texts_dropped})
+    status = ConfigRecord({m.PREFLIGHT_OK: not problem, m.PREFLIGHT_PROBLEM: problem,
+                           m.PREFLIGHT_HOSPITAL: hospital, m.PREFLIGHT_DECLINED: declined})
+    counts = MetricRecord({m.TRAIN_RECORDS: train_records, m.EVAL_RECORDS: eval_records,
+                           m.EMPTY_TEXTS_DROPPED: empty_texts_dropped})
     if label_counts:
-        counts["label-counts"] = label_counts
-    return Message(RecordDict({"status": status, "counts": counts}), reply_to=msg)
+        counts[m.LABEL_COUNTS] = label_counts
+    return Message(RecordDict({m.PREFLIGHT_STATUS_RECORD: status,
+                               m.PREFLIGHT_COUNTS_RECORD: counts}), reply_to=msg)

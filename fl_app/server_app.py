@@ -17,8 +17,9 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 from omegaconf import OmegaConf
 
-from fl_app.client_app import TASK_KEY
-from fl_app.config import (
+from fl_app.paths import project_root
+from fl_app.preflight import run_preflight, wait_for_hospitals
+from fl_app.run_settings import (
     RunSettings,
     compose_config,
     parse_overrides,
@@ -26,25 +27,24 @@ from fl_app.config import (
     task_settings_to_yaml,
     to_run_settings,
 )
-from fl_app.paths import project_root
-from fl_app.preflight import run_preflight, wait_for_hospitals
+from protocol.messages import TASK_KEY
 from strategies.central_dp import with_client_level_dp
-from strategies.metered_grid import MeteredGrid
 from strategies.metric_rules import evaluate_metrics_rules, train_metrics_rules
 from strategies.privacy_budget import PrivacyBudgetGate, TrainingStopped
 from strategies.registry import build_strategy
-from strategies.round_log import RoundLogger
-from strategies.tracking import RunTracker
 from strategies.update_recorder import UpdateRecorder
-from tasks.central_evaluation import CentralEvaluator
-from tasks.data import load_server_test_set, source_labels
-from tasks.model import (
+from tasks.data.hospital_data import load_server_test_set, source_labels
+from tasks.learning.central_evaluation import CentralEvaluator
+from tasks.model.build import (
     build_model,
     load_tokenizer,
     load_trainable_state,
     save_adapter,
     trainable_state,
 )
+from tracking.metered_grid import MeteredGrid
+from tracking.round_log import RoundLogger
+from tracking.run_tracker import RunTracker
 
 log = logging.getLogger(__name__)
 

@@ -4,73 +4,24 @@ Flower's default averages every key weighted by examples. That is right for
 accuracy and loss, wrong for counts (they add up), for timings (the round
 waits for the slowest hospital), and for macro-F1: the federation's macro-F1
 comes from the summed per-class counts, not from a mean of local scores.
-A key with no rule is an error rather than silently averaged.
+A key with no rule is an error rather than silently averaged. The rules are the
+protocol's table (``protocol/messages.py``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from enum import Enum
 
 from flwr.app import MetricRecord, RecordDict
+
+from protocol import messages as m
+from protocol.messages import Rule, released
 
 Scalar = int | float
 Value = Scalar | list[int] | list[float]
 
-
-# A value a hospital's policy does not release: NaN for a score, an empty list for counts.
-# Replies keep every key (Flower aggregates only replies with identical keys); rules skip it.
-WITHHELD = math.nan
-
-
-def released(value: Value) -> bool:
-    if isinstance(value, list):
-        return bool(value)
-    return not (isinstance(value, float) and math.isnan(value))
-
-
-class Rule(Enum):
-    WEIGHTED_MEAN = "weighted_mean"  # by the weighting key (records seen)
-    SUM = "sum"  # element-wise for lists
-    MAX = "max"
-    MIN = "min"
-    MAX_AND_MEAN = "max_and_mean"  # the key holds the max; "<key>-mean" the plain mean
-    PER_HOSPITAL = "per_hospital"  # reported per hospital, never combined
-
-
-TRAIN_RULES: dict[str, Rule] = {
-    "num-examples": Rule.SUM,
-    "aggregation-weight": Rule.PER_HOSPITAL,
-    "train-loss": Rule.WEIGHTED_MEAN,
-    "train-seconds": Rule.MAX,
-    "hospital": Rule.PER_HOSPITAL,
-    # Record-level DP (DP-SGD), cumulative per hospital. The federation is as private as
-    # its least private hospital: epsilon and delta by max, noise by min.
-    "epsilon": Rule.MAX_AND_MEAN,
-    "delta": Rule.MAX,
-    "noise-multiplier": Rule.MIN,
-    "clipping-norm": Rule.MAX,
-    "sample-rate": Rule.MAX,
-    "dp-steps": Rule.MAX,
-    # The hospital's epsilon over every run on its ledger, at its own delta (its policy).
-    "lifetime-epsilon": Rule.MAX,
-    "lifetime-delta": Rule.MAX,
-    "can-train-next": Rule.SUM,  # hospitals that can afford one more round
-}
-
-EVALUATE_RULES: dict[str, Rule] = {
-    "num-examples": Rule.SUM,
-    "aggregation-weight": Rule.PER_HOSPITAL,
-    "eval-loss": Rule.WEIGHTED_MEAN,
-    "accuracy": Rule.WEIGHTED_MEAN,
-    "macro-f1": Rule.PER_HOSPITAL,  # local score; the federation's is derived below
-    # Per-class counts: only from hospitals whose policy releases them (eval-metrics=full).
-    "true-positives": Rule.SUM,
-    "false-positives": Rule.SUM,
-    "false-negatives": Rule.SUM,
-    "hospital": Rule.PER_HOSPITAL,
-}
+TRAIN_RULES: dict[str, Rule] = {row.key: row.rule for row in m.TRAIN_METRICS}
+EVALUATE_RULES: dict[str, Rule] = {row.key: row.rule for row in m.EVALUATE_METRICS}
 
 
 def macro_f1_from_counts(tp: list[float], fp: list[float], fn: list[float]) -> float:
@@ -83,22 +34,19 @@ def macro_f1_from_counts(tp: list[float], fp: list[float], fn: list[float]) -> f
     return sum(scores) / len(scores) if scores else 0.0
 
 
-_COUNT_KEYS = ("true-positives", "false-positives", "false-negatives")
-
-
 def _add_federated_macro_f1(combined: dict[str, Value], records: list[MetricRecord],
                             weights: list[float]) -> None:
     """From the summed per-class counts when every hospital released them; otherwise the
     record-weighted mean of the local macro-F1 scores (partial counts would be wrong)."""
-    if all(all(released(rec.get(k, [])) for k in _COUNT_KEYS) for rec in records):
-        combined["macro-f1"] = macro_f1_from_counts(*[combined[k] for k in _COUNT_KEYS])
+    if all(all(released(rec.get(k, [])) for k in m.COUNT_KEYS) for rec in records):
+        combined[m.MACRO_F1] = macro_f1_from_counts(*[combined[k] for k in m.COUNT_KEYS])
         return
-    for key in _COUNT_KEYS:
+    for key in m.COUNT_KEYS:
         combined.pop(key, None)
-    scored = [(float(rec["macro-f1"]), w) for rec, w in zip(records, weights, strict=True)
-              if "macro-f1" in rec and released(rec["macro-f1"])]
+    scored = [(float(rec[m.MACRO_F1]), w) for rec, w in zip(records, weights, strict=True)
+              if m.MACRO_F1 in rec and released(rec[m.MACRO_F1])]
     if scored and sum(w for _, w in scored) > 0:
-        combined["macro-f1"] = _combine(Rule.WEIGHTED_MEAN, [v for v, _ in scored],
+        combined[m.MACRO_F1] = _combine(Rule.WEIGHTED_MEAN, [v for v, _ in scored],
                                         [w for _, w in scored])
 
 
@@ -158,13 +106,13 @@ class MetricRules:
                 combined[f"{key}-mean"] = sum(v for v, _ in pairs) / len(pairs)
         if self.derive:
             self.derive(combined, records, weights)
-        combined["replies"] = len(records)
+        combined[m.REPLIES] = len(records)
         self.latest = dict(combined)
         self.per_hospital = {
-            int(rec["hospital"]): {k: v for k, v in rec.items()
-                                   if k != "hospital" and not isinstance(v, list)
+            int(rec[m.HOSPITAL]): {k: v for k, v in rec.items()
+                                   if k != m.HOSPITAL and not isinstance(v, list)
                                    and released(v)}
-            for rec in records if "hospital" in rec}
+            for rec in records if m.HOSPITAL in rec}
         return MetricRecord(combined)
 
 

@@ -17,14 +17,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from protocol.messages import CAN_TRAIN_NEXT, PRIVACY_BUDGET_REFUSED
 from strategies.wrapper import StrategyWrapper
 
 log = logging.getLogger(__name__)
 
-# Error code of a hospital's reply refusing a round over its privacy budget or policy.
-PRIVACY_BUDGET_REFUSED = 4031
-# Train metric: 1 if the hospital can afford one more round within its budget, else 0.
-CAN_TRAIN_NEXT_KEY = "can-train-next"
 
 
 class TrainingStopped(Exception):
@@ -78,7 +75,7 @@ class PrivacyBudgetGate(StrategyWrapper):
                     self.exclude(node, reply.error.reason)
                 continue
             for metrics in reply.content.metric_records.values():
-                if metrics.get(CAN_TRAIN_NEXT_KEY, 1) == 0:
+                if metrics.get(CAN_TRAIN_NEXT, 1) == 0:
                     hospital = metrics.get("hospital", node)
                     self.exclude(node, f"hospital {hospital} cannot afford another round "
                                        "within its privacy budget")

@@ -17,13 +17,11 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from strategies.config import StrategyName, StrategySettings
+from protocol.messages import WEIGHT_KEY
+from strategies.strategy_settings import StrategyName, StrategySettings
 
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 
-# Every reply states the weight it asks for: its records, except train replies under
-# client-level DP, where Flower's accountant requires equal weights.
-WEIGHT_KEY = "aggregation-weight"
 
 
 def build_strategy(settings: StrategySettings, train_metrics: MetricsAggregator,

@@ -14,12 +14,12 @@ from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from tasks.audit.canaries import CANARY_COLUMN, GradientCanaries, read_canaries, with_canaries
-from tasks.batches import make_loader, tokenize
-from tasks.config import TaskSettings
-from tasks.data import HospitalData, load_hospital_data
+from tasks.data.hospital_data import HospitalData, load_hospital_data
 from tasks.errors import TaskInputError
-from tasks.evaluation import EvalOutcome, evaluate
-from tasks.model import build_model, load_tokenizer, load_trainable_state, trainable_state
+from tasks.learning.batches import make_loader, tokenize
+from tasks.learning.evaluation import EvalOutcome, evaluate
+from tasks.learning.training import PrivacyReport, TrainOutcome, train_locally
+from tasks.model.build import build_model, load_tokenizer, load_trainable_state, trainable_state
 from tasks.privacy.accounting import Step
 from tasks.privacy.dp_sgd import train_with_dp_sgd
 from tasks.privacy.ledger import PrivacyLedger
@@ -31,7 +31,7 @@ from tasks.privacy.plan import (
     refuse_without_dp,
 )
 from tasks.privacy.policy import HospitalPolicy
-from tasks.training import PrivacyReport, TrainOutcome, train_locally
+from tasks.task_settings import TaskSettings
 
 
 def _key(*parts: object) -> str:

@@ -14,7 +14,11 @@ import pytest
 from tasks.audit.bound import epsilon_lower_bound, guess_and_bound, p_value
 from tasks.audit.canaries import GRADIENT, NOTE, make_canaries, write_canaries
 from tasks.audit.scores import white_box_scores
-from tasks.config import (
+from tasks.data.synthetic_notes import SPECIALTIES
+from tasks.hospital import Hospital
+from tasks.model.build import trainable_state
+from tasks.privacy.ledger import PrivacyLedger
+from tasks.task_settings import (
     AuditSettings,
     DataSettings,
     DpSgdSettings,
@@ -23,10 +27,6 @@ from tasks.config import (
     TaskSettings,
     TrainSettings,
 )
-from tasks.hospital import Hospital
-from tasks.model import trainable_state
-from tasks.privacy.ledger import PrivacyLedger
-from tasks.synthetic_notes import SPECIALTIES
 from tests.flower_processes import ROOT
 
 

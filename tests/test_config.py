@@ -1,6 +1,6 @@
 import pytest
 
-from fl_app.config import (
+from fl_app.run_settings import (
     ConfigError,
     compose_config,
     parse_overrides,
@@ -9,8 +9,8 @@ from fl_app.config import (
     task_settings_to_yaml,
     to_run_settings,
 )
-from strategies.config import StrategyName
-from tasks.config import Partitioning
+from strategies.strategy_settings import StrategyName
+from tasks.task_settings import Partitioning
 
 
 def test_defaults_compose_and_validate():

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tasks.synthetic_notes import SPECIALTIES, generate_hospital_notes
+from tasks.data.synthetic_notes import SPECIALTIES, generate_hospital_notes
 from tests.deployment import Deployment
 
 pytestmark = pytest.mark.e2e
@@ -141,9 +141,9 @@ def test_a_hospital_lost_mid_round_is_logged_and_the_others_finish_the_run(deplo
 
 
 def test_a_restarted_supernode_keeps_its_privacy_ledger(deployment, tiny_bert, tmp_path):
-    from tasks.config import Accountant
     from tasks.privacy.accounting import epsilon_spent
     from tasks.privacy.ledger import LedgerStore
+    from tasks.task_settings import Accountant
 
     for k in (0, 1):
         deployment.hospital_key(f"hospital-{k}")

@@ -6,8 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.batches import make_loader, tokenize
-from tasks.config import (
+from tasks.data.hospital_data import load_hospital_data
+from tasks.data.synthetic_notes import SPECIALTIES
+from tasks.learning.batches import make_loader, tokenize
+from tasks.learning.training import train_locally
+from tasks.model.build import build_model, load_tokenizer, load_trainable_state, trainable_state
+from tasks.privacy.dp_sgd import train_with_dp_sgd
+from tasks.task_settings import (
     DataSettings,
     GradSampleMode,
     ModelSettings,
@@ -15,11 +20,6 @@ from tasks.config import (
     Pooling,
     TrainSettings,
 )
-from tasks.data import load_hospital_data
-from tasks.model import build_model, load_tokenizer, load_trainable_state, trainable_state
-from tasks.privacy.dp_sgd import train_with_dp_sgd
-from tasks.synthetic_notes import SPECIALTIES
-from tasks.training import train_locally
 
 
 @pytest.fixture(scope="module", params=["bert", "bert-mean-pooling", "gpt2"])

@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fl_app import predict_cli
-from tasks.synthetic_notes import generate_hospital_notes
+from tasks.data.synthetic_notes import generate_hospital_notes
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,5 @@
-"""Dependencies point one way: tasks/ knows no Flower, strategies/ knows no transformers/PEFT."""
+"""Dependencies point one way (protocol <- strategies <- tracking <- fl_app; tasks knows no
+Flower), and each package holds what its name says."""
 
 import ast
 from pathlib import Path
@@ -19,7 +20,10 @@ def _imports(package):
 
 @pytest.mark.parametrize("package,forbidden", [
     ("tasks", ("flwr", "fl_app", "strategies")),
-    ("strategies", ("transformers", "peft", "opacus", "tasks", "fl_app", "torch")),
+    ("strategies", ("transformers", "peft", "opacus", "tasks", "fl_app", "torch", "tracking")),
+    ("tracking", ("transformers", "peft", "opacus", "tasks", "fl_app", "torch")),
+    ("protocol", ("flwr", "transformers", "peft", "opacus", "torch", "tasks", "fl_app",
+                  "strategies", "tracking")),
 ])
 def test_dependencies_point_one_way(package, forbidden):
     offenders = [f"{path.relative_to(ROOT)} imports {name}"
@@ -32,3 +36,25 @@ def test_the_default_config_ships_in_the_flower_bundle_and_results_do_not():
     ignored = (ROOT / ".gitignore").read_text()
     assert "mlruns/*" in ignored and "outputs/" in ignored
     assert (ROOT / "conf" / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("question,answer", [
+    ("where is epsilon computed", "tasks/privacy/accounting.py"),
+    ("where is DP-SGD run", "tasks/privacy/dp_sgd.py"),
+    ("where is aggregation done", "strategies/registry.py"),
+    ("where are metrics combined", "strategies/metric_rules.py"),
+    ("where is data partitioned", "tasks/data/partitions.py"),
+    ("where is the model built", "tasks/model/build.py"),
+    ("where is a hospital trained", "tasks/learning/training.py"),
+    ("what do server and hospitals send", "protocol/messages.py"),
+    ("where do results go to MLflow", "tracking/round_log.py"),
+    ("where are the settings and their defaults", "tasks/task_settings.py"),
+])
+def test_a_newcomer_finds_things_by_their_names(question, answer):
+    assert (ROOT / answer).is_file(), question
+
+
+def test_strategies_hold_aggregation_only():
+    held = {p.stem for p in (ROOT / "strategies").glob("*.py")} - {"__init__"}
+    assert held <= {"registry", "central_dp", "privacy_budget", "metric_rules", "wrapper",
+                    "update_recorder", "strategy_settings"}, held

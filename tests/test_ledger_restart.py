@@ -10,9 +10,15 @@ import sys
 
 import pytest
 
-from fl_app.config import task_settings_to_yaml
-from tasks.config import DataSettings, DpSgdSettings, ModelSettings, TaskSettings, TrainSettings
-from tasks.synthetic_notes import SPECIALTIES
+from fl_app.run_settings import task_settings_to_yaml
+from tasks.data.synthetic_notes import SPECIALTIES
+from tasks.task_settings import (
+    DataSettings,
+    DpSgdSettings,
+    ModelSettings,
+    TaskSettings,
+    TrainSettings,
+)
 from tests.flower_processes import ROOT
 from tests.test_privacy_accounting import independent_epsilon
 

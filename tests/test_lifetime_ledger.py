@@ -11,8 +11,11 @@ import sys
 import pytest
 
 from fl_app import ledger_cli
-from fl_app.config import task_settings_to_yaml
-from tasks.config import (
+from fl_app.run_settings import task_settings_to_yaml
+from tasks.data.synthetic_notes import SPECIALTIES
+from tasks.privacy.accounting import epsilon_spent
+from tasks.privacy.ledger import LedgerError, LedgerStore, PrivacyLedger
+from tasks.task_settings import (
     Accountant,
     DataSettings,
     DpSgdSettings,
@@ -20,9 +23,6 @@ from tasks.config import (
     TaskSettings,
     TrainSettings,
 )
-from tasks.privacy.accounting import epsilon_spent
-from tasks.privacy.ledger import LedgerError, LedgerStore, PrivacyLedger
-from tasks.synthetic_notes import SPECIALTIES
 from tests.flower_processes import ROOT
 from tests.hospital_process import hospital_train
 from tests.test_privacy_accounting import independent_epsilon

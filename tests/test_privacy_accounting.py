@@ -8,15 +8,15 @@ import pytest
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
-from tasks.config import Accountant, DataSettings, DpSgdSettings, ModelSettings, TaskSettings
-from tasks.config import TrainSettings as Train
+from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.hospital import Hospital
-from tasks.model import trainable_state
+from tasks.model.build import trainable_state
 from tasks.privacy.accounting import RDP_ORDERS, calibrate_noise_multiplier, epsilon_spent
 from tasks.privacy.ledger import LedgerError, LedgerStore, LifetimeLedger, PrivacyLedger, most_spent
 from tasks.privacy.plan import PrivacyBudgetError, plan_dp_sgd
 from tasks.privacy.policy import default_delta
-from tasks.synthetic_notes import SPECIALTIES
+from tasks.task_settings import Accountant, DataSettings, DpSgdSettings, ModelSettings, TaskSettings
+from tasks.task_settings import TrainSettings as Train
 
 
 def _event(z, q):

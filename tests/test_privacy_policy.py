@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from fl_app.config import task_settings_to_yaml
-from tasks.config import DataSettings, DpSgdSettings, ModelSettings, TaskSettings, TrainSettings
+from fl_app.run_settings import task_settings_to_yaml
+from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.privacy.policy import (
     POLICY_FILE,
     EvalRelease,
@@ -19,7 +19,13 @@ from tasks.privacy.policy import (
     load_policy,
     parse_policy,
 )
-from tasks.synthetic_notes import SPECIALTIES
+from tasks.task_settings import (
+    DataSettings,
+    DpSgdSettings,
+    ModelSettings,
+    TaskSettings,
+    TrainSettings,
+)
 from tests.hospital_process import hospital_evaluate, hospital_preflight, hospital_train
 
 # -- reading the policy ------------------------------------------------------------------------

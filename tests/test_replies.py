@@ -4,12 +4,14 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fl_app.replies import evaluate_reply, refusal_reply, train_reply
-from strategies.metered_grid import payload_bytes
-from tasks.config import ModelSettings
-from tasks.evaluation import EvalOutcome
-from tasks.model import build_model, trainable_state
-from tasks.training import PrivacyReport, TrainOutcome
+from fl_app.replies import evaluate_reply, preflight_reply, refusal_reply, train_reply
+from protocol import messages as m
+from tasks.learning.evaluation import EvalOutcome
+from tasks.learning.training import PrivacyReport, TrainOutcome
+from tasks.model.build import build_model, trainable_state
+from tasks.task_settings import ModelSettings
+from tracking.metered_grid import payload_bytes
+from tracking.round_log import mlflow_metrics
 
 LABELS = ["a", "b", "c"]
 
@@ -83,3 +85,44 @@ def test_a_refusal_sends_no_update_only_the_reason():
     reply = refusal_reply(_instruction("train"), "hospital 1: privacy budget: ...")
     assert reply.has_error() and not reply.has_content()
     assert reply.error.code == 4031 and "privacy budget" in reply.error.reason
+
+
+def _private_outcome():
+    report = PrivacyReport(epsilon=2.5, delta=1e-5, noise_multiplier=1.1, max_grad_norm=1.0,
+                           sample_rate=0.0667, steps=30, max_epsilon=8.0,
+                           can_train_next_round=True)
+    return TrainOutcome(1.2, 40, 3, 0.5, privacy=report)
+
+
+def test_every_metric_a_hospital_sends_has_a_row_in_the_protocol_table():
+    """The one table (protocol/messages.py) covers every reply; under DP-SGD a reply holds
+    exactly the metrics the table allows under DP-SGD."""
+    state = {"w": torch.zeros(2)}
+    train_rows = m.metric_table("train")
+    plain = train_reply(_instruction("train"), state, TrainOutcome(1.2, 40, 3, 0.5), 1)
+    private = train_reply(_instruction("train"), state, _private_outcome(), 1)
+    plain_keys = set(plain.content.metric_records[m.METRICS_RECORD])
+    private_keys = set(private.content.metric_records[m.METRICS_RECORD])
+    assert plain_keys | private_keys <= set(train_rows)
+    assert plain_keys | private_keys == set(train_rows), "a row no reply ever sends"
+    assert private_keys == {k for k, row in train_rows.items() if row.under_dp_sgd}
+    outcome = EvalOutcome(0.7, 0.5, 0.4, 10, [2, 3, 0], [1, 2, 2], [3, 0, 2])
+    evaluated = evaluate_reply(_instruction("evaluate"), outcome, hospital=0)
+    assert set(evaluated.content.metric_records[m.METRICS_RECORD]) == set(
+        m.metric_table("evaluate"))
+
+
+def test_a_combined_metric_without_an_mlflow_row_is_an_error_not_a_silent_drop():
+    names = m.mlflow_names("train")
+    assert mlflow_metrics({m.EPSILON: 1.0, m.REPLIES: 2}, names) == {
+        "privacy/epsilon_max": 1.0, "round/train_replies": 2}
+    with pytest.raises(KeyError, match="no row in protocol"):
+        mlflow_metrics({"made-up": 1.0}, names)
+
+
+def test_preflight_replies_use_the_protocol_keys():
+    reply = preflight_reply(_instruction("query"), 2, [3, 4], 7, 2, declined="no DP")
+    status = reply.content.config_records[m.PREFLIGHT_STATUS_RECORD]
+    counts = reply.content.metric_records[m.PREFLIGHT_COUNTS_RECORD]
+    assert status[m.PREFLIGHT_OK] and status[m.PREFLIGHT_DECLINED] == "no DP"
+    assert counts[m.LABEL_COUNTS] == [3, 4] and counts[m.TRAIN_RECORDS] == 7

@@ -10,12 +10,18 @@ from opacus.data_loader import DPDataLoader
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, TensorDataset
 
-from tasks.config import DataSettings, DpSgdSettings, ModelSettings, TaskSettings, TrainSettings
+from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.hospital import Hospital
-from tasks.model import trainable_state
+from tasks.model.build import trainable_state
 from tasks.privacy.ledger import PrivacyLedger
 from tasks.privacy.plan import plan_dp_sgd, steps_per_epoch
-from tasks.synthetic_notes import SPECIALTIES
+from tasks.task_settings import (
+    DataSettings,
+    DpSgdSettings,
+    ModelSettings,
+    TaskSettings,
+    TrainSettings,
+)
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 from collections import Counter
 
-from tasks.config import DataSettings
-from tasks.synthetic_notes import (
+from tasks.data.synthetic_notes import (
     PHI_TYPES,
     SPECIALTIES,
     generate_hospital_notes,
@@ -9,6 +8,7 @@ from tasks.synthetic_notes import (
     hospital_sizes,
     hospital_style,
 )
+from tasks.task_settings import DataSettings
 
 
 def test_same_seed_same_notes_other_seed_other_notes():
@@ -63,7 +63,7 @@ def test_size_skew_keeps_the_mean_and_varies_sizes():
 
 
 def test_tfidf_baseline_is_good_but_far_from_perfect():
-    from tasks.baseline import tfidf_baseline
+    from tasks.learning.baseline import tfidf_baseline
 
     scores = tfidf_baseline(DataSettings(notes_per_hospital=300), num_hospitals=4)
     assert 0.5 < scores["central_accuracy"] < 0.92

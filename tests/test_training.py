@@ -1,12 +1,12 @@
 import torch
 
-from strategies.config import StrategyName, StrategySettings
 from strategies.metric_rules import evaluate_metrics_rules, train_metrics_rules
 from strategies.registry import build_strategy
-from tasks.config import DataSettings, ModelSettings, TaskSettings, TrainSettings
+from strategies.strategy_settings import StrategyName, StrategySettings
+from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.hospital import Hospital
-from tasks.model import trainable_state
-from tasks.synthetic_notes import SPECIALTIES
+from tasks.model.build import trainable_state
+from tasks.task_settings import DataSettings, ModelSettings, TaskSettings, TrainSettings
 
 
 def _hospital(tiny_bert, **train):

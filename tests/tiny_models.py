@@ -22,7 +22,7 @@ from transformers import (
     GPT2Model,
 )
 
-from tasks.synthetic_notes import SPECIALTIES, generate_hospital_notes
+from tasks.data.synthetic_notes import SPECIALTIES, generate_hospital_notes
 
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json")

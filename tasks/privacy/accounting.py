@@ -18,7 +18,7 @@ import warnings
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from tasks.config import Accountant
+from tasks.task_settings import Accountant
 
 RDP_ORDERS: tuple[int, ...] = tuple(range(2, 257))
 

@@ -25,9 +25,9 @@ from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
 
 from tasks.audit.canaries import CANARY_COLUMN, GradientCanaries
-from tasks.config import GradSampleMode, TrainSettings
+from tasks.learning.training import TrainOutcome, make_optimizer
 from tasks.privacy.accounting import Step
-from tasks.training import TrainOutcome, make_optimizer
+from tasks.task_settings import GradSampleMode, TrainSettings
 
 
 def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from tasks.config import Accountant, DpSgdSettings
 from tasks.errors import TaskInputError
 from tasks.privacy.accounting import (
     Step,
@@ -19,6 +18,7 @@ from tasks.privacy.accounting import (
     is_finite_target,
 )
 from tasks.privacy.policy import HospitalPolicy
+from tasks.task_settings import Accountant, DpSgdSettings
 
 
 class PrivacyBudgetError(TaskInputError):

@@ -15,8 +15,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from strategies.config import CentralDpSettings, StrategySettings, TrackingSettings
-from tasks.config import (
+from strategies.strategy_settings import CentralDpSettings, StrategySettings
+from tasks.task_settings import (
     AuditSettings,
     DataSettings,
     DataSource,
@@ -27,6 +27,7 @@ from tasks.config import (
     TaskSettings,
     TrainSettings,
 )
+from tracking.tracking_settings import TrackingSettings
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 

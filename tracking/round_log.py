@@ -14,31 +14,29 @@ from collections.abc import Callable
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import PrivacySpent
 
-from strategies.metered_grid import MeteredGrid
+from protocol import messages as m
 from strategies.metric_rules import MetricRules
-from strategies.tracking import RunTracker
+from tracking.metered_grid import MeteredGrid
+from tracking.run_tracker import RunTracker
 
 CentralEvaluate = Callable[[ArrayRecord], dict[str, float]]
 ClientLevelPrivacy = Callable[[], PrivacySpent | None]
 
-# Aggregated metric key -> MLflow name.
-_TRAIN_NAMES = {"train-loss": "train/loss", "train-seconds": "train/slowest_hospital_s",
-                "num-examples": "train/records", "replies": "round/train_replies",
-                # record-level DP: cumulative over the run, per hospital at its delta
-                "epsilon": "privacy/epsilon_max", "epsilon-mean": "privacy/epsilon_mean",
-                "delta": "privacy/delta", "noise-multiplier": "privacy/noise_multiplier",
-                "clipping-norm": "privacy/clipping_norm", "sample-rate": "privacy/sample_rate",
-                "dp-steps": "privacy/dp_steps",
-                "lifetime-epsilon": "privacy/lifetime_epsilon_max",
-                "lifetime-delta": "privacy/lifetime_delta",
-                "can-train-next": "privacy/hospitals_within_budget"}
-_EVAL_NAMES = {"eval-loss": "federated/loss", "accuracy": "federated/accuracy",
-               "macro-f1": "federated/macro_f1", "num-examples": "federated/records",
-               "replies": "round/evaluate_replies"}
-_HOSPITAL_NAMES = {"train-loss": "train_loss", "train-seconds": "train_s",
-                   "num-examples": "records", "eval-loss": "loss", "accuracy": "accuracy",
-                   "macro-f1": "macro_f1", "epsilon": "epsilon",
-                   "delta": "delta", "lifetime-epsilon": "lifetime_epsilon"}
+# Combined metric key -> MLflow name, and hospital metric key -> name under hospital_<k>/,
+# both from the protocol's table.
+_TRAIN_NAMES = m.mlflow_names("train")
+_EVAL_NAMES = m.mlflow_names("evaluate")
+_HOSPITAL_NAMES = {row.key: row.per_hospital
+                   for row in (*m.TRAIN_METRICS, *m.EVALUATE_METRICS)}
+
+
+def mlflow_metrics(combined: dict, names: dict[str, str | None]) -> dict[str, float]:
+    """Each combined metric under its MLflow name. A key outside the protocol's table is an
+    error, not a silent drop; a key whose name is None is deliberately not logged."""
+    unknown = sorted(set(combined) - names.keys())
+    if unknown:
+        raise KeyError(f"metric(s) {unknown} have no row in protocol/messages.py")
+    return {names[k]: v for k, v in combined.items() if names[k] is not None}
 
 
 class RoundLogger:
@@ -62,13 +60,13 @@ class RoundLogger:
         for rules, names in ((self.train_rules, _TRAIN_NAMES),
                              (self.evaluate_rules, _EVAL_NAMES)):
             combined, per_hospital = rules.take()
-            metrics.update({names[k]: v for k, v in combined.items() if k in names})
+            metrics.update(mlflow_metrics(combined, names))
             if server_round > 0 and not combined:
-                metrics[names["replies"]] = 0  # every hospital failed or none replied
+                metrics[names[m.REPLIES]] = 0  # every hospital failed or none replied
             if self.log_per_hospital:
                 for hospital, values in per_hospital.items():
                     for key, value in values.items():
-                        if key in _HOSPITAL_NAMES:
+                        if _HOSPITAL_NAMES[key] is not None:
                             metrics[f"hospital_{hospital}/{_HOSPITAL_NAMES[key]}"] = value
         spent = self.client_level_privacy() if self.client_level_privacy else None
         if spent is not None and spent.num_releases > 0:

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from tasks.deid import Deidentifier
-from tasks.synthetic_notes import PHI_TYPES, SyntheticNote
+from tasks.data.deid import Deidentifier
+from tasks.data.synthetic_notes import PHI_TYPES, SyntheticNote
 
 
 @dataclass

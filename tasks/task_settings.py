@@ -1,7 +1,7 @@
 """Typed settings of the learning task: what a hospital needs to train and evaluate.
 
 These dataclasses are the schema that Hydra's composed YAML is validated
-against (see ``fl_app/config.py``); a hospital receives exactly these sections
+against (see ``fl_app/run_settings.py``); a hospital receives exactly these sections
 from the server and validates them again on arrival.
 """
 
@@ -14,7 +14,7 @@ from omegaconf import MISSING
 
 
 class DataSource(Enum):
-    synthetic = "synthetic"  # built-in notes with fake PHI (tasks/synthetic_notes.py)
+    synthetic = "synthetic"  # built-in notes with fake PHI (tasks/data/synthetic_notes.py)
     files = "files"  # CSV / JSONL / Parquet: one file, a glob of parts, or a folder
     huggingface = "huggingface"  # a datasets.load_from_disk folder, or a hub id when online
 
@@ -52,7 +52,7 @@ class GradSampleMode(Enum):
 
 
 class Pooling(Enum):
-    """What the classification head reads (tasks/pooling.py)."""
+    """What the classification head reads (tasks/model/pooling.py)."""
 
     auto = "auto"  # mean where the model was trained for it (sentence-transformers), else model
     mean = "mean"  # masked mean of the token vectors (BERT-style encoders)
@@ -64,7 +64,7 @@ class LoraSettings:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.1
-    # None: found from the model family (see tasks/model.py).
+    # None: found from the model family (see tasks/model/build.py).
     target_modules: list[str] | None = None
 
 
@@ -78,7 +78,7 @@ class ModelSettings:
 
 @dataclass
 class DeidSettings:
-    """De-identification inside each hospital, before tokenization (tasks/deid.py)."""
+    """De-identification inside each hospital, before tokenization (tasks/data/deid.py)."""
 
     enabled: bool = True
     # An installed spaCy model with NER (e.g. en_core_web_lg) adds names and places that no
@@ -164,7 +164,7 @@ class DpSgdSettings:
 @dataclass
 class PrivacySettings:
     """The privacy a hospital applies itself. (Client-level DP on the server is configured in
-    ``strategies/config.py``; hospitals only receive its clipping norm.)"""
+    ``strategies/strategy_settings.py``; hospitals only receive its clipping norm.)"""
 
     dp_sgd: DpSgdSettings = field(default_factory=DpSgdSettings)
 

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tasks.audit.canaries import CANARY_COLUMN, NOT_A_CANARY, GradientCanaries
-from tasks.config import OptimizerName, TrainSettings
+from tasks.task_settings import OptimizerName, TrainSettings
 
 
 @dataclass

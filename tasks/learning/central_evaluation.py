@@ -10,9 +10,9 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tasks.batches import make_loader, tokenize
-from tasks.evaluation import evaluate
-from tasks.model import load_trainable_state
+from tasks.learning.batches import make_loader, tokenize
+from tasks.learning.evaluation import evaluate
+from tasks.model.build import load_trainable_state
 
 
 class CentralEvaluator:

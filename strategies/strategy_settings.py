@@ -1,4 +1,4 @@
-"""Typed settings of the server side: which Flower strategy, and where results are tracked."""
+"""Typed settings of aggregation: which Flower strategy, and client-level DP on the server."""
 
 from __future__ import annotations
 
@@ -51,16 +51,3 @@ class CentralDpSettings:
     target_delta: float | None = None
     # The server stops before a release that would exceed it.
     max_epsilon: float | None = None
-
-
-@dataclass
-class TrackingSettings:
-    # None: SQLite store and artifacts under mlruns/ at the project root.
-    uri: str | None = None
-    experiment: str = "clinical-fl"
-    run_name: str | None = None
-    log_per_hospital: bool = True
-    save_adapter: bool = True
-    # Set by a sweep (clinical-fl -m): the MLflow parent run and the sweep's name.
-    parent_run_id: str | None = None
-    sweep: str | None = None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.model import load_adapter
+from tasks.model.build import load_adapter
 
 
 @dataclass

@@ -10,8 +10,8 @@ from types import TracebackType
 
 import mlflow
 
-from strategies.config import TrackingSettings
-from strategies.plots import plot_rounds
+from tracking.plots import plot_rounds
+from tracking.tracking_settings import TrackingSettings
 
 log = logging.getLogger(__name__)
 
