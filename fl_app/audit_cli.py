@@ -35,7 +35,8 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from fl_app.cli import OFFLINE_FLOWER_ENV, _stream, flwr_run_command, write_run_config
+from fl_app.cli import _stream, flwr_run_command, write_run_config
+from fl_app.flower_env import flower_env
 from fl_app.flower_runs import COMPLETED, run_status, started_run_id
 from fl_app.paths import project_root
 from fl_app.run_settings import ConfigError, compose_config, to_run_settings
@@ -93,7 +94,7 @@ def run_audit(overrides: list[str], canaries_per_kind: int, guesses: list[int],
     run_name = f"audit-{uuid.uuid4().hex[:12]}"
     overrides += [f"audit.canaries_path={given}", "audit.hospital=0",
                   f"audit.updates_dir={updates}", f"tracking.run_name={run_name}"]
-    env = {**OFFLINE_FLOWER_ENV, **os.environ}
+    env = flower_env()
     output = _stream(flwr_run_command(write_run_config(overrides, work / "run.toml"),
                                       federation_config=federation_config), env)
     flwr_run = started_run_id(output)

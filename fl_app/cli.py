@@ -27,16 +27,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from fl_app.flower_env import flower_env
 from fl_app.flower_runs import COMPLETED, run_status, started_run_id
 from fl_app.paths import project_root
 from fl_app.run_settings import CONF_DIR, ConfigError, validate_config
 from fl_app.sweep import FAILED_JOBS, PARENT_RUN_ENV, SWEEP_NAME_ENV
-
-OFFLINE_FLOWER_ENV = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-}
 
 
 def write_run_config(overrides: list[str], path: Path) -> Path:
@@ -102,7 +97,7 @@ def _run(cfg: DictConfig) -> None:
         sys.exit(f"error: {err}")
     overrides = list(HydraConfig.get().overrides.task)
     overrides += _sweep_overrides(overrides)
-    env = {**OFFLINE_FLOWER_ENV, **os.environ}
+    env = flower_env()
     connection = os.environ.get("CLINICAL_FL_CONNECTION")  # a SuperLink from config.toml
     # Simulation only, e.g. "num-supernodes=8": how many hospitals Flower starts.
     federation_config = os.environ.get("CLINICAL_FL_FEDERATION_CONFIG")

@@ -19,7 +19,6 @@ from tasks.hospital import Hospital, refuse_audit_in_deployment
 from tasks.privacy.plan import (
     PolicyRefusal,
     PrivacyBudgetError,
-    dp_sgd_active,
     plan_dp_sgd,
     refuse_without_dp,
 )
@@ -71,7 +70,7 @@ def preflight(msg: Message, context: Context) -> Message:
         policy = hospital_policy(context, data.hospital)
         policy.check_records(len(data.train))
         dp = settings.privacy.dp_sgd
-        private = dp_sgd_active(dp)
+        private = dp.enabled
         try:
             refuse_without_dp(dp, policy)
             if private:

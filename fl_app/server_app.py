@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -16,9 +17,11 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 from omegaconf import OmegaConf
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
 
 from fl_app.paths import project_root
-from fl_app.preflight import run_preflight, wait_for_hospitals
+from fl_app.preflight import HospitalReport, run_preflight, wait_for_hospitals
 from fl_app.run_settings import (
     RunSettings,
     compose_config,
@@ -29,7 +32,7 @@ from fl_app.run_settings import (
 )
 from protocol.messages import TASK_KEY
 from strategies.central_dp import with_client_level_dp
-from strategies.metric_rules import evaluate_metrics_rules, train_metrics_rules
+from strategies.metric_rules import MetricRules, evaluate_metrics_rules, train_metrics_rules
 from strategies.privacy_budget import PrivacyBudgetGate, TrainingStopped
 from strategies.registry import build_strategy
 from strategies.update_recorder import UpdateRecorder
@@ -42,8 +45,9 @@ from tasks.model.build import (
     save_adapter,
     trainable_state,
 )
+from tasks.task_settings import TaskSettings
 from tracking.metered_grid import MeteredGrid
-from tracking.round_log import RoundLogger
+from tracking.round_log import CentralEvaluate, ClientLevelPrivacy, RoundLogger
 from tracking.run_tracker import RunTracker
 
 log = logging.getLogger(__name__)
@@ -84,6 +88,16 @@ def evaluate_before_training(strategy: Strategy, grid: Grid, arrays: ArrayRecord
     strategy.aggregate_evaluate(0, replies)
 
 
+@dataclass
+class Federation:
+    """What the server knows once the hospitals are checked: the settings each receives,
+    and each hospital's preflight report."""
+
+    task: TaskSettings
+    task_config: ConfigRecord  # the task settings as every message carries them
+    reports: list[HospitalReport]
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = compose_config(parse_overrides(str(context.run_config.get("overrides", ""))))
@@ -93,75 +107,107 @@ def main(grid: Grid, context: Context) -> None:
     # Building the model here fails fast on a bad model id, and gives the initial adapter.
     tokenizer = load_tokenizer(task.model)
     model = build_model(task.model, labels, task.seed, tokenizer)
-    timeout = settings.strategy.round_timeout_s
 
     with RunTracker(settings.tracking, project_root()) as tracker:
         tracker.log_params(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
         tracker.log_text(OmegaConf.to_yaml(cfg), "config/resolved_config.yaml")
         grid = MeteredGrid(grid)
+        central = central_evaluation(settings, model, tokenizer, labels)
+        federation = check_hospitals(grid, settings, task, tracker)
         train_rules, evaluate_rules = train_metrics_rules(), evaluate_metrics_rules()
-        test_set = load_server_test_set(settings.data, labels)
-        central = None
-        if test_set is not None:
-            evaluator = CentralEvaluator(model, tokenizer, test_set, len(labels),
-                                         task.model.max_length, task.train.eval_batch_size)
-            central = lambda arrays: evaluator(arrays.to_torch_state_dict())  # noqa: E731
-
-        connected = wait_for_hospitals(grid, settings.strategy.min_hospitals, timeout)
-        task.planned_rounds = planned_rounds_per_hospital(
-            settings.num_rounds, len(connected), settings.strategy.fraction_train,
-            settings.strategy.min_hospitals)
-        task_yaml = task_settings_to_yaml(task)
-        reports = run_preflight(grid, ConfigRecord({TASK_KEY: task_yaml}),
-                                settings.strategy.min_hospitals, timeout)
-        tracker.log_params({f"hospital_{r.hospital}": {
-            "train_records": r.train_records, "eval_records": r.eval_records,
-            "empty_texts_dropped": r.empty_texts_dropped,
-            "label_counts": r.label_counts or "not shared (DP-SGD)"} for r in reports})
-        tracker.log_params({"planned_rounds_per_hospital": task.planned_rounds})
-        tracker.set_tags({"hospitals": str(len(reports)), "labels": ",".join(labels),
-                          "privacy": privacy_tag(settings)})
-
-        strategy = build_strategy(settings.strategy, train_rules, evaluate_rules)
-        client_level_privacy = None
-        if settings.privacy.central_dp.enabled:
-            strategy = with_client_level_dp(strategy, settings.privacy.central_dp, len(reports))
-            client_level_privacy = strategy.privacy_spent
-        # Hospitals enforce their own budgets and policies, in any run; the gate stops
-        # sending work to one that refused and records why in MLflow.
-        hospital_of = {r.node_id: r.hospital for r in reports}
-        strategy = PrivacyBudgetGate(
-            strategy, all_or_nothing=settings.privacy.central_dp.enabled,
-            on_refusal=lambda node, why: tracker.record_refusal(hospital_of.get(node, node), why))
-        for report in reports:
-            if report.declined:
-                strategy.exclude(report.node_id, report.declined)
-        if settings.audit.updates_dir:  # clinical-fl-audit: keep the audited hospital's updates
-            strategy = UpdateRecorder(strategy, settings.audit.hospital,
-                                      Path(settings.audit.updates_dir))
+        strategy, client_level_privacy = server_strategy(settings, federation, tracker,
+                                                         train_rules, evaluate_rules)
         round_logger = RoundLogger(tracker, grid, train_rules, evaluate_rules, central,
                                    settings.tracking.log_per_hospital, client_level_privacy)
-
         initial = ArrayRecord(trainable_state(model))
-        evaluate_before_training(strategy, grid, initial, ConfigRecord({TASK_KEY: task_yaml}),
-                                 timeout)
-        try:
-            strategy.start(
-                grid=grid, initial_arrays=initial, num_rounds=settings.num_rounds,
-                timeout=timeout, train_config=ConfigRecord({TASK_KEY: task_yaml}),
-                evaluate_config=ConfigRecord({TASK_KEY: task_yaml}), evaluate_fn=round_logger)
-        except (TrainingStopped, PrivacyBudgetExhausted) as stop:
-            # A budget ran out: the run ends cleanly with the last global adapter.
-            reason = str(stop) or type(stop).__name__
-            log.warning("training stopped early: %s", reason)
-            tracker.set_tags({"stopped_early": reason[:5000]})
-
+        train_federation(strategy, grid, initial, settings, federation.task_config,
+                         round_logger, tracker)
         tracker.log_round_plot()
         if settings.tracking.save_adapter:
             # The global adapter after the last round that was evaluated (round 0: initial).
             final = round_logger.latest_arrays
-            final = final if final is not None else initial
-            load_trainable_state(model, final.to_torch_state_dict())
-            with tempfile.TemporaryDirectory() as tmp:
-                save_adapter(model, Path(tmp), task.model, labels)
-                tracker.log_artifacts(Path(tmp), "adapter")
+            save_final_adapter(model, final if final is not None else initial, task, labels,
+                               tracker)
+
+
+def central_evaluation(settings: RunSettings, model: PeftModel,
+                       tokenizer: PreTrainedTokenizerBase,
+                       labels: list[str]) -> CentralEvaluate | None:
+    """The server's own test set scores every global adapter (None: no test set)."""
+    test_set = load_server_test_set(settings.data, labels)
+    if test_set is None:
+        return None
+    evaluator = CentralEvaluator(model, tokenizer, test_set, len(labels),
+                                 settings.model.max_length, settings.train.eval_batch_size)
+    return lambda arrays: evaluator(arrays.to_torch_state_dict())
+
+
+def check_hospitals(grid: Grid, settings: RunSettings, task: TaskSettings,
+                    tracker: RunTracker) -> Federation:
+    """Wait for the hospitals, plan the rounds each trains in (DP-SGD calibrates its noise over
+    them), and run the preflight query; every hospital's report goes to MLflow."""
+    strategy, timeout = settings.strategy, settings.strategy.round_timeout_s
+    connected = wait_for_hospitals(grid, strategy.min_hospitals, timeout)
+    task.planned_rounds = planned_rounds_per_hospital(
+        settings.num_rounds, len(connected), strategy.fraction_train, strategy.min_hospitals)
+    task_config = ConfigRecord({TASK_KEY: task_settings_to_yaml(task)})
+    reports = run_preflight(grid, task_config, strategy.min_hospitals, timeout)
+    tracker.log_params({f"hospital_{r.hospital}": {
+        "train_records": r.train_records, "eval_records": r.eval_records,
+        "empty_texts_dropped": r.empty_texts_dropped,
+        "label_counts": r.label_counts or "not shared (DP-SGD)"} for r in reports})
+    tracker.log_params({"planned_rounds_per_hospital": task.planned_rounds})
+    tracker.set_tags({"hospitals": str(len(reports)), "labels": ",".join(task.data.labels),
+                      "privacy": privacy_tag(settings)})
+    return Federation(task, task_config, reports)
+
+
+def server_strategy(settings: RunSettings, federation: Federation, tracker: RunTracker,
+                    train_rules: MetricRules, evaluate_rules: MetricRules
+                    ) -> tuple[Strategy, ClientLevelPrivacy | None]:
+    """Flower's strategy, wrapped: client-level DP (if configured), the budget gate (always:
+    hospitals enforce their own budgets and policies; the gate stops sending work to one that
+    refused and records why), and the audit's update recorder."""
+    strategy = build_strategy(settings.strategy, train_rules, evaluate_rules)
+    client_level_privacy = None
+    if settings.privacy.central_dp.enabled:
+        strategy = with_client_level_dp(strategy, settings.privacy.central_dp,
+                                        len(federation.reports))
+        client_level_privacy = strategy.privacy_spent
+    hospital_of = {r.node_id: r.hospital for r in federation.reports}
+    strategy = PrivacyBudgetGate(
+        strategy, all_or_nothing=settings.privacy.central_dp.enabled,
+        on_refusal=lambda node, why: tracker.record_refusal(hospital_of.get(node, node), why))
+    for report in federation.reports:
+        if report.declined:
+            strategy.exclude(report.node_id, report.declined)
+    if settings.audit.updates_dir:  # clinical-fl-audit: keep the audited hospital's updates
+        strategy = UpdateRecorder(strategy, settings.audit.hospital,
+                                  Path(settings.audit.updates_dir))
+    return strategy, client_level_privacy
+
+
+def train_federation(strategy: Strategy, grid: Grid, initial: ArrayRecord,
+                     settings: RunSettings, task_config: ConfigRecord,
+                     round_logger: RoundLogger, tracker: RunTracker) -> None:
+    """Round 0 (the untrained adapter), then Flower's own loop; a spent budget ends the run
+    cleanly with the last global adapter."""
+    timeout = settings.strategy.round_timeout_s
+    evaluate_before_training(strategy, grid, initial, task_config, timeout)
+    try:
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=settings.num_rounds,
+                       timeout=timeout, train_config=task_config, evaluate_config=task_config,
+                       evaluate_fn=round_logger)
+    except (TrainingStopped, PrivacyBudgetExhausted) as stop:
+        reason = str(stop) or type(stop).__name__
+        log.warning("training stopped early: %s", reason)
+        tracker.set_tags({"stopped_early": reason[:5000]})
+
+
+def save_final_adapter(model: PeftModel, arrays: ArrayRecord, task: TaskSettings,
+                       labels: list[str], tracker: RunTracker) -> None:
+    """The global adapter in PEFT's format, as an MLflow artifact."""
+    load_trainable_state(model, arrays.to_torch_state_dict())
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(model, Path(tmp), task.model, labels)
+        tracker.log_artifacts(Path(tmp), "adapter")

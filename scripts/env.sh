@@ -1,7 +1,4 @@
-# Sourced by the run and test scripts: offline Flower, project-local Flower home.
-export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1  # never uv-sync dependencies per run
-export FLWR_TELEMETRY_ENABLED=0
-export FLWR_DISABLE_UPDATE_CHECK=1
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
-export TQDM_DISABLE=1
+# Sourced by the run and test scripts: the offline Flower environment (written once, in
+# fl_app/flower_env.py) and the project's executables first on PATH.
 export PATH="$PWD/.venv/bin:$PATH"  # flower-superlink spawns flwr-* executables by name
+eval "$(.venv/bin/python -m fl_app.flower_env)"

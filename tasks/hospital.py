@@ -26,7 +26,6 @@ from tasks.privacy.ledger import PrivacyLedger
 from tasks.privacy.plan import (
     DpSgdPlan,
     PrivacyBudgetError,
-    dp_sgd_active,
     plan_dp_sgd,
     refuse_without_dp,
 )
@@ -116,7 +115,7 @@ class Hospital:
 
     @property
     def uses_dp_sgd(self) -> bool:
-        return dp_sgd_active(self.settings.privacy.dp_sgd)
+        return self.settings.privacy.dp_sgd.enabled
 
     def dp_sgd_plan(self, policy: HospitalPolicy | None = None,
                     ledger: PrivacyLedger | None = None,

@@ -11,16 +11,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fl_app.flower_env import flower_env
 from tests.flower_processes import ROOT, VENV_BIN, free_port
 
 DEPLOY = ROOT / "deploy"
 
 
 def _env(flwr_home: Path) -> dict[str, str]:
-    return {**os.environ, "FLWR_HOME": str(flwr_home), "HF_HUB_OFFLINE": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1", "TQDM_DISABLE": "1",
-            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return flower_env(flwr_home, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
 def _script(name: str, *args: str, env: dict[str, str]) -> str:

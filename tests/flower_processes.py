@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from fl_app.flower_env import flower_env
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
@@ -22,19 +24,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def flower_env(flwr_home: Path, http_port: int, control_port: int) -> dict[str, str]:
-    return {
-        **os.environ,
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
-        "HF_HUB_OFFLINE": "1",
-        "TQDM_DISABLE": "1",
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+def simulation_env(flwr_home: Path, http_port: int, control_port: int) -> dict[str, str]:
+    return flower_env(flwr_home, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
+                      FLWR_LOCAL_CONTROL_API_PORT=str(control_port),
+                      PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
 class LocalSimulationSuperLink:
@@ -43,7 +36,7 @@ class LocalSimulationSuperLink:
 
     def __init__(self, flwr_home: Path) -> None:
         self.http_port, self.control_port = free_port(), free_port()
-        self.env = flower_env(flwr_home, self.http_port, self.control_port)
+        self.env = simulation_env(flwr_home, self.http_port, self.control_port)
         state = flwr_home / "local-superlink"
         state.mkdir(parents=True, exist_ok=True)
         self.log_file = state / "superlink.log"

@@ -2,6 +2,7 @@ import pytest
 
 from fl_app.run_settings import (
     ConfigError,
+    RunSettings,
     compose_config,
     parse_overrides,
     task_settings,
@@ -9,8 +10,15 @@ from fl_app.run_settings import (
     task_settings_to_yaml,
     to_run_settings,
 )
-from strategies.strategy_settings import StrategyName
-from tasks.task_settings import Partitioning
+from strategies.strategy_settings import StrategyName, StrategySettings
+from tasks.task_settings import (
+    DataSettings,
+    DataSource,
+    DpSgdSettings,
+    Partitioning,
+    TaskSettings,
+    TrainSettings,
+)
 
 
 def test_defaults_compose_and_validate():
@@ -118,3 +126,39 @@ def test_dp_sgd_brings_its_training_recipe_and_the_command_line_still_wins():
     assert compose_config(["+sweep=epsilon"]).train.local_epochs == 3, "every sweep level alike"
     assert compose_config(["privacy=dp_sgd", "train.local_epochs=1"]).train.local_epochs == 1
     assert compose_config(["privacy=central_dp"]).train.local_epochs == 1
+
+
+def test_the_composed_default_config_is_the_dataclass_defaults():
+    """One set of defaults: conf/ adds nothing to the schema unless a preset is chosen."""
+    assert to_run_settings(compose_config([])) == RunSettings()
+    fedavgm = to_run_settings(compose_config(["strategy=fedavgm"])).strategy
+    assert fedavgm == StrategySettings(name=StrategyName.fedavgm)
+
+
+def test_settings_built_by_hand_check_themselves():
+    with pytest.raises(ConfigError, match=r"'train\.learning_rate': got -1, expected greater"):
+        TrainSettings(learning_rate=-1)
+    with pytest.raises(ConfigError, match=r"'data\.partitioning': got 'bogus', expected one of"):
+        DataSettings(partitioning="bogus")
+    with pytest.raises(ConfigError, match=r"give exactly one of target_epsilon"):
+        DpSgdSettings(enabled=True)
+    with pytest.raises(ValueError, match=r"'strategy\.min_hospitals': got 0"):
+        StrategySettings(min_hospitals=0)
+    with pytest.raises(ConfigError, match=r"'data\.site_column'"):
+        DataSettings(source=DataSource.files, path="x.csv", partitioning=Partitioning.natural)
+    assert TaskSettings().train.head_learning_rate == 3e-2, "the product's defaults"
+
+
+def test_partitioning_auto_follows_whether_the_source_names_sites():
+    assert DataSettings().partitioning == Partitioning.natural
+    assert DataSettings(source="files", path="x.csv").partitioning == Partitioning.iid
+    assert DataSettings(source="files", path="x.csv", site_column="site"
+                        ).partitioning == Partitioning.natural
+
+
+def test_one_switch_for_dp_sgd_and_the_sweeps_inf_level_turns_it_off():
+    private = compose_config(["privacy=dp_sgd"]).privacy.dp_sgd
+    assert private.enabled and private.target_epsilon == 8.0
+    level = compose_config(["privacy=dp_sgd", "privacy.dp_sgd.target_epsilon=inf"])
+    assert not level.privacy.dp_sgd.enabled, "hospitals read enabled, never epsilon"
+    assert task_settings(level, ["a", "b"]).privacy.dp_sgd.enabled is False

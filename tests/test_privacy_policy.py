@@ -114,7 +114,7 @@ def _no_ledger_spent(state_dir):
 @pytest.mark.parametrize("case,dp,message", [
     ("privacy=none", {}, "require-dp .*training with no DP-SGD; refused, nothing trained"),
     ("target_epsilon=.inf", {"target_epsilon": math.inf},
-     r"require-dp .*target_epsilon=\.inf; refused"),
+     r"require-dp .*no DP-SGD \(privacy.dp_sgd.target_epsilon=\.inf.*; refused"),
     ("delta above max-delta", {"target_epsilon": 3.0, "target_delta": 1e-3},
      r"max-delta .*target_delta=0.001, above the hospital's maximum 1e-05"),
     ("noise overruns the lifetime budget", {"noise_multiplier": 0.3, "target_epsilon": None},

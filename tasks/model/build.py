@@ -24,12 +24,11 @@ from transformers.utils import logging as hf_logging
 
 from tasks.errors import ModelNotFoundError
 from tasks.model.pooling import resolve_pooling, use_mean_pooling
-from tasks.task_settings import ModelSettings, Pooling
+from tasks.task_settings import DEFAULT_MODEL_ID, ModelSettings, Pooling
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 
-DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _PACKAGED_MODEL_IDS = {DEFAULT_MODEL_ID, "all-MiniLM-L6-v2"}
 
 # PEFT's own table covers most families; these are the common ones it lacks.
@@ -105,6 +104,19 @@ def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def _classifier(path: str, labels: list[str], tokenizer: PreTrainedTokenizerBase,
+                pooling: Pooling) -> torch.nn.Module:
+    """The base model with a fresh classification head over ``labels``."""
+    base = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    if pooling == Pooling.mean:
+        use_mean_pooling(base)
+    return base
+
+
 def build_model(settings: ModelSettings, labels: list[str], seed: int,
                 tokenizer: PreTrainedTokenizerBase | None = None) -> PeftModel:
     """The base model with a fresh classification head, wrapped in LoRA.
@@ -115,13 +127,7 @@ def build_model(settings: ModelSettings, labels: list[str], seed: int,
     path = resolve_model_path(settings.name_or_path)
     tokenizer = tokenizer or load_tokenizer(settings)
     torch.manual_seed(seed)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=len(labels),
-        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
-    if base.config.pad_token_id is None:
-        base.config.pad_token_id = tokenizer.pad_token_id
-    if resolve_pooling(settings.pooling, path) == Pooling.mean:
-        use_mean_pooling(base)
+    base = _classifier(path, labels, tokenizer, resolve_pooling(settings.pooling, path))
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=settings.lora.r,
@@ -183,13 +189,9 @@ def load_adapter(directory: str | Path, base_model: str | None = None
                              max_length=meta["max_length"],
                              pooling=Pooling(meta.get("pooling", Pooling.model.value)))
     tokenizer = load_tokenizer(settings)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_path(settings.name_or_path), num_labels=len(labels),
-        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
-    if base.config.pad_token_id is None:
-        base.config.pad_token_id = tokenizer.pad_token_id
-    if settings.pooling == Pooling.mean:  # as trained: the head reads the same vector
-        use_mean_pooling(base)
+    # The pooling saved with the adapter: the head reads the vector it was trained on.
+    base = _classifier(resolve_model_path(settings.name_or_path), labels, tokenizer,
+                       settings.pooling)
     model = PeftModel.from_pretrained(base, directory)
     model.eval()
     return model, tokenizer, labels, settings.max_length

@@ -13,7 +13,6 @@ orders costs ~0.3% of epsilon and leaves no disputed claim.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -63,6 +62,3 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
             high = middle
     return high  # always on the safe side of the target
 
-
-def is_finite_target(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)

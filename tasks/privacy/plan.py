@@ -15,7 +15,6 @@ from tasks.privacy.accounting import (
     Step,
     calibrate_noise_multiplier,
     epsilon_spent,
-    is_finite_target,
 )
 from tasks.privacy.policy import HospitalPolicy
 from tasks.task_settings import Accountant, DpSgdSettings
@@ -29,17 +28,12 @@ class PolicyRefusal(PrivacyBudgetError):
     """The hospital's own privacy policy rules out what the server asked for."""
 
 
-def dp_sgd_active(settings: DpSgdSettings) -> bool:
-    """DP-SGD is on, with a finite target or an explicit noise (target .inf: no DP-SGD)."""
-    return settings.enabled and (settings.noise_multiplier is not None
-                                 or is_finite_target(settings.target_epsilon))
-
-
 def refuse_without_dp(settings: DpSgdSettings, policy: HospitalPolicy) -> None:
     """A hospital whose policy requires DP refuses a run without DP-SGD, whatever the server
-    says (``privacy=none``, or ``target_epsilon=.inf``, the sweep's non-private point)."""
-    if policy.require_dp and not dp_sgd_active(settings):
-        asked = "privacy.dp_sgd.target_epsilon=.inf" if settings.enabled else "no DP-SGD"
+    says (``privacy=none``, or a sweep's non-private level)."""
+    if policy.require_dp and not settings.enabled:
+        asked = ("no DP-SGD" if settings.target_epsilon != math.inf else
+                 "no DP-SGD (privacy.dp_sgd.target_epsilon=.inf, a sweep's non-private level)")
         implied = ", implied by max-epsilon" if policy.require_dp_setting is None else ""
         raise PolicyRefusal(
             f"hospital {policy.hospital}: privacy policy require-dp ({policy.source}{implied}): "
