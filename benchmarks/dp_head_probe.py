@@ -4,49 +4,71 @@ Two measurements behind docs/benchmarks.md ("What limits DP-SGD here"):
 
 1. Per-record gradient norms of the production model (MiniLM + LoRA + head, mean pooling) at
    the start of training, split into head and LoRA parts: how the clipping norm is shared.
-2. A federated linear probe under DP-SGD: the encoder frozen (no LoRA), each note's pooled
-   vector computed once by the production model, only the head trained, 2 hospitals averaged by
-   records, for several hospital sizes. DP-SGD as in the product (Poisson sampling at
-   batch / records, per-record clipping, Gaussian noise from Opacus' RDP accountant for the
-   whole plan, Adam on the noisy mean gradient). A linear head's per-record gradient is an
-   exact outer product, so no Opacus hooks are needed and a setting takes seconds. It bounds
-   what DP can reach when the LoRA part learns nothing, which is what the product measurements
-   show at this size.
+2. A federated linear probe: the encoder frozen (no LoRA), each note's pooled vector computed
+   once by the production model, and only a copy of the production classification head
+   trained, for several local-epoch counts and head learning rates. Everything else is the
+   product's: the settings composed from ``conf/`` (``privacy=dp_sgd`` at each epsilon), each
+   hospital's DP-SGD plan (``Hospital.dp_sgd_plan``: sampling rate, the hospital's own delta,
+   noise calibrated for all planned rounds by ``tasks/privacy/accounting.py``), its privacy
+   ledger and refusal check, training by ``tasks/privacy/dp_sgd.py::train_with_dp_sgd``
+   (Opacus: Poisson sampling, per-record clipping, noise; the product's AdamW at
+   ``train.head_learning_rate``) or, without DP, ``tasks/learning/training.py::train_locally``,
+   and the replies aggregated by the product's strategy (Flower's FedAvg). It bounds what DP
+   can reach when the LoRA part learns nothing, which is what the product measurements show
+   at this size; a setting takes seconds instead of an hour.
 
     .venv/bin/python benchmarks/dp_head_probe.py                  # 300 notes, 1/3/8 epochs
     .venv/bin/python benchmarks/dp_head_probe.py --notes-per-hospital 300 1200 --epochs 1
-    .venv/bin/python benchmarks/dp_head_probe.py --epochs 3 --learning-rates 3e-2 --ema 0.9
+    .venv/bin/python benchmarks/dp_head_probe.py --epochs 3 --learning-rates 3e-2 --seeds 8
 
-Accuracy is on the hospitals' held-out notes, mean over seeds (fresh noise and batches).
+Accuracy is on the hospitals' held-out notes, mean over seeds (the seed drives the
+non-private batches; DP-SGD's sampling and noise come from OS entropy, fresh every run).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 
 import torch
-from opacus.accountants.utils import get_noise_multiplier
+from composed_settings import Composed, compose
+from flower_aggregation import ServerAggregation
+from torch.utils.data import DataLoader
+from transformers.modeling_outputs import SequenceClassifierOutput
 
-from tasks.data.hospital_data import source_labels
-from tasks.hospital import Hospital
+from tasks.hospital import Hospital, privacy_report
 from tasks.learning.batches import make_loader
-from tasks.model.build import DEFAULT_MODEL_ID
-from tasks.task_settings import DataSettings, ModelSettings, TaskSettings, TrainSettings
+from tasks.learning.training import TrainOutcome, train_locally
+from tasks.privacy.dp_sgd import train_with_dp_sgd
+from tasks.privacy.ledger import PrivacyLedger
+from tasks.privacy.plan import PrivacyBudgetError
 
 HOSPITALS = 2
-
-
-def _settings(notes_per_hospital: int) -> TaskSettings:
-    return TaskSettings(model=ModelSettings(name_or_path=DEFAULT_MODEL_ID),
-                        data=DataSettings(notes_per_hospital=notes_per_hospital),
-                        train=TrainSettings(), planned_rounds=4)
+EPSILONS = (math.inf, 8.0, 3.0)
 
 
 def _head(model: torch.nn.Module) -> torch.nn.Module:
+    """The classification head PEFT trains (``modules_to_save``) in the production model."""
     return next(module for name, module in model.named_modules()
                 if name.endswith("classifier.modules_to_save.default"))
+
+
+class PooledHead(torch.nn.Module):
+    """A copy of the production head over precomputed pooled vectors, called like the
+    production model (keyword inputs, ``labels`` optional, an output with ``logits``/``loss``),
+    so the product's training functions take it as they take the model."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.classifier = copy.deepcopy(head)
+
+    def forward(self, pooled: torch.Tensor,
+                labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
+        logits = self.classifier(pooled)
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 def gradient_norms(hospital: Hospital, records: int = 40) -> dict[str, list[float]]:
@@ -54,7 +76,7 @@ def gradient_norms(hospital: Hospital, records: int = 40) -> dict[str, list[floa
     model = hospital.model
     model.eval()  # dropout off: the norms of the function DP-SGD clips
     norms: dict[str, list[float]] = {"head": [], "lora": [], "all": []}
-    for index, batch in enumerate(make_loader(hospital._train, hospital.tokenizer, 1,
+    for index, batch in enumerate(make_loader(hospital.train_records, hospital.tokenizer, 1,
                                               shuffle=False)):
         if index == records:
             break
@@ -68,85 +90,98 @@ def gradient_norms(hospital: Hospital, records: int = 40) -> dict[str, list[floa
         for part, squared in parts.items():
             norms[part].append(math.sqrt(squared))
         norms["all"].append(math.sqrt(sum(parts.values())))
+    model.zero_grad()
     return norms
 
 
-def pooled_vectors(hospital: Hospital) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(vectors the head reads, labels) for the hospital's train and held-out notes."""
+def pooled_records(hospital: Hospital) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """The hospital's train and held-out notes as (vector the head reads, label) records."""
     captured: list[torch.Tensor] = []
     hook = _head(hospital.model).register_forward_pre_hook(
         lambda module, args: captured.append(args[0].detach()))
     hospital.model.eval()
     out = {}
     try:
-        for split, records in (("train", hospital._train), ("eval", hospital._eval)):
+        for split, records in (("train", hospital.train_records),
+                               ("eval", hospital.eval_records)):
             captured.clear()
             labels = []
             with torch.no_grad():
                 for batch in make_loader(records, hospital.tokenizer, 64, shuffle=False):
                     hospital.model(**{k: v for k, v in batch.items() if k != "labels"})
                     labels.append(batch["labels"])
-            out[split] = (torch.cat(captured), torch.cat(labels))
+            out[split] = [{"pooled": x, "labels": y}
+                          for x, y in zip(torch.cat(captured), torch.cat(labels), strict=True)]
     finally:
         hook.remove()
     return out
 
 
-def federated_probe(data: list[dict], classes: int, epsilon: float, seed: int, rounds: int = 4,
-                    epochs: int = 1, batch_size: int = 16, learning_rate: float = 1e-2,
-                    clip: float = 1.0, delta: float = 1e-5, lr_decay: bool = False,
-                    ema: float = 0.0) -> float:
-    """Accuracy of a head trained by FedAvg over ``data`` (one dict per hospital).
+def _local_training(hospital: Hospital, probe: PooledHead, records: list[dict],
+                    ledger: PrivacyLedger, server_round: int, seed: int) -> TrainOutcome:
+    """One hospital's round on the probe, by the product's training functions."""
+    settings = hospital.settings
+    loader = DataLoader(records, batch_size=settings.train.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed * 1_009 + server_round))
+    if not hospital.uses_dp_sgd:
+        torch.manual_seed(seed)
+        return train_locally(probe, loader, settings.train)
+    plan = hospital.dp_sgd_plan(ledger=ledger)  # calibrated once, then the ledger's noise
+    refusal = plan.refusal(ledger.history, server_round)
+    if refusal:
+        raise PrivacyBudgetError(refusal)
+    ledger.noise_multiplier, ledger.delta = plan.noise_multiplier, plan.delta
+    outcome = train_with_dp_sgd(probe, loader, settings.train, plan.noise_multiplier,
+                                plan.max_grad_norm, settings.privacy.dp_sgd.grad_sample_mode,
+                                ledger.history)
+    ledger.rounds_trained.append(server_round)
+    outcome.privacy = privacy_report(plan, ledger)
+    return outcome
 
-    ``lr_decay``: the rate falls linearly to 0 over all planned steps; ``ema``: each hospital
-    sends the exponential moving average of its iterates (decay ``ema``) instead of the last
-    one. Both are post-processing of the noisy gradients, free in privacy terms, and both
-    are standard ways to damp the jitter DP noise leaves in the final parameters."""
-    generator = torch.Generator().manual_seed(seed)
-    dim = data[0]["train"][0].shape[1]
-    weight = torch.randn(classes, dim, generator=generator) * 0.02
-    bias = torch.zeros(classes)
-    for round_index in range(rounds):
-        updates = []
-        for hospital in data:
-            x, y = hospital["train"]
-            records = len(y)
-            rate = batch_size / records
-            sigma = 0.0 if math.isinf(epsilon) else get_noise_multiplier(
-                target_epsilon=epsilon, target_delta=delta, sample_rate=rate,
-                steps=round(rounds * epochs / rate), accountant="rdp")
-            w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
-            optimizer = torch.optim.Adam([w, b], lr=learning_rate)
-            steps = round(epochs / rate)
-            average = (w.detach().clone(), b.detach().clone())
-            for step in range(steps):
-                if lr_decay:
-                    done = (round_index * steps + step) / (rounds * steps)
-                    optimizer.param_groups[0]["lr"] = learning_rate * (1.0 - done)
-                chosen = torch.rand(records, generator=generator) < rate
-                xb, yb = x[chosen], y[chosen]
-                with torch.no_grad():
-                    residual = torch.softmax(xb @ w.T + b, dim=1)
-                    residual[torch.arange(len(yb)), yb] -= 1.0
-                    grad_w = residual[:, :, None] * xb[:, None, :]
-                    norm = (grad_w.flatten(1).pow(2).sum(1) + residual.pow(2).sum(1)).sqrt()
-                    scale = ((clip / (norm + 1e-6)).clamp(max=1.0) if sigma > 0
-                             else torch.ones_like(norm))
-                    noisy_w = ((grad_w * scale[:, None, None]).sum(0)
-                               + sigma * clip * torch.randn(w.shape, generator=generator))
-                    noisy_b = ((residual * scale[:, None]).sum(0)
-                               + sigma * clip * torch.randn(b.shape, generator=generator))
-                w.grad, b.grad = noisy_w / batch_size, noisy_b / batch_size
-                optimizer.step()
-                for mean, current in zip(average, (w, b), strict=True):
-                    mean.mul_(ema).add_(current.detach(), alpha=1.0 - ema)
-            updates.append((*average, records))
-        total = sum(n for _, _, n in updates)
-        weight = sum(w * n for w, _, n in updates) / total
-        bias = sum(b * n for _, b, n in updates) / total
-    correct = sum(int(((h["eval"][0] @ weight.T + bias).argmax(1) == h["eval"][1]).sum())
-                  for h in data)
-    return correct / sum(len(h["eval"][1]) for h in data)
+
+def federated_probe(composed: Composed, data: list[dict], head: torch.nn.Module,
+                    seed: int) -> tuple[float, float | None, float | None]:
+    """(held-out accuracy, largest epsilon spent, noise multiplier) of the head trained by the
+    product's FedAvg over ``data`` (one dict of pooled records per hospital)."""
+    settings = composed.task
+    members = [Hospital(settings, composed.labels, k, HOSPITALS) for k in range(HOSPITALS)]
+    ledgers = [PrivacyLedger(run_id=0, hospital=k) for k in range(HOSPITALS)]
+    server = ServerAggregation(composed.run.strategy)
+    probe = PooledHead(head)
+    state = {k: v.detach().clone() for k, v in probe.state_dict().items()}
+    epsilon = noise = None
+    for server_round in range(1, composed.run.num_rounds + 1):
+        results = []
+        for k, (hospital, ledger) in enumerate(zip(members, ledgers, strict=True)):
+            probe.load_state_dict(state)
+            outcome = _local_training(hospital, probe, data[k]["train"], ledger, server_round,
+                                      seed)
+            if outcome.privacy is not None:
+                epsilon = max(epsilon or 0.0, outcome.privacy.epsilon)
+                noise = outcome.privacy.noise_multiplier
+            results.append((k, {n: p.detach().clone() for n, p in probe.state_dict().items()},
+                            outcome))
+        state = server.aggregate(server_round, results)
+    probe.load_state_dict(state)
+    probe.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for hospital_data in data:
+            batch = torch.utils.data.default_collate(hospital_data["eval"])
+            correct += int((probe(batch["pooled"]).logits.argmax(1) == batch["labels"]).sum())
+            total += len(hospital_data["eval"])
+    return correct / total, epsilon, noise
+
+
+def _setting(notes: int, epochs: int, learning_rate: float, epsilon: float,
+             batch_size: int | None) -> Composed:
+    overrides = [f"data.notes_per_hospital={notes}", f"train.local_epochs={epochs}",
+                 f"train.head_learning_rate={learning_rate}"]
+    if batch_size is not None:
+        overrides.append(f"train.batch_size={batch_size}")
+    if not math.isinf(epsilon):
+        overrides += ["privacy=dp_sgd", f"privacy.dp_sgd.target_epsilon={epsilon}"]
+    return compose(overrides, HOSPITALS)
 
 
 def main() -> None:
@@ -155,43 +190,48 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 3, 8],
                         help="local epochs per round (4 rounds)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-2, 3e-2])
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr-decay", action="store_true",
-                        help="the rate falls linearly to 0 over the planned steps")
-    parser.add_argument("--ema", type=float, default=0.0,
-                        help="send the moving average of the iterates (e.g. 0.9); 0: the last")
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-2, 3e-2],
+                        help="train.head_learning_rate values")
+    parser.add_argument("--batch-size", type=int, help="train.batch_size (default: product's)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     for notes in args.notes_per_hospital:
-        settings = _settings(notes)
-        labels = source_labels(settings.data)
-        members = [Hospital(settings, labels, k, HOSPITALS) for k in range(HOSPITALS)]
+        base = _setting(notes, 1, args.learning_rates[0], math.inf, args.batch_size)
+        members = [Hospital(base.task, base.labels, k, HOSPITALS) for k in range(HOSPITALS)]
         if notes == args.notes_per_hospital[0]:
+            clip = _setting(notes, 1, args.learning_rates[0], 8.0, None).task.privacy.dp_sgd
             norms = gradient_norms(members[0])
-            print("per-record gradient norm at the start (40 records of hospital 0, clipping 1.0):")
+            print(f"per-record gradient norm at the start (40 records of hospital 0, "
+                  f"clipping {clip.max_grad_norm:g}):")
             for part, values in norms.items():
                 print(f"  {part:<5} median {statistics.median(values):.3f}  "
                       f"min {min(values):.3f}  max {max(values):.3f}")
-        data = [pooled_vectors(h) for h in members]
-        train = len(data[0]["train"][1])
-        print(f"\nlinear probe, {train} training notes per hospital, {HOSPITALS} hospitals, "
-              f"4 rounds, batch {args.batch_size}, clipping 1.0, delta 1e-5, Adam"
-              + (", rate decayed to 0" if args.lr_decay else "")
-              + (f", EMA {args.ema:g} of the iterates" if args.ema else ""))
-        print("| local epochs | learning rate | non-private | epsilon 8 | epsilon 3 |")
+        data = [pooled_records(h) for h in members]
+        head = _head(members[0].model)
+        train = base.task.train
+        print(f"\nlinear probe, {len(data[0]['train'])} / {len(data[1]['train'])} training "
+              f"notes, {HOSPITALS} hospitals, {base.run.num_rounds} rounds, batch "
+              f"{train.batch_size}, product AdamW (weight decay {train.weight_decay:g}); "
+              "DP-SGD from the privacy=dp_sgd preset, noise calibrated by the product")
+        print("| local epochs | head learning rate | non-private | epsilon 8 | epsilon 3 |")
         print("|---|---|---|---|---|")
+        notes_on_privacy = []
         for epochs in args.epochs:
             for lr in args.learning_rates:
-                row = [statistics.mean(federated_probe(data, len(labels), eps, seed,
-                                                       epochs=epochs, learning_rate=lr,
-                                                       batch_size=args.batch_size,
-                                                       lr_decay=args.lr_decay, ema=args.ema)
-                                       for seed in range(args.seeds))
-                       for eps in (math.inf, 8.0, 3.0)]
+                row = []
+                for epsilon in EPSILONS:
+                    composed = _setting(notes, epochs, lr, epsilon, args.batch_size)
+                    runs = [federated_probe(composed, data, head, seed)
+                            for seed in range(args.seeds)]
+                    row.append(statistics.mean(accuracy for accuracy, _, _ in runs))
+                    if runs[0][1] is not None:
+                        notes_on_privacy.append(
+                            f"epochs {epochs}, lr {lr:g}, target {epsilon:g}: noise multiplier "
+                            f"{runs[0][2]:.3f}, epsilon spent {max(r[1] for r in runs):.3f}")
                 print(f"| {epochs} | {lr:g} | " + " | ".join(f"{a:.3f}" for a in row) + " |",
                       flush=True)
+        print("\n" + "\n".join(notes_on_privacy))
 
 
 if __name__ == "__main__":

@@ -117,6 +117,17 @@ class Hospital:
     def uses_dp_sgd(self) -> bool:
         return self.settings.privacy.dp_sgd.enabled
 
+    @property
+    def train_records(self) -> datasets.Dataset:
+        """The tokenized training records (token ids and labels) that ``train`` reads.
+        Shared with the process cache: read them, do not change them."""
+        return self._train
+
+    @property
+    def eval_records(self) -> datasets.Dataset:
+        """The tokenized held-out records that ``evaluate`` reads (read only, as above)."""
+        return self._eval
+
     def dp_sgd_plan(self, policy: HospitalPolicy | None = None,
                     ledger: PrivacyLedger | None = None,
                     prior_history: list[Step] | tuple[Step, ...] = ()) -> DpSgdPlan:
