@@ -19,15 +19,10 @@ from tasks.hospital import Hospital
 from tasks.model.build import trainable_state
 from tasks.privacy.ledger import PrivacyLedger
 from tasks.task_settings import (
-    AuditSettings,
-    DataSettings,
     DpSgdSettings,
-    ModelSettings,
-    OptimizerName,
-    TaskSettings,
-    TrainSettings,
 )
 from tests.flower_processes import ROOT
+from tests.support import NO_DEID, task
 
 
 def _paper_p_value(m, r, v, eps, delta):
@@ -76,16 +71,13 @@ def canary_hospital(tiny_bert, tmp_path_factory):
     work = tmp_path_factory.mktemp("audit")
     canaries = make_canaries(12, len(SPECIALTIES))
     given = write_canaries([c for c in canaries if c.included], work / "given.jsonl")
-    settings = TaskSettings(model=ModelSettings(name_or_path=str(tiny_bert), max_length=32),
-                            data=DataSettings(notes_per_hospital=40),
-                            train=TrainSettings(batch_size=8, local_epochs=3,
-                                                optimizer=OptimizerName.sgd,
-                                                learning_rate=0.1),
-                            audit=AuditSettings(canaries_path=str(given)), planned_rounds=1)
     # Canaries of norm 10 (the clipping norm): in a model this small (4k trainable
     # parameters) real gradients project on a random direction with ~1/sqrt(4k) of their
     # norm, enough to blur canaries of norm 1 in one short round.
-    settings.privacy.dp_sgd.max_grad_norm = 10.0
+    settings = task(tiny_bert, "model.max_length=32", "data.notes_per_hospital=40",
+                    "train.batch_size=8", "train.local_epochs=3", "train.optimizer=sgd",
+                    "train.learning_rate=0.1", "train.head_learning_rate=null",
+                    f"audit.canaries_path={given}", "privacy.dp_sgd.max_grad_norm=10")
     return settings, canaries, work
 
 
@@ -134,7 +126,7 @@ def test_audit_runs_end_to_end_on_the_tiny_model(superlink, tiny_bert, tmp_path)
         [sys.executable, "-m", "fl_app.audit_cli", "--canaries", "40", "--guesses", "10",
          "--out", str(out), f"model.name_or_path={tiny_bert}", "data.notes_per_hospital=60",
          f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "model.lora.dropout=0.0",
-         "audit.canary_norm=10"],  # canaries of norm 10: see canary_hospital
+         "audit.canary_norm=10", NO_DEID],  # canaries of norm 10: see canary_hospital
         cwd=ROOT, env=superlink.env, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())

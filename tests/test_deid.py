@@ -12,7 +12,8 @@ from tasks.data.hospital_data import load_hospital_data, load_server_test_set
 from tasks.data.synthetic_notes import PHI_TYPES, SPECIALTIES, generate_hospital_notes
 from tasks.errors import TaskInputError
 from tasks.hospital import Hospital
-from tasks.task_settings import DataSettings, DeidSettings, ModelSettings, TaskSettings
+from tasks.task_settings import DataSettings, DeidSettings
+from tests.support import task
 
 HOSPITALS = range(8)  # every hospital writes its own formats; eight cover them all
 
@@ -92,9 +93,8 @@ def test_no_phi_reaches_the_tokenizer(tiny_bert, monkeypatch):
         return real_call(self, text, *args, **kwargs)
 
     monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", spy)
-    data = DataSettings(notes_per_hospital=60, seed=5)
-    settings = TaskSettings(model=ModelSettings(name_or_path=str(tiny_bert), max_length=64),
-                            data=data)
+    settings = task(tiny_bert, "data.notes_per_hospital=60", "data.seed=5", deid=True)
+    data = settings.data
     hospital = Hospital(settings, list(SPECIALTIES), 1, 2)
     assert len(seen) == len(hospital.data.train) + len(hospital.data.eval) > 0
     # The hospital's own notes, regenerated with their PHI spans.

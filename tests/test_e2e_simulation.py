@@ -1,103 +1,35 @@
-"""End to end: a real ``flwr run`` simulation (2 hospitals, 2 rounds, tiny model) into a real
-MLflow store, then the adapter artifact is loaded and used to classify notes."""
+"""End to end: real ``flwr run`` simulations (2 hospitals, tiny model) into a real MLflow store.
+
+The main run reads a CSV export the way a hospital network would hand one over (a site
+column deals it to the hospitals, a split column holds the server's test set), with
+de-identification on, and ships an adapter that is then loaded and used to classify notes.
+What can be wrong before training starts is checked in-process: the same handlers and
+ServerApp code, without starting processes.
+"""
 
 from __future__ import annotations
 
 import io
 from contextlib import redirect_stdout
 
+import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
+from flwr.app import Context, RecordDict
 
-from fl_app import predict_cli
-from tasks.data.synthetic_notes import generate_hospital_notes
+from fl_app import predict_cli, server_app
+from fl_app.run_settings import ConfigError, task_settings_to_yaml
+from tasks.data.synthetic_notes import SPECIALTIES, generate_hospital_notes
+from tests.hospital_process import hospital_preflight
+from tests.support import history, only_run, run_overrides, task
 
-pytestmark = pytest.mark.e2e
-
-
-def _overrides(tiny_bert, store, extra=""):
-    return (f"model.name_or_path={tiny_bert} tracking.uri=sqlite:///{store}/mlflow.db "
-            "num_rounds=2 data.notes_per_hospital=150 data.server_test_notes=100 "
-            "model.max_length=128 model.lora.dropout=0.0 train.learning_rate=1e-2 "
-            f"train.local_epochs=2 {extra}")
-
-
-def _history(client, run_id, key):
-    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
-
-
-def test_federated_run_tracks_every_round_and_ships_a_working_adapter(superlink, tiny_bert,
-                                                                      tmp_path):
-    status, details, output = superlink.flwr_run(_overrides(tiny_bert, tmp_path))
-    assert status == "finished:completed", f"{details}\n{output[-4000:]}"
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs) == 1
-    run = runs[0]
-    assert run.info.status == "FINISHED"
-    assert run.data.params["strategy.name"] == "fedavg"
-    assert run.data.params["num_rounds"] == "2"
-
-    for key in ("federated/accuracy", "federated/macro_f1", "federated/loss",
-                "central/accuracy"):
-        assert sorted(_history(client, run.info.run_id, key)) == [0, 1, 2], key
-    for key in ("train/loss", "round/seconds", "hospital_0/accuracy", "hospital_1/train_loss"):
-        assert {1, 2} <= set(_history(client, run.info.run_id, key)), key
-    sent = _history(client, run.info.run_id, "comm/bytes_sent")
-    received = _history(client, run.info.run_id, "comm/bytes_received")
-    assert sent[1] == sent[2] > 0 and received[1] > 0
-    assert _history(client, run.info.run_id, "round/train_replies")[2] == 2
-
-    accuracy = _history(client, run.info.run_id, "federated/accuracy")
-    assert accuracy[2] > accuracy[0]
-    assert accuracy[2] > 1 / 6 + 0.15, "well above the 6-class chance level"
-
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"adapter", "config", "metrics_per_round.png"} <= artifacts
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "config")} == {
-        "config/resolved_config.yaml"}
-
-    # The adapter, fetched by run id, loads with PEFT and classifies unseen notes.
-    notes = generate_hospital_notes(777, 60, seed=3, label_skew_alpha=100.0, label_noise=0.0)
-    buffer = io.StringIO()
-    with redirect_stdout(buffer):
-        code = predict_cli.main(["--run-id", run.info.run_id, "--tracking-uri", uri]
-                                + [arg for n in notes for arg in ("--text", n.text)])
-    assert code == 0
-    predicted = [line.split("\t")[1] for line in buffer.getvalue().splitlines()]
-    hits = sum(p == n.label for p, n in zip(predicted, notes, strict=True))
-    assert hits / len(notes) > 1 / 6 + 0.15
-
-
-def test_empty_hospital_stops_the_run_before_training_and_mlflow_says_why(superlink, tiny_bert,
-                                                                          tmp_path):
-    status, details, output = superlink.flwr_run(
-        _overrides(tiny_bert, tmp_path, "data.notes_per_hospital=0"))
-    assert status == "finished:failed"
-    assert "hospital 0 (partition-id=0 of 2): the partition is empty" in output
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs) == 1 and runs[0].info.status == "FAILED"
-    assert "partition is empty" in runs[0].data.tags["failure"]
-    assert not client.get_metric_history(runs[0].info.run_id, "train/loss"), "nothing trained"
-
-
-def test_unknown_config_key_fails_before_anything_starts(superlink, tiny_bert, tmp_path):
-    status, _, output = superlink.flwr_run(_overrides(tiny_bert, tmp_path, "train.epochs=3"))
-    assert status == "finished:failed"
-    assert "unknown key 'train.epochs'" in output
-    assert not (tmp_path / "mlflow.db").exists(), "no MLflow run for an invalid config"
+NOTES_PER_SITE = 180  # every 6th is the server's: 150 per hospital, 120 of them for training
 
 
 def _export(tmp_path, bad_label_row: int | None = None):
     """Two hospitals' notes as one CSV with site and split columns, as an export would be."""
-    import pandas as pd
-
     rows = []
     for site in (0, 1):
-        for i, note in enumerate(generate_hospital_notes(site, 120, seed=9,
+        for i, note in enumerate(generate_hospital_notes(site, NOTES_PER_SITE, seed=9,
                                                          label_skew_alpha=1.0,
                                                          label_noise=0.0)):
             rows.append({"note_text": note.text, "specialty": note.label,
@@ -110,42 +42,96 @@ def _export(tmp_path, bad_label_row: int | None = None):
     return path
 
 
-def _file_overrides(tiny_bert, tmp_path, path, labels: str | None = None):
-    overrides = (f"model.name_or_path={tiny_bert} tracking.uri=sqlite:///{tmp_path}/mlflow.db "
-                 "num_rounds=2 model.max_length=128 model.lora.dropout=0.0 "
-                 "train.learning_rate=1e-2 train.local_epochs=2 "
-                 f"data=files data.path={path} data.text_column=note_text "
-                 "data.label_column=specialty data.site_column=hospital "
-                 "data.partitioning=natural data.split_column=split")
-    if labels:
-        overrides += f" data.labels=[{labels}]"
-    return overrides
+def _export_settings(path) -> tuple[str, ...]:
+    return ("data=files", f"data.path={path}", "data.text_column=note_text",
+            "data.label_column=specialty", "data.site_column=hospital",
+            "data.split_column=split")
 
 
-def test_run_on_a_csv_export_partitions_by_site_and_scores_the_test_split(superlink, tiny_bert,
-                                                                          tmp_path):
-    path = _export(tmp_path)
-    status, details, output = superlink.flwr_run(_file_overrides(tiny_bert, tmp_path, path))
-    assert status == "finished:completed", f"{details}\n{output[-4000:]}"
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
-    params = run.data.params
-    # 120 notes per site, every 6th held back for the server: 100 per hospital.
-    for k in (0, 1):
-        assert params[f"hospital_{k}.train_records"] == "80"
-        assert params[f"hospital_{k}.eval_records"] == "20"
-    assert sorted(_history(client, run.info.run_id, "central/accuracy")) == [0, 1, 2]
-    assert _history(client, run.info.run_id, "central/records")[2] == 40
-    assert run.data.tags["labels"] == ",".join(sorted({n.label for s in (0, 1) for n in
-                                                       generate_hospital_notes(
-                                                           s, 120, 9, 1.0, 0.0)}))
-
-
-def test_an_unknown_label_in_an_export_stops_the_run_naming_file_row_and_column(
+@pytest.mark.e2e
+def test_a_federated_run_on_a_csv_export_tracks_every_round_and_ships_a_working_adapter(
         superlink, tiny_bert, tmp_path):
+    path = _export(tmp_path)
+    overrides = run_overrides(tiny_bert, tmp_path, *_export_settings(path), "num_rounds=2",
+                              "model.max_length=128", "train.learning_rate=1e-2",
+                              "train.local_epochs=2", deid=True)
+    status, details, output = superlink.flwr_run(overrides)
+    assert status == "finished:completed", f"{details}\n{output[-4000:]}"
+
+    client, run = only_run(tmp_path)
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["strategy.name"] == "fedavg" and params["num_rounds"] == "2"
+    assert params["data.partitioning"] == "natural", "auto: the export names its sites"
+    for k in (0, 1):  # dealt by site; the split column's test rows never reach a hospital
+        assert params[f"hospital_{k}.train_records"] == "120"
+        assert params[f"hospital_{k}.eval_records"] == "30"
+    assert run.data.tags["labels"] == ",".join(sorted(SPECIALTIES))
+
+    for key in ("federated/accuracy", "federated/macro_f1", "federated/loss",
+                "central/accuracy"):
+        assert sorted(history(client, run_id, key)) == [0, 1, 2], key
+    assert history(client, run_id, "central/records")[2] == 2 * NOTES_PER_SITE // 6
+    for key in ("train/loss", "round/seconds", "hospital_0/accuracy", "hospital_1/train_loss"):
+        assert {1, 2} <= set(history(client, run_id, key)), key
+    sent = history(client, run_id, "comm/bytes_sent")
+    received = history(client, run_id, "comm/bytes_received")
+    assert sent[1] == sent[2] > 0 and received[1] > 0
+    assert history(client, run_id, "round/train_replies")[2] == 2
+
+    accuracy = history(client, run_id, "federated/accuracy")
+    assert accuracy[2] > accuracy[0]
+    assert accuracy[2] > 1 / 6 + 0.15, "well above the 6-class chance level"
+
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"adapter", "config", "metrics_per_round.png"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run_id, "config")} == {
+        "config/resolved_config.yaml"}
+
+    # The adapter, fetched by run id, loads with PEFT and classifies unseen notes.
+    notes = generate_hospital_notes(777, 60, seed=3, label_skew_alpha=100.0, label_noise=0.0)
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        code = predict_cli.main(["--run-id", run_id, "--tracking-uri",
+                                 f"sqlite:///{tmp_path}/mlflow.db"]
+                                + [arg for n in notes for arg in ("--text", n.text)])
+    assert code == 0
+    predicted = [line.split("\t")[1] for line in buffer.getvalue().splitlines()]
+    hits = sum(p == n.label for p, n in zip(predicted, notes, strict=True))
+    assert hits / len(notes) > 1 / 6 + 0.15
+
+
+@pytest.mark.e2e
+def test_an_unknown_label_in_an_export_fails_the_run_naming_file_row_and_column(
+        superlink, tiny_bert, tmp_path):
+    """A failed run, end to end: the hospital's own message reaches the user and MLflow."""
     path = _export(tmp_path, bad_label_row=5)
-    labels = "cardiology,pulmonology,gastroenterology,neurology,endocrinology,orthopedics"
-    status, details, output = superlink.flwr_run(
-        _file_overrides(tiny_bert, tmp_path, path, labels))
+    labels = ",".join(SPECIALTIES)
+    status, _, output = superlink.flwr_run(run_overrides(
+        tiny_bert, tmp_path, *_export_settings(path), f"data.labels=[{labels}]"))
     assert status == "finished:failed"
-    assert f"{path}, row 7, column 'specialty': label 'dermatology' is not in" in output
+    message = f"{path}, row 7, column 'specialty': label 'dermatology' is not in"
+    assert message in output
+    client, run = only_run(tmp_path)
+    assert run.info.status == "FAILED" and message in run.data.tags["failure"]
+    assert not client.get_metric_history(run.info.run_id, "train/loss"), "nothing trained"
+
+
+# -- before anything starts: in-process -----------------------------------------------------
+
+
+def test_an_empty_hospital_is_named_by_its_preflight_reply(tiny_bert, tmp_path):
+    settings = task_settings_to_yaml(task(tiny_bert, "data.notes_per_hospital=0"))
+    status = hospital_preflight(settings, tmp_path, 1)
+    assert not status["ok"]
+    assert "hospital 0 (partition-id=0 of 2): the partition is empty" in status["problem"]
+
+
+def test_an_unknown_config_key_fails_before_any_store_or_hospital_is_touched(tmp_path):
+    overrides = f"tracking.uri=sqlite:///{tmp_path}/mlflow.db train.epochs=3"
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"overrides": overrides})
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.epochs'"):
+        server_app.main(None, context)  # no Grid: nothing may reach the hospitals
+    assert not (tmp_path / "mlflow.db").exists(), "no MLflow run for an invalid config"

@@ -12,20 +12,14 @@ import pytest
 
 from fl_app import ledger_cli
 from fl_app.run_settings import task_settings_to_yaml
-from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.privacy.accounting import epsilon_spent
 from tasks.privacy.ledger import LedgerError, LedgerStore, PrivacyLedger
 from tasks.task_settings import (
     Accountant,
-    DataSettings,
-    DpSgdSettings,
-    ModelSettings,
-    TaskSettings,
-    TrainSettings,
 )
 from tests.flower_processes import ROOT
 from tests.hospital_process import hospital_train
-from tests.test_privacy_accounting import independent_epsilon
+from tests.support import independent_epsilon, task
 
 NOISE, DELTA = 1.0, 1e-5
 # 40 notes -> 32 training records in batches of 8: sample rate 1/4, 4 steps a round.
@@ -34,10 +28,9 @@ ROUND = (NOISE, 0.25, 4)
 
 @pytest.fixture(scope="module")
 def settings_yaml(tiny_bert):
-    settings = TaskSettings(model=ModelSettings(name_or_path=str(tiny_bert), max_length=64),
-                            data=DataSettings(notes_per_hospital=40, labels=list(SPECIALTIES)),
-                            train=TrainSettings(batch_size=8), planned_rounds=2)
-    settings.privacy.dp_sgd = DpSgdSettings(enabled=True, noise_multiplier=NOISE)
+    settings = task(tiny_bert, "data.notes_per_hospital=40", "train.batch_size=8",
+                    "privacy=dp_sgd", "train.local_epochs=1", "privacy.dp_sgd.target_epsilon=null",
+                    f"privacy.dp_sgd.noise_multiplier={NOISE}", planned_rounds=2)
     return task_settings_to_yaml(settings)
 
 

@@ -6,29 +6,20 @@ from __future__ import annotations
 import dp_accounting
 import pytest
 from dp_accounting.pld import PLDAccountant
-from dp_accounting.rdp import RdpAccountant
 
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.hospital import Hospital
 from tasks.model.build import trainable_state
-from tasks.privacy.accounting import RDP_ORDERS, calibrate_noise_multiplier, epsilon_spent
+from tasks.privacy.accounting import calibrate_noise_multiplier, epsilon_spent
 from tasks.privacy.ledger import LedgerError, LedgerStore, LifetimeLedger, PrivacyLedger, most_spent
 from tasks.privacy.plan import PrivacyBudgetError, plan_dp_sgd
 from tasks.privacy.policy import default_delta
-from tasks.task_settings import Accountant, DataSettings, DpSgdSettings, ModelSettings, TaskSettings
-from tasks.task_settings import TrainSettings as Train
+from tasks.task_settings import Accountant, DpSgdSettings
+from tests.support import independent_epsilon, task
 
 
 def _event(z, q):
     return dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
-
-
-def independent_epsilon(history, delta):
-    """The same history through Google's dp-accounting RDP accountant (same orders)."""
-    accountant = RdpAccountant(orders=list(RDP_ORDERS))
-    for z, q, steps in history:
-        accountant.compose(_event(z, q), steps)
-    return accountant.get_epsilon(delta)
 
 
 HISTORIES = [
@@ -123,11 +114,10 @@ def test_of_two_copies_the_one_with_more_spending_wins():
 
 def test_cumulative_epsilon_over_rounds_is_exact_monotone_and_within_budget(tiny_bert):
     """A hospital trains round after round with DP-SGD until its budget refuses."""
-    settings = TaskSettings(model=ModelSettings(name_or_path=str(tiny_bert), max_length=64),
-                            data=DataSettings(notes_per_hospital=60),
-                            train=Train(batch_size=8, local_epochs=1), planned_rounds=3)
-    settings.privacy.dp_sgd = DpSgdSettings(enabled=True, noise_multiplier=1.0,
-                                             max_epsilon=6.8)
+    settings = task(tiny_bert, "data.notes_per_hospital=60", "train.batch_size=8",
+                    "privacy=dp_sgd", "train.local_epochs=1", "privacy.dp_sgd.target_epsilon=null",
+                    "privacy.dp_sgd.noise_multiplier=1.0", "privacy.dp_sgd.max_epsilon=6.8",
+                    planned_rounds=3)
     hospital = Hospital(settings, list(SPECIALTIES), 0, 2)
     ledger = PrivacyLedger(run_id=1, hospital=hospital.data.hospital)
     state = trainable_state(hospital.model)

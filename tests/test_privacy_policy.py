@@ -20,13 +20,10 @@ from tasks.privacy.policy import (
     parse_policy,
 )
 from tasks.task_settings import (
-    DataSettings,
     DpSgdSettings,
-    ModelSettings,
-    TaskSettings,
-    TrainSettings,
 )
 from tests.hospital_process import hospital_evaluate, hospital_preflight, hospital_train
+from tests.support import task as compose_task
 
 # -- reading the policy ------------------------------------------------------------------------
 
@@ -92,10 +89,8 @@ def test_a_max_delta_at_or_above_one_over_records_is_an_error():
 @pytest.fixture(scope="module")
 def task(tiny_bert):
     def make(**dp) -> str:
-        settings = TaskSettings(model=ModelSettings(name_or_path=str(tiny_bert), max_length=64),
-                                data=DataSettings(notes_per_hospital=40,
-                                                  labels=list(SPECIALTIES)),
-                                train=TrainSettings(batch_size=8), planned_rounds=2)
+        settings = compose_task(tiny_bert, "data.notes_per_hospital=40", "train.batch_size=8",
+                                planned_rounds=2)
         if dp:
             settings.privacy.dp_sgd = DpSgdSettings(enabled=True, **dp)
         return task_settings_to_yaml(settings)

@@ -16,12 +16,9 @@ from tasks.model.build import trainable_state
 from tasks.privacy.ledger import PrivacyLedger
 from tasks.privacy.plan import plan_dp_sgd, steps_per_epoch
 from tasks.task_settings import (
-    DataSettings,
     DpSgdSettings,
-    ModelSettings,
-    TaskSettings,
-    TrainSettings,
 )
+from tests.support import task
 
 
 @pytest.fixture
@@ -48,10 +45,9 @@ def _server_guess(seed: int, records: int, sample_rate: float, steps: int) -> li
 
 def test_sampling_secrecy_same_seed_different_batches_and_no_server_reconstruction(
         tiny_bert, drawn_batches):
-    settings = TaskSettings(model=ModelSettings(name_or_path=str(tiny_bert), max_length=64),
-                            data=DataSettings(notes_per_hospital=60),
-                            train=TrainSettings(batch_size=8), seed=42, planned_rounds=1)
-    settings.privacy.dp_sgd = DpSgdSettings(enabled=True, noise_multiplier=1.0)
+    settings = task(tiny_bert, "data.notes_per_hospital=60", "train.batch_size=8", "seed=42",
+                    "privacy=dp_sgd", "train.local_epochs=1", "privacy.dp_sgd.target_epsilon=null",
+                    "privacy.dp_sgd.noise_multiplier=1.0")
     hospital = Hospital(settings, list(SPECIALTIES), 0, 2)
     start = trainable_state(hospital.model)
     draws = []

@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.flower_processes import VENV_BIN
+from tests.support import NO_DEID
 
 pytestmark = pytest.mark.e2e
 
@@ -23,7 +24,7 @@ def test_privacy_sweep_reports_accuracy_against_epsilon(superlink, tiny_bert, tm
         "privacy.dp_sgd.target_epsilon=8,inf",
         f"model.name_or_path={tiny_bert}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
         "num_rounds=2", "data.notes_per_hospital=100", "data.server_test_notes=60",
-        "model.max_length=96", "train.learning_rate=1e-2", f"hydra.sweep.dir={sweep_dir}"]
+        "model.max_length=96", "train.learning_rate=1e-2", NO_DEID, f"hydra.sweep.dir={sweep_dir}"]
     out = subprocess.run(command, env=superlink.env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=900, check=False)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]

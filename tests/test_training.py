@@ -6,14 +6,13 @@ from strategies.strategy_settings import StrategyName, StrategySettings
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.hospital import Hospital
 from tasks.model.build import trainable_state
-from tasks.task_settings import DataSettings, ModelSettings, TaskSettings, TrainSettings
+from tests.support import task
 
 
 def _hospital(tiny_bert, **train):
-    settings = TaskSettings(model=ModelSettings(name_or_path=str(tiny_bert), max_length=128),
-                            data=DataSettings(notes_per_hospital=120),
-                            train=TrainSettings(learning_rate=1e-2, **train))
-    settings.model.lora.dropout = 0.0
+    settings = task(tiny_bert, "model.max_length=128", "data.notes_per_hospital=120",
+                    "train.learning_rate=1e-2", "train.head_learning_rate=null",
+                    *[f"train.{key}={value}" for key, value in train.items()])
     return Hospital(settings, list(SPECIALTIES), 0, 2)
 
 

@@ -1,0 +1,78 @@
+"""Helpers shared by the tests: settings through the product's own compose function, the
+MLflow lookups, and an accountant independent of ours. Test modules import from here (and
+from the process helpers), never from each other."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import dp_accounting
+from dp_accounting.rdp import RdpAccountant
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from fl_app.run_settings import compose_config, task_settings
+from tasks.data.synthetic_notes import SPECIALTIES
+from tasks.privacy.accounting import RDP_ORDERS
+from tasks.task_settings import TaskSettings
+
+# Settings every test federation shares: the tiny model at short sequences, no LoRA dropout.
+FAST = ("model.max_length=64", "model.lora.dropout=0.0")
+# De-identification is off unless a test is about it (Presidio is slow; tests/test_deid.py
+# and the main end-to-end run cover it).
+NO_DEID = "data.deid.enabled=false"
+
+
+def task(model: Path, *overrides: str, labels: list[str] | None = None,
+         planned_rounds: int = 1, deid: bool = False) -> TaskSettings:
+    """What a hospital receives, composed exactly as the ServerApp composes it."""
+    cfg = compose_config([f"model.name_or_path={model}", *FAST, *overrides,
+                          *([] if deid else [NO_DEID])])
+    return replace(task_settings(cfg, list(labels or SPECIALTIES)), planned_rounds=planned_rounds)
+
+
+def run_overrides(model: Path, store: Path, *extra: str, deid: bool = False) -> str:
+    """``flwr run`` overrides for a short run of the tiny model into a per-test MLflow store."""
+    return " ".join([f"model.name_or_path={model}", f"tracking.uri=sqlite:///{store}/mlflow.db",
+                     *FAST, *extra, *([] if deid else [NO_DEID])])
+
+
+def mlflow_client(store: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+
+
+def only_run(store: Path) -> tuple[MlflowClient, Run]:
+    """The one MLflow run in a test's store (a test that made more is wrong)."""
+    client = mlflow_client(store)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return client, runs[0]
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    """A metric's values by round (MLflow step)."""
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def independent_epsilon(steps: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon of (noise, sample rate, steps) segments through Google's dp-accounting RDP
+    accountant on the same orders: an implementation independent of ours and of Opacus."""
+    accountant = RdpAccountant(orders=list(RDP_ORDERS))
+    for noise, rate, count in steps:
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(
+            rate, dp_accounting.GaussianDpEvent(noise)), count)
+    return accountant.get_epsilon(delta)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str,
+               every: float = 0.5) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout:.0f} s: {what}")
