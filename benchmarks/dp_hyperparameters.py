@@ -25,10 +25,10 @@ import time
 from composed_settings import Composed, compose
 from flower_aggregation import ServerAggregation
 
+from settings.task import OptimizerName
 from tasks.hospital import Hospital
 from tasks.model.build import trainable_state
 from tasks.privacy.ledger import PrivacyLedger
-from tasks.task_settings import OptimizerName
 
 
 def federated_accuracy(composed: Composed, hospitals: int) -> tuple[float, float | None]:

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from settings.task import DataSettings, GradSampleMode, ModelSettings, TrainSettings
 from tasks.data.hospital_data import load_hospital_data, source_labels
 from tasks.learning.batches import make_loader, tokenize
 from tasks.learning.training import train_locally
@@ -29,7 +30,6 @@ from tasks.model.build import (
     trainable_state,
 )
 from tasks.privacy.dp_sgd import train_with_dp_sgd
-from tasks.task_settings import DataSettings, GradSampleMode, ModelSettings, TrainSettings
 
 
 def main() -> None:

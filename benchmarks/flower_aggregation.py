@@ -20,9 +20,9 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_app.replies import train_reply
+from settings.strategy import StrategyName, StrategySettings
 from strategies.metric_rules import evaluate_metrics_rules, train_metrics_rules
 from strategies.registry import build_strategy
-from strategies.strategy_settings import StrategyName, StrategySettings
 from tasks.learning.training import TrainOutcome
 
 HospitalResult = tuple[int, dict[str, torch.Tensor], TrainOutcome]  # (hospital, state, outcome)

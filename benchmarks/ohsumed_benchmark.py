@@ -30,8 +30,8 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from fl_app.paths import project_root
+from settings.tracking import TrackingSettings
 from tracking.run_tracker import resolve_store
-from tracking.tracking_settings import TrackingSettings
 
 EXPERIMENT = "ohsumed-benchmark"
 DEFAULT_TABLE = Path("~/.cache/clinical-fl/ohsumed_ma5.parquet")

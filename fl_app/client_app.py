@@ -11,8 +11,8 @@ from flwr.common.logger import log
 from fl_app.client_mods import asks_for_clipping, clip_update_for_client_level_dp
 from fl_app.hospital_state import hospital_policy, load_ledger, save_ledger
 from fl_app.replies import evaluate_reply, preflight_reply, refusal_reply, train_reply
-from fl_app.run_settings import task_settings_from_yaml
 from protocol import messages as m
+from settings.compose import task_settings_from_yaml
 from tasks.data.hospital_data import load_hospital_data
 from tasks.errors import TaskInputError
 from tasks.hospital import Hospital, refuse_audit_in_deployment

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 
+from settings.task import Accountant
 from tasks.privacy.ledger import LedgerStore, LifetimeLedger, PrivacyLedger, most_spent
 from tasks.privacy.policy import HospitalPolicy, load_policy
-from tasks.task_settings import Accountant
 
 LEDGER_KEY = "privacy-ledger"
 

@@ -17,11 +17,11 @@ import json
 import sys
 from pathlib import Path
 
+from settings.task import Accountant
 from tasks.errors import TaskInputError
 from tasks.privacy.accounting import epsilon_spent
 from tasks.privacy.ledger import LEDGER_FILE, LedgerStore, LifetimeLedger
 from tasks.privacy.policy import load_policy
-from tasks.task_settings import Accountant
 
 
 def _kept_with(state: Path) -> Accountant:

@@ -22,15 +22,16 @@ from transformers import PreTrainedTokenizerBase
 
 from fl_app.paths import project_root
 from fl_app.preflight import HospitalReport, run_preflight, wait_for_hospitals
-from fl_app.run_settings import (
-    RunSettings,
+from protocol.messages import TASK_KEY
+from settings.compose import (
     compose_config,
     parse_overrides,
     task_settings,
     task_settings_to_yaml,
     to_run_settings,
 )
-from protocol.messages import TASK_KEY
+from settings.run import RunSettings
+from settings.task import TaskSettings
 from strategies.central_dp import with_client_level_dp
 from strategies.metric_rules import MetricRules, evaluate_metrics_rules, train_metrics_rules
 from strategies.privacy_budget import PrivacyBudgetGate, TrainingStopped
@@ -45,7 +46,6 @@ from tasks.model.build import (
     save_adapter,
     trainable_state,
 )
-from tasks.task_settings import TaskSettings
 from tracking.metered_grid import MeteredGrid
 from tracking.round_log import CentralEvaluate, ClientLevelPrivacy, RoundLogger
 from tracking.run_tracker import RunTracker

@@ -22,9 +22,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from fl_app.paths import project_root
+from settings.tracking import TrackingSettings
 from tracking.run_tracker import experiment_id
 from tracking.sweep_report import collect_sweep, plot_accuracy_vs_epsilon, write_table
-from tracking.tracking_settings import TrackingSettings
 
 log = logging.getLogger(__name__)
 

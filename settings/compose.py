@@ -1,7 +1,7 @@
 """Hydra composes the run's configuration from the typed schema and the presets in ``conf/``.
 
-The dataclasses (``RunSettings`` and the sections it holds) are the one schema and
-hold every default; they are registered in Hydra's ConfigStore as ``run_settings``,
+The dataclasses (``settings/run.py::RunSettings`` and the sections it holds) are the one
+schema and hold every default; they are registered in Hydra's ConfigStore as ``run_settings``,
 the first entry of ``conf/config.yaml``'s defaults list, so the YAML files only keep
 presets that differ (a model, a data source, a privacy level, a strategy, a sweep).
 Every dataclass checks itself when built, so ``compose_config`` builds the settings
@@ -14,74 +14,21 @@ API on ``conf/`` with the overrides carried in the Flower run config.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from strategies.strategy_settings import CentralDpSettings, StrategyName, StrategySettings
-from tasks.errors import ConfigError
-from tasks.task_settings import (
-    AuditSettings,
-    DataSettings,
-    DpSgdSettings,
-    ModelSettings,
-    PrivacySettings,
-    TaskSettings,
-    TrainSettings,
-    require,
-)
-from tracking.tracking_settings import TrackingSettings
+from settings.checks import ConfigError
+from settings.run import RunSettings
+from settings.task import PrivacySettings, SharedSettings, TaskSettings
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-SCHEMA_NAME = "run_settings"
 
 __all__ = ["ConfigError", "RunSettings", "compose_config", "task_settings"]
-
-
-@dataclass
-class RunPrivacySettings:
-    """``conf/privacy/``: record-level DP in the hospitals, client-level DP on the server."""
-
-    dp_sgd: DpSgdSettings = field(default_factory=DpSgdSettings)
-    central_dp: CentralDpSettings = field(default_factory=CentralDpSettings)
-
-
-@dataclass
-class RunSettings:
-    """Everything a run is configured by; checks that span sections live here."""
-
-    model: ModelSettings = field(default_factory=ModelSettings)
-    data: DataSettings = field(default_factory=DataSettings)
-    train: TrainSettings = field(default_factory=TrainSettings)
-    privacy: RunPrivacySettings = field(default_factory=RunPrivacySettings)
-    strategy: StrategySettings = field(default_factory=StrategySettings)
-    tracking: TrackingSettings = field(default_factory=TrackingSettings)
-    audit: AuditSettings = field(default_factory=AuditSettings)
-    num_rounds: int = 4
-    seed: int = 42
-
-    def __post_init__(self) -> None:
-        require(self.num_rounds >= 1, "num_rounds", self.num_rounds, "at least 1")
-        strategy = self.strategy
-        if self.privacy.dp_sgd.enabled:
-            require(strategy.name != StrategyName.fedprox or strategy.proximal_mu == 0,
-                    "strategy.proximal_mu", strategy.proximal_mu, "0 with privacy.dp_sgd: "
-                    "FedProx's proximal term is not part of the DP-SGD analysis")
-        if self.privacy.central_dp.enabled:
-            require(strategy.name == StrategyName.fedavg, "strategy.name", strategy.name.value,
-                    "fedavg with privacy.central_dp: Flower's DP accountant requires FedAvg's "
-                    "aggregation")
-            require(strategy.fraction_train == 1.0, "strategy.fraction_train",
-                    strategy.fraction_train, "1.0 with privacy.central_dp: its noise is "
-                    "calibrated to every hospital in every round")
-
-
-ConfigStore.instance().store(name=SCHEMA_NAME, node=RunSettings)
 
 
 def parse_overrides(text: str) -> list[str]:
@@ -133,10 +80,6 @@ def validate_config(composed: DictConfig) -> DictConfig:
         key = getattr(err, "full_key", None)
         detail = getattr(err, "msg", None) or str(err)
         raise ConfigError(f"invalid configuration at '{key}': {detail}") from err
-    except ConfigError:
-        raise
-    except ValueError as err:  # from a dataclass outside tasks/ (strategies/)
-        raise ConfigError(str(err)) from err
     # Hydra's own node (hydra.*) is not part of the settings; sweeps read it from the
     # composed config, not from here.
     return OmegaConf.structured(settings)
@@ -148,11 +91,10 @@ def to_run_settings(cfg: DictConfig) -> RunSettings:
 
 def task_settings(cfg: DictConfig, labels: list[str]) -> TaskSettings:
     """The part of the run's settings a hospital needs, with the global label set fixed."""
-    return TaskSettings(model=OmegaConf.to_object(cfg.model),
-                        data=replace(OmegaConf.to_object(cfg.data), labels=list(labels)),
-                        train=OmegaConf.to_object(cfg.train),
-                        privacy=PrivacySettings(dp_sgd=OmegaConf.to_object(cfg.privacy.dp_sgd)),
-                        audit=OmegaConf.to_object(cfg.audit), seed=cfg.seed)
+    run = to_run_settings(cfg)
+    shared = {f.name: getattr(run, f.name) for f in fields(SharedSettings)}
+    shared["data"] = replace(run.data, labels=list(labels))
+    return TaskSettings(**shared, privacy=PrivacySettings(dp_sgd=run.privacy.dp_sgd))
 
 
 def task_settings_to_yaml(settings: TaskSettings) -> str:

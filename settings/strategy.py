@@ -1,6 +1,6 @@
 """Typed settings of aggregation: which Flower strategy, and client-level DP on the server.
 
-Like every settings dataclass (see ``tasks/task_settings.py``) these hold the one set of
+Like every settings dataclass (see ``settings/task.py``) these hold the one set of
 defaults and check themselves when built; ``conf/strategy/*.yaml`` only picks the name.
 """
 
@@ -8,12 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
-
-def _require(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"invalid configuration at '{key}': got {value!r}, expected {expected}")
+from settings.checks import as_enum, require
 
 
 class StrategyName(Enum):
@@ -50,24 +46,19 @@ class StrategySettings:
     num_malicious_nodes: int = 0  # krum
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, StrategyName):
-            try:
-                self.name = StrategyName(self.name)
-            except ValueError:
-                raise ValueError(f"invalid configuration at 'strategy.name': got {self.name!r}, "
-                                 f"expected one of {[s.value for s in StrategyName]}") from None
-        _require(self.min_hospitals >= 1, "strategy.min_hospitals", self.min_hospitals,
-                 "at least 1")
-        _require(0 < self.fraction_train <= 1, "strategy.fraction_train", self.fraction_train,
-                 "in (0, 1]")
-        _require(0 < self.fraction_evaluate <= 1, "strategy.fraction_evaluate",
-                 self.fraction_evaluate, "in (0, 1]")
-        _require(self.round_timeout_s > 0, "strategy.round_timeout_s", self.round_timeout_s,
-                 "greater than 0")
-        _require(self.proximal_mu >= 0, "strategy.proximal_mu", self.proximal_mu, "at least 0")
-        _require(0 <= self.trim_beta < 0.5, "strategy.trim_beta", self.trim_beta, "in [0, 0.5)")
-        _require(self.num_malicious_nodes >= 0, "strategy.num_malicious_nodes",
-                 self.num_malicious_nodes, "at least 0")
+        self.name = as_enum(StrategyName, self.name, "strategy.name")
+        require(self.min_hospitals >= 1, "strategy.min_hospitals", self.min_hospitals,
+                "at least 1")
+        require(0 < self.fraction_train <= 1, "strategy.fraction_train", self.fraction_train,
+                "in (0, 1]")
+        require(0 < self.fraction_evaluate <= 1, "strategy.fraction_evaluate",
+                self.fraction_evaluate, "in (0, 1]")
+        require(self.round_timeout_s > 0, "strategy.round_timeout_s", self.round_timeout_s,
+                "greater than 0")
+        require(self.proximal_mu >= 0, "strategy.proximal_mu", self.proximal_mu, "at least 0")
+        require(0 <= self.trim_beta < 0.5, "strategy.trim_beta", self.trim_beta, "in [0, 0.5)")
+        require(self.num_malicious_nodes >= 0, "strategy.num_malicious_nodes",
+                self.num_malicious_nodes, "at least 0")
 
 
 @dataclass
@@ -87,11 +78,11 @@ class CentralDpSettings:
         if not self.enabled:
             return
         key = "privacy.central_dp"
-        _require(self.noise_multiplier > 0, f"{key}.noise_multiplier", self.noise_multiplier,
-                 "> 0")
-        _require(self.clipping_norm > 0, f"{key}.clipping_norm", self.clipping_norm, "> 0")
+        require(self.noise_multiplier > 0, f"{key}.noise_multiplier", self.noise_multiplier,
+                "> 0")
+        require(self.clipping_norm > 0, f"{key}.clipping_norm", self.clipping_norm, "> 0")
         if self.target_delta is not None:
-            _require(0 < self.target_delta < 1, f"{key}.target_delta", self.target_delta,
+            require(0 < self.target_delta < 1, f"{key}.target_delta", self.target_delta,
                      "in (0, 1)")
         if self.max_epsilon is not None:
-            _require(self.max_epsilon > 0, f"{key}.max_epsilon", self.max_epsilon, "> 0")
+            require(self.max_epsilon > 0, f"{key}.max_epsilon", self.max_epsilon, "> 0")

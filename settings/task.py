@@ -1,11 +1,8 @@
 """Typed settings of the learning task: what a hospital needs to train and evaluate.
 
-These dataclasses are the one schema and hold the one set of defaults: Hydra's
-``conf/`` only keeps presets that differ from them (``fl_app/run_settings.py``
-registers the schema). Every dataclass checks itself when built, as PEFT's
-``LoraConfig`` does, so settings made anywhere (the composed config, a hospital
-parsing the server's message, a test, a benchmark) are valid or fail naming the
-key, the bad value and what was expected.
+``TaskSettings`` is what the server sends each hospital; the run's own settings
+(``settings/run.py``) share its sections. Every dataclass holds the product's defaults
+and checks itself when built (``settings/checks.py``).
 """
 
 from __future__ import annotations
@@ -13,9 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from tasks.errors import ConfigError
+from settings.checks import ConfigError, as_enum, require
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -65,23 +62,6 @@ class Pooling(Enum):
     auto = "auto"  # mean where the model was trained for it (sentence-transformers), else model
     mean = "mean"  # masked mean of the token vectors (BERT-style encoders)
     model = "model"  # the model's own head input ([CLS] pooler for BERT, last token for GPT)
-
-
-def require(ok: bool, key: str, value: Any, expected: str) -> None:
-    """Fail naming the full key, the value given and what was expected."""
-    if not ok:
-        raise ConfigError(f"invalid configuration at '{key}': got {value!r}, expected {expected}")
-
-
-def as_enum(enum: type[Enum], value: Any, key: str) -> Enum:
-    """Settings built by hand may give an enum by its value (``"iid"``)."""
-    if isinstance(value, enum):
-        return value
-    try:
-        return enum(value)
-    except ValueError:
-        raise ConfigError(f"invalid configuration at '{key}': got {value!r}, expected one of "
-                          f"{[member.value for member in enum]}") from None
 
 
 @dataclass
@@ -288,7 +268,7 @@ class DpSgdSettings:
 @dataclass
 class PrivacySettings:
     """The privacy a hospital applies itself. (Client-level DP on the server is configured in
-    ``strategies/strategy_settings.py``; hospitals only receive its clipping norm.)"""
+    ``settings/run.py``; hospitals only receive its clipping norm.)"""
 
     dp_sgd: DpSgdSettings = field(default_factory=DpSgdSettings)
 
@@ -314,15 +294,21 @@ class AuditSettings:
 
 
 @dataclass
-class TaskSettings:
-    """What the server sends to each hospital."""
+class SharedSettings:
+    """The sections the run's settings and a hospital's task settings have in common."""
 
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
-    privacy: PrivacySettings = field(default_factory=PrivacySettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     seed: int = 42
+
+
+@dataclass
+class TaskSettings(SharedSettings):
+    """What the server sends to each hospital."""
+
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
     # Set by the server: the rounds each hospital is expected to train in, for calibrating
     # DP-SGD noise over the whole training (rounds x share of hospitals sampled per round).
     planned_rounds: int = 1

@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import (
 )
 
 from protocol.messages import WEIGHT_KEY
-from strategies.strategy_settings import StrategyName, StrategySettings
+from settings.strategy import StrategyName, StrategySettings
 
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 

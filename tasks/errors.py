@@ -5,10 +5,6 @@ class TaskInputError(ValueError):
     """Input a hospital or the coordinator supplied is unusable; raised before training."""
 
 
-class ConfigError(TaskInputError):
-    """A setting names a key, group option or value that is not valid."""
-
-
 class ModelNotFoundError(TaskInputError):
     """The configured model id or path cannot be loaded offline."""
 

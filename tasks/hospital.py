@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerBase
 
+from settings.task import TaskSettings
 from tasks.audit.canaries import CANARY_COLUMN, GradientCanaries, read_canaries, with_canaries
 from tasks.data.hospital_data import HospitalData, load_hospital_data
 from tasks.errors import TaskInputError
@@ -30,7 +31,6 @@ from tasks.privacy.plan import (
     refuse_without_dp,
 )
 from tasks.privacy.policy import HospitalPolicy
-from tasks.task_settings import TaskSettings
 
 
 def _key(*parts: object) -> str:

@@ -17,8 +17,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_app.client_app import evaluate, preflight, train
-from fl_app.run_settings import task_settings_from_yaml
 from protocol.messages import TASK_KEY
+from settings.compose import task_settings_from_yaml
 from tasks.model.build import build_model, load_tokenizer, trainable_state
 
 NODE = 7

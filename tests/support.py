@@ -14,10 +14,10 @@ from dp_accounting.rdp import RdpAccountant
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from fl_app.run_settings import compose_config, task_settings
+from settings.compose import compose_config, task_settings
+from settings.task import TaskSettings
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.privacy.accounting import RDP_ORDERS
-from tasks.task_settings import TaskSettings
 
 # Settings every test federation shares: the tiny model at short sequences, no LoRA dropout.
 FAST = ("model.max_length=64", "model.lora.dropout=0.0")

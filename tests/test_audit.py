@@ -11,6 +11,9 @@ import sys
 import numpy as np
 import pytest
 
+from settings.task import (
+    DpSgdSettings,
+)
 from tasks.audit.bound import epsilon_lower_bound, guess_and_bound, p_value
 from tasks.audit.canaries import GRADIENT, NOTE, make_canaries, write_canaries
 from tasks.audit.scores import white_box_scores
@@ -18,9 +21,6 @@ from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.hospital import Hospital
 from tasks.model.build import trainable_state
 from tasks.privacy.ledger import PrivacyLedger
-from tasks.task_settings import (
-    DpSgdSettings,
-)
 from tests.flower_processes import ROOT
 from tests.support import NO_DEID, task
 

@@ -3,7 +3,7 @@ from flwr.common.config import parse_config_args
 
 from fl_app.cli import flwr_run_command, write_run_config
 from fl_app.flower_runs import started_run_id
-from fl_app.run_settings import parse_overrides
+from settings.compose import parse_overrides
 
 
 @pytest.mark.parametrize("overrides", [

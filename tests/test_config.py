@@ -1,8 +1,7 @@
 import pytest
 
-from fl_app.run_settings import (
+from settings.compose import (
     ConfigError,
-    RunSettings,
     compose_config,
     parse_overrides,
     task_settings,
@@ -10,8 +9,9 @@ from fl_app.run_settings import (
     task_settings_to_yaml,
     to_run_settings,
 )
-from strategies.strategy_settings import StrategyName, StrategySettings
-from tasks.task_settings import (
+from settings.run import RunSettings
+from settings.strategy import StrategyName, StrategySettings
+from settings.task import (
     DataSettings,
     DataSource,
     DpSgdSettings,

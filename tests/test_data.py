@@ -1,9 +1,9 @@
 import pytest
 
+from settings.task import DataSettings, Partitioning
 from tasks.data.hospital_data import load_hospital_data, load_server_test_set, source_labels
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.errors import HospitalDataError
-from tasks.task_settings import DataSettings, Partitioning
 
 
 def test_each_hospital_gets_its_own_notes_and_an_eval_split():

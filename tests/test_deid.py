@@ -6,13 +6,13 @@ import re
 import pytest
 from transformers import PreTrainedTokenizerBase
 
+from settings.task import DataSettings, DeidSettings
 from tasks.data.deid import Deidentifier, deidentifier
 from tasks.data.deid_eval import score_deidentification
 from tasks.data.hospital_data import load_hospital_data, load_server_test_set
 from tasks.data.synthetic_notes import PHI_TYPES, SPECIALTIES, generate_hospital_notes
 from tasks.errors import TaskInputError
 from tasks.hospital import Hospital
-from tasks.task_settings import DataSettings, DeidSettings
 from tests.support import task
 
 HOSPITALS = range(8)  # every hospital writes its own formats; eight cover them all

@@ -13,10 +13,10 @@ import signal
 import pandas as pd
 import pytest
 
+from settings.task import Accountant
 from tasks.data.synthetic_notes import SPECIALTIES, generate_hospital_notes
 from tasks.privacy.accounting import epsilon_spent
 from tasks.privacy.ledger import LedgerStore
-from tasks.task_settings import Accountant
 from tests.deployment import Deployment
 from tests.support import history, only_run, run_overrides, wait_until
 

@@ -6,13 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.data.hospital_data import load_hospital_data
-from tasks.data.synthetic_notes import SPECIALTIES
-from tasks.learning.batches import make_loader, tokenize
-from tasks.learning.training import train_locally
-from tasks.model.build import build_model, load_tokenizer, load_trainable_state, trainable_state
-from tasks.privacy.dp_sgd import train_with_dp_sgd
-from tasks.task_settings import (
+from settings.task import (
     DataSettings,
     GradSampleMode,
     ModelSettings,
@@ -20,6 +14,12 @@ from tasks.task_settings import (
     Pooling,
     TrainSettings,
 )
+from tasks.data.hospital_data import load_hospital_data
+from tasks.data.synthetic_notes import SPECIALTIES
+from tasks.learning.batches import make_loader, tokenize
+from tasks.learning.training import train_locally
+from tasks.model.build import build_model, load_tokenizer, load_trainable_state, trainable_state
+from tasks.privacy.dp_sgd import train_with_dp_sgd
 
 
 @pytest.fixture(scope="module", params=["bert", "bert-mean-pooling", "gpt2"])

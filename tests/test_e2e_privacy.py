@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fl_app.flower_runs import started_run_id
-from fl_app.run_settings import task_settings_to_yaml
+from settings.compose import task_settings_to_yaml
 from tests.hospital_process import hospital_preflight
 from tests.support import history, independent_epsilon, only_run, run_overrides, task
 

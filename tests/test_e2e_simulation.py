@@ -17,7 +17,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from fl_app import predict_cli, server_app
-from fl_app.run_settings import ConfigError, task_settings_to_yaml
+from settings.compose import ConfigError, task_settings_to_yaml
 from tasks.data.synthetic_notes import SPECIALTIES, generate_hospital_notes
 from tests.hospital_process import hospital_preflight
 from tests.support import history, only_run, run_overrides, task

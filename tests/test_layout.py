@@ -1,5 +1,5 @@
-"""Dependencies point one way (protocol <- strategies <- tracking <- fl_app; tasks knows no
-Flower), and each package holds what its name says."""
+"""Dependencies point one way (settings and protocol <- strategies <- tracking <- fl_app;
+tasks knows no Flower), and each package holds what its name says."""
 
 import ast
 from pathlib import Path
@@ -23,7 +23,9 @@ def _imports(package):
     ("strategies", ("transformers", "peft", "opacus", "tasks", "fl_app", "torch", "tracking")),
     ("tracking", ("transformers", "peft", "opacus", "tasks", "fl_app", "torch")),
     ("protocol", ("flwr", "transformers", "peft", "opacus", "torch", "tasks", "fl_app",
-                  "strategies", "tracking")),
+                  "strategies", "tracking", "settings")),
+    ("settings", ("flwr", "transformers", "peft", "opacus", "torch", "tasks", "fl_app",
+                  "strategies", "tracking", "protocol")),
 ])
 def test_dependencies_point_one_way(package, forbidden):
     offenders = [f"{path.relative_to(ROOT)} imports {name}"
@@ -48,7 +50,7 @@ def test_the_default_config_ships_in_the_flower_bundle_and_results_do_not():
     ("where is a hospital trained", "tasks/learning/training.py"),
     ("what do server and hospitals send", "protocol/messages.py"),
     ("where do results go to MLflow", "tracking/round_log.py"),
-    ("where are the settings and their defaults", "tasks/task_settings.py"),
+    ("where are the settings and their defaults", "settings/task.py"),
 ])
 def test_a_newcomer_finds_things_by_their_names(question, answer):
     assert (ROOT / answer).is_file(), question
@@ -57,4 +59,4 @@ def test_a_newcomer_finds_things_by_their_names(question, answer):
 def test_strategies_hold_aggregation_only():
     held = {p.stem for p in (ROOT / "strategies").glob("*.py")} - {"__init__"}
     assert held <= {"registry", "central_dp", "privacy_budget", "metric_rules", "wrapper",
-                    "update_recorder", "strategy_settings"}, held
+                    "update_recorder"}, held

@@ -11,12 +11,12 @@ import sys
 import pytest
 
 from fl_app import ledger_cli
-from fl_app.run_settings import task_settings_to_yaml
-from tasks.privacy.accounting import epsilon_spent
-from tasks.privacy.ledger import LedgerError, LedgerStore, PrivacyLedger
-from tasks.task_settings import (
+from settings.compose import task_settings_to_yaml
+from settings.task import (
     Accountant,
 )
+from tasks.privacy.accounting import epsilon_spent
+from tasks.privacy.ledger import LedgerError, LedgerStore, PrivacyLedger
 from tests.flower_processes import ROOT
 from tests.hospital_process import hospital_train
 from tests.support import independent_epsilon, task

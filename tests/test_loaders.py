@@ -7,11 +7,11 @@ import datasets
 import pandas as pd
 import pytest
 
-from fl_app.run_settings import ConfigError, compose_config
+from settings.compose import ConfigError, compose_config
+from settings.task import DataFormat, DataSettings, DataSource, Partitioning
 from tasks.data.hospital_data import load_hospital_data, load_server_test_set, source_labels
 from tasks.data.loaders import load_records
 from tasks.errors import DataFileError
-from tasks.task_settings import DataFormat, DataSettings, DataSource, Partitioning
 
 ROWS = [
     {"note": "chest pain on exertion", "dx": "cardiology", "site": "north", "split": "train"},

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from settings.task import DataSettings, ModelSettings, Pooling
 from tasks.data.hospital_data import load_hospital_data
 from tasks.errors import ModelNotFoundError
 from tasks.learning.batches import make_loader, tokenize
@@ -17,7 +18,6 @@ from tasks.model.build import (
     trainable_state,
 )
 from tasks.model.pooling import resolve_pooling
-from tasks.task_settings import DataSettings, ModelSettings, Pooling
 
 LABELS = ["cardiology", "pulmonology", "gastroenterology", "neurology", "endocrinology",
           "orthopedics"]

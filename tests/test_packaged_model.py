@@ -2,8 +2,8 @@
 
 import torch
 
+from settings.task import ModelSettings
 from tasks.model.build import DEFAULT_MODEL_ID, build_model, load_tokenizer, resolve_model_path
-from tasks.task_settings import ModelSettings
 
 
 def test_packaged_minilm_loads_offline_and_classifies():

@@ -7,6 +7,7 @@ import dp_accounting
 import pytest
 from dp_accounting.pld import PLDAccountant
 
+from settings.task import Accountant, DpSgdSettings
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.hospital import Hospital
 from tasks.model.build import trainable_state
@@ -14,7 +15,6 @@ from tasks.privacy.accounting import calibrate_noise_multiplier, epsilon_spent
 from tasks.privacy.ledger import LedgerError, LedgerStore, LifetimeLedger, PrivacyLedger, most_spent
 from tasks.privacy.plan import PrivacyBudgetError, plan_dp_sgd
 from tasks.privacy.policy import default_delta
-from tasks.task_settings import Accountant, DpSgdSettings
 from tests.support import independent_epsilon, task
 
 

@@ -9,7 +9,10 @@ import math
 
 import pytest
 
-from fl_app.run_settings import task_settings_to_yaml
+from settings.compose import task_settings_to_yaml
+from settings.task import (
+    DpSgdSettings,
+)
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.privacy.policy import (
     POLICY_FILE,
@@ -18,9 +21,6 @@ from tasks.privacy.policy import (
     PolicyError,
     load_policy,
     parse_policy,
-)
-from tasks.task_settings import (
-    DpSgdSettings,
 )
 from tests.hospital_process import hospital_evaluate, hospital_preflight, hospital_train
 from tests.support import task as compose_task

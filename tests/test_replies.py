@@ -6,10 +6,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from fl_app.replies import evaluate_reply, preflight_reply, refusal_reply, train_reply
 from protocol import messages as m
+from settings.task import ModelSettings
 from tasks.learning.evaluation import EvalOutcome
 from tasks.learning.training import PrivacyReport, TrainOutcome
 from tasks.model.build import build_model, trainable_state
-from tasks.task_settings import ModelSettings
 from tracking.metered_grid import payload_bytes
 from tracking.round_log import mlflow_metrics
 

@@ -10,14 +10,14 @@ from opacus.data_loader import DPDataLoader
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, TensorDataset
 
+from settings.task import (
+    DpSgdSettings,
+)
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.hospital import Hospital
 from tasks.model.build import trainable_state
 from tasks.privacy.ledger import PrivacyLedger
 from tasks.privacy.plan import plan_dp_sgd, steps_per_epoch
-from tasks.task_settings import (
-    DpSgdSettings,
-)
 from tests.support import task
 
 

@@ -1,5 +1,6 @@
 from collections import Counter
 
+from settings.task import DataSettings
 from tasks.data.synthetic_notes import (
     PHI_TYPES,
     SPECIALTIES,
@@ -8,7 +9,6 @@ from tasks.data.synthetic_notes import (
     hospital_sizes,
     hospital_style,
 )
-from tasks.task_settings import DataSettings
 
 
 def test_same_seed_same_notes_other_seed_other_notes():

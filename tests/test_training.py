@@ -1,8 +1,8 @@
 import torch
 
+from settings.strategy import StrategyName, StrategySettings
 from strategies.metric_rules import evaluate_metrics_rules, train_metrics_rules
 from strategies.registry import build_strategy
-from strategies.strategy_settings import StrategyName, StrategySettings
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.hospital import Hospital
 from tasks.model.build import trainable_state

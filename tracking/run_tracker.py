@@ -10,8 +10,8 @@ from types import TracebackType
 
 import mlflow
 
+from settings.tracking import TrackingSettings
 from tracking.plots import plot_rounds
-from tracking.tracking_settings import TrackingSettings
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import datasets
 
+from settings.task import DeidSettings
 from tasks.errors import TaskInputError
-from tasks.task_settings import DeidSettings
 
 # Presidio entity -> our placeholder type.
 PLACEHOLDER_TYPES = {

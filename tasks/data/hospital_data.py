@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import datasets
 
+from settings.task import DataSettings, DataSource
 from tasks.data.deid import deidentify_records
 from tasks.data.loaders import LoadReport, Records, load_records
 from tasks.data.partitions import partition
 from tasks.data.synthetic_notes import SPECIALTIES, generate_hospital_notes, hospital_sizes
 from tasks.errors import DataFileError, HospitalDataError
-from tasks.task_settings import DataSettings, DataSource
 
 # Synthetic hospitals whose notes the server keeps for centralized evaluation.
 # They lie outside any federation, so this measures transfer to unseen sites.

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import datasets
 
+from settings.task import DataFormat, DataSettings, DataSource
 from tasks.errors import DataFileError
-from tasks.task_settings import DataFormat, DataSettings, DataSource
 
 _SUFFIX_FORMATS = {".csv": DataFormat.csv, ".jsonl": DataFormat.jsonl,
                    ".ndjson": DataFormat.jsonl, ".parquet": DataFormat.parquet}

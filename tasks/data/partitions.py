@@ -15,8 +15,8 @@ from flwr_datasets.partitioner import (
     SizePartitioner,
 )
 
+from settings.task import DataSettings, DataSource, Partitioning
 from tasks.errors import DataFileError
-from tasks.task_settings import DataSettings, DataSource, Partitioning
 
 
 def _lognormal_sizes(total: int, parts: int, sigma: float, seed: int) -> list[int]:

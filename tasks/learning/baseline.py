@@ -14,8 +14,8 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 
+from settings.task import DataSettings
 from tasks.data.hospital_data import load_hospital_data, load_server_test_set, source_labels
-from tasks.task_settings import DataSettings
 
 
 def tfidf_baseline(settings: DataSettings, num_hospitals: int) -> dict[str, float]:

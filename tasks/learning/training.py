@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
+from settings.task import OptimizerName, TrainSettings
 from tasks.audit.canaries import CANARY_COLUMN, NOT_A_CANARY, GradientCanaries
-from tasks.task_settings import OptimizerName, TrainSettings
 
 
 @dataclass

@@ -22,9 +22,9 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from settings.task import DEFAULT_MODEL_ID, ModelSettings, Pooling
 from tasks.errors import ModelNotFoundError
 from tasks.model.pooling import resolve_pooling, use_mean_pooling
-from tasks.task_settings import DEFAULT_MODEL_ID, ModelSettings, Pooling
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from settings.task import Pooling
 from tasks.errors import ModelNotFoundError
-from tasks.task_settings import Pooling
 
 
 class MaskedMeanPooler(torch.nn.Module):

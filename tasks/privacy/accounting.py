@@ -17,7 +17,7 @@ import warnings
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from tasks.task_settings import Accountant
+from settings.task import Accountant
 
 RDP_ORDERS: tuple[int, ...] = tuple(range(2, 257))
 

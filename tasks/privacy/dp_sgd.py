@@ -24,10 +24,10 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
 
+from settings.task import GradSampleMode, TrainSettings
 from tasks.audit.canaries import CANARY_COLUMN, GradientCanaries
 from tasks.learning.training import TrainOutcome, make_optimizer
 from tasks.privacy.accounting import Step
-from tasks.task_settings import GradSampleMode, TrainSettings
 
 
 def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -18,9 +18,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from settings.task import Accountant
 from tasks.errors import TaskInputError
 from tasks.privacy.accounting import Step, epsilon_spent
-from tasks.task_settings import Accountant
 
 LEDGER_FILE = "privacy-ledger.json"
 LEDGER_FORMAT = 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from settings.task import Accountant, DpSgdSettings
 from tasks.errors import TaskInputError
 from tasks.privacy.accounting import (
     Step,
@@ -17,7 +18,6 @@ from tasks.privacy.accounting import (
     epsilon_spent,
 )
 from tasks.privacy.policy import HospitalPolicy
-from tasks.task_settings import Accountant, DpSgdSettings
 
 
 class PrivacyBudgetError(TaskInputError):

@@ -1,0 +1,53 @@
+"""The settings of a whole run: the sections a hospital receives, plus the server's own
+(strategy, client-level DP, tracking, rounds). Registered in Hydra's ConfigStore."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from settings.checks import require
+from settings.strategy import CentralDpSettings, StrategyName, StrategySettings
+from settings.task import PrivacySettings, SharedSettings
+from settings.tracking import TrackingSettings
+
+SCHEMA_NAME = "run_settings"
+
+
+@dataclass
+class RunPrivacySettings(PrivacySettings):
+    """``conf/privacy/``: record-level DP in the hospitals, client-level DP on the server."""
+
+    central_dp: CentralDpSettings = field(default_factory=CentralDpSettings)
+
+
+@dataclass
+class RunSettings(SharedSettings):
+    """Everything a run is configured by: the hospitals' sections, and the server's own.
+    Checks that span sections live here."""
+
+    privacy: RunPrivacySettings = field(default_factory=RunPrivacySettings)
+    strategy: StrategySettings = field(default_factory=StrategySettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    num_rounds: int = 4
+
+    def __post_init__(self) -> None:
+        require(self.num_rounds >= 1, "num_rounds", self.num_rounds, "at least 1")
+        strategy = self.strategy
+        if self.privacy.dp_sgd.enabled:
+            require(strategy.name != StrategyName.fedprox or strategy.proximal_mu == 0,
+                    "strategy.proximal_mu", strategy.proximal_mu, "0 with privacy.dp_sgd: "
+                    "FedProx's proximal term is not part of the DP-SGD analysis")
+        if self.privacy.central_dp.enabled:
+            require(strategy.name == StrategyName.fedavg, "strategy.name", strategy.name.value,
+                    "fedavg with privacy.central_dp: Flower's DP accountant requires FedAvg's "
+                    "aggregation")
+            require(strategy.fraction_train == 1.0, "strategy.fraction_train",
+                    strategy.fraction_train, "1.0 with privacy.central_dp: its noise is "
+                    "calibrated to every hospital in every round")
+
+
+# conf/config.yaml names this schema first in its defaults list: every default is the
+# dataclasses', and the YAML files only hold presets.
+ConfigStore.instance().store(name=SCHEMA_NAME, node=RunSettings)
