@@ -9,6 +9,15 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Parallel workers (scripts/test.sh: pytest -n 2): one torch thread per process, in the
+    # workers and in every Flower process they start. Two OpenMP threads per process on a
+    # machine already busy spin-wait for each other; a step of the tiny model then took 3 s
+    # instead of 0.15 s.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 from tests.flower_processes import LocalSimulationSuperLink  # noqa: E402
 from tests.tiny_models import make_tiny_bert, make_tiny_gpt2  # noqa: E402

@@ -60,3 +60,14 @@ def test_strategies_hold_aggregation_only():
     held = {p.stem for p in (ROOT / "strategies").glob("*.py")} - {"__init__"}
     assert held <= {"registry", "central_dp", "privacy_budget", "metric_rules", "wrapper",
                     "update_recorder"}, held
+
+
+def test_every_top_level_package_is_installed():
+    """A package missing from pyproject's list imports from the checkout, but not from the
+    console scripts (clinical-fl) or the Flower app bundle."""
+    import tomllib
+
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"]["find"]["include"]
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "benchmarks"}
+    assert {f"{name}*" for name in packages} <= set(listed), (packages, listed)
