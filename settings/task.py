@@ -135,13 +135,19 @@ class DataSettings:
     deid: DeidSettings = field(default_factory=DeidSettings)
     seed: int = 42
 
+    def partitioning_used(self) -> Partitioning:
+        """``auto`` resolved: natural where the source names each record's site (synthetic
+        notes, or data.site_column given), else iid. Resolved here, where it is used, not
+        when built: a default built for the schema must stay ``auto``."""
+        if self.partitioning != Partitioning.auto:
+            return self.partitioning
+        sites = self.source == DataSource.synthetic or bool(self.site_column)
+        return Partitioning.natural if sites else Partitioning.iid
+
     def __post_init__(self) -> None:
         self.source = as_enum(DataSource, self.source, "data.source")
         self.format = as_enum(DataFormat, self.format, "data.format")
         self.partitioning = as_enum(Partitioning, self.partitioning, "data.partitioning")
-        if self.partitioning == Partitioning.auto:
-            sites = self.source == DataSource.synthetic or bool(self.site_column)
-            self.partitioning = Partitioning.natural if sites else Partitioning.iid
         require(0 < self.eval_fraction < 1, "data.eval_fraction", self.eval_fraction, "in (0, 1)")
         require(self.notes_per_hospital >= 0, "data.notes_per_hospital",
                 self.notes_per_hospital, "at least 0")
@@ -154,7 +160,7 @@ class DataSettings:
         if self.labels is not None:
             require(len(self.labels) >= 2 and len(set(self.labels)) == len(self.labels),
                     "data.labels", list(self.labels), "at least 2 distinct labels")
-        if self.partitioning == Partitioning.size:
+        if self.partitioning_used() == Partitioning.size:
             require(self.size_skew > 0, "data.size_skew", self.size_skew,
                     "greater than 0 with data.partitioning=size")
         if self.source == DataSource.synthetic:
@@ -165,7 +171,7 @@ class DataSettings:
                 f"a path (file, glob of parts, folder, or dataset id) with data.source="
                 f"{self.source.value}, or, in a deployment where each hospital reads its own "
                 "data-path, data.labels")
-        require(self.partitioning != Partitioning.natural or bool(self.site_column),
+        require(self.partitioning_used() != Partitioning.natural or bool(self.site_column),
                 "data.site_column", self.site_column, "the column that names each record's "
                 "hospital with data.partitioning=natural")
 
@@ -187,8 +193,8 @@ class TrainSettings:
     # from 0.808 to 0.875 without DP and from 0.542 to 0.650 at epsilon 8 (docs/benchmarks.md).
     head_learning_rate: float | None = 3e-2
     weight_decay: float = 0.0
-    # Non-private training only: clips the whole batch's gradient (DP-SGD clips per record,
-    # privacy.dp_sgd.max_grad_norm).
+    # Non-private training only: clips the whole batch's gradient, 0: not at all (DP-SGD
+    # clips per record, privacy.dp_sgd.max_grad_norm).
     max_grad_norm: float = 1.0
     # Torch intra-op threads per hospital process; 0 keeps torch's default.
     num_threads: int = 0
@@ -203,8 +209,8 @@ class TrainSettings:
                 "train.head_learning_rate", self.head_learning_rate,
                 "greater than 0, or null (train.learning_rate for the head too)")
         require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "at least 0")
-        require(self.max_grad_norm > 0, "train.max_grad_norm", self.max_grad_norm,
-                "greater than 0")
+        require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm,
+                "at least 0 (0: no clipping)")
         require(self.num_threads >= 0, "train.num_threads", self.num_threads,
                 "at least 0 (0: torch's default)")
 

@@ -26,7 +26,7 @@ def test_defaults_compose_and_validate():
     settings = to_run_settings(cfg)
     assert settings.model.name_or_path == "sentence-transformers/all-MiniLM-L6-v2"
     assert settings.strategy.name == StrategyName.fedavg
-    assert settings.data.partitioning == Partitioning.natural
+    assert settings.data.partitioning_used() == Partitioning.natural
     assert settings.data.seed == settings.seed
 
 
@@ -150,10 +150,12 @@ def test_settings_built_by_hand_check_themselves():
 
 
 def test_partitioning_auto_follows_whether_the_source_names_sites():
-    assert DataSettings().partitioning == Partitioning.natural
-    assert DataSettings(source="files", path="x.csv").partitioning == Partitioning.iid
+    assert DataSettings().partitioning_used() == Partitioning.natural
+    assert DataSettings(source="files", path="x.csv").partitioning_used() == Partitioning.iid
     assert DataSettings(source="files", path="x.csv", site_column="site"
-                        ).partitioning == Partitioning.natural
+                        ).partitioning_used() == Partitioning.natural
+    # The schema's default stays auto, whatever source a preset then picks.
+    assert compose_config(["data=files", "data.labels=[a,b]"]).data.partitioning.value == "auto"
 
 
 def test_one_switch_for_dp_sgd_and_the_sweeps_inf_level_turns_it_off():

@@ -93,9 +93,10 @@ def test_the_head_can_have_its_own_learning_rate(setup):
         return _delta(model, start)
 
     for private in (False, True):
-        base = dict(optimizer=OptimizerName.sgd, learning_rate=0.01, max_grad_norm=0.0)
+        base = dict(optimizer=OptimizerName.sgd, learning_rate=0.01, max_grad_norm=0.0,
+                    head_learning_rate=None)
         same = one_step(TrainSettings(**base), private)
-        split = one_step(TrainSettings(**base, head_learning_rate=0.5), private)
+        split = one_step(TrainSettings(**(base | {"head_learning_rate": 0.5})), private)
         lora = [k for k in same if "lora_" in k]
         head = [k for k in same if "lora_" not in k]
         assert lora and head

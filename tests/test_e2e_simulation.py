@@ -63,7 +63,7 @@ def test_a_federated_run_on_a_csv_export_tracks_every_round_and_ships_a_working_
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["strategy.name"] == "fedavg" and params["num_rounds"] == "2"
-    assert params["data.partitioning"] == "natural", "auto: the export names its sites"
+    assert params["data.partitioning"] == "auto", "natural: the export names its sites"
     for k in (0, 1):  # dealt by site; the split column's test rows never reach a hospital
         assert params[f"hospital_{k}.train_records"] == "120"
         assert params[f"hospital_{k}.eval_records"] == "30"

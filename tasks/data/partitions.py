@@ -29,7 +29,7 @@ def _lognormal_sizes(total: int, parts: int, sigma: float, seed: int) -> list[in
 
 def _partitioner(settings: DataSettings, corpus: datasets.Dataset, num_partitions: int
                  ) -> Partitioner:
-    method = settings.partitioning
+    method = settings.partitioning_used()
     if method == Partitioning.natural:
         if "site" not in corpus.column_names:
             raise DataFileError("data.partitioning=natural needs data.site_column (the column "
@@ -73,6 +73,6 @@ def partition(corpus: datasets.Dataset, settings: DataSettings, partition_id: in
     try:
         return partitioner.load_partition(partition_id), f"partition {partition_id}"
     except ValueError as err:
-        raise DataFileError(f"data.partitioning={settings.partitioning.value}: cannot deal "
+        raise DataFileError(f"data.partitioning={settings.partitioning_used().value}: cannot deal "
                             f"{len(corpus)} records to {num_partitions} hospitals ({err})"
                             ) from err
