@@ -22,7 +22,7 @@ from tasks.hospital import Hospital
 from tasks.model.build import trainable_state
 from tasks.privacy.ledger import PrivacyLedger
 from tests.flower_processes import ROOT
-from tests.support import NO_DEID, task
+from tests.support import NO_DEID, mlflow_client, task
 
 
 def _paper_p_value(m, r, v, eps, delta):
@@ -136,9 +136,7 @@ def test_audit_runs_end_to_end_on_the_tiny_model(superlink, tiny_bert, tmp_path)
     # Non-private and white-box: the server's view gives every canary away.
     assert report["white_box"]["correct"] >= 19
     assert report["white_box"]["epsilon_lower_bound"] > 1.0
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow_client(tmp_path)
     run = client.get_run(report["mlflow_run_id"])
     assert "audit/white_box_epsilon_lower_bound" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id, "audit")} == {

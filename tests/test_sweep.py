@@ -9,10 +9,9 @@ import math
 import subprocess
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from tests.flower_processes import VENV_BIN
-from tests.support import NO_DEID
+from tests.support import NO_DEID, mlflow_client
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +38,7 @@ def test_privacy_sweep_reports_accuracy_against_epsilon(superlink, tiny_bert, tm
     assert "| target epsilon |" in table and "inf (no DP-SGD)" in table
     assert (sweep_dir / "accuracy_vs_epsilon.png").stat().st_size > 10_000
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow_client(tmp_path)
     experiments = [e.experiment_id for e in client.search_experiments()]
     parents = client.search_runs(experiments, filter_string="tags.kind = 'privacy-sweep'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
