@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_app.client_app import evaluate, preflight, train
-from protocol.messages import TASK_KEY
+from protocol import messages as m
 from settings.compose import task_settings_from_yaml
 from tasks.model.build import build_model, load_tokenizer, trainable_state
 
@@ -42,32 +42,31 @@ def hospital_train(settings_yaml: str, state_dir: str | Path, run_id: int, serve
                    node_config: dict | None = None) -> dict:
     """The train reply's metrics, or ``{"error": reason, "code": code}``."""
     context = _context(run_id, state_dir, node_config)
-    msg = Message(RecordDict({"arrays": _arrays(settings_yaml),
-                              "config": ConfigRecord({TASK_KEY: settings_yaml,
-                                                      "server-round": int(server_round)})}),
+    config = ConfigRecord({m.TASK_KEY: settings_yaml, m.SERVER_ROUND_KEY: int(server_round)})
+    msg = Message(RecordDict({m.ARRAYS_RECORD: _arrays(settings_yaml), m.CONFIG_RECORD: config}),
                   dst_node_id=NODE, message_type="train")
     reply = train(msg, context)
     if reply.has_error():
         return {"error": reply.error.reason, "code": reply.error.code}
-    return dict(reply.content.metric_records["metrics"])
+    return dict(reply.content.metric_records[m.METRICS_RECORD])
 
 
 def hospital_evaluate(settings_yaml: str, state_dir: str | Path, run_id: int,
                       node_config: dict | None = None) -> dict:
     context = _context(run_id, state_dir, node_config)
-    msg = Message(RecordDict({"arrays": _arrays(settings_yaml),
-                              "config": ConfigRecord({TASK_KEY: settings_yaml})}),
+    msg = Message(RecordDict({m.ARRAYS_RECORD: _arrays(settings_yaml),
+                              m.CONFIG_RECORD: ConfigRecord({m.TASK_KEY: settings_yaml})}),
                   dst_node_id=NODE, message_type="evaluate")
-    return dict(evaluate(msg, context).content.metric_records["metrics"])
+    return dict(evaluate(msg, context).content.metric_records[m.METRICS_RECORD])
 
 
 def hospital_preflight(settings_yaml: str, state_dir: str | Path, run_id: int,
                        node_config: dict | None = None) -> dict:
     """The preflight reply's status (ok, problem, declined)."""
     context = _context(run_id, state_dir, node_config)
-    msg = Message(RecordDict({"config": ConfigRecord({TASK_KEY: settings_yaml})}),
-                  dst_node_id=NODE, message_type="query.preflight")
-    return dict(preflight(msg, context).content["status"])
+    msg = Message(RecordDict({m.CONFIG_RECORD: ConfigRecord({m.TASK_KEY: settings_yaml})}),
+                  dst_node_id=NODE, message_type=f"query.{m.PREFLIGHT_QUERY}")
+    return dict(preflight(msg, context).content[m.PREFLIGHT_STATUS_RECORD])
 
 
 def main(settings_file: str, state_dir: str, run_id: str, server_round: str,
