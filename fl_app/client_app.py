@@ -16,6 +16,7 @@ from settings.compose import task_settings_from_yaml
 from tasks.data.hospital_data import load_hospital_data
 from tasks.errors import TaskInputError
 from tasks.hospital import Hospital, refuse_audit_in_deployment
+from tasks.model.compute import resolve_compute
 from tasks.privacy.plan import (
     PolicyRefusal,
     PrivacyBudgetError,
@@ -64,6 +65,8 @@ def preflight(msg: Message, context: Context) -> Message:
     try:
         settings = task_settings_from_yaml(str(msg.content[m.CONFIG_RECORD][m.TASK_KEY]))
         partition_id, num_partitions = _partition(context)
+        # A GPU or bf16 the settings ask for and this machine lacks stops the run here.
+        compute = resolve_compute(settings.train)
         refuse_audit_in_deployment(settings, partition_id, _data_path(context))
         data = load_hospital_data(settings.data, settings.data.labels, partition_id,
                                   num_partitions, _data_path(context))
@@ -92,6 +95,7 @@ def preflight(msg: Message, context: Context) -> Message:
     dropped = data.report.empty_texts_dropped if data.report and not withheld else 0
     if data.report:
         log(INFO, "hospital %s: %s", partition_id, data.report.summary())
+    log(INFO, "hospital %s computes on %s", partition_id, compute.describe())
     return preflight_reply(msg, partition_id, counts, len(data.train), len(data.eval),
                            empty_texts_dropped=dropped, declined=declined)
 

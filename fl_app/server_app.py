@@ -31,7 +31,7 @@ from settings.compose import (
     to_run_settings,
 )
 from settings.run import RunSettings
-from settings.task import TaskSettings
+from settings.task import Device, Precision, TaskSettings, TrainSettings
 from strategies.central_dp import with_client_level_dp
 from strategies.metric_rules import MetricRules, evaluate_metrics_rules, train_metrics_rules
 from strategies.privacy_budget import PrivacyBudgetGate, TrainingStopped
@@ -46,6 +46,7 @@ from tasks.model.build import (
     save_adapter,
     trainable_state,
 )
+from tasks.model.compute import resolve_compute
 from tracking.metered_grid import MeteredGrid
 from tracking.round_log import CentralEvaluate, ClientLevelPrivacy, RoundLogger
 from tracking.run_tracker import RunTracker
@@ -137,8 +138,13 @@ def central_evaluation(settings: RunSettings, model: PeftModel,
     test_set = load_server_test_set(settings.data, labels)
     if test_set is None:
         return None
+    # train.device and train.precision are the hospitals' settings; the server evaluates on
+    # what it has (its GPU when present, bf16 where native).
+    compute = resolve_compute(TrainSettings(device=Device.auto, precision=Precision.auto))
+    log.info("central evaluation computes on %s", compute.describe())
     evaluator = CentralEvaluator(model, tokenizer, test_set, len(labels),
-                                 settings.model.max_length, settings.train.eval_batch_size)
+                                 settings.model.max_length, settings.train.eval_batch_size,
+                                 compute, settings.train.group_by_length)
     return lambda arrays: evaluator(arrays.to_torch_state_dict())
 
 

@@ -9,7 +9,7 @@ from hydra.core.config_store import ConfigStore
 
 from settings.checks import require
 from settings.strategy import CentralDpSettings, StrategyName, StrategySettings
-from settings.task import PrivacySettings, SharedSettings
+from settings.task import PrivacySettings, SharedSettings, check_precision_fits_dp_sgd
 from settings.tracking import TrackingSettings
 
 SCHEMA_NAME = "run_settings"
@@ -35,6 +35,7 @@ class RunSettings(SharedSettings):
     def __post_init__(self) -> None:
         require(self.num_rounds >= 1, "num_rounds", self.num_rounds, "at least 1")
         strategy = self.strategy
+        check_precision_fits_dp_sgd(self.train, self.privacy.dp_sgd)
         if self.privacy.dp_sgd.enabled:
             require(strategy.name != StrategyName.fedprox or strategy.proximal_mu == 0,
                     "strategy.proximal_mu", strategy.proximal_mu, "0 with privacy.dp_sgd: "

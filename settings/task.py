@@ -181,6 +181,21 @@ class OptimizerName(Enum):
     sgd = "sgd"
 
 
+class Precision(Enum):
+    """The arithmetic of forward and backward passes. Master weights, optimizer state and
+    everything exchanged with the server stay float32 whatever is chosen."""
+
+    auto = "auto"  # bf16 where the hardware runs it natively, else fp32
+    fp32 = "fp32"
+    bf16 = "bf16"  # bfloat16 autocast
+
+
+class Device(Enum):
+    auto = "auto"  # the GPU when there is one
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 @dataclass
 class TrainSettings:
     optimizer: OptimizerName = OptimizerName.adamw
@@ -198,9 +213,16 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     # Torch intra-op threads per hospital process; 0 keeps torch's default.
     num_threads: int = 0
+    precision: Precision = Precision.auto
+    device: Device = Device.auto
+    # Non-private training and evaluation read notes of similar length together (less
+    # padding). DP-SGD's Poisson batches are never regrouped: only their padding is trimmed.
+    group_by_length: bool = True
 
     def __post_init__(self) -> None:
         self.optimizer = as_enum(OptimizerName, self.optimizer, "train.optimizer")
+        self.precision = as_enum(Precision, self.precision, "train.precision")
+        self.device = as_enum(Device, self.device, "train.device")
         for key in ("local_epochs", "batch_size", "eval_batch_size"):
             require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "at least 1")
         require(self.learning_rate > 0, "train.learning_rate", self.learning_rate,
@@ -321,3 +343,14 @@ class TaskSettings(SharedSettings):
 
     def __post_init__(self) -> None:
         require(self.planned_rounds >= 1, "planned_rounds", self.planned_rounds, "at least 1")
+        check_precision_fits_dp_sgd(self.train, self.privacy.dp_sgd)
+
+
+def check_precision_fits_dp_sgd(train: TrainSettings, dp_sgd: DpSgdSettings) -> None:
+    """bf16 under DP-SGD only with the ``hooks`` per-sample gradients: they are cast to
+    float32 before clipping. ``ghost`` and ``functorch`` would clip in bf16."""
+    require(not (dp_sgd.enabled and train.precision == Precision.bf16
+                 and dp_sgd.grad_sample_mode != GradSampleMode.hooks),
+            "train.precision", train.precision.value,
+            f"fp32 or auto with privacy.dp_sgd.grad_sample_mode={dp_sgd.grad_sample_mode.value} "
+            "(its per-record norms would be computed in bf16); bf16 needs grad_sample_mode=hooks")

@@ -21,6 +21,7 @@ from tasks.learning.batches import make_loader, tokenize
 from tasks.learning.evaluation import EvalOutcome, evaluate
 from tasks.learning.training import PrivacyReport, TrainOutcome, train_locally
 from tasks.model.build import build_model, load_tokenizer, load_trainable_state, trainable_state
+from tasks.model.compute import resolve_compute
 from tasks.privacy.accounting import Step
 from tasks.privacy.dp_sgd import train_with_dp_sgd
 from tasks.privacy.ledger import PrivacyLedger
@@ -99,8 +100,11 @@ class Hospital:
         self.labels = list(labels)
         if settings.train.num_threads > 0:
             torch.set_num_threads(settings.train.num_threads)
+        # Before any loading: a device or precision this machine lacks fails here.
+        self.compute = resolve_compute(settings.train)
         model_key = _key(settings.model, settings.seed, tuple(labels))
         self.model, self.tokenizer = _cached_model(model_key, settings, tuple(labels))
+        self.model.to(self.compute.device)  # a no-op once it is there
         data_key = _key(settings.data, settings.model, settings.audit, tuple(labels),
                         partition_id, num_partitions, data_path)
         self.data, self._train, self._eval = _cached_records(
@@ -158,11 +162,14 @@ class Hospital:
         # shuffling only. DP-SGD's sampling and noise draw from OS entropy (dp_sgd.py).
         seed = self.settings.seed * 100_003 + server_round * 1_009 + self.data.hospital
         torch.manual_seed(seed)
+        # DP-SGD replaces the sampler with Poisson sampling: no length grouping there.
         loader = make_loader(self._train, self.tokenizer, self.settings.train.batch_size,
-                             shuffle=True, seed=seed)
+                             shuffle=True, seed=seed,
+                             group_by_length=self.settings.train.group_by_length
+                             and not self.uses_dp_sgd)
         if not self.uses_dp_sgd:
             outcome = train_locally(self.model, loader, self.settings.train, proximal_mu,
-                                    canaries=self.canaries)
+                                    canaries=self.canaries, compute=self.compute)
             return trainable_state(self.model), outcome
         if ledger is None:
             raise ValueError("DP-SGD training needs the hospital's privacy ledger")
@@ -176,7 +183,8 @@ class Hospital:
         outcome = train_with_dp_sgd(self.model, loader, self.settings.train,
                                     plan.noise_multiplier, plan.max_grad_norm,
                                     self.settings.privacy.dp_sgd.grad_sample_mode,
-                                    ledger.history, canaries=self.canaries)
+                                    ledger.history, canaries=self.canaries,
+                                    compute=self.compute)
         ledger.rounds_trained.append(server_round)
         outcome.privacy = privacy_report(plan, ledger)
         return trainable_state(self.model), outcome
@@ -185,8 +193,8 @@ class Hospital:
         """Score the global adapter on this hospital's held-out split."""
         load_trainable_state(self.model, global_state)
         loader = make_loader(self._eval, self.tokenizer, self.settings.train.eval_batch_size,
-                             shuffle=False)
-        return evaluate(self.model, loader, len(self.labels))
+                             shuffle=False, group_by_length=self.settings.train.group_by_length)
+        return evaluate(self.model, loader, len(self.labels), self.compute)
 
 
 def privacy_report(plan: DpSgdPlan, ledger: PrivacyLedger) -> PrivacyReport:

@@ -118,11 +118,12 @@ class GradientCanaries:
                 if getattr(param, "grad_sample", None) is None:
                     raise TaskInputError("gradient canaries need per-record gradients "
                                          "(grad_sample_mode hooks or functorch, not ghost)")
-                param.grad_sample[row] = self.norm * part.to(param.grad_sample.dtype)
+                param.grad_sample[row] = self.norm * part.to(param.grad_sample.device,
+                                                             param.grad_sample.dtype)
 
     def add_to_grads(self, canary_ids: torch.Tensor, batch_size: int) -> None:
         """Plain training (the loss is a batch mean): each canary adds ``norm x u_j / B``."""
         for _, parts in self._rows(canary_ids):
             for param, part in zip(self.params, parts, strict=True):
-                contribution = self.norm * part / batch_size
+                contribution = self.norm * part.to(param.device) / batch_size
                 param.grad = contribution if param.grad is None else param.grad + contribution

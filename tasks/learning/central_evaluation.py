@@ -13,19 +13,22 @@ from transformers import PreTrainedTokenizerBase
 from tasks.learning.batches import make_loader, tokenize
 from tasks.learning.evaluation import evaluate
 from tasks.model.build import load_trainable_state
+from tasks.model.compute import CPU_FP32, Compute
 
 
 class CentralEvaluator:
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                  records: datasets.Dataset, num_labels: int, max_length: int,
-                 batch_size: int) -> None:
-        self.model = model
+                 batch_size: int, compute: Compute = CPU_FP32,
+                 group_by_length: bool = True) -> None:
+        self.model = model.to(compute.device)
         self.num_labels = num_labels
+        self.compute = compute
         self.loader = make_loader(tokenize(records, tokenizer, max_length), tokenizer,
-                                  batch_size, shuffle=False)
+                                  batch_size, shuffle=False, group_by_length=group_by_length)
 
     def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
         load_trainable_state(self.model, state)
-        outcome = evaluate(self.model, self.loader, self.num_labels)
+        outcome = evaluate(self.model, self.loader, self.num_labels, self.compute)
         return {"accuracy": outcome.accuracy, "macro_f1": outcome.macro_f1,
                 "loss": outcome.loss, "records": outcome.num_examples}

@@ -13,6 +13,8 @@ import torch
 from sklearn.metrics import f1_score
 from torch.utils.data import DataLoader
 
+from tasks.model.compute import CPU_FP32, Compute
+
 
 @dataclass
 class EvalOutcome:
@@ -25,22 +27,29 @@ class EvalOutcome:
     false_negatives: list[int]
 
 
-@torch.no_grad()
-def predict_labels(model: torch.nn.Module, loader: DataLoader
+@torch.inference_mode()  # no autograd bookkeeping at all (cheaper than no_grad)
+def predict_labels(model: torch.nn.Module, loader: DataLoader, compute: Compute = CPU_FP32
                    ) -> tuple[list[int], list[int], float]:
     """(true labels, predicted labels, summed loss) over the loader."""
     model.eval()
-    truths, preds, loss_sum = [], [], 0.0
-    for batch in loader:
-        out = model(**batch)
-        loss_sum += out.loss.item() * batch["labels"].shape[0]
-        preds += out.logits.argmax(dim=-1).tolist()
-        truths += batch["labels"].tolist()
-    return truths, preds, loss_sum
+    truths, preds, losses = [], [], []
+    for batch in compute.batches(loader):
+        with compute.autocast():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        labels = batch["labels"]
+        losses.append(torch.nn.functional.cross_entropy(logits.float(), labels,
+                                                        reduction="sum"))
+        preds.append(logits.argmax(dim=-1))
+        truths.append(labels)
+    if not truths:
+        return [], [], 0.0
+    return (torch.cat(truths).tolist(), torch.cat(preds).tolist(),
+            float(torch.stack(losses).sum()))
 
 
-def evaluate(model: torch.nn.Module, loader: DataLoader, num_labels: int) -> EvalOutcome:
-    truths, preds, loss_sum = predict_labels(model, loader)
+def evaluate(model: torch.nn.Module, loader: DataLoader, num_labels: int,
+             compute: Compute = CPU_FP32) -> EvalOutcome:
+    truths, preds, loss_sum = predict_labels(model, loader, compute)
     n = len(truths)
     tp, fp, fn = [0] * num_labels, [0] * num_labels, [0] * num_labels
     for t, p in zip(truths, preds, strict=True):

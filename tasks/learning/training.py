@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from settings.task import OptimizerName, TrainSettings
 from tasks.audit.canaries import CANARY_COLUMN, NOT_A_CANARY, GradientCanaries
+from tasks.model.compute import CPU_FP32, Compute
 
 
 @dataclass
@@ -60,12 +61,14 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.opt
 
 def train_locally(model: torch.nn.Module, loader: DataLoader, settings: TrainSettings,
                   proximal_mu: float = 0.0,
-                  canaries: GradientCanaries | None = None) -> TrainOutcome:
+                  canaries: GradientCanaries | None = None,
+                  compute: Compute = CPU_FP32) -> TrainOutcome:
     """Run ``settings.local_epochs`` passes of the optimizer over the trainable parameters.
 
     ``proximal_mu`` > 0 adds FedProx's term (mu/2)·||w - w_global||², which keeps
     a hospital with skewed data from drifting far from the global adapter.
     ``canaries``: the privacy audit's gradient canaries (tasks/audit/canaries.py).
+    ``compute``: the device the model is on and the forward pass's precision.
     """
     start = time.perf_counter()
     model.train()
@@ -74,18 +77,19 @@ def train_locally(model: torch.nn.Module, loader: DataLoader, settings: TrainSet
     optimizer = make_optimizer(model, settings)
     total_loss, seen, steps = 0.0, 0, 0
     for _ in range(settings.local_epochs):
-        for batch in loader:
+        for batch in compute.batches(loader):
             optimizer.zero_grad(set_to_none=True)
             canary_ids = batch.pop(CANARY_COLUMN, None)
             batch_size = batch["labels"].shape[0]
-            if canaries is None or canary_ids is None:
-                loss = model(**batch).loss
-            else:  # a gradient canary's own loss does not count: its gradient is set below
-                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                per_record = torch.nn.functional.cross_entropy(logits, batch["labels"],
-                                                               reduction="none")
-                loss = (per_record * (canary_ids == NOT_A_CANARY)).sum() / batch_size
-            total_loss += loss.item() * batch_size
+            with compute.autocast():  # the loss itself is computed in float32 either way
+                if canaries is None or canary_ids is None:
+                    loss = model(**batch).loss
+                else:  # a gradient canary's own loss does not count: its gradient is set below
+                    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                    per_record = torch.nn.functional.cross_entropy(
+                        logits.float(), batch["labels"], reduction="none")
+                    loss = (per_record * (canary_ids == NOT_A_CANARY)).sum() / batch_size
+            total_loss += loss.detach().float() * batch_size  # no device sync per step
             seen += batch_size
             if proximal_mu > 0:
                 drift = sum((p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True))
@@ -97,5 +101,5 @@ def train_locally(model: torch.nn.Module, loader: DataLoader, settings: TrainSet
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             optimizer.step()
             steps += 1
-    return TrainOutcome(loss=total_loss / max(seen, 1), num_examples=len(loader.dataset),
+    return TrainOutcome(loss=float(total_loss) / max(seen, 1), num_examples=len(loader.dataset),
                         num_steps=steps, seconds=time.perf_counter() - start)

@@ -12,6 +12,11 @@ never leaves the hospital, never from the run's seed (the server knows it):
 Opacus' ``secure_mode`` is not used: it needs the ``torchcsprng`` package, which
 has no build for this torch. Both generators are torch's Mersenne Twister seeded
 with 63 bits from ``secrets`` at every round.
+
+Under bf16 autocast the per-record gradients come out of Opacus' hooks in bf16; they
+are cast to float32 before Opacus clips them, so each record's norm, its clipping
+factor, the sum and the noise are all float32, as the analysis assumes: the clipped
+vector is exactly within the clipping norm whatever rounding produced it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch.utils.data import DataLoader
 from settings.task import GradSampleMode, TrainSettings
 from tasks.audit.canaries import CANARY_COLUMN, GradientCanaries
 from tasks.learning.training import TrainOutcome, make_optimizer
+from tasks.model.compute import CPU_FP32, Compute
 from tasks.privacy.accounting import Step
 
 
@@ -42,12 +48,22 @@ def with_secret_sampling(loader: DataLoader) -> DataLoader:
                       collate_fn=loader.collate_fn, generator=secret)
 
 
+def _per_record_gradients_in_float32(dp_optimizer: torch.optim.Optimizer) -> None:
+    """Opacus clips ``grad_sample`` in its own dtype: under bf16 autocast that is bf16,
+    whose 8-bit mantissa would let a clipped record exceed the norm by ~0.4%."""
+    for param in dp_optimizer.params:
+        sample = getattr(param, "grad_sample", None)
+        if isinstance(sample, torch.Tensor) and sample.dtype != torch.float32:
+            param.grad_sample = sample.float()
+
+
 def _noise_only_step(dp_optimizer: torch.optim.Optimizer) -> None:
     """An empty Poisson batch (every record left out, probability (1-q)^N) still takes its
     step: the noise alone, recorded by the accountant like any other. The model cannot run
     on zero notes (attention reshapes fail), so the empty per-record gradients are set here."""
     for param in dp_optimizer.params:
-        param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
+        param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype,
+                                        device=param.device)
         param.grad = torch.zeros_like(param)  # ghost clipping reads the summed gradient
     dp_optimizer.step()
 
@@ -66,19 +82,25 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
                       grad_sample_mode: GradSampleMode, history: list[Step],
                       poisson_sampling: bool = True,
                       noise_seed: int | None = None,
-                      canaries: GradientCanaries | None = None) -> TrainOutcome:
+                      canaries: GradientCanaries | None = None,
+                      compute: Compute = CPU_FP32) -> TrainOutcome:
     """``settings.local_epochs`` epochs of DP-SGD (the optimizer steps on privatized gradients).
 
     ``history`` is the hospital's accountant history; the steps taken here are
     appended to it by Opacus' own accountant hook, step by step.
     ``poisson_sampling=False`` and ``noise_seed`` exist for tests that compare
     against non-private training; they void the privacy guarantee. ``canaries``: the
-    privacy audit's gradient canaries (tasks/audit/canaries.py).
+    privacy audit's gradient canaries (tasks/audit/canaries.py). ``compute``: the model's
+    device and the forward pass's precision (bf16 only with the ``hooks`` mode; the others
+    would compute per-record norms in bf16, so they run in float32).
     """
+    if grad_sample_mode != GradSampleMode.hooks:
+        compute = compute.without_bf16(f"grad_sample_mode={grad_sample_mode.value}")
     start = time.perf_counter()
     model.train()  # Opacus records activations only in training mode
     optimizer = make_optimizer(model, settings)
-    generator = torch.Generator().manual_seed(
+    # The noise is drawn where the gradients are (Opacus draws it on the parameter's device).
+    generator = torch.Generator(device=compute.device).manual_seed(
         noise_seed if noise_seed is not None else secrets.randbits(63))
     if poisson_sampling:
         loader = with_secret_sampling(loader)
@@ -106,25 +128,28 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     try:
         for _ in range(settings.local_epochs):
-            for batch in dp_loader:
+            for batch in compute.batches(dp_loader):
                 dp_optimizer.zero_grad(set_to_none=True)
                 batch_size = int(batch["labels"].shape[0])
                 if batch_size == 0:
                     _noise_only_step(dp_optimizer)
                     steps += 1
                     continue
-                loss = criterion(_logits(model, batch), batch["labels"])
+                with compute.autocast():
+                    logits = _logits(model, batch)
+                loss = criterion(logits.float(), batch["labels"])
                 loss.backward()
+                _per_record_gradients_in_float32(dp_optimizer)
                 if canaries is not None and CANARY_COLUMN in batch:
                     canaries.replace_grad_samples(batch[CANARY_COLUMN])
                 dp_optimizer.step()  # clip per record, add noise, record the step
                 steps += 1
-                total_loss += float(loss.detach()) * batch_size
+                total_loss += loss.detach() * batch_size  # no device sync per step
                 seen += batch_size
     finally:
         # The model object is reused for evaluation and the next round: drop Opacus' hooks.
         grad_hooks.cleanup()
     history[:] = [tuple(step) for step in engine.accountant.history]
-    return TrainOutcome(loss=total_loss / max(seen, 1), num_examples=len(loader.dataset),
+    return TrainOutcome(loss=float(total_loss) / max(seen, 1), num_examples=len(loader.dataset),
                         num_steps=steps, seconds=time.perf_counter() - start)
 
