@@ -42,6 +42,21 @@ def test_auto_picks_bf16_on_a_cpu_that_runs_it_natively_and_fp32_elsewhere(monke
     assert not resolve_compute(TrainSettings(precision=Precision.fp32)).bf16
 
 
+def test_auto_on_a_gpu_trains_there_in_float32_unless_bf16_is_asked_for(monkeypatch):
+    """Logic only (this test runs without a GPU): the H100 measurement is in benchmarks.md."""
+    monkeypatch.setattr(compute_module, "cuda_available", lambda: True)
+    monkeypatch.setattr(compute_module, "cuda_bf16", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Test GPU")
+    chosen = resolve_compute(TrainSettings())
+    assert chosen.device.type == "cuda" and not chosen.bf16
+    assert "CUDA device Test GPU" in chosen.reason and "fp32 on CUDA" in chosen.reason
+    assert resolve_compute(TrainSettings(precision=Precision.bf16)).bf16
+    assert resolve_compute(TrainSettings(device=Device.cpu)).device.type == "cpu"
+    monkeypatch.setattr(compute_module, "cuda_bf16", lambda: False)
+    with pytest.raises(ComputeUnavailableError, match="Test GPU has no native bf16"):
+        resolve_compute(TrainSettings(precision=Precision.bf16))
+
+
 def test_bf16_where_the_hardware_lacks_it_is_refused_saying_what_the_machine_has(monkeypatch):
     _cpu_flags(monkeypatch, [])
     with pytest.raises(ComputeUnavailableError, match=r"train.precision=bf16, but the CPU .* "

@@ -1,5 +1,7 @@
 """Where and in what arithmetic a model runs: the device (CPU or a CUDA GPU) and the precision
-(float32, or bfloat16 autocast where the hardware runs it natively).
+(float32, or bfloat16 autocast). ``auto`` takes bf16 where it was measured faster: on CPUs
+with native bf16 instructions (about 2x); on CUDA it stays float32, which was faster for this
+product's model sizes (``train.precision=bf16`` asks for it).
 
 Master weights, optimizer state and every tensor exchanged with the server stay float32 on
 whatever device: autocast only changes the arithmetic of the forward pass (and hence of the
@@ -114,6 +116,12 @@ def resolve_compute(settings: TrainSettings) -> Compute:
     if settings.precision == Precision.fp32:
         return Compute(device, False, f"{device_reason}; train.precision=fp32")
     native, why = _native_bf16(device)
+    if settings.precision == Precision.auto and device.type == "cuda":
+        # Measured on an H100 (docs/benchmarks.md): with MiniLM at batch 16 the GPU waits on
+        # kernel launches, and autocast's extra casts made training 0.76x and DP-SGD 0.37x
+        # of float32. A bigger model or batch may gain from train.precision=bf16.
+        return Compute(device, False, f"{device_reason}; auto: fp32 on CUDA ({why}, but "
+                       "measured slower for small models)")
     if settings.precision == Precision.bf16 and not native:
         raise ComputeUnavailableError(
             f"train.precision=bf16, but {why} (on {device.type}); use train.precision=fp32 "
