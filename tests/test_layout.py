@@ -48,6 +48,7 @@ def test_the_default_config_ships_in_the_flower_bundle_and_results_do_not():
     ("where is data partitioned", "tasks/data/partitions.py"),
     ("where is the model built", "tasks/model/build.py"),
     ("where is a hospital trained", "tasks/learning/training.py"),
+    ("where are GPU and bf16 chosen", "tasks/model/compute.py"),
     ("what do server and hospitals send", "protocol/messages.py"),
     ("where do results go to MLflow", "tracking/round_log.py"),
     ("where are the settings and their defaults", "settings/task.py"),
