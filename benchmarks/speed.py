@@ -10,8 +10,9 @@ Columns:
   size;
 - ``before``: the product before issue 14, which stays selectable: ``train.precision=fp32
   train.group_by_length=false`` (float32, each batch padded to its longest note);
-- ``new``: the product's defaults (``train.precision=auto``: bf16 where native; length-grouped
-  batches; evaluation under ``inference_mode`` at ``train.eval_batch_size``).
+- ``new``: the product's defaults (``train.precision=auto``: bf16 on CPUs with native bf16,
+  float32 on CUDA, or ``--precision``; length-grouped batches; evaluation under
+  ``inference_mode`` at ``train.eval_batch_size``).
 
 Every figure is the median over ``--repeats`` timed passes after one warm-up pass, all on the
 same model object, records and hardware. DP-SGD uses Poisson sampling at the same expected
@@ -123,7 +124,7 @@ def measure(args: argparse.Namespace) -> dict:
     model_settings = ModelSettings(name_or_path=args.model, max_length=args.max_length)
     data_settings = DataSettings(notes_per_hospital=args.notes_per_hospital,
                                  deid=DeidSettings(enabled=not args.no_deid))
-    train = TrainSettings(batch_size=args.batch_size)
+    train = TrainSettings(batch_size=args.batch_size, precision=Precision(args.precision))
     if args.eval_batch_size:
         train = replace(train, eval_batch_size=args.eval_batch_size)
     labels = source_labels(data_settings)
@@ -220,6 +221,8 @@ def main() -> None:
                         help="the held-out split repeated, for a longer timed pass")
     parser.add_argument("--max-length", type=int, default=ModelSettings().max_length)
     parser.add_argument("--device", choices=[d.value for d in Device], default="auto")
+    parser.add_argument("--precision", choices=[p.value for p in Precision], default="auto",
+                        help="the new column's train.precision")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-deid", action="store_true",
                         help="skip de-identification (where Presidio is not installed)")

@@ -16,7 +16,7 @@ class Prediction:
     probability: float
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def classify(adapter_dir: str | Path, texts: list[str], base_model: str | None = None,
              batch_size: int = 32) -> list[Prediction]:
     model, tokenizer, labels, max_length = load_adapter(adapter_dir, base_model)
