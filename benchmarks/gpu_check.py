@@ -13,7 +13,8 @@ by training records; written out here because Flower is what cannot be installed
 the first DP-SGD round of the ``privacy=dp_sgd`` preset's run (noise planned for all its
 rounds), its epsilon from the hospital's ledger.
 This is not ``flwr run``: no process start-up, no messages; compare it with a ``flwr run`` only
-through its training and evaluation seconds.
+through its training and evaluation seconds. First, DP-SGD's per-record clipping bound is
+checked on the device in float32 and bf16 (``--clipping-only``: only that).
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from pathlib import Path
 import torch
 
 from settings.compose import compose_config, task_settings, to_run_settings
-from settings.task import TrainSettings
+from settings.task import GradSampleMode, OptimizerName, TrainSettings
 from tasks.data.hospital_data import load_server_test_set, source_labels
 from tasks.hospital import Hospital
+from tasks.learning.batches import make_loader
 from tasks.learning.central_evaluation import CentralEvaluator
-from tasks.model.build import build_model, trainable_state
-from tasks.model.compute import resolve_compute
+from tasks.model.build import build_model, load_trainable_state, trainable_state
+from tasks.model.compute import Compute, resolve_compute
+from tasks.privacy.dp_sgd import train_with_dp_sgd
 from tasks.privacy.ledger import PrivacyLedger
 
 HOSPITALS = 2
@@ -85,15 +88,55 @@ def federation(overrides: list[str], rounds: int | None = None) -> dict:
             "load_seconds": loaded, "seconds": time.perf_counter() - began, "rounds": history}
 
 
+def clipping_bound(overrides: list[str], records: int = 6) -> dict[str, float]:
+    """DP-SGD's per-record bound on this machine's device, in float32 and in bf16: each
+    record's update (SGD, learning rate 1, no noise, clipping norm far below its gradient)
+    must be within the norm to float32's rounding; returns the largest norm / clipping norm."""
+    cfg = compose_config(overrides)
+    run = to_run_settings(cfg)
+    labels = source_labels(run.data)
+    task = task_settings(cfg, labels)
+    hospital = Hospital(task, labels, 0, HOSPITALS)
+    model, start = hospital.model, trainable_state(hospital.model)
+    clip = 1e-3
+    sgd = TrainSettings(optimizer=OptimizerName.sgd, learning_rate=1.0, head_learning_rate=None)
+    worst = {}
+    for name, bf16 in (("fp32", False), ("bf16", True)):
+        compute = Compute(hospital.compute.device, bf16, "clipping check")
+        ratios = []
+        for index in range(records):
+            load_trainable_state(model, start)
+            loader = make_loader(hospital.train_records.select([index]), hospital.tokenizer, 1,
+                                 shuffle=False)
+            train_with_dp_sgd(model, loader, sgd, noise_multiplier=0.0, max_grad_norm=clip,
+                              grad_sample_mode=GradSampleMode.hooks, history=[],
+                              poisson_sampling=False, compute=compute)
+            moved = torch.cat([(v - start[k]).flatten()
+                               for k, v in trainable_state(model).items()])
+            ratios.append(float(moved.norm()) / clip)
+        worst[name] = max(ratios)
+        print(f"clipping on {compute.device.type} {name}: largest record update "
+              f"{worst[name]:.6f} x the clipping norm ({records} records)", flush=True)
+    return worst
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="Hydra overrides for both runs")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--clipping-only", action="store_true",
+                        help="only the per-record clipping check")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     print(f"# GPU: {gpu}; torch {torch.__version__}", flush=True)
-    report = {"gpu": gpu, "default": federation(list(args.set))}
+    report = {"gpu": gpu, "clipping_bound": clipping_bound(list(args.set))}
+    if max(report["clipping_bound"].values()) > 1 + 1e-4:
+        raise SystemExit("a record's update exceeds the clipping norm")
+    if args.clipping_only:
+        print(json.dumps(report))
+        return
+    report["default"] = federation(list(args.set))
     print(f"default run: {report['default']['compute']}, {report['default']['seconds']:.1f} s",
           flush=True)
     report["dp_sgd_round"] = federation(["privacy=dp_sgd", *args.set], rounds=1)

@@ -144,7 +144,9 @@ def test_every_record_contributes_at_most_the_clipping_norm(setup, compute):
     bound holds to float32's rounding, not bf16's."""
     model, tokenizer, records, start = setup
     clip = 1e-3  # far below the natural per-record gradient norm
-    settings = TrainSettings(optimizer=OptimizerName.sgd, learning_rate=1.0, local_epochs=1)
+    # The head at the same rate: the update is exactly the clipped gradient, head included.
+    settings = TrainSettings(optimizer=OptimizerName.sgd, learning_rate=1.0, local_epochs=1,
+                             head_learning_rate=None)
 
     def update(indices, unclipped=False):
         load_trainable_state(model, start)
