@@ -137,6 +137,8 @@ def measure(args: argparse.Namespace) -> dict:
         eval_records = datasets.concatenate_datasets([eval_records] * args.eval_copies)
     start = trainable_state(model)
     device = Device(args.device)
+    if args.eval_batch_sizes:
+        return eval_batch_sweep(args, model, tokenizer, eval_records, len(labels), train, device)
     results: dict[str, dict[str, float]] = {workload: {} for workload in WORKLOADS}
     chosen = {}
     for name, column in columns(train, device).items():
@@ -179,6 +181,34 @@ def measure(args: argparse.Namespace) -> dict:
             "repeats": args.repeats, "compute": chosen, "examples_per_second": results}
 
 
+def eval_batch_sweep(args: argparse.Namespace, model: torch.nn.Module,
+                     tokenizer: PreTrainedTokenizerBase, records: datasets.Dataset,
+                     num_labels: int, train: TrainSettings, device: Device) -> dict:
+    """The new column's evaluation only, at each of ``--eval-batch-sizes``, interleaved."""
+    compute = columns(train, device)["new"].compute
+    model.to(compute.device)
+    sizes = [int(size) for size in args.eval_batch_sizes.split(",")]
+
+    def scoring(size: int) -> float:
+        began = time.perf_counter()
+        evaluate(model, make_loader(records, tokenizer, size, shuffle=False,
+                                    group_by_length=train.group_by_length),
+                 num_labels, compute)
+        return len(records) / (time.perf_counter() - began)
+
+    scoring(sizes[0])  # warm-up
+    rates: dict[int, list[float]] = {size: [] for size in sizes}
+    for _ in range(args.repeats):
+        for size in sizes:
+            rates[size].append(scoring(size))
+    medians = {size: statistics.median(values) for size, values in rates.items()}
+    print(f"# {machine()}; evaluation of {len(records)} notes, {compute.describe()}")
+    for size, rate in medians.items():
+        print(f"eval batch {size:>4}: {rate:8.1f} examples/s")
+    return {"machine": machine(), "compute": compute.describe(),
+            "eval_examples_per_second": medians}
+
+
 def default_run(overrides: str) -> float:
     """Wall time of ``bash scripts/run.sh`` (setup already done), with extra overrides."""
     command = ["bash", "scripts/run.sh"]
@@ -217,6 +247,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=TrainSettings().batch_size)
     parser.add_argument("--eval-batch-size", type=int, default=0,
                         help="0: train.eval_batch_size's default")
+    parser.add_argument("--eval-batch-sizes", metavar="N,N,...",
+                        help="only the new column's evaluation, at each of these batch sizes")
     parser.add_argument("--eval-copies", type=int, default=4,
                         help="the held-out split repeated, for a longer timed pass")
     parser.add_argument("--max-length", type=int, default=ModelSettings().max_length)
@@ -231,6 +263,10 @@ def main() -> None:
     args = parser.parse_args()
 
     report = measure(args)
+    if args.eval_batch_sizes:
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return
     if args.default_run:
         report["default_run_seconds"] = {
             "before": default_run("train.precision=fp32 train.group_by_length=false"),
