@@ -79,22 +79,29 @@ def test_dp_sgd_without_noise_or_clipping_reproduces_the_plain_lora_update(setup
     assert (_flat(noisy) - _flat(plain)).norm() > 0.1 * _flat(plain).norm()
 
 
+def _one_pass(setup, records, settings, private, compute=CPU_FP32):
+    """The update of one pass over ``records`` (batches of 8, in order) from the start state:
+    plain training, or DP-SGD without noise, without sampling and with clipping that never
+    bites (it must then equal plain training)."""
+    model, tokenizer, _, start = setup
+    load_trainable_state(model, start)
+    loader = make_loader(records, tokenizer, 8, shuffle=False)
+    if private:
+        train_with_dp_sgd(model, loader, settings, noise_multiplier=0.0, max_grad_norm=1e6,
+                          grad_sample_mode=GradSampleMode.hooks, history=[],
+                          poisson_sampling=False, compute=compute)
+    else:
+        train_locally(model, loader, settings, compute=compute)
+    return _delta(model, start)
+
+
 def test_the_head_can_have_its_own_learning_rate(setup):
     """One SGD step: the head moves by head_learning_rate x its gradient, the LoRA matrices
     by learning_rate x theirs, in plain training and under DP-SGD alike."""
-    model, tokenizer, records, start = setup
-    subset = records.select(range(8))
+    subset = setup[2].select(range(8))
 
     def one_step(settings, private):
-        load_trainable_state(model, start)
-        loader = make_loader(subset, tokenizer, 8, shuffle=False)
-        if private:
-            train_with_dp_sgd(model, loader, settings, noise_multiplier=0.0, max_grad_norm=1e6,
-                              grad_sample_mode=GradSampleMode.hooks, history=[],
-                              poisson_sampling=False)
-        else:
-            train_locally(model, loader, settings)
-        return _delta(model, start)
+        return _one_pass(setup, subset, settings, private)
 
     for private in (False, True):
         base = dict(optimizer=OptimizerName.sgd, learning_rate=0.01, max_grad_norm=0.0,
@@ -116,20 +123,11 @@ def test_dp_sgd_in_bf16_reproduces_the_plain_bf16_update(setup):
     cast to float32, summed, must give plain bf16 training's update (bf16's tolerance), and
     that update must be close to float32's. SGD: the update is the gradient (Adam would
     magnify bf16's rounding in coordinates whose gradients are near zero)."""
-    model, tokenizer, records, start = setup
     settings = TrainSettings(optimizer=OptimizerName.sgd, learning_rate=0.1, local_epochs=1,
                              max_grad_norm=0.0)
 
     def update(private, compute):
-        load_trainable_state(model, start)
-        loader = make_loader(records, tokenizer, 8, shuffle=False)
-        if private:
-            train_with_dp_sgd(model, loader, settings, noise_multiplier=0.0, max_grad_norm=1e6,
-                              grad_sample_mode=GradSampleMode.hooks, history=[],
-                              poisson_sampling=False, compute=compute)
-        else:
-            train_locally(model, loader, settings, compute=compute)
-        return _flat(_delta(model, start))
+        return _flat(_one_pass(setup, setup[2], settings, private, compute))
 
     plain, private, fp32 = update(False, BF16), update(True, BF16), update(False, CPU_FP32)
     assert plain.norm() > 1e-3
