@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from logging import INFO
 
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from fl_app.client_mods import asks_for_clipping, clip_update_for_client_level_dp
 from fl_app.hospital_state import hospital_policy, load_ledger, save_ledger
 from fl_app.replies import evaluate_reply, preflight_reply, refusal_reply, train_reply
+from fl_app.secure_aggregation_mod import load_ckks_context, secure_aggregation_mod
 from protocol import messages as m
+from secure_aggregation import ckks
 from settings.compose import task_settings_from_yaml
+from settings.secure_aggregation import SecureAggregationMode
 from tasks.data.hospital_data import load_hospital_data
 from tasks.errors import TaskInputError
 from tasks.hospital import Hospital, refuse_audit_in_deployment
@@ -67,6 +70,8 @@ def preflight(msg: Message, context: Context) -> Message:
         partition_id, num_partitions = _partition(context)
         # A GPU or bf16 the settings ask for and this machine lacks stops the run here.
         compute = resolve_compute(settings.train)
+        # No key material, or a key that is not a CKKS secret context, stops the run here.
+        key = _ckks_public(context, settings.secure_aggregation.mode)
         refuse_audit_in_deployment(settings, partition_id, _data_path(context))
         data = load_hospital_data(settings.data, settings.data.labels, partition_id,
                                   num_partitions, _data_path(context))
@@ -85,7 +90,7 @@ def preflight(msg: Message, context: Context) -> Message:
                             prior_history=lifetime.history(except_run=context.run_id))
         except PolicyRefusal as refusal:
             declined = str(refusal)
-    except (TaskInputError, ValueError) as err:
+    except (TaskInputError, ValueError) as err:  # ckks.KeyMaterialError is a ValueError
         return preflight_reply(msg, partition_id, None, 0, 0, problem=str(err))
     # Under DP-SGD the per-label counts of training records stay home: they are exact
     # statistics of the private records.
@@ -97,10 +102,22 @@ def preflight(msg: Message, context: Context) -> Message:
         log(INFO, "hospital %s: %s", partition_id, data.report.summary())
     log(INFO, "hospital %s computes on %s", partition_id, compute.describe())
     return preflight_reply(msg, partition_id, counts, len(data.train), len(data.eval),
-                           empty_texts_dropped=dropped, declined=declined)
+                           empty_texts_dropped=dropped, declined=declined, ckks_public=key)
 
 
-@app.train(mods=[clip_update_for_client_level_dp])
+def _ckks_public(context: Context, mode: SecureAggregationMode) -> ConfigRecord | None:
+    """With CKKS, the public half of this hospital's key material, for the server to check
+    that every hospital holds the same key (and to add ciphertexts with)."""
+    if mode != SecureAggregationMode.ckks:
+        return None
+    key = load_ckks_context(context)
+    public = ckks.public_bytes(key)
+    return ConfigRecord({m.CKKS_PUBLIC: public, m.CKKS_FINGERPRINT: ckks.fingerprint(public),
+                         m.CKKS_PARAMETERS: ckks.describe(key)})
+
+
+# Outermost first: secure aggregation masks or encrypts what client-level DP has clipped.
+@app.train(mods=[secure_aggregation_mod, clip_update_for_client_level_dp])
 def train(msg: Message, context: Context) -> Message:
     hospital = _hospital(msg, context)
     config = msg.content[m.CONFIG_RECORD]

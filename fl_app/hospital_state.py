@@ -33,6 +33,12 @@ def state_dir(context: Context) -> Path:
     return home / "clinical-fl" / "hospital-state" / f"partition-{partition}"
 
 
+def is_deployed(context: Context) -> bool:
+    """A real hospital names its own data file or state directory in its node config; a
+    simulated one gets only a partition of the configured data."""
+    return bool(context.node_config.get("data-path") or context.node_config.get("state-dir"))
+
+
 def hospital_policy(context: Context, hospital: int) -> HospitalPolicy:
     """The hospital's privacy policy: ``privacy-policy.toml`` in its state directory and its
     node config keys (the stricter of the two)."""

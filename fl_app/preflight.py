@@ -28,6 +28,9 @@ class HospitalReport:
     label_counts: list[int]  # empty: not shared (DP-SGD)
     empty_texts_dropped: int = 0
     declined: str = ""  # the hospital's privacy policy refuses this run: why
+    # secure_aggregation=ckks: the public half of the hospital's key material, and its name.
+    ckks_public: bytes | None = None
+    ckks_fingerprint: str = ""
 
 
 def wait_for_hospitals(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
@@ -62,11 +65,14 @@ def run_preflight(grid: Grid, config: ConfigRecord, minimum: int,
             problems.append(str(status[m.PREFLIGHT_PROBLEM]))
             continue
         counts = reply.content[m.PREFLIGHT_COUNTS_RECORD]
+        key = reply.content.get(m.PREFLIGHT_CKKS_RECORD)
         reports.append(HospitalReport(
             node, int(status[m.PREFLIGHT_HOSPITAL]), int(counts[m.TRAIN_RECORDS]),
             int(counts[m.EVAL_RECORDS]), [int(c) for c in counts.get(m.LABEL_COUNTS, [])],
             int(counts.get(m.EMPTY_TEXTS_DROPPED, 0)),
-            str(status.get(m.PREFLIGHT_DECLINED, ""))))
+            str(status.get(m.PREFLIGHT_DECLINED, "")),
+            bytes(key[m.CKKS_PUBLIC]) if key else None,
+            str(key[m.CKKS_FINGERPRINT]) if key else ""))
     problems += [f"node {node}: no preflight reply within {timeout_s:.0f} s"
                  for node in nodes if node not in answered]
     if problems:

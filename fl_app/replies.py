@@ -88,15 +88,19 @@ def evaluate_reply(msg: Message, outcome: EvalOutcome, hospital: int,
 
 def preflight_reply(msg: Message, hospital: int, label_counts: list[int] | None,
                     train_records: int, eval_records: int, problem: str = "",
-                    empty_texts_dropped: int = 0, declined: str = "") -> Message:
+                    empty_texts_dropped: int = 0, declined: str = "",
+                    ckks_public: ConfigRecord | None = None) -> Message:
     """Whether this hospital can take part, and how many records of each label it holds
     (``label_counts`` None: not shared, as under DP-SGD). ``problem`` stops the run;
-    ``declined`` (its privacy policy refuses the run) only keeps this hospital out."""
+    ``declined`` (its privacy policy refuses the run) only keeps this hospital out.
+    ``ckks_public``: the public half of its CKKS key material (secure_aggregation=ckks)."""
     status = ConfigRecord({m.PREFLIGHT_OK: not problem, m.PREFLIGHT_PROBLEM: problem,
                            m.PREFLIGHT_HOSPITAL: hospital, m.PREFLIGHT_DECLINED: declined})
     counts = MetricRecord({m.TRAIN_RECORDS: train_records, m.EVAL_RECORDS: eval_records,
                            m.EMPTY_TEXTS_DROPPED: empty_texts_dropped})
     if label_counts:
         counts[m.LABEL_COUNTS] = label_counts
-    return Message(RecordDict({m.PREFLIGHT_STATUS_RECORD: status,
-                               m.PREFLIGHT_COUNTS_RECORD: counts}), reply_to=msg)
+    content = RecordDict({m.PREFLIGHT_STATUS_RECORD: status, m.PREFLIGHT_COUNTS_RECORD: counts})
+    if ckks_public is not None:
+        content[m.PREFLIGHT_CKKS_RECORD] = ckks_public
+    return Message(content, reply_to=msg)

@@ -22,7 +22,10 @@ from transformers import PreTrainedTokenizerBase
 
 from fl_app.paths import project_root
 from fl_app.preflight import HospitalReport, run_preflight, wait_for_hospitals
+from fl_app.secure_aggregation_grid import SecureAggregationGrid
 from protocol.messages import TASK_KEY
+from secure_aggregation import ckks
+from settings.checks import ConfigError
 from settings.compose import (
     compose_config,
     parse_overrides,
@@ -31,6 +34,7 @@ from settings.compose import (
     to_run_settings,
 )
 from settings.run import RunSettings
+from settings.secure_aggregation import SecureAggregationMode, SecureAggregationSettings
 from settings.task import Device, Precision, TaskSettings, TrainSettings
 from strategies.central_dp import with_client_level_dp
 from strategies.metric_rules import MetricRules, evaluate_metrics_rules, train_metrics_rules
@@ -115,14 +119,16 @@ def main(grid: Grid, context: Context) -> None:
         grid = MeteredGrid(grid)
         central = central_evaluation(settings, model, tokenizer, labels)
         federation = check_hospitals(grid, settings, task, tracker)
+        secure_grid = secure_aggregation_grid(grid, settings, federation)
         train_rules, evaluate_rules = train_metrics_rules(), evaluate_metrics_rules()
         strategy, client_level_privacy = server_strategy(settings, federation, tracker,
                                                          train_rules, evaluate_rules)
         round_logger = RoundLogger(tracker, grid, train_rules, evaluate_rules, central,
-                                   settings.tracking.log_per_hospital, client_level_privacy)
+                                   settings.tracking.log_per_hospital, client_level_privacy,
+                                   secure_grid.take_round_stats if secure_grid else None)
         initial = ArrayRecord(trainable_state(model))
-        train_federation(strategy, grid, initial, settings, federation.task_config,
-                         round_logger, tracker)
+        train_federation(strategy, secure_grid or grid, initial, settings,
+                         federation.task_config, round_logger, tracker)
         tracker.log_round_plot()
         if settings.tracking.save_adapter:
             # The global adapter after the last round that was evaluated (round 0: initial).
@@ -164,8 +170,63 @@ def check_hospitals(grid: Grid, settings: RunSettings, task: TaskSettings,
         "label_counts": r.label_counts or "not shared (DP-SGD)"} for r in reports})
     tracker.log_params({"planned_rounds_per_hospital": task.planned_rounds})
     tracker.set_tags({"hospitals": str(len(reports)), "labels": ",".join(task.data.labels),
-                      "privacy": privacy_tag(settings)})
+                      "privacy": privacy_tag(settings),
+                      "secure_aggregation": settings.secure_aggregation.mode.value})
     return Federation(task, task_config, reports)
+
+
+def secure_aggregation_grid(grid: Grid, settings: RunSettings,
+                            federation: Federation) -> SecureAggregationGrid | None:
+    """The Grid that runs secure aggregation under the strategy (None: mode none), after
+    checking, before any training, that the round can release a sum and that every
+    hospital holds the same CKKS key."""
+    secure = settings.secure_aggregation
+    if not secure.enabled:
+        return None
+    taking_part = [r for r in federation.reports if not r.declined]
+    strategy = settings.strategy
+    per_round = min(len(taking_part), max(int(len(taking_part) * strategy.fraction_train),
+                                          strategy.min_hospitals))
+    threshold = secure.threshold_for(per_round)
+    if per_round < threshold:
+        raise ConfigError(
+            f"secure_aggregation={secure.mode.value}: {per_round} hospital(s) per round "
+            f"(of {len(taking_part)} taking part), fewer than the reconstruction threshold "
+            f"{threshold}; a sum of fewer hospitals is never released")
+    public = check_ckks_keys(secure, taking_part) if secure.mode == SecureAggregationMode.ckks \
+        else None
+    # FedAvg's weight: the hospital's training records, or 1 under client-level DP.
+    max_weight = 1 if settings.privacy.central_dp.enabled else max(
+        r.train_records for r in taking_part)
+    hospital_of = {r.node_id: r.hospital for r in federation.reports}
+    log.info("secure aggregation: %s, threshold %d of %d hospitals per round",
+             secure.mode.value, threshold, per_round)
+    return SecureAggregationGrid(grid, secure, max_weight, public,
+                                 lambda node: hospital_of.get(node, node))
+
+
+def check_ckks_keys(secure: SecureAggregationSettings,
+                    reports: list[HospitalReport]) -> bytes:
+    """The public CKKS context every hospital holds (and the operator's, when configured)."""
+    expected = None
+    if secure.ckks_public_context:
+        path = Path(secure.ckks_public_context).expanduser()
+        if not path.is_file():
+            raise ckks.KeyMaterialError(
+                f"secure_aggregation.ckks_public_context: {path} is not a file; it is the "
+                f"{ckks.PUBLIC_FILE} written by deploy/ckks-keys.sh")
+        expected = ckks.fingerprint(ckks.public_bytes(ckks.load_public_context(
+            path.read_bytes(), f"the server ({path})")))
+    expected = expected or reports[0].ckks_fingerprint
+    wrong = [f"hospital {r.hospital} (key {r.ckks_fingerprint or 'none'})" for r in reports
+             if r.ckks_fingerprint != expected]
+    if wrong:
+        raise ckks.KeyMaterialError(
+            f"secure_aggregation=ckks: {', '.join(wrong)} hold other key material than "
+            f"{'the operator' if secure.ckks_public_context else f'hospital {reports[0].hospital}'}"
+            f" (key {expected}); give every hospital the same ckks-secret.ctx from "
+            "deploy/ckks-keys.sh")
+    return reports[0].ckks_public
 
 
 def server_strategy(settings: RunSettings, federation: Federation, tracker: RunTracker,

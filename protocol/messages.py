@@ -38,9 +38,50 @@ TRAIN_RECORDS = "train-records"
 EVAL_RECORDS = "eval-records"
 EMPTY_TEXTS_DROPPED = "empty-texts-dropped"
 LABEL_COUNTS = "label-counts"  # absent under DP-SGD: exact statistics of private records
+# With secure_aggregation=ckks: the public half of the hospital's key material (no secret key),
+# its fingerprint and parameters, so the server checks every hospital holds the same key.
+PREFLIGHT_CKKS_RECORD = "ckks"
+CKKS_PUBLIC = "public-context"
+CKKS_FINGERPRINT = "fingerprint"
+CKKS_PARAMETERS = "parameters"
 
 # Error code of a train reply when the hospital's privacy budget or policy refuses the round.
 PRIVACY_BUDGET_REFUSED = 4031
+
+# Secure aggregation (secure_aggregation/): every stage is a train message carrying this
+# ConfigRecord; the hospital's mod answers the protocol's stages itself and hands only the
+# collect stage (training) to the train handler, without the record.
+SECAGG_RECORD = "secure-aggregation"
+SECAGG_STAGE = "stage"
+# SecAgg+ stages, in order, and CKKS's two.
+STAGE_SETUP = "setup"  # settings in; the hospital's two public keys out
+STAGE_SHARE_KEYS = "share-keys"  # neighbours' public keys in; encrypted Shamir shares out
+STAGE_COLLECT = "collect"  # the train message plus shares for it; a masked update out
+STAGE_UNMASK = "unmask"  # who replied, who dropped; the shares that remove the masks out
+STAGE_CKKS_COLLECT = "ckks-collect"  # the train message; an encrypted update out
+STAGE_CKKS_DECRYPT = "ckks-decrypt"  # the encrypted sum in; the sum out
+# Keys of the stages' records.
+SECAGG_ROUND = "round"
+SECAGG_NODES = "node-ids"
+SECAGG_THRESHOLD = "threshold"
+SECAGG_SHARES = "num-shares"
+SECAGG_CLIPPING_RANGE = "clipping-range"
+SECAGG_QUANTIZATION_RANGE = "quantization-range"
+SECAGG_MAX_WEIGHT = "max-weight"  # the largest aggregation weight of the round's hospitals
+SECAGG_PUBLIC_KEY_1 = "pk1"  # pairwise masks (ECDH)
+SECAGG_PUBLIC_KEY_2 = "pk2"  # encrypting the shares to each neighbour (ECDH + Fernet)
+SECAGG_SOURCES = "sources"
+SECAGG_DESTINATIONS = "destinations"
+SECAGG_CIPHERTEXTS = "ciphertexts"
+SECAGG_ACTIVE = "active"
+SECAGG_DROPPED = "dropped"
+SECAGG_SHARE_OWNERS = "share-owners"
+SECAGG_SHARE_VALUES = "share-values"
+SECAGG_LENGTH = "length"
+# The masked update (uint32, one flat array) or the decrypted sum (float64) in a reply.
+SECAGG_VECTOR = "vector"
+# Error code of a secure-aggregation stage a hospital cannot complete (the reason says why).
+SECURE_AGGREGATION_FAILED = 4032
 
 
 # --- Metrics ----------------------------------------------------------------------------
@@ -95,6 +136,7 @@ DP_STEPS = "dp-steps"
 LIFETIME_EPSILON = "lifetime-epsilon"
 LIFETIME_DELTA = "lifetime-delta"
 CAN_TRAIN_NEXT = "can-train-next"  # 0: the hospital's budget cannot pay for another round
+SECAGG_SECONDS = "secure-aggregation-seconds"  # masking or encrypting the update
 EVAL_LOSS = "eval-loss"
 ACCURACY = "accuracy"
 MACRO_F1 = "macro-f1"
@@ -128,6 +170,10 @@ TRAIN_METRICS: tuple[Metric, ...] = (
     Metric(LIFETIME_EPSILON, Rule.MAX, "privacy/lifetime_epsilon_max", "lifetime_epsilon"),
     Metric(LIFETIME_DELTA, Rule.MAX, "privacy/lifetime_delta"),
     Metric(CAN_TRAIN_NEXT, Rule.SUM, "privacy/hospitals_within_budget"),
+    # Quantising and masking (or encrypting) a vector of the adapter's fixed size: a function
+    # of that size and the machine, not of the records.
+    Metric(SECAGG_SECONDS, Rule.MAX, "secure_aggregation/hospital_seconds_max",
+           "secure_aggregation_s"),
 )
 
 EVALUATE_METRICS: tuple[Metric, ...] = (

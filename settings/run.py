@@ -8,11 +8,15 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from settings.checks import require
+from settings.secure_aggregation import SecureAggregationMode
 from settings.strategy import CentralDpSettings, StrategyName, StrategySettings
 from settings.task import PrivacySettings, SharedSettings, check_precision_fits_dp_sgd
 from settings.tracking import TrackingSettings
 
 SCHEMA_NAME = "run_settings"
+
+# Strategies that need each hospital's update, not only the sum: refused with secure aggregation.
+NEEDS_INDIVIDUAL_UPDATES = (StrategyName.krum, StrategyName.fedmedian, StrategyName.fedtrimmedavg)
 
 
 @dataclass
@@ -40,6 +44,7 @@ class RunSettings(SharedSettings):
             require(strategy.name != StrategyName.fedprox or strategy.proximal_mu == 0,
                     "strategy.proximal_mu", strategy.proximal_mu, "0 with privacy.dp_sgd: "
                     "FedProx's proximal term is not part of the DP-SGD analysis")
+        self._check_secure_aggregation()
         if self.privacy.central_dp.enabled:
             require(strategy.name == StrategyName.fedavg, "strategy.name", strategy.name.value,
                     "fedavg with privacy.central_dp: Flower's DP accountant requires FedAvg's "
@@ -47,6 +52,27 @@ class RunSettings(SharedSettings):
             require(strategy.fraction_train == 1.0, "strategy.fraction_train",
                     strategy.fraction_train, "1.0 with privacy.central_dp: its noise is "
                     "calibrated to every hospital in every round")
+
+
+    def _check_secure_aggregation(self) -> None:
+        mode = self.secure_aggregation.mode
+        if mode == SecureAggregationMode.none:
+            return
+        require(self.strategy.name not in NEEDS_INDIVIDUAL_UPDATES, "strategy.name",
+                self.strategy.name.value,
+                f"a strategy that aggregates the sum with secure_aggregation={mode.value}: "
+                f"{self.strategy.name.value} needs every hospital's own update (to rank, trim "
+                "or take medians), which secure aggregation hides from the server; use "
+                "fedavg, fedprox, fedadam, fedyogi or fedavgm")
+        require(self.audit.updates_dir is None, "audit.updates_dir", self.audit.updates_dir,
+                f"null with secure_aggregation={mode.value}: the audit reads one hospital's "
+                "updates, which the server no longer sees")
+        threshold = self.secure_aggregation.reconstruction_threshold
+        if threshold is not None:
+            require(self.strategy.min_hospitals >= threshold, "strategy.min_hospitals",
+                    self.strategy.min_hospitals,
+                    f"at least secure_aggregation.reconstruction_threshold ({threshold}): "
+                    "a round with fewer hospitals cannot release its sum")
 
 
 # conf/config.yaml names this schema first in its defaults list: every default is the

@@ -13,6 +13,7 @@ from enum import Enum
 from typing import ClassVar
 
 from settings.checks import ConfigError, as_enum, require
+from settings.secure_aggregation import SecureAggregationSettings
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -329,6 +330,9 @@ class SharedSettings:
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    # What the server may see of each hospital's update (settings/secure_aggregation.py).
+    secure_aggregation: SecureAggregationSettings = field(
+        default_factory=SecureAggregationSettings)
     seed: int = 42
 
 

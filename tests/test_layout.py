@@ -1,5 +1,5 @@
 """Dependencies point one way (settings and protocol <- strategies <- tracking <- fl_app;
-tasks knows no Flower), and each package holds what its name says."""
+tasks knows no Flower; secure_aggregation is cryptography only), and each package holds what its name says."""
 
 import ast
 from pathlib import Path
@@ -24,6 +24,8 @@ def _imports(package):
     ("tracking", ("transformers", "peft", "opacus", "tasks", "fl_app", "torch")),
     ("protocol", ("flwr", "transformers", "peft", "opacus", "torch", "tasks", "fl_app",
                   "strategies", "tracking", "settings")),
+    ("secure_aggregation", ("transformers", "peft", "opacus", "torch", "tasks", "fl_app",
+                            "strategies", "tracking", "settings", "protocol")),
     ("settings", ("flwr", "transformers", "peft", "opacus", "torch", "tasks", "fl_app",
                   "strategies", "tracking", "protocol")),
 ])
@@ -50,6 +52,8 @@ def test_the_default_config_ships_in_the_flower_bundle_and_results_do_not():
     ("where is a hospital trained", "tasks/learning/training.py"),
     ("where are GPU and bf16 chosen", "tasks/model/compute.py"),
     ("what do server and hospitals send", "protocol/messages.py"),
+    ("where is SecAgg+ done", "secure_aggregation/secagg_plus.py"),
+    ("where is CKKS done", "secure_aggregation/ckks.py"),
     ("where do results go to MLflow", "tracking/round_log.py"),
     ("where are the settings and their defaults", "settings/task.py"),
 ])

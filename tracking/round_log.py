@@ -43,7 +43,10 @@ class RoundLogger:
     def __init__(self, tracker: RunTracker, grid: MeteredGrid, train_rules: MetricRules,
                  evaluate_rules: MetricRules, central_evaluate: CentralEvaluate | None,
                  log_per_hospital: bool = True,
-                 client_level_privacy: ClientLevelPrivacy | None = None) -> None:
+                 client_level_privacy: ClientLevelPrivacy | None = None,
+                 round_extras: Callable[[], dict[str, float]] | None = None) -> None:
+        """``round_extras``: more of the round's figures (secure aggregation's bytes and
+        times), taken once per round."""
         self.tracker = tracker
         self.grid = grid
         self.train_rules = train_rules
@@ -51,6 +54,7 @@ class RoundLogger:
         self.central_evaluate = central_evaluate
         self.log_per_hospital = log_per_hospital
         self.client_level_privacy = client_level_privacy
+        self.round_extras = round_extras
         self.latest_arrays: ArrayRecord | None = None  # the global adapter last evaluated
         self._round_started = time.perf_counter()
 
@@ -76,6 +80,8 @@ class RoundLogger:
         sent, received, errors = self.grid.take_counts()
         metrics.update({"comm/bytes_sent": sent, "comm/bytes_received": received,
                         "round/error_replies": errors})
+        if self.round_extras is not None:
+            metrics.update(self.round_extras())
         central = {}
         if self.central_evaluate is not None:
             central = self.central_evaluate(arrays)

@@ -1,0 +1,294 @@
+"""The server's side of secure aggregation: a Grid that runs the protocol under the strategy.
+
+The strategy (FedAvg, FedAdam, the DP wrappers, the budget gate) sends its train messages
+through this Grid as always. Here they become the protocol's stages; the strategy then
+gets, from each hospital that contributed, a reply with its own metrics and the same
+aggregate adapter (the weighted mean the hospitals' sum gives), so its aggregation, server
+optimiser and client-level DP noise work unchanged on what is now the only thing the
+server learns: the sum. A round that cannot release a sum of at least the reconstruction
+threshold of hospitals gives the strategy error replies, and nothing is aggregated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.common import MessageType
+from flwr.serverapp import Grid
+
+from protocol import messages as m
+from secure_aggregation import ckks, secagg_plus
+from secure_aggregation.update_vector import weighted_mean
+from settings.secure_aggregation import (
+    SECAGG_MODULUS,
+    SecureAggregationMode,
+    SecureAggregationSettings,
+)
+from tracking.metered_grid import payload_bytes
+
+log = logging.getLogger(__name__)
+
+
+class RoundAborted(Exception):
+    """The round cannot release a sum (the message says why)."""
+
+
+def vector_record(vector: np.ndarray) -> ArrayRecord:
+    return ArrayRecord({m.SECAGG_VECTOR: Array(np.ascontiguousarray(vector))})
+
+
+def ciphertext_record(ciphertexts: list[bytes]) -> ArrayRecord:
+    return ArrayRecord({f"ct-{i:05d}": Array(np.frombuffer(ct, dtype=np.uint8))
+                        for i, ct in enumerate(ciphertexts)})
+
+
+def ciphertexts_of(record: ArrayRecord) -> list[bytes]:
+    return [record[name].numpy().tobytes() for name in sorted(record)]
+
+
+class SecureAggregationGrid(Grid):
+    """Delegates to the real Grid; train messages go through the configured protocol.
+
+    ``max_weight``: the largest aggregation weight a hospital may send (its training
+    records, or 1 under client-level DP); ``ckks_public``: the public CKKS context."""
+
+    def __init__(self, grid: Grid, settings: SecureAggregationSettings, max_weight: float,
+                 ckks_public: bytes | None = None,
+                 hospital_of: Callable[[int], object] = lambda node: node) -> None:
+        self._grid = grid
+        self.settings = settings
+        self.max_weight = float(max_weight)
+        self._ckks = (ckks.load_public_context(ckks_public, "the server")
+                      if ckks_public is not None else None)
+        self._hospital_of = hospital_of
+        self._stats: dict[str, float] = {}
+
+    # --- What MLflow gets per round -----------------------------------------------------
+
+    def take_round_stats(self) -> dict[str, float]:
+        stats, self._stats = self._stats, {}
+        return stats
+
+    def _add(self, key: str, value: float) -> None:
+        self._stats[key] = self._stats.get(key, 0.0) + value
+
+    # --- The protocol -------------------------------------------------------------------
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if not messages or any(msg.metadata.message_type != MessageType.TRAIN
+                               for msg in messages):
+            return self._grid.send_and_receive(messages, timeout=timeout)
+        try:
+            if self.settings.mode == SecureAggregationMode.secagg_plus:
+                return self._secagg_plus(messages, timeout)
+            return self._ckks_round(messages, timeout)
+        except RoundAborted as abort:
+            log.error("secure aggregation: round dropped, nothing released: %s", abort)
+            return [Message(Error(code=m.SECURE_AGGREGATION_FAILED, reason=str(abort)),
+                            reply_to=msg) for msg in messages]
+
+    def _stage(self, contents: dict[int, RecordDict], group_id: str,
+               timeout: float | None) -> tuple[dict[int, Message], dict[int, Message]]:
+        """Send one protocol stage; (replies with content, error replies) by node."""
+        sent = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
+                        group_id=group_id) for node, content in contents.items()]
+        started = time.perf_counter()
+        replies = list(self._grid.send_and_receive(sent, timeout=timeout))
+        self._add("secure_aggregation/stage_seconds", time.perf_counter() - started)
+        self._add("secure_aggregation/stage_bytes",
+                  sum(payload_bytes(msg.content) for msg in sent)
+                  + sum(payload_bytes(r.content) for r in replies if r.has_content()))
+        ok = {r.metadata.src_node_id: r for r in replies if r.has_content()}
+        failed = {r.metadata.src_node_id: r for r in replies if not r.has_content()}
+        for node, reply in failed.items():
+            log.warning("secure aggregation: hospital %s failed a stage: %s",
+                        self._hospital_of(node), reply.error.reason)
+        return ok, failed
+
+    def _collect(self, messages: list[Message], extra: dict[int, ConfigRecord],
+                 timeout: float | None) -> tuple[dict[int, Message], list[Message]]:
+        """The strategy's own train messages (one copy of the content per hospital: Flower's
+        strategies share one RecordDict) with each hospital's stage record added."""
+        sent = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node not in extra:
+                continue
+            content = RecordDict(dict(msg.content.items()))
+            content[m.SECAGG_RECORD] = extra[node]
+            sent.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
+                                group_id=msg.metadata.group_id))
+        replies = list(self._grid.send_and_receive(sent, timeout=timeout))
+        uploaded = [r for r in replies if r.has_content()]
+        self._add("secure_aggregation/update_bytes",
+                  sum(payload_bytes(r.content) for r in uploaded))
+        return {r.metadata.src_node_id: r for r in uploaded}, [
+            r for r in replies if not r.has_content()]
+
+    def _replies(self, contributed: dict[int, Message], failed: list[Message],
+                 aggregate: dict[str, np.ndarray]) -> list[Message]:
+        """Each contributor's reply, now with its metrics and the aggregate adapter."""
+        arrays = ArrayRecord({name: Array(value) for name, value in aggregate.items()})
+        for reply in contributed.values():
+            reply.content = RecordDict({m.ARRAYS_RECORD: arrays,
+                                        m.METRICS_RECORD: reply.content[m.METRICS_RECORD]})
+        return [*contributed.values(), *failed]
+
+    def _round_facts(self, messages: list[Message]) -> tuple[int, dict[str, np.ndarray]]:
+        first = messages[0].content
+        round_ = int(first[m.CONFIG_RECORD].get(m.SERVER_ROUND_KEY, 0))
+        start = {name: array.numpy() for name, array in first[m.ARRAYS_RECORD].items()}
+        return round_, start
+
+    def _check_count(self, hospitals: int, threshold: int, stage: str) -> None:
+        if hospitals < threshold:
+            raise RoundAborted(f"{stage}: {hospitals} hospital(s), fewer than the "
+                               f"reconstruction threshold {threshold}")
+
+    def _secagg_plus(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        settings = self.settings
+        round_, start = self._round_facts(messages)
+        group = str(round_)
+        nodes = sorted(msg.metadata.dst_node_id for msg in messages)
+        threshold = settings.threshold_for(len(nodes))
+        self._check_count(len(nodes), threshold, "sampled")
+        if len(nodes) * settings.quantization_range >= SECAGG_MODULUS:
+            raise RoundAborted(f"{len(nodes)} hospitals x quantization_range "
+                               f"{settings.quantization_range} would wrap around 2^32")
+        neighbours = secagg_plus.ring_neighbours(nodes, settings.shares_for(len(nodes)))
+        setup = ConfigRecord({
+            m.SECAGG_STAGE: m.STAGE_SETUP, m.SECAGG_ROUND: round_,
+            m.SECAGG_THRESHOLD: threshold, m.SECAGG_CLIPPING_RANGE: settings.clipping_range,
+            m.SECAGG_QUANTIZATION_RANGE: settings.quantization_range,
+            m.SECAGG_MAX_WEIGHT: self.max_weight})
+        keyed, failed = self._stage({n: RecordDict({m.SECAGG_RECORD: setup}) for n in nodes},
+                                    group, timeout)
+        public = {node: (bytes(r.content[m.SECAGG_RECORD][m.SECAGG_PUBLIC_KEY_1]),
+                         bytes(r.content[m.SECAGG_RECORD][m.SECAGG_PUBLIC_KEY_2]))
+                  for node, r in keyed.items()}
+        self._check_count(len(public), threshold, "after setup")
+
+        def share_request(node: int) -> RecordDict:
+            known = [n for n in neighbours[node] if n in public]
+            return RecordDict({m.SECAGG_RECORD: ConfigRecord({
+                m.SECAGG_STAGE: m.STAGE_SHARE_KEYS, m.SECAGG_ROUND: round_,
+                m.SECAGG_NODES: known, m.SECAGG_PUBLIC_KEY_1: [public[n][0] for n in known],
+                m.SECAGG_PUBLIC_KEY_2: [public[n][1] for n in known]})})
+
+        shared, failed2 = self._stage({n: share_request(n) for n in public}, group, timeout)
+        failed.update(failed2)
+        self._check_count(len(shared), threshold, "after sharing keys")
+        inbox: dict[int, list[tuple[int, bytes]]] = {n: [] for n in shared}
+        for source, reply in shared.items():
+            record = reply.content[m.SECAGG_RECORD]
+            for dst, ciphertext in zip(record[m.SECAGG_DESTINATIONS],
+                                       record[m.SECAGG_CIPHERTEXTS], strict=True):
+                if dst in inbox:
+                    inbox[int(dst)].append((source, bytes(ciphertext)))
+        collect = {node: ConfigRecord({
+            m.SECAGG_STAGE: m.STAGE_COLLECT, m.SECAGG_ROUND: round_,
+            m.SECAGG_SOURCES: [s for s, _ in inbox[node]],
+            m.SECAGG_CIPHERTEXTS: [c for _, c in inbox[node]]}) for node in shared}
+        uploaded, refused = self._collect(messages, collect, timeout)
+        masked = {node: r.content[m.SECAGG_RECORD][m.SECAGG_VECTOR].numpy().astype(np.uint32)
+                  for node, r in uploaded.items()}
+        dropped = sorted(set(shared) - set(masked))
+        self._check_count(len(masked), threshold, "updates received")
+        log.info("secure aggregation round %s: %d masked updates, %d dropped after sharing "
+                 "keys", round_, len(masked), len(dropped))
+
+        def unmask_request(node: int) -> RecordDict:
+            return RecordDict({m.SECAGG_RECORD: ConfigRecord({
+                m.SECAGG_STAGE: m.STAGE_UNMASK, m.SECAGG_ROUND: round_,
+                m.SECAGG_ACTIVE: [n for n in neighbours[node] if n in masked],
+                m.SECAGG_DROPPED: [n for n in neighbours[node] if n in dropped]})})
+
+        unmasked, _ = self._stage({n: unmask_request(n) for n in masked}, group, timeout)
+        shares: dict[int, list[bytes]] = {}
+        for reply in unmasked.values():
+            record = reply.content[m.SECAGG_RECORD]
+            for owner, share in zip(record[m.SECAGG_SHARE_OWNERS],
+                                    record[m.SECAGG_SHARE_VALUES], strict=True):
+                shares.setdefault(int(owner), []).append(bytes(share))
+        started = time.perf_counter()
+        try:
+            total = secagg_plus.unmasked_sum(masked, shares, neighbours,
+                                             {n: pk[0] for n, pk in public.items()}, dropped,
+                                             threshold)
+        except secagg_plus.SecAggError as err:
+            raise RoundAborted(str(err)) from err
+        aggregate = weighted_mean(secagg_plus.dequantized_sum(
+            total, len(masked), settings.clipping_range, settings.quantization_range), start)
+        self._add("secure_aggregation/server_seconds", time.perf_counter() - started)
+        return self._replies(uploaded, refused + list(failed.values()), aggregate)
+
+    def _ckks_round(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        if self._ckks is None:
+            raise RoundAborted("no public CKKS context on the server")
+        round_, start = self._round_facts(messages)
+        nodes = [msg.metadata.dst_node_id for msg in messages]
+        threshold = self.settings.threshold_for(len(nodes))
+        self._check_count(len(nodes), threshold, "sampled")
+        collect = {node: ConfigRecord({m.SECAGG_STAGE: m.STAGE_CKKS_COLLECT,
+                                       m.SECAGG_ROUND: round_,
+                                       m.SECAGG_MAX_WEIGHT: self.max_weight})
+                   for node in nodes}
+        uploaded, refused = self._collect(messages, collect, timeout)
+        self._check_count(len(uploaded), threshold, "updates received")
+        started = time.perf_counter()
+        encrypted = {node: ciphertexts_of(r.content[m.SECAGG_RECORD])
+                     for node, r in uploaded.items()}
+        try:
+            total = ckks.add(self._ckks, list(encrypted.values()))
+        except ValueError as err:
+            raise RoundAborted(f"encrypted updates do not add up: {err}") from err
+        self._add("secure_aggregation/server_seconds", time.perf_counter() - started)
+        length = sum(a.size for a in start.values()) + 1
+        contributors = sorted(uploaded)
+        # One contributor decrypts the sum; if it cannot, the next one is asked.
+        for node in contributors:
+            request = RecordDict({m.SECAGG_RECORD: ConfigRecord({
+                m.SECAGG_STAGE: m.STAGE_CKKS_DECRYPT, m.SECAGG_ROUND: round_,
+                m.SECAGG_NODES: contributors, m.SECAGG_THRESHOLD: threshold,
+                m.SECAGG_LENGTH: length}), m.ARRAYS_RECORD: ciphertext_record(total)})
+            decrypted, _ = self._stage({node: request}, str(round_), timeout)
+            if node in decrypted:
+                vector = decrypted[node].content[m.ARRAYS_RECORD][m.SECAGG_VECTOR].numpy()
+                return self._replies(uploaded, refused, weighted_mean(vector, start))
+        raise RoundAborted("no contributing hospital decrypted the sum")
+
+    # --- Everything else is the real Grid's business -------------------------------------
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        if any(msg.metadata.message_type == MessageType.TRAIN for msg in messages):
+            # Train replies pulled one by one would bypass the protocol: fail loudly.
+            raise RuntimeError("with secure aggregation, train messages go through "
+                               "send_and_receive, which runs the protocol")
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run type
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201
+        return self._grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def get_nodes(self):  # noqa: ANN201
+        return self._grid.get_nodes()

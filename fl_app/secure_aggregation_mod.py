@@ -1,0 +1,221 @@
+"""The hospital's side of secure aggregation: a mod around the train handler.
+
+Train messages without the secure-aggregation record pass through untouched. With it, the
+mod answers the protocol's key stages itself and, at the collect stage, hands the train
+message (without its record) to the handler, then sends the server only the masked
+(SecAgg+) or encrypted (CKKS) weighted update, never the adapter. Inner mods (client-level
+DP clipping) act on the update before it is masked. Secrets live in ``context.state``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+
+import numpy as np
+from cryptography.fernet import InvalidToken
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import MessageType
+from flwr.common.logger import log
+
+from fl_app.hospital_state import is_deployed
+from fl_app.secure_aggregation_grid import ciphertext_record, ciphertexts_of, vector_record
+from protocol import messages as m
+from secure_aggregation import ckks, secagg_plus
+from secure_aggregation.update_vector import weight_share, weighted_update
+
+STATE_KEY = "secure-aggregation"
+CKKS_DECRYPTED_KEY = "ckks-decrypted-rounds"
+
+
+class StageRefused(ValueError):
+    """This hospital will not do what the stage asks (the message says why)."""
+
+
+def _who(context: Context) -> str:
+    return f"hospital {context.node_config.get('partition-id', context.node_id)}"
+
+
+def ckks_context_path(context: Context) -> Path:
+    """The hospital's CKKS secret context: node config ``ckks-context`` (made by
+    deploy/ckks-keys.sh). In simulation, where every hospital runs on one machine, the
+    hospitals make one key per run under ``$FLWR_HOME``."""
+    configured = context.node_config.get("ckks-context")
+    if configured:
+        return Path(str(configured)).expanduser()
+    if is_deployed(context):
+        raise ckks.KeyMaterialError(
+            f"{_who(context)}: secure_aggregation=ckks, but the node config names no key "
+            "material; make it once with `bash deploy/ckks-keys.sh DIR` and start the "
+            "SuperNode with --node-config '... ckks-context=DIR/ckks-secret.ctx'")
+    home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+    return ckks.simulation_secret_context(
+        home / "clinical-fl" / "simulation-ckks" / f"run-{context.run_id}")
+
+
+def load_ckks_context(context: Context):  # noqa: ANN201 - TenSEAL's Context
+    return ckks.load_secret_context(ckks_context_path(context), _who(context))
+
+
+def secure_aggregation_mod(msg: Message, context: Context,
+                           call_next: ClientAppCallable) -> Message:
+    if (msg.metadata.message_type != MessageType.TRAIN or not msg.has_content()
+            or m.SECAGG_RECORD not in msg.content):
+        return call_next(msg, context)
+    record = msg.content[m.SECAGG_RECORD]
+    stage = str(record[m.SECAGG_STAGE])
+    try:
+        if stage == m.STAGE_CKKS_COLLECT:
+            return _ckks_collect(msg, context, call_next)
+        if stage == m.STAGE_CKKS_DECRYPT:
+            return _ckks_decrypt(msg, context)
+        if stage == m.STAGE_COLLECT:
+            return _secagg_collect(msg, context, call_next)
+        out = {m.STAGE_SETUP: _setup, m.STAGE_SHARE_KEYS: _share_keys,
+               m.STAGE_UNMASK: _unmask}[stage](record, context)
+    except (StageRefused, secagg_plus.SecAggError, ckks.KeyMaterialError, InvalidToken,
+            KeyError, ValueError) as err:
+        reason = f"{_who(context)}: secure aggregation stage {stage!r}: {err}"
+        log(WARNING, "%s", reason)
+        return Message(Error(code=m.SECURE_AGGREGATION_FAILED, reason=reason), reply_to=msg)
+    return Message(RecordDict({m.SECAGG_RECORD: ConfigRecord(out)}), reply_to=msg)
+
+
+# --- SecAgg+ ----------------------------------------------------------------------------
+
+def _secrets(context: Context, round_: int) -> secagg_plus.HospitalSecrets:
+    if STATE_KEY not in context.state.config_records:
+        raise StageRefused("no keys from the setup stage of this round")
+    secrets = secagg_plus.HospitalSecrets.from_json(
+        str(context.state.config_records[STATE_KEY]["json"]))
+    if secrets.round != round_:
+        raise StageRefused(f"keys are of round {secrets.round}, the stage is of round {round_}")
+    return secrets
+
+
+def _keep(context: Context, secrets: secagg_plus.HospitalSecrets) -> None:
+    context.state.config_records[STATE_KEY] = ConfigRecord({"json": secrets.to_json()})
+
+
+def _setup(record: ConfigRecord, context: Context) -> dict:
+    secrets = secagg_plus.setup(
+        int(record[m.SECAGG_ROUND]), context.node_id, int(record[m.SECAGG_THRESHOLD]),
+        float(record[m.SECAGG_CLIPPING_RANGE]), int(record[m.SECAGG_QUANTIZATION_RANGE]),
+        float(record[m.SECAGG_MAX_WEIGHT]))
+    _keep(context, secrets)
+    return {m.SECAGG_PUBLIC_KEY_1: secrets.pk1, m.SECAGG_PUBLIC_KEY_2: secrets.pk2}
+
+
+def _share_keys(record: ConfigRecord, context: Context) -> dict:
+    secrets = _secrets(context, int(record[m.SECAGG_ROUND]))
+    public = {int(n): (bytes(p1), bytes(p2)) for n, p1, p2 in zip(
+        record[m.SECAGG_NODES], record[m.SECAGG_PUBLIC_KEY_1], record[m.SECAGG_PUBLIC_KEY_2],
+        strict=True)}
+    destinations, ciphertexts = secagg_plus.share_keys(secrets, public)
+    _keep(context, secrets)
+    log(INFO, "%s: secure aggregation round %s: key shares sent to %d neighbours",
+        _who(context), secrets.round, len(destinations))
+    return {m.SECAGG_DESTINATIONS: destinations, m.SECAGG_CIPHERTEXTS: ciphertexts}
+
+
+def _unmask(record: ConfigRecord, context: Context) -> dict:
+    secrets = _secrets(context, int(record[m.SECAGG_ROUND]))
+    owners, shares = secagg_plus.unmask_shares(
+        secrets, [int(n) for n in record[m.SECAGG_ACTIVE]],
+        [int(n) for n in record[m.SECAGG_DROPPED]])
+    _keep(context, secrets)
+    return {m.SECAGG_SHARE_OWNERS: owners, m.SECAGG_SHARE_VALUES: shares}
+
+
+def _train(msg: Message, context: Context, call_next: ClientAppCallable
+           ) -> tuple[Message, dict[str, np.ndarray]]:
+    """The handler's reply to the train message without the protocol's record, and the
+    global adapter it started from."""
+    start = {name: a.numpy() for name, a in msg.content[m.ARRAYS_RECORD].items()}
+    msg.content = RecordDict({k: v for k, v in msg.content.items() if k != m.SECAGG_RECORD})
+    log(INFO, "%s: secure aggregation: training for round %s", _who(context),
+        msg.content[m.CONFIG_RECORD].get(m.SERVER_ROUND_KEY, "?"))
+    return call_next(msg, context), start
+
+
+def _trained(reply: Message) -> dict[str, np.ndarray]:
+    return {name: a.numpy() for name, a in reply.content[m.ARRAYS_RECORD].items()}
+
+
+def _metrics(reply: Message, seconds: float):  # noqa: ANN202
+    metrics = reply.content[m.METRICS_RECORD]
+    metrics[m.SECAGG_SECONDS] = seconds
+    return metrics
+
+
+def _secagg_collect(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    record = msg.content[m.SECAGG_RECORD]
+    secrets = _secrets(context, int(record[m.SECAGG_ROUND]))
+    secagg_plus.receive_shares(secrets, [int(n) for n in record[m.SECAGG_SOURCES]],
+                               [bytes(c) for c in record[m.SECAGG_CIPHERTEXTS]])
+    _keep(context, secrets)
+    reply, start = _train(msg, context, call_next)
+    if reply.has_error():
+        return reply  # a refusal (its own budget) keeps its code; its masks are removed
+    started = time.perf_counter()
+    levels = weight_share(float(reply.content[m.METRICS_RECORD][m.WEIGHT_KEY]),
+                          secrets.max_weight, secrets.quantization_range)
+    update = weighted_update(_trained(reply), start, levels / secrets.quantization_range)
+    masked, clipped = secagg_plus.masked_update(secrets, update[:-1], levels)
+    _keep(context, secrets)
+    if clipped:
+        # Logged here only: the count is a statistic of this hospital's update.
+        log(WARNING, "%s: %d update values beyond secure_aggregation.clipping_range=%s were "
+            "clipped; raise it", _who(context), clipped, secrets.clipping_range)
+    return Message(RecordDict({m.SECAGG_RECORD: vector_record(masked),
+                               m.METRICS_RECORD: _metrics(reply,
+                                                          time.perf_counter() - started)}),
+                   reply_to=msg)
+
+
+# --- CKKS -------------------------------------------------------------------------------
+
+def _ckks_collect(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    record = msg.content[m.SECAGG_RECORD]
+    key = load_ckks_context(context)  # before training: no key, no work
+    max_weight = float(record[m.SECAGG_MAX_WEIGHT])
+    reply, start = _train(msg, context, call_next)
+    if reply.has_error():
+        return reply
+    started = time.perf_counter()
+    share = float(reply.content[m.METRICS_RECORD][m.WEIGHT_KEY]) / max_weight
+    if not 0 <= share <= 1:
+        raise StageRefused(f"aggregation weight beyond the server's max-weight {max_weight}")
+    ciphertexts = ckks.encrypt(key, weighted_update(_trained(reply), start, share))
+    return Message(RecordDict({m.SECAGG_RECORD: ciphertext_record(ciphertexts),
+                               m.METRICS_RECORD: _metrics(reply,
+                                                          time.perf_counter() - started)}),
+                   reply_to=msg)
+
+
+def _ckks_decrypt(msg: Message, context: Context) -> Message:
+    """Decrypt what the server says is the round's sum. A hospital decrypts at most once a
+    round, only a sum it contributed to, of at least the threshold of hospitals: the
+    limits on a server that would use it to decrypt one hospital's update."""
+    record = msg.content[m.SECAGG_RECORD]
+    round_ = int(record[m.SECAGG_ROUND])
+    contributors = [int(n) for n in record[m.SECAGG_NODES]]
+    threshold = max(2, int(record[m.SECAGG_THRESHOLD]))
+    if context.node_id not in contributors:
+        raise StageRefused("asked to decrypt a sum this hospital did not contribute to")
+    if len(set(contributors)) < threshold:
+        raise StageRefused(f"a sum of {len(set(contributors))} hospital(s), fewer than "
+                           f"{threshold}")
+    done = context.state.config_records.get(CKKS_DECRYPTED_KEY, ConfigRecord({"rounds": []}))
+    rounds = [int(r) for r in done["rounds"]]
+    if round_ in rounds:
+        raise StageRefused(f"already decrypted one sum in round {round_}")
+    key = load_ckks_context(context)
+    vector = ckks.decrypt(key, ciphertexts_of(msg.content[m.ARRAYS_RECORD]),
+                          int(record[m.SECAGG_LENGTH]))
+    context.state.config_records[CKKS_DECRYPTED_KEY] = ConfigRecord({"rounds": rounds + [round_]})
+    return Message(RecordDict({m.ARRAYS_RECORD: ArrayRecord(
+        {m.SECAGG_VECTOR: Array(vector)})}), reply_to=msg)

@@ -1,0 +1,77 @@
+"""Typed settings of secure aggregation: the server sees only the sum of the hospitals' updates.
+
+``conf/secure_aggregation/*.yaml`` picks the mode; the defaults live here. The hospitals
+receive these settings with the task (they load their CKKS key material at preflight).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from settings.checks import as_enum, require
+
+# SecAgg+ works in the integers modulo 2^32: every masked value is one uint32.
+SECAGG_MODULUS = 2**32
+
+
+class SecureAggregationMode(Enum):
+    none = "none"  # the server receives each hospital's update in the clear
+    secagg_plus = "secagg_plus"  # SecAgg+ (Bell et al., CCS 2020): pairwise masks, Shamir shares
+    ckks = "ckks"  # homomorphic encryption (TenSEAL CKKS): the server adds ciphertexts
+
+
+@dataclass
+class SecureAggregationSettings:
+    mode: SecureAggregationMode = SecureAggregationMode.none
+    # The fewest hospitals whose sum may be revealed in a round (a round with fewer is dropped,
+    # never released); for SecAgg+ also the Shamir threshold: this many shares rebuild a
+    # hospital's mask secrets. None: a majority of the round's hospitals, at least 2.
+    reconstruction_threshold: int | None = None
+    # SecAgg+: hospitals each one shares its secrets with, itself included (Flower's
+    # ``num_shares``; a ring of neighbours as in SecAgg+). None: every hospital of the round.
+    num_shares: int | None = None
+    # SecAgg+ quantisation of each hospital's weighted update (trained adapter minus the
+    # global one, times its weight share <= 1): clipped to [-clipping_range, clipping_range],
+    # then rounded stochastically to one of quantization_range + 1 levels. A round's updates
+    # on the default run stay below 0.3 (docs/benchmarks.md); the step is 2 x 4 / 2^24 = 5e-7.
+    clipping_range: float = 4.0
+    quantization_range: int = 2**24
+    # CKKS: the public context the operator made with deploy/ckks-keys.sh (a path on the
+    # server). The hospitals' key material must match it. None: the hospitals' public
+    # contexts, which must all agree, are used.
+    ckks_public_context: str | None = None
+
+    def __post_init__(self) -> None:
+        self.mode = as_enum(SecureAggregationMode, self.mode, "secure_aggregation.mode")
+        key = "secure_aggregation"
+        if self.reconstruction_threshold is not None:
+            require(self.reconstruction_threshold >= 2, f"{key}.reconstruction_threshold",
+                    self.reconstruction_threshold,
+                    "at least 2 (or null): the sum of one hospital is that hospital's update")
+        if self.num_shares is not None:
+            require(self.num_shares >= 2, f"{key}.num_shares", self.num_shares,
+                    "at least 2 (or null: every hospital of the round)")
+            if self.reconstruction_threshold is not None:
+                require(self.num_shares >= self.reconstruction_threshold, f"{key}.num_shares",
+                        self.num_shares, f"at least reconstruction_threshold "
+                        f"({self.reconstruction_threshold}): fewer shares cannot rebuild a "
+                        "secret")
+        require(self.clipping_range > 0, f"{key}.clipping_range", self.clipping_range, "> 0")
+        require(2 <= self.quantization_range <= 2**30,
+                f"{key}.quantization_range", self.quantization_range,
+                "in [2, 2^30] (Flower's quantisation rounds in int32)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != SecureAggregationMode.none
+
+    def threshold_for(self, hospitals: int) -> int:
+        """The reconstruction threshold for a round of ``hospitals``."""
+        if self.reconstruction_threshold is not None:
+            return self.reconstruction_threshold
+        return max(2, hospitals // 2 + 1)
+
+    def shares_for(self, hospitals: int) -> int:
+        """Neighbours (itself included) each hospital shares with in a round of ``hospitals``."""
+        return hospitals if self.num_shares is None else min(self.num_shares, hospitals)

@@ -1,0 +1,230 @@
+"""Secure aggregation in process: the server's Grid and the hospitals' real mod, under the
+real FedAvg. What reaches the server is not any hospital's update, and the aggregate is
+FedAvg's within the quantisation (SecAgg+) or CKKS tolerance."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg
+
+from fl_app.secure_aggregation_grid import SecureAggregationGrid, ciphertexts_of
+from fl_app.secure_aggregation_mod import ckks_context_path, secure_aggregation_mod
+from protocol import messages as m
+from secure_aggregation import ckks
+from settings.checks import ConfigError
+from settings.compose import compose_config, to_run_settings
+from settings.secure_aggregation import SecureAggregationMode, SecureAggregationSettings
+from tests.secure_hospitals import ADAPTER, HospitalsGrid, fedavg_of, records_of, step_of
+
+NODES = [101, 202, 303, 404]
+
+
+@pytest.fixture(autouse=True)
+def _process_identity():
+    """Flower stamps messages with the run and node of the process; tests play one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
+    yield
+    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
+
+
+@pytest.fixture
+def ckks_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    return tmp_path
+
+
+def _round(hospitals, settings, strategy=None, public=None):
+    strategy = strategy or FedAvg(weighted_by_key=m.WEIGHT_KEY, min_available_nodes=2,
+                                  min_train_nodes=2)
+    grid = SecureAggregationGrid(hospitals, settings, max(records_of(n) for n in NODES),
+                                 public)
+    start = ArrayRecord({k: Array(v + 0.5) for k, v in ADAPTER.items()})
+    messages = strategy.configure_train(1, start, ConfigRecord({"x": 1}), grid)
+    replies = list(grid.send_and_receive(messages))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return grid, replies, start, arrays
+
+
+def _assert_fedavg(arrays, nodes, start, tolerance):
+    expected = fedavg_of(nodes, {k: a.numpy() for k, a in start.items()})
+    for name, value in arrays.items():
+        assert np.abs(value.numpy() - expected[name]).max() < tolerance, name
+
+
+def _public_of(hospitals):
+    context = hospitals.contexts[NODES[0]]
+    return ckks.public_bytes(ckks.load_secret_context(ckks_context_path(context), "test"))
+
+
+def test_secagg_plus_gives_fedavg_and_the_server_never_sees_an_update():
+    hospitals = HospitalsGrid(NODES)
+    settings = SecureAggregationSettings(mode="secagg_plus")
+    grid, replies, start, arrays = _round(hospitals, settings)
+    _assert_fedavg(arrays, NODES, start, 1e-5)
+    uploads = [(node, content) for node, content in hospitals.received
+               if content is not None and isinstance(content.get(m.SECAGG_RECORD), ArrayRecord)]
+    assert len(uploads) == len(NODES)
+    for node, content in uploads:
+        masked = content[m.SECAGG_RECORD][m.SECAGG_VECTOR].numpy()[:-1].astype(float)
+        step = np.concatenate([s.ravel() for s in step_of(node).values()])
+        # Masked values are uniform over 2^32: nothing of the update shows.
+        assert abs(np.corrcoef(masked, step)[0, 1]) < 0.1
+        assert masked.std() > 2**30
+        assert m.ARRAYS_RECORD not in content
+    stats = grid.take_round_stats()
+    assert stats["secure_aggregation/stage_bytes"] > 0
+    assert stats["secure_aggregation/update_bytes"] > 0
+
+
+@pytest.mark.parametrize("num_shares,refusing,summed", [
+    # A ring of 3 shares each (SecAgg+'s graph), threshold 2: 404 drops after key sharing.
+    (3, [], [101, 202, 303]),
+    # Everyone shares with everyone: 404 drops after key sharing and 303 refuses to train
+    # (its budget); the refusal keeps its code.
+    (None, [303], [101, 202]),
+])
+def test_secagg_plus_survives_hospitals_lost_after_sharing_keys(num_shares, refusing, summed):
+    hospitals = HospitalsGrid(NODES, silent={404: m.STAGE_COLLECT}, refusing=refusing)
+    settings = SecureAggregationSettings(mode="secagg_plus", num_shares=num_shares,
+                                         reconstruction_threshold=2)
+    _, replies, start, arrays = _round(hospitals, settings)
+    _assert_fedavg(arrays, summed, start, 1e-5)
+    codes = [r.error.code for r in replies if r.has_error()]
+    assert codes == [m.PRIVACY_BUDGET_REFUSED] * len(refusing)
+
+
+def test_secagg_plus_releases_nothing_when_a_secret_has_too_few_shares():
+    # On a ring of 3, losing two neighbours leaves one share of 303's key: no sum, no leak.
+    hospitals = HospitalsGrid(NODES, silent={404: m.STAGE_COLLECT}, refusing=[303])
+    settings = SecureAggregationSettings(mode="secagg_plus", num_shares=3,
+                                         reconstruction_threshold=2)
+    _, replies, _, arrays = _round(hospitals, settings)
+    assert arrays is None
+    assert "1 shares of node 303's secret" in replies[0].error.reason
+
+
+def test_a_round_below_the_threshold_releases_nothing():
+    hospitals = HospitalsGrid(NODES, silent={303: m.STAGE_COLLECT, 404: m.STAGE_COLLECT})
+    settings = SecureAggregationSettings(mode="secagg_plus", reconstruction_threshold=3)
+    _, replies, _, arrays = _round(hospitals, settings)
+    assert arrays is None
+    assert {r.error.code for r in replies} == {m.SECURE_AGGREGATION_FAILED}
+    assert "fewer than the reconstruction threshold 3" in replies[0].error.reason
+
+
+def test_ckks_gives_fedavg_and_the_server_cannot_decrypt(ckks_home):
+    hospitals = HospitalsGrid(NODES)
+    public = _public_of(hospitals)
+    settings = SecureAggregationSettings(mode="ckks")
+    _, _, start, arrays = _round(hospitals, settings, public=public)
+    _assert_fedavg(arrays, NODES, start, 1e-6)
+    uploads = [content for _, content in hospitals.received
+               if content is not None and isinstance(content.get(m.SECAGG_RECORD), ArrayRecord)
+               and m.METRICS_RECORD in content]
+    assert len(uploads) == len(NODES)
+    server_key = ckks.load_public_context(public, "server")
+    for content in uploads:
+        ciphertexts = ciphertexts_of(content[m.SECAGG_RECORD])
+        assert m.ARRAYS_RECORD not in content
+        with pytest.raises(Exception):  # noqa: B017 - TenSEAL raises its own error types
+            ckks.decrypt(server_key, ciphertexts, 10)
+
+
+def test_ckks_completes_with_the_hospitals_that_replied(ckks_home):
+    hospitals = HospitalsGrid(NODES, silent={202: m.STAGE_CKKS_COLLECT})
+    public = _public_of(hospitals)
+    _, _, start, arrays = _round(hospitals, SecureAggregationSettings(mode="ckks"),
+                                 public=public)
+    _assert_fedavg(arrays, [101, 303, 404], start, 1e-6)
+
+
+def test_a_server_optimiser_runs_on_the_secure_aggregate():
+    settings = SecureAggregationSettings(mode="secagg_plus")
+    kwargs = dict(weighted_by_key=m.WEIGHT_KEY, min_available_nodes=2, min_train_nodes=2)
+    _, _, start, secure = _round(HospitalsGrid(NODES), settings, FedAdam(**kwargs))
+    plain_strategy = FedAdam(**kwargs)
+    plain_grid = HospitalsGrid(NODES)
+    messages = plain_strategy.configure_train(1, start, ConfigRecord({"x": 1}), plain_grid)
+    plain, _ = plain_strategy.aggregate_train(1, plain_grid.send_and_receive(messages))
+    for name in plain:
+        assert np.abs(secure[name].numpy() - plain[name].numpy()).max() < 1e-4, name
+
+
+# --- A hospital refuses what would reveal one hospital's update ---------------------------
+
+def _stage_message(node, record):
+    msg = Message(RecordDict({m.SECAGG_RECORD: ConfigRecord(record)}), dst_node_id=node,
+                  message_type="train")
+    msg.metadata.__dict__["_message_id"] = "x"
+    return msg
+
+
+def _never_called(msg, context):
+    raise AssertionError("the train handler must not run for a key stage")
+
+
+def test_a_hospital_refuses_to_unmask_a_neighbour_listed_as_active_and_dropped():
+    hospitals = HospitalsGrid(NODES)
+    settings = SecureAggregationSettings(mode="secagg_plus")
+    _round(hospitals, settings)  # a full round leaves the hospitals' state after unmask
+    context = hospitals.contexts[101]
+    reply = secure_aggregation_mod(_stage_message(101, {
+        m.SECAGG_STAGE: m.STAGE_UNMASK, m.SECAGG_ROUND: 1, m.SECAGG_ACTIVE: [101, 202],
+        m.SECAGG_DROPPED: [202]}), context, _never_called)
+    assert reply.error.code == m.SECURE_AGGREGATION_FAILED
+    assert "hospital 0" in reply.error.reason
+
+
+def test_a_hospital_decrypts_only_a_sum_it_is_part_of_once_a_round(ckks_home):
+    hospitals = HospitalsGrid(NODES)
+    _round(hospitals, SecureAggregationSettings(mode="ckks"), public=_public_of(hospitals))
+    context = hospitals.contexts[101]
+
+    def ask(contributors, round_):
+        return secure_aggregation_mod(_stage_message(101, {
+            m.SECAGG_STAGE: m.STAGE_CKKS_DECRYPT, m.SECAGG_ROUND: round_,
+            m.SECAGG_NODES: contributors, m.SECAGG_THRESHOLD: 2, m.SECAGG_LENGTH: 3}),
+            context, _never_called)
+
+    assert "did not contribute" in ask([202, 303], 2).error.reason
+    assert "fewer than 2" in ask([101], 2).error.reason
+    # Round 1 was decrypted by the lowest node id (101) during the round.
+    assert "already decrypted" in ask([101, 202], 1).error.reason
+
+
+def test_a_deployed_hospital_without_key_material_is_told_how_to_make_it(tmp_path):
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 3,
+                                                        "data-path": str(tmp_path / "x.csv")},
+                      state=RecordDict(), run_config={})
+    with pytest.raises(ckks.KeyMaterialError, match="hospital 3.*deploy/ckks-keys.sh"):
+        ckks_context_path(context)
+
+
+# --- Settings -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides,key", [
+    (["secure_aggregation=secagg_plus", "strategy=krum"], "strategy.name"),
+    (["secure_aggregation=ckks", "strategy=fedmedian"], "strategy.name"),
+    (["secure_aggregation=ckks", "strategy=fedtrimmedavg"], "strategy.name"),
+    (["secure_aggregation=secagg_plus", "audit.updates_dir=/tmp/x"], "audit.updates_dir"),
+    (["secure_aggregation=secagg_plus", "secure_aggregation.reconstruction_threshold=3"],
+     "strategy.min_hospitals"),
+    (["secure_aggregation=secagg_plus", "secure_aggregation.reconstruction_threshold=1"],
+     "secure_aggregation.reconstruction_threshold"),
+    (["secure_aggregation=secagg_plus", "secure_aggregation.num_shares=2",
+      "secure_aggregation.reconstruction_threshold=3", "strategy.min_hospitals=3"],
+     "secure_aggregation.num_shares"),
+])
+def test_settings_that_would_need_individual_updates_or_cannot_release_are_refused(
+        overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        to_run_settings(compose_config(overrides))
+
+
+def test_the_modes_compose_with_dp_sgd_and_client_level_dp():
+    for mode in ("secagg_plus", "ckks"):
+        settings = to_run_settings(compose_config([f"secure_aggregation={mode}",
+                                                   "privacy=dp_sgd_central_dp"]))
+        assert settings.secure_aggregation.mode == SecureAggregationMode(mode)
