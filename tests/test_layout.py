@@ -1,5 +1,6 @@
 """Dependencies point one way (settings and protocol <- strategies <- tracking <- fl_app;
-tasks knows no Flower; secure_aggregation is cryptography only), and each package holds what its name says."""
+tasks knows no Flower; secure_aggregation is cryptography only), and each package holds what
+its name says."""
 
 import ast
 from pathlib import Path
