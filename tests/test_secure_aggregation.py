@@ -7,14 +7,18 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
+from fl_app.preflight import HospitalReport
 from fl_app.secure_aggregation_grid import SecureAggregationGrid, ciphertexts_of
 from fl_app.secure_aggregation_mod import ckks_context_path, secure_aggregation_mod
+from fl_app.server_app import Federation, check_ckks_keys, secure_aggregation_grid
 from protocol import messages as m
 from secure_aggregation import ckks
 from settings.checks import ConfigError
-from settings.compose import compose_config, to_run_settings
+from settings.compose import compose_config, task_settings_to_yaml, to_run_settings
 from settings.secure_aggregation import SecureAggregationMode, SecureAggregationSettings
+from tests.hospital_process import hospital_preflight
 from tests.secure_hospitals import ADAPTER, HospitalsGrid, fedavg_of, records_of, step_of
+from tests.support import task
 
 NODES = [101, 202, 303, 404]
 
@@ -228,3 +232,61 @@ def test_the_modes_compose_with_dp_sgd_and_client_level_dp():
         settings = to_run_settings(compose_config([f"secure_aggregation={mode}",
                                                    "privacy=dp_sgd_central_dp"]))
         assert settings.secure_aggregation.mode == SecureAggregationMode(mode)
+
+
+# --- Bad key material and too few hospitals stop the run before training -------------------
+
+def _preflight(tiny_random_bert, tmp_path, node_config=None):
+    settings = task_settings_to_yaml(task(tiny_random_bert, "secure_aggregation=ckks"))
+    return hospital_preflight(settings, tmp_path / "state", run_id=3, node_config=node_config)
+
+
+def test_a_hospital_without_ckks_key_material_stops_the_run_at_preflight(
+        tiny_random_bert, tmp_path):
+    status = _preflight(tiny_random_bert, tmp_path)
+    assert not status[m.PREFLIGHT_OK]
+    assert "hospital 0" in status[m.PREFLIGHT_PROBLEM]
+    assert "ckks-context=" in status[m.PREFLIGHT_PROBLEM]
+    # The public file is not a hospital's key: it holds no secret key.
+    _, public = ckks.generate_key_material(tmp_path / "keys")
+    status = _preflight(tiny_random_bert, tmp_path, {"ckks-context": str(public)})
+    assert not status[m.PREFLIGHT_OK] and str(public) in status[m.PREFLIGHT_PROBLEM]
+
+
+def _report(hospital, secret_path):
+    public = ckks.public_bytes(ckks.load_secret_context(secret_path, "test"))
+    return HospitalReport(node_id=100 + hospital, hospital=hospital, train_records=10,
+                          eval_records=5, label_counts=[], ckks_public=public,
+                          ckks_fingerprint=ckks.fingerprint(public))
+
+
+def test_hospitals_with_other_ckks_key_material_are_named(tmp_path):
+    shared, shared_public = ckks.generate_key_material(tmp_path / "shared")
+    other, _ = ckks.generate_key_material(
+        tmp_path / "other", ckks.CkksParameters(4096, (40, 40), 30))
+    reports = [_report(0, shared), _report(1, other), _report(2, shared)]
+    settings = SecureAggregationSettings(mode="ckks")
+    with pytest.raises(ckks.KeyMaterialError, match=r"hospital 1 \(key [0-9a-f]+\)"):
+        check_ckks_keys(settings, reports)
+    assert check_ckks_keys(settings, [reports[0], reports[2]]) == reports[0].ckks_public
+    # The operator's public context pins the key: hospitals 0 and 2 hold another one.
+    pinned = SecureAggregationSettings(mode="ckks", ckks_public_context=str(
+        tmp_path / "missing.ctx"))
+    with pytest.raises(ckks.KeyMaterialError, match="missing.ctx is not a file"):
+        check_ckks_keys(pinned, reports)
+    _, other_public = ckks.generate_key_material(tmp_path / "third")
+    pinned = SecureAggregationSettings(mode="ckks", ckks_public_context=str(other_public))
+    with pytest.raises(ckks.KeyMaterialError, match="hospital 0 .*hospital 2 .*the operator"):
+        check_ckks_keys(pinned, [reports[0], reports[2]])
+    pinned = SecureAggregationSettings(mode="ckks", ckks_public_context=str(shared_public))
+    assert check_ckks_keys(pinned, [reports[0], reports[2]])
+
+
+def test_fewer_hospitals_than_the_threshold_stop_the_run_before_training(tmp_path):
+    settings = to_run_settings(compose_config(["secure_aggregation=secagg_plus"]))
+    reports = [HospitalReport(1, 0, 10, 5, []),
+               HospitalReport(2, 1, 10, 5, [], declined="its own policy")]
+    federation = Federation(task=None, task_config=None, reports=reports)
+    with pytest.raises(ConfigError, match="1 hospital.*fewer than the reconstruction "
+                                          "threshold 2"):
+        secure_aggregation_grid(None, settings, federation)
