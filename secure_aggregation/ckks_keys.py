@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{describe(load_public_context(public, 'ckks_keys'))}")
     print(f"{secret_path} (secret, mode 0600): copy to EVERY hospital and name it in its "
           f"SuperNode node config as ckks-context=<path>. It must never reach the coordinator.")
-    print(f"{public_path} (public): give to the coordinator.")
+    print(f"{public_path} (public): give to the coordinator "
+          "(secure_aggregation.ckks_public_context=<path>).")
+    print("Once every hospital has the secret context, delete this copy of it: whoever keeps "
+          "it can read every hospital's update the server receives.")
     return 0
 
 

@@ -89,9 +89,10 @@ class Deployment:
         return self.keys / name
 
     def start_supernode(self, name: str, number: int, data: Path, secure: bool | None = None,
-                        key: Path | None = None, policy: dict[str, str] | None = None
-                        ) -> subprocess.Popen:
-        """``policy``: the hospital's privacy policy flags, e.g. {"max-epsilon": "3"}."""
+                        key: Path | None = None, policy: dict[str, str] | None = None,
+                        ckks_context: Path | None = None) -> subprocess.Popen:
+        """``policy``: the hospital's privacy policy flags, e.g. {"max-epsilon": "3"};
+        ``ckks_context``: the hospitals' CKKS key (deploy/ckks-keys.sh)."""
         secure = self.secure if secure is None else secure
         state = self.root / "hospitals" / name
         state.mkdir(parents=True, exist_ok=True)
@@ -102,11 +103,19 @@ class Deployment:
             ["bash", str(DEPLOY / "supernode.sh"), "--hospital", name, "--number", str(number),
              "--data-path", str(data), "--state-dir", str(state), "--superlink",
              f"127.0.0.1:{self.port}", "--port", str(free_port()), *security,
-             *[arg for key, value in (policy or {}).items() for arg in (f"--{key}", value)]],
+             *[arg for key, value in (policy or {}).items() for arg in (f"--{key}", value)],
+             *(["--ckks-context", str(ckks_context)] if ckks_context else [])],
             env={**self.env, "FLWR_HOME": str(state / "flwr-home")}, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True)
         self.supernodes[name] = process
         return process
+
+    def ckks_keys(self) -> Path:
+        """The hospitals' CKKS key material, made once by the operator script."""
+        directory = self.root / "ckks"
+        if not (directory / "ckks-secret.ctx").exists():
+            _script("ckks-keys.sh", str(directory), env=self.env)
+        return directory / "ckks-secret.ctx"
 
     def supernode_log(self, name: str) -> str:
         return (self.root / "hospitals" / name / "supernode.log").read_text()

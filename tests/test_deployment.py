@@ -3,8 +3,9 @@ SuperNode authentication, each hospital on its own data file, the MLflow run wit
 
 One SuperLink (with its certificates) serves the whole module. The tests that only join,
 refuse or revoke SuperNodes run first, each with hospitals of its own; then one private run
-carries the behaviours that need a federation at work: a hospital killed mid-round, one
-restarted with its ledger, and one whose own policy (node config) refuses the run."""
+carries the behaviours that need a federation at work: a hospital killed mid-round (after it
+shared its SecAgg+ keys), one restarted with its ledger, and one whose own policy (node
+config) refuses the run; a CKKS run with the operator's key material loses a hospital too."""
 
 from __future__ import annotations
 
@@ -107,8 +108,10 @@ def _wait_for_log(deployment, name: str, text: str, run, times: int = 1,
 
 def test_a_private_run_survives_a_lost_and_a_restarted_hospital_and_a_refusing_one(
         hospitals, tiny_bert, tmp_path):
-    """Hospitals 0-2 train with DP-SGD over TLS with authenticated SuperNodes, each on its own
-    file. Hospital 2 is killed in the middle of round 1; hospital 1 is restarted between
+    """Hospitals 0-2 train with DP-SGD and SecAgg+ over TLS with authenticated SuperNodes, each
+    on its own file. Hospital 2 is killed in the middle of round 1, after it shared its keys
+    (its third train message of the round is the collect stage, which trains): the others'
+    sum is recovered with the shares of its key. Hospital 1 is restarted between
     rounds 1 and 2 (after its round-1 evaluation reply), with the same key, data and state
     directory; hospital 3's
     own budget (node config, max-epsilon) is too small for one round, so it refuses."""
@@ -122,8 +125,9 @@ def test_a_private_run_survives_a_lost_and_a_restarted_hospital_and_a_refusing_o
         tiny_bert, tmp_path, "data=files", f"data.labels=[{','.join(SPECIALTIES)}]",
         "strategy.min_hospitals=2", "num_rounds=3", "train.learning_rate=1e-2",
         "privacy=dp_sgd", "train.local_epochs=1", "privacy.dp_sgd.target_epsilon=null",
-        "privacy.dp_sgd.noise_multiplier=1.0"))
-    _wait_for_log(deployment, "hospital-2", "Receiving: train message", run)
+        "privacy.dp_sgd.noise_multiplier=1.0", "secure_aggregation=secagg_plus"))
+    # SecAgg+'s setup, key sharing, then the collect stage: it dies after sharing its keys.
+    _wait_for_log(deployment, "hospital-2", "Receiving: train message", run, times=3)
     deployment.stop_supernode("hospital-2", signal.SIGKILL)  # dies in the middle of round 1
     # Between rounds: a SuperNode restarted while it holds a message comes back under the same
     # node id, and the server would wait for that reply until the round's timeout.
@@ -143,8 +147,10 @@ def test_a_private_run_survives_a_lost_and_a_restarted_hospital_and_a_refusing_o
         assert record.data.params[f"hospital_{k}.train_records"] == "72"
 
     # The lost hospital: round 1 aggregated the two that answered, and MLflow shows the loss.
+    assert record.data.tags["secure_aggregation"] == "secagg_plus"
     replies = history(client, run_id, "round/train_replies")
-    # Round 2 may go out while hospital 1 restarts; an offline node's message fails at once.
+    # Round 2 may go out while hospital 1 restarts; an offline node's message fails at once
+    # (and a SecAgg+ round of one hospital releases nothing).
     assert replies[1] == 2 and replies[3] == 2, replies
     assert sum(history(client, run_id, "round/error_replies").values()) >= 1
 
@@ -170,3 +176,31 @@ def test_a_private_run_survives_a_lost_and_a_restarted_hospital_and_a_refusing_o
                                        ledger.delta, Accountant.rdp)
     assert last == pytest.approx(whole, rel=1e-9)
     assert last > after_restart_only * 1.05
+
+
+def test_a_ckks_run_uses_the_operators_key_and_completes_without_a_lost_hospital(
+        hospitals, tiny_bert, tmp_path):
+    """Three hospitals hold the key material deploy/ckks-keys.sh made (node config
+    ckks-context); the server is pinned to its public half. Hospital 2 stops while it trains
+    for round 1: the round adds up the two encrypted updates that arrived."""
+    deployment = hospitals
+    secret = deployment.ckks_keys()
+    for k in range(3):
+        deployment.hospital_key(f"ckks-{k}")
+        deployment.start_supernode(f"ckks-{k}", k, _hospital_file(tmp_path, k),
+                                   ckks_context=secret)
+    deployment.wait_for_nodes(3)
+    run = deployment.run(run_overrides(
+        tiny_bert, tmp_path, "data=files", f"data.labels=[{','.join(SPECIALTIES)}]",
+        "strategy.min_hospitals=2", "num_rounds=1", "train.learning_rate=1e-2",
+        "secure_aggregation=ckks",
+        f"secure_aggregation.ckks_public_context={secret.parent / 'ckks-public.ctx'}"))
+    _wait_for_log(deployment, "ckks-2", "Receiving: train message", run)
+    deployment.stop_supernode("ckks-2")  # SIGTERM: the SuperNode leaves mid-round
+    status, details, output = deployment.finish(run)
+    assert status == "finished:completed", f"{details}\n{output[-4000:]}"
+    client, record = only_run(tmp_path)
+    assert record.data.tags["secure_aggregation"] == "ckks"
+    assert history(client, record.info.run_id, "round/train_replies") == {1: 2}
+    # Two encrypted updates of at least one 131 KB ciphertext each reached the server.
+    assert history(client, record.info.run_id, "secure_aggregation/update_bytes")[1] > 2 * 131e3

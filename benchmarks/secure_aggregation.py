@@ -1,0 +1,132 @@
+"""Secure aggregation's cost on the default run: round time, bytes and accuracy per mode.
+
+Runs ``bash scripts/run.sh`` (the default run: 2 hospitals, MiniLM, 4 rounds) once per mode
+and repeat, interleaved, each into its own MLflow store, and reads back what the run logged:
+
+    python benchmarks/secure_aggregation.py [--repeats 2] [--json out.json] [--update-range]
+
+``--update-range`` also trains one default round in process for each hospital and prints the
+largest value of its weighted update (what SecAgg+'s clipping_range must cover).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parent.parent
+MODES = ("none", "secagg_plus", "ckks")
+ROUND_METRICS = ("round/seconds", "comm/bytes_sent", "comm/bytes_received",
+                 "secure_aggregation/stage_seconds", "secure_aggregation/server_seconds",
+                 "secure_aggregation/stage_bytes", "secure_aggregation/update_bytes",
+                 "secure_aggregation/hospital_seconds_max")
+
+
+def one_run(mode: str, extra: str) -> dict:
+    with tempfile.TemporaryDirectory() as store:
+        overrides = f"secure_aggregation={mode} tracking.uri=sqlite:///{store}/mlflow.db {extra}"
+        began = time.perf_counter()
+        out = subprocess.run(["bash", "scripts/run.sh", "--run-config",
+                              f"overrides='{overrides.strip()}'"], cwd=ROOT, check=True,
+                             capture_output=True, text=True)
+        wall = time.perf_counter() - began
+        client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+        experiment = client.search_experiments()[0]
+        run = client.search_runs([experiment.experiment_id])[0]
+        rounds = int(run.data.params["num_rounds"])
+
+        def series(key: str) -> dict[int, float]:
+            return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+
+        per_round = {key: [series(key).get(r) for r in range(1, rounds + 1)]
+                     for key in ROUND_METRICS}
+        return {"mode": mode, "wall_s": wall, "rounds": rounds, "per_round": per_round,
+                "federated_accuracy": series("federated/accuracy")[rounds],
+                "central_accuracy": series("central/accuracy").get(rounds),
+                "clipped_warnings": (out.stdout + out.stderr).count("were clipped")}
+
+
+def median_round(runs: list[dict], key: str) -> float | None:
+    values = [v for run in runs for v in run["per_round"][key] if v is not None]
+    return statistics.median(values) if values else None
+
+
+def update_range(hospitals: int = 2) -> list[float]:
+    """The largest |value| of each hospital's weighted update after one default round."""
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from composed_settings import compose
+
+    from tasks.hospital import Hospital
+    from tasks.model.build import trainable_state
+
+    composed = compose([], hospitals)
+    members = [Hospital(composed.task, composed.labels, k, hospitals) for k in range(hospitals)]
+    start = trainable_state(members[0].model)
+    largest = []
+    for hospital in members:
+        new, _ = hospital.train(start, 1)
+        largest.append(max(float(np.abs(new[k].numpy() - start[k].numpy()).max())
+                           for k in start))
+    return largest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--overrides", default="", help="more Hydra overrides for every run")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--update-range", action="store_true")
+    args = parser.parse_args()
+    runs = {mode: [] for mode in MODES}
+    for _ in range(args.repeats):
+        for mode in MODES:
+            runs[mode].append(one_run(mode, args.overrides))
+            print(f"{mode}: {runs[mode][-1]['wall_s']:.0f} s", flush=True)
+    base = median_round(runs["none"], "round/seconds")
+    print(f"# {platform.processor() or platform.machine()}, {args.repeats} repeat(s), "
+          f"median over rounds 1-{runs['none'][0]['rounds']}")
+    print("| mode | round s | vs none | crypto stages s | server crypto s | hospital crypto s "
+          "| bytes received/round | bytes sent/round | federated acc | central acc | run s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for mode in MODES:
+        r = runs[mode]
+
+        def fmt(key: str, scale: float = 1.0, digits: int = 2, r: list[dict] = r) -> str:
+            value = median_round(r, key)
+            return "-" if value is None else f"{value / scale:.{digits}f}"
+
+        acc = statistics.mean(x["federated_accuracy"] for x in r)
+        central = statistics.mean(x["central_accuracy"] for x in r)
+        print(f"| {mode} | {fmt('round/seconds')} | "
+              f"{median_round(r, 'round/seconds') / base:.2f}x | "
+              f"{fmt('secure_aggregation/stage_seconds')} | "
+              f"{fmt('secure_aggregation/server_seconds')} | "
+              f"{fmt('secure_aggregation/hospital_seconds_max')} | "
+              f"{fmt('comm/bytes_received', 1e6)} MB | {fmt('comm/bytes_sent', 1e6)} MB | "
+              f"{acc:.4f} | {central:.4f} | "
+              f"{statistics.median(x['wall_s'] for x in r):.0f} |")
+    clipped = sum(x["clipped_warnings"] for x in runs["secagg_plus"])
+    print(f"SecAgg+ clipping warnings from hospitals: {clipped}")
+    report = {"runs": runs}
+    if args.update_range:
+        report["largest_update_value"] = update_range()
+        print(f"largest |update value| per hospital after one round: "
+              f"{report['largest_update_value']}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
