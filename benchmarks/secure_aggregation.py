@@ -1,7 +1,8 @@
 """Secure aggregation's cost on the default run: round time, bytes and accuracy per mode.
 
 Runs ``bash scripts/run.sh`` (the default run: 2 hospitals, MiniLM, 4 rounds) once per mode
-and repeat, interleaved, each into its own MLflow store, and reads back what the run logged:
+and repeat, interleaved, into the default MLflow store (mlruns/, where the UI shows them side
+by side, tagged with their mode), and reads back what each run logged:
 
     python benchmarks/secure_aggregation.py [--repeats 2] [--json out.json] [--update-range]
 
@@ -16,11 +17,13 @@ import json
 import platform
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+
+from settings.tracking import TrackingSettings
+from tracking.run_tracker import default_store
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("none", "secagg_plus", "ckks")
@@ -31,27 +34,27 @@ ROUND_METRICS = ("round/seconds", "comm/bytes_sent", "comm/bytes_received",
 
 
 def one_run(mode: str, extra: str) -> dict:
-    with tempfile.TemporaryDirectory() as store:
-        overrides = f"secure_aggregation={mode} tracking.uri=sqlite:///{store}/mlflow.db {extra}"
-        began = time.perf_counter()
-        out = subprocess.run(["bash", "scripts/run.sh", "--run-config",
-                              f"overrides='{overrides.strip()}'"], cwd=ROOT, check=True,
-                             capture_output=True, text=True)
-        wall = time.perf_counter() - began
-        client = MlflowClient(f"sqlite:///{store}/mlflow.db")
-        experiment = client.search_experiments()[0]
-        run = client.search_runs([experiment.experiment_id])[0]
-        rounds = int(run.data.params["num_rounds"])
+    overrides = f"secure_aggregation={mode} {extra}".strip()
+    began = time.perf_counter()
+    out = subprocess.run(["bash", "scripts/run.sh", "--run-config", f"overrides='{overrides}'"],
+                         cwd=ROOT, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - began
+    client = MlflowClient(default_store(ROOT)[0])
+    experiment = client.get_experiment_by_name(TrackingSettings().experiment)
+    run = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"],
+                             max_results=1)[0]
+    assert run.data.tags.get("secure_aggregation") == mode, run.info.run_id
+    rounds = int(run.data.params["num_rounds"])
 
-        def series(key: str) -> dict[int, float]:
-            return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+    def series(key: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
 
-        per_round = {key: [series(key).get(r) for r in range(1, rounds + 1)]
-                     for key in ROUND_METRICS}
-        return {"mode": mode, "wall_s": wall, "rounds": rounds, "per_round": per_round,
-                "federated_accuracy": series("federated/accuracy")[rounds],
-                "central_accuracy": series("central/accuracy").get(rounds),
-                "clipped_warnings": (out.stdout + out.stderr).count("were clipped")}
+    per_round = {key: [series(key).get(r) for r in range(1, rounds + 1)]
+                 for key in ROUND_METRICS}
+    return {"mode": mode, "run_id": run.info.run_id, "wall_s": wall, "rounds": rounds,
+            "per_round": per_round, "federated_accuracy": series("federated/accuracy")[rounds],
+            "central_accuracy": series("central/accuracy").get(rounds),
+            "clipped_warnings": (out.stdout + out.stderr).count("were clipped")}
 
 
 def median_round(runs: list[dict], key: str) -> float | None:

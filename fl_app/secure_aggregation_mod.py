@@ -126,7 +126,8 @@ def _unmask(record: ConfigRecord, context: Context) -> dict:
     owners, shares = secagg_plus.unmask_shares(
         secrets, [int(n) for n in record[m.SECAGG_ACTIVE]],
         [int(n) for n in record[m.SECAGG_DROPPED]])
-    _keep(context, secrets)
+    # The round's secrets are done with: a second unmask finds none to reveal.
+    del context.state.config_records[STATE_KEY]
     return {m.SECAGG_SHARE_OWNERS: owners, m.SECAGG_SHARE_VALUES: shares}
 
 

@@ -120,6 +120,9 @@ class HospitalSecrets:
 def setup(round_: int, node_id: int, threshold: int, clipping_range: float,
           quantization_range: int, max_weight: float) -> HospitalSecrets:
     """Stage 1: fresh key pairs for this round (their public halves go to the server)."""
+    if threshold < 2:
+        raise SecAggError(f"a reconstruction threshold of {threshold}: one share would reveal "
+                          "a secret (at least 2)")
     sk1, pk1 = generate_key_pairs()
     sk2, pk2 = generate_key_pairs()
     return HospitalSecrets(round_, node_id, threshold, clipping_range, quantization_range,

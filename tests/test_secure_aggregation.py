@@ -181,6 +181,21 @@ def test_a_hospital_refuses_to_unmask_a_neighbour_listed_as_active_and_dropped()
     assert "hospital 0" in reply.error.reason
 
 
+def test_a_hospital_refuses_a_threshold_of_one_and_a_second_unmask():
+    hospitals = HospitalsGrid(NODES)
+    context = hospitals.contexts[101]
+    reply = secure_aggregation_mod(_stage_message(101, {
+        m.SECAGG_STAGE: m.STAGE_SETUP, m.SECAGG_ROUND: 1, m.SECAGG_THRESHOLD: 1,
+        m.SECAGG_CLIPPING_RANGE: 4.0, m.SECAGG_QUANTIZATION_RANGE: 2**24,
+        m.SECAGG_MAX_WEIGHT: 100.0}), context, _never_called)
+    assert "one share would reveal a secret" in reply.error.reason
+    _round(hospitals, SecureAggregationSettings(mode="secagg_plus"))
+    reply = secure_aggregation_mod(_stage_message(101, {
+        m.SECAGG_STAGE: m.STAGE_UNMASK, m.SECAGG_ROUND: 1, m.SECAGG_ACTIVE: [101, 202],
+        m.SECAGG_DROPPED: []}), context, _never_called)
+    assert "no keys" in reply.error.reason
+
+
 def test_a_hospital_decrypts_only_a_sum_it_is_part_of_once_a_round(ckks_home):
     hospitals = HospitalsGrid(NODES)
     _round(hospitals, SecureAggregationSettings(mode="ckks"), public=_public_of(hospitals))
