@@ -10,33 +10,16 @@ copies of this run's ledger the one recording more spending wins.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 
+from fl_app.node_config import state_dir
 from settings.task import Accountant
 from tasks.privacy.ledger import LedgerStore, LifetimeLedger, PrivacyLedger, most_spent
 from tasks.privacy.policy import HospitalPolicy, load_policy
 
 LEDGER_KEY = "privacy-ledger"
-
-
-def state_dir(context: Context) -> Path:
-    """The node config's ``state-dir``; in simulation, one folder per partition under
-    ``$FLWR_HOME`` (the hospitals of a simulation share one machine)."""
-    configured = context.node_config.get("state-dir")
-    if configured:
-        return Path(str(configured)).expanduser()
-    home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
-    partition = context.node_config.get("partition-id", context.node_id)
-    return home / "clinical-fl" / "hospital-state" / f"partition-{partition}"
-
-
-def is_deployed(context: Context) -> bool:
-    """A real hospital names its own data file or state directory in its node config; a
-    simulated one gets only a partition of the configured data."""
-    return bool(context.node_config.get("data-path") or context.node_config.get("state-dir"))
 
 
 def hospital_policy(context: Context, hospital: int) -> HospitalPolicy:

@@ -21,7 +21,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import MessageType
 from flwr.common.logger import log
 
-from fl_app.hospital_state import is_deployed
+from fl_app.node_config import is_deployed
 from fl_app.secure_aggregation_grid import ciphertext_record, ciphertexts_of, vector_record
 from protocol import messages as m
 from secure_aggregation import ckks, secagg_plus

@@ -12,6 +12,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fl_app.client_mods import asks_for_clipping, clip_update_for_client_level_dp
 from fl_app.secure_aggregation_mod import secure_aggregation_mod
 from protocol import messages as m
 
@@ -50,8 +51,10 @@ class HospitalsGrid(Grid):
             return Message(Error(code=m.PRIVACY_BUDGET_REFUSED, reason="budget"), reply_to=msg)
         start = {k: a.numpy() for k, a in msg.content[m.ARRAYS_RECORD].items()}
         trained = {k: Array(start[k] + step_of(node)[k]) for k in start}
-        metrics = MetricRecord({m.NUM_EXAMPLES: records_of(node),
-                                m.WEIGHT_KEY: records_of(node), m.HOSPITAL: node})
+        # As fl_app/replies.py: equal weights under client-level DP.
+        weight = 1 if asks_for_clipping(msg) else records_of(node)
+        metrics = MetricRecord({m.NUM_EXAMPLES: records_of(node), m.WEIGHT_KEY: weight,
+                                m.HOSPITAL: node})
         return Message(RecordDict({m.ARRAYS_RECORD: ArrayRecord(trained),
                                    m.METRICS_RECORD: metrics}), reply_to=msg)
 
@@ -67,7 +70,10 @@ class HospitalsGrid(Grid):
                 self.silent[node] = "all"
             if self.silent.get(node) == "all":
                 continue
-            replies.append(secure_aggregation_mod(msg, self.contexts[node], self._handler))
+            # The ClientApp's train mods, in its order, around the handler.
+            replies.append(secure_aggregation_mod(
+                msg, self.contexts[node],
+                lambda msg, ctx: clip_update_for_client_level_dp(msg, ctx, self._handler)))
         self.received.extend((r.metadata.src_node_id,
                               RecordDict(dict(r.content.items())) if r.has_content() else None)
                              for r in replies)

@@ -5,7 +5,11 @@ FedAvg's within the quantisation (SecAgg+) or CKKS tolerance."""
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAdam,
+    FedAvg,
+)
 
 from fl_app.preflight import HospitalReport
 from fl_app.secure_aggregation_grid import SecureAggregationGrid, ciphertexts_of
@@ -67,6 +71,9 @@ def test_secagg_plus_gives_fedavg_and_the_server_never_sees_an_update():
     settings = SecureAggregationSettings(mode="secagg_plus")
     grid, replies, start, arrays = _round(hospitals, settings)
     _assert_fedavg(arrays, NODES, start, 1e-5)
+    for reply in replies:  # what the strategy gets: each hospital's metrics, the protocol's table
+        assert set(reply.content[m.METRICS_RECORD]) <= set(m.metric_table("train"))
+        assert reply.content[m.METRICS_RECORD][m.SECAGG_SECONDS] > 0
     uploads = [(node, content) for node, content in hospitals.received
                if content is not None and isinstance(content.get(m.SECAGG_RECORD), ArrayRecord)]
     assert len(uploads) == len(NODES)
@@ -154,6 +161,32 @@ def test_a_server_optimiser_runs_on_the_secure_aggregate():
     plain, _ = plain_strategy.aggregate_train(1, plain_grid.send_and_receive(messages))
     for name in plain:
         assert np.abs(secure[name].numpy() - plain[name].numpy()).max() < 1e-4, name
+
+
+def test_client_level_dp_clips_in_the_hospital_and_noises_the_secure_sum():
+    """Flower's client-side fixed-clipping wrapper over FedAvg: each hospital's update is
+    clipped by the ClientApp's clipping mod before it is masked; the server's noise goes on
+    the mean of the clipped updates, which is all it sees."""
+    clip = 0.05
+    strategy = DifferentialPrivacyClientSideFixedClipping(
+        FedAvg(weighted_by_key=m.WEIGHT_KEY, min_available_nodes=2, min_train_nodes=2),
+        noise_multiplier=1e-6, clipping_norm=clip, num_sampled_clients=len(NODES))
+    hospitals = HospitalsGrid(NODES)
+    grid = SecureAggregationGrid(hospitals, SecureAggregationSettings(mode="secagg_plus"), 1)
+    start = ArrayRecord({k: Array(v + 0.5) for k, v in ADAPTER.items()})
+    replies = list(grid.send_and_receive(
+        strategy.configure_train(1, start, ConfigRecord({"x": 1}), grid)))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    expected = {}
+    for k, value in start.items():
+        steps = []
+        for node in NODES:
+            step = step_of(node)
+            norm = np.sqrt(sum(float((s.astype(np.float64) ** 2).sum()) for s in step.values()))
+            steps.append(step[k] * min(1.0, clip / norm))
+        expected[k] = value.numpy() + np.mean(steps, axis=0)
+    for k in expected:
+        assert np.abs(arrays[k].numpy() - expected[k]).max() < 1e-5, k
 
 
 # --- A hospital refuses what would reveal one hospital's update ---------------------------
