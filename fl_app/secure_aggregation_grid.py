@@ -196,8 +196,17 @@ class SecureAggregationGrid(Grid):
             m.SECAGG_SOURCES: [s for s, _ in inbox[node]],
             m.SECAGG_CIPHERTEXTS: [c for _, c in inbox[node]]}) for node in shared}
         uploaded, refused = self._collect(messages, collect, timeout)
-        masked = {node: r.content[m.SECAGG_RECORD][m.SECAGG_VECTOR].numpy().astype(np.uint32)
-                  for node, r in uploaded.items()}
+        length = sum(a.size for a in start.values()) + 1
+        masked = {}
+        for node, reply in list(uploaded.items()):
+            vector = reply.content[m.SECAGG_RECORD][m.SECAGG_VECTOR].numpy()
+            if vector.dtype != np.uint32 or vector.size != length:
+                log.warning("secure aggregation: hospital %s sent %d %s values, not %d uint32; "
+                            "treated as dropped", self._hospital_of(node), vector.size,
+                            vector.dtype, length)
+                del uploaded[node]
+                continue
+            masked[node] = vector
         dropped = sorted(set(shared) - set(masked))
         self._check_count(len(masked), threshold, "updates received")
         log.info("secure aggregation round %s: %d masked updates, %d dropped after sharing "
@@ -221,10 +230,11 @@ class SecureAggregationGrid(Grid):
             total = secagg_plus.unmasked_sum(masked, shares, neighbours,
                                              {n: pk[0] for n, pk in public.items()}, dropped,
                                              threshold)
-        except secagg_plus.SecAggError as err:
-            raise RoundAborted(str(err)) from err
-        aggregate = weighted_mean(secagg_plus.dequantized_sum(
-            total, len(masked), settings.clipping_range, settings.quantization_range), start)
+            aggregate = weighted_mean(secagg_plus.dequantized_sum(
+                total, len(masked), settings.clipping_range, settings.quantization_range),
+                start)
+        except ValueError as err:  # SecAggError, shares that do not combine, no weight
+            raise RoundAborted(f"unmasking failed: {err}") from err
         self._add("secure_aggregation/server_seconds", time.perf_counter() - started)
         return self._replies(uploaded, refused + list(failed.values()), aggregate)
 
@@ -260,7 +270,12 @@ class SecureAggregationGrid(Grid):
             decrypted, _ = self._stage({node: request}, str(round_), timeout)
             if node in decrypted:
                 vector = decrypted[node].content[m.ARRAYS_RECORD][m.SECAGG_VECTOR].numpy()
-                return self._replies(uploaded, refused, weighted_mean(vector, start))
+                if vector.size != length:
+                    continue
+                try:
+                    return self._replies(uploaded, refused, weighted_mean(vector, start))
+                except ValueError as err:
+                    raise RoundAborted(f"decrypted sum unusable: {err}") from err
         raise RoundAborted("no contributing hospital decrypted the sum")
 
     # --- Everything else is the real Grid's business -------------------------------------

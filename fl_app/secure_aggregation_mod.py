@@ -28,7 +28,7 @@ from secure_aggregation import ckks, secagg_plus
 from secure_aggregation.update_vector import weight_share, weighted_update
 
 STATE_KEY = "secure-aggregation"
-CKKS_DECRYPTED_KEY = "ckks-decrypted-rounds"
+CKKS_ROUNDS_KEY = "ckks-rounds"  # the rounds this hospital encrypted in, and decrypted in
 
 
 class StageRefused(ValueError):
@@ -191,32 +191,53 @@ def _ckks_collect(msg: Message, context: Context, call_next: ClientAppCallable) 
     if not 0 <= share <= 1:
         raise StageRefused(f"aggregation weight beyond the server's max-weight {max_weight}")
     ciphertexts = ckks.encrypt(key, weighted_update(_trained(reply), start, share))
+    rounds = _ckks_rounds(context)
+    rounds["encrypted"] = [int(r) for r in rounds["encrypted"]] + [int(record[m.SECAGG_ROUND])]
+    context.state.config_records[CKKS_ROUNDS_KEY] = rounds
     return Message(RecordDict({m.SECAGG_RECORD: ciphertext_record(ciphertexts),
                                m.METRICS_RECORD: _metrics(reply,
                                                           time.perf_counter() - started)}),
                    reply_to=msg)
 
 
+def _ckks_rounds(context: Context) -> ConfigRecord:
+    return context.state.config_records.get(
+        CKKS_ROUNDS_KEY, ConfigRecord({"encrypted": [], "decrypted": []}))
+
+
+# The decrypted sum goes back on a grid of 2^-20 (the size of SecAgg+'s quantisation step)
+# after noise of a quarter step: exact CKKS decryptions together with their ciphertext can
+# reveal the secret key (Li and Micciancio, EUROCRYPT 2021).
+DECRYPTION_GRID = 2.0**-20
+
+
 def _ckks_decrypt(msg: Message, context: Context) -> Message:
-    """Decrypt what the server says is the round's sum. A hospital decrypts at most once a
-    round, only a sum it contributed to, of at least the threshold of hospitals: the
-    limits on a server that would use it to decrypt one hospital's update."""
+    """Decrypt what the server says is the round's sum. A hospital decrypts only in a round it
+    encrypted its own update in, at most once a round, a sum the request says it contributed
+    to, of at least two hospitals: limits on a server that would use it to decrypt one
+    hospital's update (docs/secure-aggregation.md says what they do not stop)."""
     record = msg.content[m.SECAGG_RECORD]
     round_ = int(record[m.SECAGG_ROUND])
     contributors = [int(n) for n in record[m.SECAGG_NODES]]
     threshold = max(2, int(record[m.SECAGG_THRESHOLD]))
+    rounds = _ckks_rounds(context)
+    if round_ not in [int(r) for r in rounds["encrypted"]]:
+        raise StageRefused(f"asked to decrypt in round {round_}, in which this hospital "
+                           "encrypted no update")
     if context.node_id not in contributors:
         raise StageRefused("asked to decrypt a sum this hospital did not contribute to")
     if len(set(contributors)) < threshold:
         raise StageRefused(f"a sum of {len(set(contributors))} hospital(s), fewer than "
                            f"{threshold}")
-    done = context.state.config_records.get(CKKS_DECRYPTED_KEY, ConfigRecord({"rounds": []}))
-    rounds = [int(r) for r in done["rounds"]]
-    if round_ in rounds:
+    decrypted = [int(r) for r in rounds["decrypted"]]
+    if round_ in decrypted:
         raise StageRefused(f"already decrypted one sum in round {round_}")
+    rounds["decrypted"] = decrypted + [round_]
+    context.state.config_records[CKKS_ROUNDS_KEY] = rounds
     key = load_ckks_context(context)
     vector = ckks.decrypt(key, ciphertexts_of(msg.content[m.ARRAYS_RECORD]),
                           int(record[m.SECAGG_LENGTH]))
-    context.state.config_records[CKKS_DECRYPTED_KEY] = ConfigRecord({"rounds": rounds + [round_]})
+    noise = np.random.default_rng().normal(0.0, DECRYPTION_GRID / 4, vector.shape)
+    vector = np.round((vector + noise) / DECRYPTION_GRID) * DECRYPTION_GRID
     return Message(RecordDict({m.ARRAYS_RECORD: ArrayRecord(
         {m.SECAGG_VECTOR: Array(vector)})}), reply_to=msg)

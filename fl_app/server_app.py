@@ -193,6 +193,12 @@ def secure_aggregation_grid(grid: Grid, settings: RunSettings,
             f"secure_aggregation={secure.mode.value}: {per_round} hospital(s) per round "
             f"(of {len(taking_part)} taking part), fewer than the reconstruction threshold "
             f"{threshold}; a sum of fewer hospitals is never released")
+    shares = secure.shares_for(per_round)
+    if secure.mode == SecureAggregationMode.secagg_plus and shares < threshold:
+        raise ConfigError(
+            f"secure_aggregation.num_shares: each hospital shares with {shares} hospital(s) "
+            f"(itself included), fewer than the reconstruction threshold {threshold}: no "
+            "secret could be rebuilt")
     public = check_ckks_keys(secure, taking_part) if secure.mode == SecureAggregationMode.ckks \
         else None
     # FedAvg's weight: the hospital's training records, or 1 under client-level DP.
@@ -208,18 +214,23 @@ def secure_aggregation_grid(grid: Grid, settings: RunSettings,
 def check_ckks_keys(secure: SecureAggregationSettings,
                     reports: list[HospitalReport]) -> bytes:
     """The public CKKS context every hospital holds (and the operator's, when configured)."""
-    expected = None
+    public = reports[0].ckks_public
     if secure.ckks_public_context:
         path = Path(secure.ckks_public_context).expanduser()
         if not path.is_file():
             raise ckks.KeyMaterialError(
                 f"secure_aggregation.ckks_public_context: {path} is not a file; it is the "
                 f"{ckks.PUBLIC_FILE} written by deploy/ckks-keys.sh")
-        expected = ckks.fingerprint(ckks.public_bytes(ckks.load_public_context(
-            path.read_bytes(), f"the server ({path})")))
-    expected = expected or reports[0].ckks_fingerprint
-    wrong = [f"hospital {r.hospital} (key {r.ckks_fingerprint or 'none'})" for r in reports
-             if r.ckks_fingerprint != expected]
+        public = ckks.public_bytes(ckks.load_public_context(path.read_bytes(),
+                                                            f"the server ({path})"))
+    expected = ckks.fingerprint(public) if public else "none"
+
+    def key_of(report: HospitalReport) -> str:
+        # From the bytes received, not the fingerprint the hospital says it has.
+        return ckks.fingerprint(report.ckks_public) if report.ckks_public else "none"
+
+    wrong = [f"hospital {r.hospital} (key {key_of(r)})" for r in reports
+             if key_of(r) != expected]
     if wrong:
         raise ckks.KeyMaterialError(
             f"secure_aggregation=ckks: {', '.join(wrong)} hold other key material than "

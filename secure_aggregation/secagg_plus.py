@@ -117,6 +117,12 @@ class HospitalSecrets:
 
 # --- The hospital's side ----------------------------------------------------------------
 
+def _expect_stage(secrets: HospitalSecrets, done: str, asked: str) -> None:
+    """Each stage once a round, in order (as Flower's mod checks)."""
+    if secrets.stage != done:
+        raise SecAggError(f"{asked} asked after stage {secrets.stage!r}, not after {done!r}")
+
+
 def setup(round_: int, node_id: int, threshold: int, clipping_range: float,
           quantization_range: int, max_weight: float) -> HospitalSecrets:
     """Stage 1: fresh key pairs for this round (their public halves go to the server)."""
@@ -135,6 +141,7 @@ def share_keys(secrets: HospitalSecrets, public_keys: dict[int, tuple[bytes, byt
     """Stage 2: Shamir shares of the self-mask seed and of the first private key, one per
     neighbour, each encrypted with the key agreed with that neighbour. Returns
     (destinations, ciphertexts)."""
+    _expect_stage(secrets, "setup", "share keys")
     if len(public_keys) < secrets.threshold:
         raise SecAggError(f"{len(public_keys)} neighbours, fewer than the reconstruction "
                           f"threshold {secrets.threshold}")
@@ -168,6 +175,9 @@ def receive_shares(secrets: HospitalSecrets, sources: list[int],
                    ciphertexts: list[bytes]) -> None:
     """Stage 3, before training: keep the neighbours' shares meant for this hospital; each
     neighbour that sent one gets a pairwise mask."""
+    # Once per round: a second masked update under the same masks would give the server the
+    # difference of the two updates.
+    _expect_stage(secrets, "share-keys", "collect")
     if len(sources) + 1 < secrets.threshold:
         raise SecAggError(f"shares from {len(sources)} neighbours: with this hospital, fewer "
                           f"than the reconstruction threshold {secrets.threshold}")
@@ -182,6 +192,7 @@ def receive_shares(secrets: HospitalSecrets, sources: list[int],
         secrets.rd_seed_shares[source] = seed_share
         secrets.sk1_shares[source] = key_share
     secrets.mask_partners = sorted(sources)
+    secrets.stage = "shares-received"
 
 
 def masked_update(secrets: HospitalSecrets, update: np.ndarray,
@@ -189,6 +200,7 @@ def masked_update(secrets: HospitalSecrets, update: np.ndarray,
     """Stage 3, after training: the quantised weighted update (``update``: already multiplied
     by the weight share) with the share's integer appended, plus the self mask and the
     pairwise masks, modulo 2^32. Returns (masked vector, values clipped to the range)."""
+    _expect_stage(secrets, "shares-received", "masking")
     quantized, clipped = quantize_vector(update, secrets.clipping_range,
                                          secrets.quantization_range)
     vector = np.append(quantized, np.uint32(share_levels))
@@ -209,9 +221,7 @@ def unmask_shares(secrets: HospitalSecrets, active: list[int],
                   dropped: list[int]) -> tuple[list[int], list[bytes]]:
     """Stage 4: self-mask seed shares of the active neighbours, private-key shares of the
     dropped ones. Returns (owners, shares)."""
-    if secrets.stage != "collect":
-        raise SecAggError(f"unmask asked after stage {secrets.stage!r}, not after collect "
-                          "(a second unmask in one round is refused)")
+    _expect_stage(secrets, "collect", "unmask")
     if set(active) & set(dropped):
         raise SecAggError(f"nodes {sorted(set(active) & set(dropped))} listed as both active "
                           "and dropped: revealing both secrets of a node unmasks its update")

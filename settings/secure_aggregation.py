@@ -26,10 +26,12 @@ class SecureAggregationSettings:
     mode: SecureAggregationMode = SecureAggregationMode.none
     # The fewest hospitals whose sum may be revealed in a round (a round with fewer is dropped,
     # never released); for SecAgg+ also the Shamir threshold: this many shares rebuild a
-    # hospital's mask secrets. None: a majority of the round's hospitals, at least 2.
+    # hospital's mask secrets. None: a majority of the hospitals each one shares with (all
+    # of the round's by default), at least 2.
     reconstruction_threshold: int | None = None
     # SecAgg+: hospitals each one shares its secrets with, itself included (Flower's
-    # ``num_shares``; a ring of neighbours as in SecAgg+). None: every hospital of the round.
+    # ``num_shares``; a ring of neighbours as in SecAgg+, so an even number is rounded up to
+    # the next odd one, as Flower does). None: every hospital of the round.
     num_shares: int | None = None
     # SecAgg+ quantisation of each hospital's weighted update (trained adapter minus the
     # global one, times its weight share <= 1): clipped to [-clipping_range, clipping_range],
@@ -67,11 +69,16 @@ class SecureAggregationSettings:
         return self.mode != SecureAggregationMode.none
 
     def threshold_for(self, hospitals: int) -> int:
-        """The reconstruction threshold for a round of ``hospitals``."""
+        """The reconstruction threshold for a round of ``hospitals``: a majority of the
+        hospitals each one shares with, so that no two disjoint groups of hospitals can both
+        hold enough shares (one of a hospital's seed, the other of its key)."""
         if self.reconstruction_threshold is not None:
             return self.reconstruction_threshold
-        return max(2, hospitals // 2 + 1)
+        return max(2, self.shares_for(hospitals) // 2 + 1)
 
     def shares_for(self, hospitals: int) -> int:
-        """Neighbours (itself included) each hospital shares with in a round of ``hospitals``."""
-        return hospitals if self.num_shares is None else min(self.num_shares, hospitals)
+        """Hospitals (itself included) each one shares with in a round of ``hospitals``: the
+        ring's odd size, or all of them."""
+        if self.num_shares is None:
+            return hospitals
+        return min(hospitals, 2 * (self.num_shares // 2) + 1)
