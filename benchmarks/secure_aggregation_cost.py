@@ -4,7 +4,7 @@ Runs ``bash scripts/run.sh`` (the default run: 2 hospitals, MiniLM, 4 rounds) on
 and repeat, interleaved, into the default MLflow store (mlruns/, where the UI shows them side
 by side, tagged with their mode), and reads back what each run logged:
 
-    python benchmarks/secure_aggregation.py [--repeats 2] [--json out.json] [--update-range]
+    python benchmarks/secure_aggregation_cost.py [--repeats 2] [--json out.json] [--update-range]
 
 ``--update-range`` also trains one default round in process for each hospital and prints the
 largest value of its weighted update (what SecAgg+'s clipping_range must cover).
