@@ -36,7 +36,7 @@ class SecureAggregationSettings:
     # SecAgg+ quantisation of each hospital's weighted update (trained adapter minus the
     # global one, times its weight share <= 1): clipped to [-clipping_range, clipping_range],
     # then rounded stochastically to one of quantization_range + 1 levels. A round's updates
-    # on the default run stay below 0.3 (docs/benchmarks.md); the step is 2 x 4 / 2^24 = 5e-7.
+    # on the default run reach 0.40 (docs/benchmarks.md); the step is 2 x 4 / 2^24 = 5e-7.
     clipping_range: float = 4.0
     quantization_range: int = 2**24
     # CKKS: the public context the operator made with deploy/ckks-keys.sh (a path on the
