@@ -8,6 +8,8 @@ by side, tagged with their mode), and reads back what each run logged:
 
 ``--update-range`` also trains one default round in process for each hospital and prints the
 largest value of its weighted update (what SecAgg+'s clipping_range must cover).
+``--ckks-values N`` only times CKKS at the default parameters on N values (two hospitals):
+ciphertexts, bytes, encryption, the server's sum, decryption, error.
 """
 
 from __future__ import annotations
@@ -85,13 +87,47 @@ def update_range(hospitals: int = 2) -> list[float]:
     return largest
 
 
+def ckks_cost(values: int, repeats: int = 3) -> dict:
+    import tempfile
+
+    import numpy as np
+
+    from secure_aggregation import ckks
+
+    with tempfile.TemporaryDirectory() as directory:
+        secret_path, public_path = ckks.generate_key_material(Path(directory))
+        key = ckks.load_secret_context(secret_path, "benchmark")
+        server = ckks.load_public_context(public_path.read_bytes(), "benchmark")
+    rng = np.random.default_rng(0)
+    updates = [rng.normal(0, 0.05, values) for _ in range(2)]
+    timings: dict[str, list[float]] = {"encrypt_s": [], "sum_s": [], "decrypt_s": []}
+    for _ in range(repeats):
+        began = time.perf_counter()
+        encrypted = [ckks.encrypt(key, u) for u in updates]
+        timings["encrypt_s"].append((time.perf_counter() - began) / 2)
+        began = time.perf_counter()
+        total = ckks.add(server, encrypted)
+        timings["sum_s"].append(time.perf_counter() - began)
+        began = time.perf_counter()
+        decrypted = ckks.decrypt(key, total, values)
+        timings["decrypt_s"].append(time.perf_counter() - began)
+    return {"values": values, "ciphertexts": len(encrypted[0]),
+            "bytes_per_hospital": sum(len(c) for c in encrypted[0]),
+            **{k: statistics.median(v) for k, v in timings.items()},
+            "max_error": float(np.abs(decrypted - (updates[0] + updates[1])).max())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--overrides", default="", help="more Hydra overrides for every run")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--update-range", action="store_true")
+    parser.add_argument("--ckks-values", type=int, default=0)
     args = parser.parse_args()
+    if args.ckks_values:
+        print(json.dumps(ckks_cost(args.ckks_values), indent=2))
+        return
     runs = {mode: [] for mode in MODES}
     for _ in range(args.repeats):
         for mode in MODES:
