@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from logging import INFO
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message
 from flwr.common.logger import log
 
 from fl_app.client_mods import asks_for_clipping
@@ -78,10 +78,12 @@ def preflight(msg: Message, context: Context) -> Message:
         policy = hospital_policy(context, data.hospital)
         policy.check_records(len(data.train))
         dp = settings.privacy.dp_sgd
-        private = dp.enabled
+        distributed = settings.privacy.distributed_dp.enabled
+        private = dp.enabled or distributed
         try:
-            refuse_without_dp(dp, policy)
-            if private:
+            if not distributed:  # distributed DP-SGD is record-level DP too
+                refuse_without_dp(dp, policy)
+            if dp.enabled:
                 # An unreadable ledger, or one kept with another accountant, stops the run.
                 lifetime, run = load_ledger(context, data.hospital, dp.accountant)
                 plan_dp_sgd(dp, data.hospital, len(data.train), settings.train.batch_size,
@@ -92,7 +94,7 @@ def preflight(msg: Message, context: Context) -> Message:
             declined = str(refusal)
     except (TaskInputError, ValueError) as err:  # ckks.KeyMaterialError is a ValueError
         return preflight_reply(msg, partition_id, None, 0, 0, problem=str(err))
-    # Under DP-SGD the per-label counts of training records stay home: they are exact
+    # Under record-level DP the per-label counts of training records stay home: they are exact
     # statistics of the private records.
     withheld = private or policy.require_dp
     counts = None if withheld else data.label_counts(settings.data.labels)
@@ -121,21 +123,34 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content[m.CONFIG_RECORD]
     global_state = msg.content[m.ARRAYS_RECORD].to_torch_state_dict()
     policy = hospital_policy(context, hospital.data.hospital)
+    server_round = int(config.get(m.SERVER_ROUND_KEY, 0))
+    privacy = hospital.settings.privacy
     lifetime = ledger = None
-    if hospital.uses_dp_sgd:
-        lifetime, ledger = load_ledger(context, hospital.data.hospital,
-                                       hospital.settings.privacy.dp_sgd.accountant)
+    if hospital.uses_distributed_dp and not config.get(m.SECURE_AGGREGATION_ON, False):
+        # Its noise is only a share: in the clear, the sum would be too little protected.
+        return Message(Error(code=m.SECURE_AGGREGATION_FAILED, reason=(
+            f"hospital {hospital.data.hospital}: distributed DP sends its noisy gradient sum "
+            "only through secure aggregation; refused to send it in the clear")), reply_to=msg)
+    if hospital.is_private:
+        accountant = (privacy.distributed_dp if hospital.uses_distributed_dp
+                      else privacy.dp_sgd).accountant
+        lifetime, ledger = load_ledger(context, hospital.data.hospital, accountant)
+    prior = lifetime.history(except_run=context.run_id) if lifetime else ()
     try:
-        state, outcome = hospital.train(
-            global_state, int(config.get(m.SERVER_ROUND_KEY, 0)),
-            proximal_mu=float(config.get(m.PROXIMAL_MU_KEY, 0.0)), ledger=ledger, policy=policy,
-            prior_history=lifetime.history(except_run=context.run_id) if lifetime else ())
+        if hospital.uses_distributed_dp:
+            state, outcome = hospital.distributed_step(global_state, server_round, ledger,
+                                                       policy, prior)
+        else:
+            state, outcome = hospital.train(
+                global_state, server_round, proximal_mu=float(config.get(m.PROXIMAL_MU_KEY, 0.0)),
+                ledger=ledger, policy=policy, prior_history=prior)
     except PrivacyBudgetError as refusal:
         return refusal_reply(msg, str(refusal))
     if lifetime is not None:
         save_ledger(context, lifetime)  # before the update leaves: spending is never forgotten
+    # Distributed DP's shares are summed, not averaged: every hospital weighs 1.
     return train_reply(msg, state, outcome, hospital.data.hospital,
-                       equal_weight=asks_for_clipping(msg))
+                       equal_weight=asks_for_clipping(msg) or hospital.uses_distributed_dp)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
@@ -143,5 +158,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     arrays: ArrayRecord = msg.content[m.ARRAYS_RECORD]
     outcome = hospital.evaluate(arrays.to_torch_state_dict())
     release = hospital_policy(context, hospital.data.hospital).eval_release(
-        hospital.uses_dp_sgd)
+        hospital.is_private)
     return evaluate_reply(msg, outcome, hospital.data.hospital, release)

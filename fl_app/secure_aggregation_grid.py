@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 
 from protocol import messages as m
 from secure_aggregation import ckks, secagg_plus
-from secure_aggregation.update_vector import weighted_mean
+from secure_aggregation.update_vector import summed, weighted_mean
 from settings.secure_aggregation import (
     SECAGG_MODULUS,
     SecureAggregationMode,
@@ -54,14 +54,18 @@ class SecureAggregationGrid(Grid):
     """Delegates to the real Grid; train messages go through the configured protocol.
 
     ``max_weight``: the largest aggregation weight a hospital may send (its training
-    records, or 1 under client-level DP); ``ckks_public``: the public CKKS context."""
+    records, or 1 under client-level DP); ``ckks_public``: the public CKKS context;
+    ``sum_updates``: the strategy gets the adapter plus the plain sum of the updates, not
+    their weighted mean (distributed DP: the hospitals' shares of one noisy step add up)."""
 
     def __init__(self, grid: Grid, settings: SecureAggregationSettings, max_weight: float,
                  ckks_public: bytes | None = None,
-                 hospital_of: Callable[[int], object] = lambda node: node) -> None:
+                 hospital_of: Callable[[int], object] = lambda node: node,
+                 sum_updates: bool = False) -> None:
         self._grid = grid
         self.settings = settings
         self.max_weight = float(max_weight)
+        self._combine = summed if sum_updates else weighted_mean
         self._ckks = (ckks.load_public_context(ckks_public, "the server")
                       if ckks_public is not None else None)
         self._hospital_of = hospital_of
@@ -84,14 +88,17 @@ class SecureAggregationGrid(Grid):
         if not messages or any(msg.metadata.message_type != MessageType.TRAIN
                                for msg in messages):
             return self._grid.send_and_receive(messages, timeout=timeout)
+        self._errors: dict[int, Message] = {}
         try:
             if self.settings.mode == SecureAggregationMode.secagg_plus:
                 return self._secagg_plus(messages, timeout)
             return self._ckks_round(messages, timeout)
         except RoundAborted as abort:
             log.error("secure aggregation: round dropped, nothing released: %s", abort)
-            return [Message(Error(code=m.SECURE_AGGREGATION_FAILED, reason=str(abort)),
-                            reply_to=msg) for msg in messages]
+            # A hospital's own error (a refusal over its budget) keeps its code and reason.
+            return [self._errors.get(msg.metadata.dst_node_id) or Message(
+                Error(code=m.SECURE_AGGREGATION_FAILED, reason=str(abort)), reply_to=msg)
+                for msg in messages]
 
     def _stage(self, contents: dict[int, RecordDict], group_id: str,
                timeout: float | None) -> tuple[dict[int, Message], dict[int, Message]]:
@@ -128,8 +135,9 @@ class SecureAggregationGrid(Grid):
         uploaded = [r for r in replies if r.has_content()]
         self._add("secure_aggregation/update_bytes",
                   sum(payload_bytes(r.content) for r in uploaded))
-        return {r.metadata.src_node_id: r for r in uploaded}, [
-            r for r in replies if not r.has_content()]
+        failed = [r for r in replies if not r.has_content()]
+        self._errors.update({r.metadata.src_node_id: r for r in failed})
+        return {r.metadata.src_node_id: r for r in uploaded}, failed
 
     def _replies(self, contributed: dict[int, Message], failed: list[Message],
                  aggregate: dict[str, np.ndarray]) -> list[Message]:
@@ -230,7 +238,7 @@ class SecureAggregationGrid(Grid):
             total = secagg_plus.unmasked_sum(masked, shares, neighbours,
                                              {n: pk[0] for n, pk in public.items()}, dropped,
                                              threshold)
-            aggregate = weighted_mean(secagg_plus.dequantized_sum(
+            aggregate = self._combine(secagg_plus.dequantized_sum(
                 total, len(masked), settings.clipping_range, settings.quantization_range),
                 start)
         except ValueError as err:  # SecAggError, shares that do not combine, no weight
@@ -273,7 +281,7 @@ class SecureAggregationGrid(Grid):
                 if vector.size != length:
                     continue
                 try:
-                    return self._replies(uploaded, refused, weighted_mean(vector, start))
+                    return self._replies(uploaded, refused, self._combine(vector, start))
                 except ValueError as err:
                     raise RoundAborted(f"decrypted sum unusable: {err}") from err
         raise RoundAborted("no contributing hospital decrypted the sum")

@@ -64,6 +64,9 @@ def secure_aggregation_mod(msg: Message, context: Context,
                            call_next: ClientAppCallable) -> Message:
     if (msg.metadata.message_type != MessageType.TRAIN or not msg.has_content()
             or m.SECAGG_RECORD not in msg.content):
+        if msg.has_content() and m.CONFIG_RECORD in msg.content:
+            # Only this mod says an update will be masked or encrypted.
+            msg.content[m.CONFIG_RECORD].pop(m.SECURE_AGGREGATION_ON, None)
         return call_next(msg, context)
     record = msg.content[m.SECAGG_RECORD]
     stage = str(record[m.SECAGG_STAGE])
@@ -137,6 +140,7 @@ def _train(msg: Message, context: Context, call_next: ClientAppCallable
     global adapter it started from."""
     start = {name: a.numpy() for name, a in msg.content[m.ARRAYS_RECORD].items()}
     msg.content = RecordDict({k: v for k, v in msg.content.items() if k != m.SECAGG_RECORD})
+    msg.content[m.CONFIG_RECORD][m.SECURE_AGGREGATION_ON] = True
     log(INFO, "%s: secure aggregation: training for round %s", _who(context),
         msg.content[m.CONFIG_RECORD].get(m.SERVER_ROUND_KEY, "?"))
     return call_next(msg, context), start

@@ -51,6 +51,7 @@ from tasks.model.build import (
     trainable_state,
 )
 from tasks.model.compute import resolve_compute
+from tasks.privacy.distributed_dp import plan_distributed_dp
 from tracking.metered_grid import MeteredGrid
 from tracking.round_log import CentralEvaluate, ClientLevelPrivacy, RoundLogger
 from tracking.run_tracker import RunTracker
@@ -71,7 +72,12 @@ def planned_rounds_per_hospital(num_rounds: int, hospitals: int, fraction_train:
 
 def privacy_tag(settings: RunSettings) -> str:
     dp_sgd, central = settings.privacy.dp_sgd, settings.privacy.central_dp
+    distributed = settings.privacy.distributed_dp
     parts = []
+    if distributed.enabled:
+        parts.append(f"distributed_dp(epsilon={distributed.target_epsilon})"
+                     if distributed.noise_multiplier is None
+                     else f"distributed_dp(noise={distributed.noise_multiplier})")
     if dp_sgd.enabled:
         parts.append(f"dp_sgd(epsilon={dp_sgd.target_epsilon})" if dp_sgd.noise_multiplier is None
                      else f"dp_sgd(noise={dp_sgd.noise_multiplier})")
@@ -119,6 +125,8 @@ def main(grid: Grid, context: Context) -> None:
         grid = MeteredGrid(grid)
         central = central_evaluation(settings, model, tokenizer, labels)
         federation = check_hospitals(grid, settings, task, tracker)
+        if settings.privacy.distributed_dp.enabled:
+            plan_distributed_dp_for(settings, federation, tracker)
         secure_grid = secure_aggregation_grid(grid, settings, federation)
         train_rules, evaluate_rules = train_metrics_rules(), evaluate_metrics_rules()
         strategy, client_level_privacy = server_strategy(settings, federation, tracker,
@@ -175,6 +183,45 @@ def check_hospitals(grid: Grid, settings: RunSettings, task: TaskSettings,
     return Federation(task, task_config, reports)
 
 
+def hospitals_per_round(settings: RunSettings, taking_part: int) -> int:
+    """How many hospitals Flower samples for a round's training."""
+    strategy = settings.strategy
+    return min(taking_part, max(int(taking_part * strategy.fraction_train),
+                                strategy.min_hospitals))
+
+
+def plan_distributed_dp_for(settings: RunSettings, federation: Federation,
+                            tracker: RunTracker) -> None:
+    """Distributed DP's plan, once, from the hospitals' record counts: the union's sampling
+    rate, sigma calibrated for the planned rounds, the threshold; written into the settings
+    every train message carries (each hospital checks it against its own policy)."""
+    wanted = federation.task.privacy.distributed_dp
+    taking_part = [r for r in federation.reports if not r.declined]
+    total = sum(r.train_records for r in taking_part)
+    if wanted.expected_batch_size >= total:
+        raise ConfigError(
+            f"privacy.distributed_dp.expected_batch_size={wanted.expected_batch_size}: the "
+            f"hospitals taking part hold {total} training records; a batch of all of them "
+            "gains nothing from sampling. Choose a smaller expected batch.")
+    threshold = settings.secure_aggregation.threshold_for(
+        hospitals_per_round(settings, len(taking_part)))
+    delta = wanted.target_delta or min(1e-5, 1 / (10 * total))
+    plan = plan_distributed_dp(
+        wanted.target_epsilon if wanted.noise_multiplier is None else None, delta, total,
+        wanted.expected_batch_size, federation.task.planned_rounds, wanted.max_grad_norm,
+        threshold, wanted.accountant, wanted.noise_multiplier)
+    wanted.noise_multiplier, wanted.sample_rate = plan.noise_multiplier, plan.sample_rate
+    wanted.threshold, wanted.target_delta = plan.threshold, delta
+    federation.task_config = ConfigRecord({TASK_KEY: task_settings_to_yaml(federation.task)})
+    tracker.log_params({"distributed_dp_plan": {
+        "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
+        "threshold": plan.threshold, "delta": delta, "training_records": total,
+        "noise_share_multiplier": plan.share_noise_multiplier}})
+    log.info("distributed DP: sigma %.4g at q %.4g over %d rounds, each hospital adds "
+             "sigma/sqrt(%d)", plan.noise_multiplier, plan.sample_rate,
+             federation.task.planned_rounds, plan.threshold)
+
+
 def secure_aggregation_grid(grid: Grid, settings: RunSettings,
                             federation: Federation) -> SecureAggregationGrid | None:
     """The Grid that runs secure aggregation under the strategy (None: mode none), after
@@ -184,9 +231,7 @@ def secure_aggregation_grid(grid: Grid, settings: RunSettings,
     if not secure.enabled:
         return None
     taking_part = [r for r in federation.reports if not r.declined]
-    strategy = settings.strategy
-    per_round = min(len(taking_part), max(int(len(taking_part) * strategy.fraction_train),
-                                          strategy.min_hospitals))
+    per_round = hospitals_per_round(settings, len(taking_part))
     threshold = secure.threshold_for(per_round)
     if per_round < threshold:
         raise ConfigError(
@@ -201,14 +246,17 @@ def secure_aggregation_grid(grid: Grid, settings: RunSettings,
             "secret could be rebuilt")
     public = check_ckks_keys(secure, taking_part) if secure.mode == SecureAggregationMode.ckks \
         else None
-    # FedAvg's weight: the hospital's training records, or 1 under client-level DP.
-    max_weight = 1 if settings.privacy.central_dp.enabled else max(
+    # FedAvg's weight: the hospital's training records, or 1 under client-level DP and
+    # distributed DP (whose shares add up: the strategy gets their plain sum).
+    distributed = settings.privacy.distributed_dp.enabled
+    max_weight = 1 if settings.privacy.central_dp.enabled or distributed else max(
         r.train_records for r in taking_part)
     hospital_of = {r.node_id: r.hospital for r in federation.reports}
     log.info("secure aggregation: %s, threshold %d of %d hospitals per round",
              secure.mode.value, threshold, per_round)
     return SecureAggregationGrid(grid, secure, max_weight, public,
-                                 lambda node: hospital_of.get(node, node))
+                                 lambda node: hospital_of.get(node, node),
+                                 sum_updates=distributed)
 
 
 def check_ckks_keys(secure: SecureAggregationSettings,

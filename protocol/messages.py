@@ -80,6 +80,10 @@ SECAGG_SHARE_VALUES = "share-values"
 SECAGG_LENGTH = "length"
 # The masked update (uint32, one flat array) or the decrypted sum (float64) in a reply.
 SECAGG_VECTOR = "vector"
+# Set by the hospital's own secure-aggregation mod in the train config it hands the handler
+# (and removed from any message that did not come through the protocol): distributed DP sends
+# its noisy sum only when this is true.
+SECURE_AGGREGATION_ON = "secure-aggregation-on"
 # Error code of a secure-aggregation stage a hospital cannot complete (the reason says why).
 SECURE_AGGREGATION_FAILED = 4032
 

@@ -94,7 +94,8 @@ def task_settings(cfg: DictConfig, labels: list[str]) -> TaskSettings:
     run = to_run_settings(cfg)
     shared = {f.name: getattr(run, f.name) for f in fields(SharedSettings)}
     shared["data"] = replace(run.data, labels=list(labels))
-    return TaskSettings(**shared, privacy=PrivacySettings(dp_sgd=run.privacy.dp_sgd))
+    return TaskSettings(**shared, privacy=PrivacySettings(
+        dp_sgd=run.privacy.dp_sgd, distributed_dp=run.privacy.distributed_dp))
 
 
 def task_settings_to_yaml(settings: TaskSettings) -> str:

@@ -45,6 +45,7 @@ class RunSettings(SharedSettings):
                     "strategy.proximal_mu", strategy.proximal_mu, "0 with privacy.dp_sgd: "
                     "FedProx's proximal term is not part of the DP-SGD analysis")
         self._check_secure_aggregation()
+        self._check_distributed_dp()
         if self.privacy.central_dp.enabled:
             require(strategy.name == StrategyName.fedavg, "strategy.name", strategy.name.value,
                     "fedavg with privacy.central_dp: Flower's DP accountant requires FedAvg's "
@@ -53,6 +54,24 @@ class RunSettings(SharedSettings):
                     strategy.fraction_train, "1.0 with privacy.central_dp: its noise is "
                     "calibrated to every hospital in every round")
 
+
+    def _check_distributed_dp(self) -> None:
+        if not self.privacy.distributed_dp.enabled:
+            return
+        key = "privacy.distributed_dp.enabled"
+        require(self.secure_aggregation.enabled, "secure_aggregation.mode",
+                self.secure_aggregation.mode.value,
+                "secagg_plus or ckks with privacy.distributed_dp: the hospitals share one noise "
+                "only if the server sees no hospital's noisy sum alone")
+        require(not self.privacy.dp_sgd.enabled, key, True,
+                "false with privacy.dp_sgd: choose one record-level DP")
+        require(not self.privacy.central_dp.enabled, key, True,
+                "false with privacy.central_dp (its clipping acts on adapter updates)")
+        require(self.strategy.name in (StrategyName.fedadam, StrategyName.fedyogi,
+                                       StrategyName.fedavg, StrategyName.fedavgm),
+                "strategy.name", self.strategy.name.value,
+                "fedadam (default of privacy=distributed_dp), fedyogi, fedavgm or fedavg: the "
+                "server's optimiser steps on the noisy gradient")
 
     def _check_secure_aggregation(self) -> None:
         mode = self.secure_aggregation.mode

@@ -295,11 +295,55 @@ class DpSgdSettings:
 
 
 @dataclass
+class DistributedDpSettings:
+    """Distributed DP-SGD over secure aggregation (tasks/privacy/distributed_dp.py): each round
+    is one DP-SGD step over the union of the hospitals' Poisson batches, the hospitals adding
+    one shared noise. The server completes the plan it sends (``noise_multiplier`` calibrated
+    for the planned rounds, ``sample_rate``, ``threshold``, ``target_delta``); each hospital
+    accounts the steps it takes in its own ledger and refuses a round its policy forbids."""
+
+    SECTION: ClassVar[str] = "privacy.distributed_dp"
+
+    enabled: bool = False
+    target_epsilon: float | None = 8.0
+    noise_multiplier: float | None = None  # sigma: the released sum's noise is sigma x C
+    # None: min(1e-5, 1/(10 x the training records of every hospital taking part)).
+    target_delta: float | None = None
+    max_grad_norm: float = 1.0  # C, per record
+    # The union's expected batch per round: every record is sampled at q = this / all records.
+    expected_batch_size: int = 128
+    max_epsilon: float | None = None
+    accountant: Accountant = Accountant.rdp
+    # Set by the server for the hospitals: q, and the secure-aggregation threshold t.
+    sample_rate: float | None = None
+    threshold: int | None = None
+
+    def __post_init__(self) -> None:
+        key = self.SECTION
+        self.accountant = as_enum(Accountant, self.accountant, f"{key}.accountant")
+        if not self.enabled:
+            return
+        require(self.target_epsilon is not None or self.noise_multiplier is not None,
+                f"{key}.target_epsilon", self.target_epsilon,
+                "a target epsilon, or a noise_multiplier")
+        if self.target_epsilon is not None:
+            require(0 < self.target_epsilon < math.inf, f"{key}.target_epsilon",
+                    self.target_epsilon, "> 0 and finite")
+        require(self.max_grad_norm > 0, f"{key}.max_grad_norm", self.max_grad_norm, "> 0")
+        require(self.expected_batch_size >= 1, f"{key}.expected_batch_size",
+                self.expected_batch_size, "at least 1")
+        if self.target_delta is not None:
+            require(0 < self.target_delta < 1, f"{key}.target_delta", self.target_delta,
+                    "in (0, 1)")
+
+
+@dataclass
 class PrivacySettings:
     """The privacy a hospital applies itself. (Client-level DP on the server is configured in
     ``settings/run.py``; hospitals only receive its clipping norm.)"""
 
     dp_sgd: DpSgdSettings = field(default_factory=DpSgdSettings)
+    distributed_dp: DistributedDpSettings = field(default_factory=DistributedDpSettings)
 
 
 @dataclass

@@ -8,6 +8,8 @@ adapter, and a fresh process rebuilds the same objects from the settings.
 
 from __future__ import annotations
 
+import time
+
 import datasets
 import torch
 from omegaconf import OmegaConf
@@ -23,6 +25,7 @@ from tasks.learning.training import PrivacyReport, TrainOutcome, train_locally
 from tasks.model.build import build_model, load_tokenizer, load_trainable_state, trainable_state
 from tasks.model.compute import resolve_compute
 from tasks.privacy.accounting import Step
+from tasks.privacy.distributed_dp import hospital_plan, noisy_clipped_gradient_sum
 from tasks.privacy.dp_sgd import train_with_dp_sgd
 from tasks.privacy.ledger import PrivacyLedger
 from tasks.privacy.plan import (
@@ -122,6 +125,15 @@ class Hospital:
         return self.settings.privacy.dp_sgd.enabled
 
     @property
+    def uses_distributed_dp(self) -> bool:
+        return self.settings.privacy.distributed_dp.enabled
+
+    @property
+    def is_private(self) -> bool:
+        """Record-level DP of either kind: what leaves the hospital is what DP-SGD allows."""
+        return self.uses_dp_sgd or self.uses_distributed_dp
+
+    @property
     def train_records(self) -> datasets.Dataset:
         """The tokenized training records (token ids and labels) that ``train`` reads.
         Shared with the process cache: read them, do not change them."""
@@ -188,6 +200,36 @@ class Hospital:
         ledger.rounds_trained.append(server_round)
         outcome.privacy = privacy_report(plan, ledger)
         return trainable_state(self.model), outcome
+
+    def distributed_step(self, global_state: dict[str, torch.Tensor], server_round: int,
+                         ledger: PrivacyLedger, policy: HospitalPolicy | None = None,
+                         prior_history: list[Step] | tuple[Step, ...] = ()
+                         ) -> tuple[dict[str, torch.Tensor], TrainOutcome]:
+        """This hospital's share of one distributed DP-SGD step (tasks/privacy/distributed_dp.py)
+        as an adapter: the global one minus its noisy clipped gradient sum divided by the
+        union's expected batch, so that the secure sum of (adapter - global) over the hospitals
+        is minus the round's noisy mean gradient. The step is in ``ledger`` before it leaves;
+        a step the run's cap or the hospital's policy forbids raises PrivacyBudgetError."""
+        policy = policy or HospitalPolicy(self.data.hospital)
+        plan, as_steps = hospital_plan(self.settings.privacy.distributed_dp, self.data.hospital,
+                                       len(self.data.train), policy, prior_history)
+        refusal = as_steps.refusal(ledger.history, server_round)
+        if refusal:
+            raise PrivacyBudgetError(refusal)
+        start = time.perf_counter()
+        load_trainable_state(self.model, global_state)
+        loader = make_loader(self._train, self.tokenizer, self.settings.train.batch_size,
+                             shuffle=False)
+        noisy_sum = noisy_clipped_gradient_sum(self.model, loader, plan, self.compute)
+        ledger.noise_multiplier, ledger.delta = plan.noise_multiplier, as_steps.delta
+        ledger.history.append(plan.round_step())
+        ledger.rounds_trained.append(server_round)
+        state = {name: global_state[name].detach().float().cpu() - noisy_sum[name]
+                 / plan.expected_batch for name in noisy_sum}
+        outcome = TrainOutcome(loss=float("nan"), num_examples=len(self.data.train),
+                               num_steps=1, seconds=time.perf_counter() - start)
+        outcome.privacy = privacy_report(as_steps, ledger)
+        return state, outcome
 
     def evaluate(self, global_state: dict[str, torch.Tensor]) -> EvalOutcome:
         """Score the global adapter on this hospital's held-out split."""

@@ -4,17 +4,29 @@ independent accountant, and a hospital's noisy clipped gradient sum against plai
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from pathlib import Path
+from uuid import uuid4
 
 import pytest
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
 
+from fl_app import client_app
+from fl_app.secure_aggregation_grid import SecureAggregationGrid
+from protocol import messages as m
+from settings.compose import task_settings_to_yaml
 from settings.task import Accountant, DataSettings, ModelSettings, Pooling
 from tasks.data.hospital_data import load_hospital_data
 from tasks.data.synthetic_notes import SPECIALTIES
+from tasks.hospital import Hospital
 from tasks.learning.batches import make_loader, tokenize
-from tasks.model.build import build_model, load_tokenizer
+from tasks.model.build import build_model, load_tokenizer, load_trainable_state, trainable_state
 from tasks.privacy.distributed_dp import noisy_clipped_gradient_sum, plan_distributed_dp
-from tests.support import independent_epsilon
+from tasks.privacy.ledger import LedgerStore
+from tests.support import independent_epsilon, task
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +126,147 @@ def test_distributed_dp_samples_in_secret_and_an_empty_draw_still_sends_its_nois
     first = noisy_clipped_gradient_sum(model, loader, half)
     second = noisy_clipped_gradient_sum(model, loader, half)
     assert any(not torch.equal(first[n], second[n]) for n in first)
+
+
+# --- One round through the real ClientApp, the secure Grid and Flower's FedAvg ---------------
+
+class ClientAppGrid(Grid):
+    """Hands each message to the real ClientApp (its mods and handlers) of hospital k."""
+
+    def __init__(self, state: Path, hospitals: int = 2) -> None:
+        self.contexts = {100 + k: Context(run_id=5, node_id=100 + k, state=RecordDict(),
+                                          run_config={}, node_config={
+                                              "partition-id": k, "num-partitions": hospitals,
+                                              "state-dir": str(state / f"h{k}")})
+                         for k in range(hospitals)}
+        self.received: list[RecordDict | None] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid4().hex
+            reply = client_app.app(msg, self.contexts[msg.metadata.dst_node_id])
+            self.received.append(RecordDict(dict(reply.content.items()))
+                                 if reply.has_content() else None)
+            replies.append(reply)
+        return replies
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def create_message(self, *args):
+        raise NotImplementedError
+
+    def set_run(self, run):
+        pass
+
+    @property
+    def run(self):
+        return None
+
+    def get_nodes(self):
+        return []
+
+
+@pytest.fixture
+def _identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 5, 0
+    yield
+    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
+
+
+def _distributed_task(model_path, **plan):
+    # float32: bf16 autocast (auto on CPUs that have it) would differ from the plain pass.
+    settings = task(model_path, "privacy=distributed_dp", "secure_aggregation=secagg_plus",
+                    "train.precision=fp32",
+                    "privacy.distributed_dp.target_epsilon=null",
+                    "privacy.distributed_dp.noise_multiplier=0.0")
+    settings.privacy.distributed_dp = replace(settings.privacy.distributed_dp, **plan)
+    return settings
+
+
+def _round(settings, state_dir, start):
+    grid = ClientAppGrid(state_dir)
+    secure = SecureAggregationGrid(grid, settings.secure_aggregation, 1, sum_updates=True)
+    strategy = FedAvg(weighted_by_key=m.WEIGHT_KEY, min_available_nodes=2, min_train_nodes=2)
+    config = ConfigRecord({m.TASK_KEY: task_settings_to_yaml(settings)})
+    replies = list(secure.send_and_receive(strategy.configure_train(
+        1, ArrayRecord(start), config, secure)))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    return grid, replies, arrays
+
+
+def test_distributed_dp_round_without_noise_is_one_sgd_step_on_the_union(
+        tiny_bert, tmp_path, _identity):
+    """q = 1 (every record in the round's batch), no noise, clipping that never bites, and
+    the server's step is SGD at rate 1 (FedAvg of the plain sum): one distributed round is
+    the global adapter minus the mean gradient over both hospitals' records."""
+    members = [Hospital(task(tiny_bert, "train.precision=fp32"), list(SPECIALTIES), k, 2)
+               for k in range(2)]
+    total = sum(len(h.train_records) for h in members)
+    settings = _distributed_task(tiny_bert, max_grad_norm=1e6, sample_rate=1.0, threshold=2,
+                                 target_delta=1e-5, expected_batch_size=total)
+    # The process's cached model serves the handlers too: without dropout for this test, so
+    # that both passes see the same function.
+    model, tokenizer = members[0].model, members[0].tokenizer
+    dropouts = [(mod, mod.p) for mod in model.modules() if isinstance(mod, torch.nn.Dropout)]
+    start = trainable_state(model)
+    try:
+        for module, _ in dropouts:
+            module.p = 0.0
+        gradient = None
+        for hospital in members:
+            load_trainable_state(model, start)
+            loader = make_loader(hospital.train_records, tokenizer,
+                                 len(hospital.train_records), shuffle=False)
+            part = _plain_gradient_sum(model, loader)
+            gradient = part if gradient is None else {k: gradient[k] + part[k] for k in part}
+        grid, replies, arrays = _round(settings, tmp_path, start)
+    finally:
+        for module, p in dropouts:
+            module.p = p
+    assert not any(r.has_error() for r in replies), [r.error.reason for r in replies
+                                                      if r.has_error()]
+    for name, value in arrays.items():
+        # To SecAgg+'s quantisation: two hospitals' stochastic rounding at 2 x 4 / 2^24.
+        torch.testing.assert_close(torch.from_numpy(value.numpy()),
+                                   start[name] - gradient[name] / total, rtol=1e-4, atol=2e-6)
+    # The server never held a hospital's sum: masked uint32 vectors only.
+    for content in grid.received:
+        if content is not None and m.METRICS_RECORD in content:
+            assert m.ARRAYS_RECORD not in content
+    # Each hospital's ledger has the round's one step at (sigma, q).
+    for k in range(2):
+        ledger = LedgerStore(tmp_path / f"h{k}").load(k, Accountant.rdp)
+        (run,) = ledger.runs.values()
+        assert run.history == [(0.0, 1.0, 1)] and run.rounds_trained == [1]
+
+
+def test_distributed_dp_hospitals_refuse_over_budget_and_in_the_clear(
+        tiny_bert, tmp_path, _identity):
+    settings = _distributed_task(tiny_bert, noise_multiplier=0.5, sample_rate=0.5,
+                                 threshold=2, target_delta=1e-5, max_epsilon=0.1)
+    members = Hospital(task(tiny_bert), list(SPECIALTIES), 0, 2)
+    start = trainable_state(members.model)
+    _, replies, arrays = _round(settings, tmp_path, start)
+    assert arrays is None
+    assert {r.error.code for r in replies} == {m.PRIVACY_BUDGET_REFUSED}
+    assert "above its budget 0.1" in replies[0].error.reason
+    # Without secure aggregation a hospital sends no noisy sum, whatever the server says.
+    settings = _distributed_task(tiny_bert, noise_multiplier=0.5, sample_rate=0.5,
+                                 threshold=2, target_delta=1e-5)
+    grid = ClientAppGrid(tmp_path / "plain")
+    strategy = FedAvg(weighted_by_key=m.WEIGHT_KEY, min_available_nodes=2, min_train_nodes=2)
+    config = ConfigRecord({m.TASK_KEY: task_settings_to_yaml(settings),
+                           m.SECURE_AGGREGATION_ON: True})
+    replies = list(grid.send_and_receive(strategy.configure_train(1, ArrayRecord(start),
+                                                                  config, grid)))
+    assert all("only through secure aggregation" in r.error.reason for r in replies)

@@ -113,7 +113,9 @@ def test_secagg_plus_releases_nothing_when_a_secret_has_too_few_shares():
                                          reconstruction_threshold=2)
     _, replies, _, arrays = _round(hospitals, settings)
     assert arrays is None
-    assert "1 shares of node 303's secret" in replies[0].error.reason
+    reasons = {r.metadata.src_node_id: (r.error.code, r.error.reason) for r in replies}
+    assert reasons[303] == (m.PRIVACY_BUDGET_REFUSED, "budget")  # its refusal, kept
+    assert "1 shares of node 303's secret" in reasons[101][1]
 
 
 def test_a_round_below_the_threshold_releases_nothing():

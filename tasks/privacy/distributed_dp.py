@@ -11,9 +11,9 @@ these steps over the rounds it took part in. Were the assumptions to break (the 
 one hospital's sum, or fewer than t hospitals add their share), a record is protected by its
 own hospital's share alone: (q, sigma / sqrt(t)) a step, the fallback this module also gives.
 
-What is here: the plan (sigma calibrated once for the planned rounds) and a hospital's noisy
-clipped gradient sum, on Opacus' own clipping and noise. Not yet wired into the ClientApp and
-the server's optimiser step (see the issue's notes).
+Here: the plan (sigma calibrated once for the planned rounds), its form as a one-step-a-round
+``DpSgdPlan`` (so a hospital's ledger, run cap and lifetime policy work as for DP-SGD), and a
+hospital's noisy clipped gradient sum on Opacus' own clipping and noise.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader
 
-from settings.task import Accountant
+from settings.task import Accountant, DistributedDpSettings
+from tasks.errors import TaskInputError
 from tasks.model.compute import CPU_FP32, Compute
 from tasks.privacy.accounting import Step, calibrate_noise_multiplier, epsilon_spent
 from tasks.privacy.dp_sgd import (
@@ -36,6 +37,8 @@ from tasks.privacy.dp_sgd import (
     _per_record_gradients_in_float32,
     _shape_empty_batches_like_a_record,
 )
+from tasks.privacy.plan import DpSgdPlan, policy_delta
+from tasks.privacy.policy import HospitalPolicy
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,31 @@ class DistributedDpPlan:
                 fallback: bool = False) -> float:
         noise, rate, _ = self.fallback_step() if fallback else self.round_step()
         return epsilon_spent([(noise, rate, rounds)], delta, accountant)
+
+
+def hospital_plan(settings: DistributedDpSettings, hospital: int, train_records: int,
+                  policy: HospitalPolicy,
+                  prior_history: list[Step] | tuple[Step, ...] = ()
+                  ) -> tuple[DistributedDpPlan, DpSgdPlan]:
+    """The server's plan as a hospital takes it, and as its ledger and policy see it: one step
+    a round at (q, sigma). Raises PrivacyBudgetError on a delta its policy forbids."""
+    if None in (settings.noise_multiplier, settings.sample_rate, settings.threshold,
+                settings.target_delta):
+        raise TaskInputError(f"hospital {hospital}: the server's distributed DP plan is "
+                             "incomplete (noise_multiplier, sample_rate, threshold, "
+                             "target_delta are set by the server)")
+    plan = DistributedDpPlan(sample_rate=settings.sample_rate,
+                             noise_multiplier=settings.noise_multiplier,
+                             max_grad_norm=settings.max_grad_norm, threshold=settings.threshold,
+                             expected_batch=float(settings.expected_batch_size))
+    budgets = [b for b in (settings.max_epsilon, settings.target_epsilon) if b is not None]
+    as_steps = DpSgdPlan(
+        hospital=hospital, train_records=train_records, sample_rate=plan.sample_rate,
+        steps_per_round=1, delta=policy_delta(settings, policy, train_records),
+        noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+        accountant=settings.accountant, max_epsilon=min(budgets) if budgets else None,
+        policy=policy, prior_history=tuple(tuple(s) for s in prior_history))
+    return plan, as_steps
 
 
 def plan_distributed_dp(target_epsilon: float | None, delta: float, total_records: int,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from settings.task import Accountant, DpSgdSettings
+from settings.task import Accountant, DistributedDpSettings, DpSgdSettings
 from tasks.errors import TaskInputError
 from tasks.privacy.accounting import (
     Step,
@@ -105,9 +105,11 @@ class DpSgdPlan:
         return None
 
 
-def _policy_delta(settings: DpSgdSettings, policy: HospitalPolicy, train_records: int) -> float:
+def policy_delta(settings: DpSgdSettings | DistributedDpSettings, policy: HospitalPolicy,
+                 train_records: int) -> float:
     """This run's delta: the server's, if the hospital accepts it, else the hospital's own."""
     where = f"hospital {policy.hospital}"
+    section = settings.SECTION
     policy.check_records(train_records)
     hospital_delta = policy.delta(train_records)
     delta = settings.target_delta
@@ -115,13 +117,13 @@ def _policy_delta(settings: DpSgdSettings, policy: HospitalPolicy, train_records
         return hospital_delta
     if delta >= 1.0 / train_records:
         raise PrivacyBudgetError(
-            f"{where}: privacy.dp_sgd.target_delta={delta:g} is not below 1/records = "
+            f"{where}: {section}.target_delta={delta:g} is not below 1/records = "
             f"1/{train_records} = {1 / train_records:.3g}; a delta that large permits "
             "revealing a whole record. Use a smaller delta (or leave it null).")
     if delta > hospital_delta:
         raise PolicyRefusal(
             f"{where}: privacy policy max-delta ({policy.source}): the server asked for "
-            f"privacy.dp_sgd.target_delta={delta:g}, above the hospital's maximum "
+            f"{section}.target_delta={delta:g}, above the hospital's maximum "
             f"{hospital_delta:g}; refused, nothing trained")
     return delta
 
@@ -140,7 +142,7 @@ def plan_dp_sgd(settings: DpSgdSettings, hospital: int, train_records: int, batc
         raise PrivacyBudgetError(f"{where}: no training records, nothing to train privately")
     sample_rate, batches_per_epoch = steps_per_epoch(train_records, batch_size)
     steps_per_round = local_epochs * batches_per_epoch
-    delta = _policy_delta(settings, policy, train_records)
+    delta = policy_delta(settings, policy, train_records)
 
     # The target is a promise too: a hospital sampled more often than planned (fraction_train
     # below 1) stops at it rather than spend more.
