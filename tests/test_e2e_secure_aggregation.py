@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import history, only_run, run_overrides
+from tests.support import history, independent_epsilon, only_run, run_overrides
 
 
 def _run(superlink, tiny_bert, store, *overrides, rounds=1):
@@ -51,3 +51,23 @@ def test_every_mode_trains_the_same_model_and_mlflow_records_the_crypto(
     for mode in ("secagg_plus", "ckks"):
         for plain, secure in zip(accuracy["none"], accuracy[mode], strict=True):
             assert abs(secure - plain) <= 0.005, (mode, accuracy)
+
+
+@pytest.mark.e2e
+def test_distributed_dp_runs_over_secagg_plus_and_accounts_every_round(
+        superlink, tiny_bert, tmp_path):
+    rounds = 3
+    client, run = _run(superlink, tiny_bert, tmp_path / "distributed",
+                       "secure_aggregation=secagg_plus", "privacy=distributed_dp",
+                       "privacy.distributed_dp.expected_batch_size=32", rounds=rounds)
+    run_id = run.info.run_id
+    assert run.data.tags["privacy"] == "distributed_dp(epsilon=8.0)"
+    sigma = float(run.data.params["distributed_dp_plan.noise_multiplier"])
+    rate = float(run.data.params["distributed_dp_plan.sample_rate"])
+    delta = float(run.data.params["distributed_dp_plan.delta"])
+    assert history(client, run_id, "round/train_replies") == {r: 2 for r in range(1, 4)}
+    # Each hospital's epsilon: rounds steps of the sampled Gaussian at (q, sigma), its ledger's.
+    epsilon = history(client, run_id, "hospital_0/epsilon")
+    assert epsilon[rounds] == pytest.approx(independent_epsilon([(sigma, rate, rounds)], delta),
+                                            rel=1e-6)
+    assert epsilon[rounds] <= 8.0
