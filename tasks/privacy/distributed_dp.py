@@ -143,23 +143,30 @@ def noisy_clipped_gradient_sum(model: torch.nn.Module, loader: DataLoader,
             loss_reduction="sum", wrap_model=False)  # a sum: the server divides
     if poisson_sampling:
         _shape_empty_batches_like_a_record(dp_loader)
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     try:
-        batch = next(iter(compute.batches(dp_loader)))
-        dp_optimizer.zero_grad(set_to_none=True)
-        if int(batch["labels"].shape[0]) == 0:  # an empty draw still sends its noise
-            for _, param in named:
-                param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype,
-                                                device=param.device)
-        else:
-            with compute.autocast():
-                logits = _logits(model, batch)
-            torch.nn.functional.cross_entropy(logits.float(), batch["labels"],
-                                              reduction="sum").backward()
-            _per_record_gradients_in_float32(dp_optimizer)
-        dp_optimizer.pre_step()  # clip per record, sum, add the noise share
-        return {name: param.grad.detach().float().cpu().clone() for name, param in named}
+        with warnings.catch_warnings():  # a filter added once per round would pile up
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            return _one_noisy_sum(model, dp_loader, dp_optimizer, named, compute)
     finally:
         hooks.cleanup()
         for _, param in named:
             param.grad = None
+
+
+def _one_noisy_sum(model: torch.nn.Module, dp_loader: DataLoader,
+                   dp_optimizer: torch.optim.Optimizer, named: list, compute: Compute
+                   ) -> dict[str, torch.Tensor]:
+    batch = next(iter(compute.batches(dp_loader)))
+    dp_optimizer.zero_grad(set_to_none=True)
+    if int(batch["labels"].shape[0]) == 0:  # an empty draw still sends its noise
+        for _, param in named:
+            param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype,
+                                            device=param.device)
+    else:
+        with compute.autocast():
+            logits = _logits(model, batch)
+        torch.nn.functional.cross_entropy(logits.float(), batch["labels"],
+                                          reduction="sum").backward()
+        _per_record_gradients_in_float32(dp_optimizer)
+    dp_optimizer.pre_step()  # clip per record, sum, add the noise share
+    return {name: param.grad.detach().float().cpu().clone() for name, param in named}
