@@ -222,7 +222,7 @@ class Hospital:
                              shuffle=False)
         noisy_sum = noisy_clipped_gradient_sum(self.model, loader, plan, self.compute)
         ledger.noise_multiplier, ledger.delta = plan.noise_multiplier, as_steps.delta
-        ledger.history.append(plan.round_step())
+        ledger.add_step(plan.round_step())
         ledger.rounds_trained.append(server_round)
         state = {name: global_state[name].detach().float().cpu() - noisy_sum[name]
                  / plan.expected_batch for name in noisy_sum}

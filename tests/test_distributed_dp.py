@@ -270,3 +270,19 @@ def test_distributed_dp_hospitals_refuse_over_budget_and_in_the_clear(
     replies = list(grid.send_and_receive(strategy.configure_train(1, ArrayRecord(start),
                                                                   config, grid)))
     assert all("only through secure aggregation" in r.error.reason for r in replies)
+
+
+def test_distributed_dp_rounds_share_one_ledger_entry():
+    """Hundreds of one-step rounds: consecutive steps at the same (sigma, q) are one entry,
+    so each round's epsilon costs the same; the epsilon is unchanged."""
+    from tasks.privacy.accounting import epsilon_spent
+    from tasks.privacy.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger(run_id=1, hospital=0)
+    for _ in range(300):
+        ledger.add_step((1.2, 0.1, 1))
+    assert ledger.history == [(1.2, 0.1, 300)] and ledger.steps == 300
+    ledger.add_step((1.5, 0.1, 1))
+    assert len(ledger.history) == 2
+    assert epsilon_spent(ledger.history, 1e-5, Accountant.rdp) == pytest.approx(
+        epsilon_spent([(1.2, 0.1, 1)] * 300 + [(1.5, 0.1, 1)], 1e-5, Accountant.rdp))

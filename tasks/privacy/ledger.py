@@ -44,6 +44,16 @@ class PrivacyLedger:
     history: list[Step] = field(default_factory=list)
     rounds_trained: list[int] = field(default_factory=list)
 
+    def add_step(self, step: Step) -> None:
+        """One more step; consecutive steps at the same (noise, rate) share one entry, so the
+        accountant's work stays constant over hundreds of rounds (epsilon is the same)."""
+        noise, rate, count = step
+        if self.history and tuple(self.history[-1][:2]) == (noise, rate):
+            last = self.history[-1]
+            self.history[-1] = (last[0], last[1], int(last[2]) + int(count))
+        else:
+            self.history.append((noise, rate, int(count)))
+
     @property
     def steps(self) -> int:
         return sum(int(steps) for _, _, steps in self.history)
