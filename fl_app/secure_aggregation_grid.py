@@ -28,6 +28,7 @@ from settings.secure_aggregation import (
     SecureAggregationMode,
     SecureAggregationSettings,
 )
+from tracking.grid_wrapper import GridWrapper
 from tracking.metered_grid import payload_bytes
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def ciphertexts_of(record: ArrayRecord) -> list[bytes]:
     return [record[name].numpy().tobytes() for name in sorted(record)]
 
 
-class SecureAggregationGrid(Grid):
+class SecureAggregationGrid(GridWrapper):
     """Delegates to the real Grid; train messages go through the configured protocol.
 
     ``max_weight``: the largest aggregation weight a hospital may send (its training
@@ -62,7 +63,7 @@ class SecureAggregationGrid(Grid):
                  ckks_public: bytes | None = None,
                  hospital_of: Callable[[int], object] = lambda node: node,
                  sum_updates: bool = False) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.settings = settings
         self.max_weight = float(max_weight)
         self._combine = summed if sum_updates else weighted_mean
@@ -286,7 +287,7 @@ class SecureAggregationGrid(Grid):
                     raise RoundAborted(f"decrypted sum unusable: {err}") from err
         raise RoundAborted("no contributing hospital decrypted the sum")
 
-    # --- Everything else is the real Grid's business -------------------------------------
+    # --- Train messages only through the protocol; the rest is GridWrapper's ----------
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
@@ -295,23 +296,3 @@ class SecureAggregationGrid(Grid):
             raise RuntimeError("with secure aggregation, train messages go through "
                                "send_and_receive, which runs the protocol")
         return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
-
-    def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run type
-        self._grid.set_run(run)
-
-    @property
-    def run(self):  # noqa: ANN201
-        return self._grid.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def get_nodes(self):  # noqa: ANN201
-        return self._grid.get_nodes()

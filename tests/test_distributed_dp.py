@@ -286,3 +286,34 @@ def test_distributed_dp_rounds_share_one_ledger_entry():
     assert len(ledger.history) == 2
     assert epsilon_spent(ledger.history, 1e-5, Accountant.rdp) == pytest.approx(
         epsilon_spent([(1.2, 0.1, 1)] * 300 + [(1.5, 0.1, 1)], 1e-5, Accountant.rdp))
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["privacy=distributed_dp"], "secure_aggregation.mode"),
+    (["privacy=distributed_dp", "secure_aggregation=ckks", "privacy.dp_sgd.enabled=true",
+      "privacy.dp_sgd.target_epsilon=8"], "privacy.distributed_dp.enabled"),
+    (["privacy=distributed_dp", "secure_aggregation=ckks", "strategy=fedprox"], "strategy.name"),
+    (["privacy=distributed_dp", "secure_aggregation=ckks",
+      "privacy.distributed_dp.max_grad_norm=0"], "privacy.distributed_dp.max_grad_norm"),
+])
+def test_distributed_dp_settings_that_cannot_work_are_refused(overrides, key):
+    from settings.checks import ConfigError
+    from settings.compose import compose_config, to_run_settings
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        to_run_settings(compose_config(overrides))
+
+
+def test_distributed_dp_refuses_a_batch_of_every_record_before_training():
+    from fl_app.preflight import HospitalReport
+    from fl_app.server_app import Federation, plan_distributed_dp_for
+    from settings.checks import ConfigError
+    from settings.compose import compose_config, task_settings, to_run_settings
+
+    cfg = compose_config(["privacy=distributed_dp", "secure_aggregation=secagg_plus",
+                          "privacy.distributed_dp.expected_batch_size=200"])
+    federation = Federation(task=task_settings(cfg, list(SPECIALTIES)), task_config=None,
+                            reports=[HospitalReport(1, 0, 90, 10, []),
+                                     HospitalReport(2, 1, 90, 10, [])])
+    with pytest.raises(ConfigError, match="expected_batch_size=200.*180 training records"):
+        plan_distributed_dp_for(to_run_settings(cfg), federation, tracker=None)

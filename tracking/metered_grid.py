@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from tracking.grid_wrapper import GridWrapper
+
 
 def _config_bytes(record: ConfigRecord) -> int:
     # Flower's ConfigRecord.count_bytes raises on an empty string value, so count
@@ -26,14 +28,14 @@ def payload_bytes(content: RecordDict) -> int:
                else record.count_bytes() for record in content.values())
 
 
-class MeteredGrid(Grid):
+class MeteredGrid(GridWrapper):
     """Delegates to the real Grid and adds up the payload of every message sent and received.
 
     The strategy never knows: it is handed this Grid instead of the original.
     """
 
     def __init__(self, grid: Grid) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.bytes_sent = 0
         self.bytes_received = 0
         self.replies_with_error = 0
@@ -66,21 +68,3 @@ class MeteredGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._count(self._grid.pull_messages(message_ids))
-
-    # Everything else is the real Grid's business.
-    def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run type
-        self._grid.set_run(run)
-
-    @property
-    def run(self):  # noqa: ANN201
-        return self._grid.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def get_nodes(self):  # noqa: ANN201
-        return self._grid.get_nodes()
