@@ -37,6 +37,7 @@ from settings.run import RunSettings
 from settings.secure_aggregation import SecureAggregationMode, SecureAggregationSettings
 from settings.task import Device, Precision, TaskSettings, TrainSettings
 from strategies.central_dp import with_client_level_dp
+from strategies.evaluation_schedule import EvaluateOnSchedule, EvaluationSchedule
 from strategies.metric_rules import MetricRules, evaluate_metrics_rules, train_metrics_rules
 from strategies.privacy_budget import PrivacyBudgetGate, TrainingStopped
 from strategies.registry import build_strategy
@@ -131,9 +132,12 @@ def main(grid: Grid, context: Context) -> None:
         train_rules, evaluate_rules = train_metrics_rules(), evaluate_metrics_rules()
         strategy, client_level_privacy = server_strategy(settings, federation, tracker,
                                                          train_rules, evaluate_rules)
+        schedule = EvaluationSchedule(settings.evaluate_every, settings.num_rounds)
+        strategy = EvaluateOnSchedule(strategy, schedule)
         round_logger = RoundLogger(tracker, grid, train_rules, evaluate_rules, central,
                                    settings.tracking.log_per_hospital, client_level_privacy,
-                                   secure_grid.take_round_stats if secure_grid else None)
+                                   secure_grid.take_round_stats if secure_grid else None,
+                                   schedule.due)
         initial = ArrayRecord(trainable_state(model))
         train_federation(strategy, secure_grid or grid, initial, settings,
                          federation.task_config, round_logger, tracker)

@@ -35,9 +35,14 @@ class RunSettings(SharedSettings):
     strategy: StrategySettings = field(default_factory=StrategySettings)
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
     num_rounds: int = 4
+    # Federated and central evaluation after every k-th round (and round 0 and the last):
+    # runs of hundreds of one-step rounds (distributed DP) would spend most of their time
+    # scoring otherwise.
+    evaluate_every: int = 1
 
     def __post_init__(self) -> None:
         require(self.num_rounds >= 1, "num_rounds", self.num_rounds, "at least 1")
+        require(self.evaluate_every >= 1, "evaluate_every", self.evaluate_every, "at least 1")
         strategy = self.strategy
         check_precision_fits_dp_sgd(self.train, self.privacy.dp_sgd)
         if self.privacy.dp_sgd.enabled:

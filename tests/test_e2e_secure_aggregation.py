@@ -59,8 +59,12 @@ def test_distributed_dp_runs_over_secagg_plus_and_accounts_every_round(
     rounds = 3
     client, run = _run(superlink, tiny_bert, tmp_path / "distributed",
                        "secure_aggregation=secagg_plus", "privacy=distributed_dp",
-                       "privacy.distributed_dp.expected_batch_size=32", rounds=rounds)
+                       "privacy.distributed_dp.expected_batch_size=32", "evaluate_every=2",
+                       rounds=rounds)
     run_id = run.info.run_id
+    # Scored after rounds 0, 2 and the last only; training figures every round.
+    assert set(history(client, run_id, "central/accuracy")) == {0, 2, 3}
+    assert set(history(client, run_id, "federated/accuracy")) == {0, 2, 3}
     assert run.data.tags["privacy"] == "distributed_dp(epsilon=8.0)"
     sigma = float(run.data.params["distributed_dp_plan.noise_multiplier"])
     rate = float(run.data.params["distributed_dp_plan.sample_rate"])

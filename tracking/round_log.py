@@ -44,9 +44,11 @@ class RoundLogger:
                  evaluate_rules: MetricRules, central_evaluate: CentralEvaluate | None,
                  log_per_hospital: bool = True,
                  client_level_privacy: ClientLevelPrivacy | None = None,
-                 round_extras: Callable[[], dict[str, float]] | None = None) -> None:
+                 round_extras: Callable[[], dict[str, float]] | None = None,
+                 evaluate_due: Callable[[int], bool] = lambda _: True) -> None:
         """``round_extras``: more of the round's figures (secure aggregation's bytes and
-        times), taken once per round."""
+        times), taken once per round. ``evaluate_due``: whether a round is evaluated (federated
+        and central); the others log their training figures only."""
         self.tracker = tracker
         self.grid = grid
         self.train_rules = train_rules
@@ -55,6 +57,7 @@ class RoundLogger:
         self.log_per_hospital = log_per_hospital
         self.client_level_privacy = client_level_privacy
         self.round_extras = round_extras
+        self.evaluate_due = evaluate_due
         self.latest_arrays: ArrayRecord | None = None  # the global adapter last evaluated
         self._round_started = time.perf_counter()
 
@@ -65,7 +68,8 @@ class RoundLogger:
                              (self.evaluate_rules, _EVAL_NAMES)):
             combined, per_hospital = rules.take()
             metrics.update(mlflow_metrics(combined, names))
-            if server_round > 0 and not combined:
+            evaluated = names is _TRAIN_NAMES or self.evaluate_due(server_round)
+            if server_round > 0 and not combined and evaluated:
                 metrics[names[m.REPLIES]] = 0  # every hospital failed or none replied
             if self.log_per_hospital:
                 for hospital, values in per_hospital.items():
@@ -83,7 +87,7 @@ class RoundLogger:
         if self.round_extras is not None:
             metrics.update(self.round_extras())
         central = {}
-        if self.central_evaluate is not None:
+        if self.central_evaluate is not None and self.evaluate_due(server_round):
             central = self.central_evaluate(arrays)
             metrics.update({f"central/{k}": v for k, v in central.items()})
         now = time.perf_counter()
