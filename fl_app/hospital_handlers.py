@@ -13,7 +13,13 @@ from flwr.common.logger import log
 
 from fl_app.client_mods import asks_for_clipping
 from fl_app.hospital_state import hospital_policy, load_ledger, save_ledger
-from fl_app.replies import evaluate_reply, preflight_reply, refusal_reply, train_reply
+from fl_app.replies import (
+    distributed_share_reply,
+    evaluate_reply,
+    preflight_reply,
+    refusal_reply,
+    train_reply,
+)
 from fl_app.secure_aggregation_mod import load_ckks_context
 from protocol import messages as m
 from secure_aggregation import ckks
@@ -138,7 +144,7 @@ def train(msg: Message, context: Context) -> Message:
     prior = lifetime.history(except_run=context.run_id) if lifetime else ()
     try:
         if hospital.uses_distributed_dp:
-            state, outcome = hospital.distributed_step(global_state, server_round, ledger,
+            share, outcome = hospital.distributed_step(global_state, server_round, ledger,
                                                        policy, prior)
         else:
             state, outcome = hospital.train(
@@ -148,9 +154,11 @@ def train(msg: Message, context: Context) -> Message:
         return refusal_reply(msg, str(refusal))
     if lifetime is not None:
         save_ledger(context, lifetime)  # before the update leaves: spending is never forgotten
-    # Distributed DP's shares are summed, not averaged: every hospital weighs 1.
+    if hospital.uses_distributed_dp:  # summed, not averaged: every hospital weighs 1
+        return distributed_share_reply(msg, share, outcome, hospital.data.hospital,
+                                       hospital.share_lattice, privacy.distributed_dp.threshold)
     return train_reply(msg, state, outcome, hospital.data.hospital,
-                       equal_weight=asks_for_clipping(msg) or hospital.uses_distributed_dp)
+                       equal_weight=asks_for_clipping(msg))
 
 
 def evaluate(msg: Message, context: Context) -> Message:

@@ -15,12 +15,14 @@ Every key is defined, with its rule and what may be sent under DP-SGD, in
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from protocol import messages as m
 from tasks.learning.evaluation import EvalOutcome
 from tasks.learning.training import TrainOutcome
+from tasks.privacy.lattice import Lattice
 from tasks.privacy.policy import EvalRelease
 
 
@@ -28,6 +30,29 @@ def train_reply(msg: Message, state: dict[str, torch.Tensor], outcome: TrainOutc
                 hospital: int, equal_weight: bool = False) -> Message:
     """``equal_weight``: client-level DP on the server averages hospitals with equal weights."""
     arrays = ArrayRecord({k: v.to(torch.float32) for k, v in state.items()})
+    return Message(RecordDict({m.ARRAYS_RECORD: arrays, m.METRICS_RECORD: MetricRecord(
+        _train_metrics(outcome, hospital, equal_weight))}), reply_to=msg)
+
+
+def distributed_share_reply(msg: Message, share: dict[str, np.ndarray], outcome: TrainOutcome,
+                            hospital: int, lattice: Lattice | None, threshold: int) -> Message:
+    """Distributed DP's share of a round (already noisy): uint32 lattice levels for SecAgg+ or
+    float64 values for CKKS, and how it is encoded. The secure-aggregation mod masks or
+    encrypts it as it is; it never leaves the hospital otherwise (the handler refuses to
+    compute it without secure aggregation)."""
+    encoding = {m.SHARE_ENCODING: m.SHARE_VALUES} if lattice is None else {
+        m.SHARE_ENCODING: m.SHARE_LATTICE, m.SHARE_CLIPPING_RANGE: lattice.clipping_range,
+        m.SHARE_LEVELS: lattice.levels}
+    encoding[m.SHARE_THRESHOLD] = threshold
+    return Message(RecordDict({
+        m.ARRAYS_RECORD: ArrayRecord({k: Array(np.ascontiguousarray(v))
+                                     for k, v in share.items()}),
+        m.METRICS_RECORD: MetricRecord(_train_metrics(outcome, hospital, equal_weight=True)),
+        m.DISTRIBUTED_SHARE_RECORD: ConfigRecord(encoding)}), reply_to=msg)
+
+
+def _train_metrics(outcome: TrainOutcome, hospital: int, equal_weight: bool
+                   ) -> dict[str, int | float]:
     values: dict[str, int | float] = {
         m.NUM_EXAMPLES: outcome.num_examples,
         m.WEIGHT_KEY: 1 if equal_weight else outcome.num_examples,
@@ -51,8 +76,9 @@ def train_reply(msg: Message, state: dict[str, torch.Tensor], outcome: TrainOutc
             m.LIFETIME_DELTA: report.hospital_delta,
             m.CAN_TRAIN_NEXT: int(report.can_train_next_round),
         })
-    return Message(RecordDict({m.ARRAYS_RECORD: arrays, m.METRICS_RECORD: MetricRecord(values)}),
-                   reply_to=msg)
+        if report.epsilon_if_alone is not None:
+            values[m.EPSILON_IF_ALONE] = report.epsilon_if_alone
+    return values
 
 
 def refusal_reply(msg: Message, reason: str) -> Message:

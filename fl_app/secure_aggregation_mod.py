@@ -25,7 +25,7 @@ from fl_app.node_config import is_deployed
 from fl_app.secure_aggregation_grid import ciphertext_record, ciphertexts_of, vector_record
 from protocol import messages as m
 from secure_aggregation import ckks, secagg_plus
-from secure_aggregation.update_vector import weight_share, weighted_update
+from secure_aggregation.update_vector import flatten, weight_share, weighted_update
 
 STATE_KEY = "secure-aggregation"
 CKKS_ROUNDS_KEY = "ckks-rounds"  # the rounds this hospital encrypted in, and decrypted in
@@ -150,6 +150,38 @@ def _trained(reply: Message) -> dict[str, np.ndarray]:
     return {name: a.numpy() for name, a in reply.content[m.ARRAYS_RECORD].items()}
 
 
+def _share_arrays(reply: Message, start: dict[str, np.ndarray],
+                  encoding: str) -> dict[str, np.ndarray]:
+    """Distributed DP's share from the train handler, checked against the global adapter."""
+    described = reply.content[m.DISTRIBUTED_SHARE_RECORD]
+    if described.get(m.SHARE_ENCODING) != encoding:
+        raise StageRefused(f"a distributed DP share encoded as "
+                           f"{described.get(m.SHARE_ENCODING)!r}, this stage takes {encoding!r}")
+    arrays = _trained(reply)
+    if [(k, a.shape) for k, a in arrays.items()] != [(k, a.shape) for k, a in start.items()]:
+        raise StageRefused("the distributed DP share's arrays differ from the global adapter's")
+    return arrays
+
+
+def _lattice_share(reply: Message, start: dict[str, np.ndarray],
+                   secrets: secagg_plus.HospitalSecrets) -> np.ndarray:
+    """The share's uint32 levels, on the lattice this round's SecAgg+ sums."""
+    described = reply.content[m.DISTRIBUTED_SHARE_RECORD]
+    arrays = _share_arrays(reply, start, m.SHARE_LATTICE)
+    lattice = (float(described[m.SHARE_CLIPPING_RANGE]), int(described[m.SHARE_LEVELS]))
+    if lattice != (secrets.clipping_range, secrets.quantization_range):
+        raise StageRefused(f"the distributed DP share is on the lattice (clipping range, "
+                           f"levels) {lattice}; this round sums on "
+                           f"{(secrets.clipping_range, secrets.quantization_range)}")
+    if int(described[m.SHARE_THRESHOLD]) > secrets.threshold:
+        raise StageRefused(f"the distributed DP noise share assumes at least "
+                           f"{described[m.SHARE_THRESHOLD]} hospitals in every released sum; "
+                           f"this round's SecAgg+ threshold is {secrets.threshold}")
+    if any(a.dtype != np.uint32 for a in arrays.values()):
+        raise StageRefused("a distributed DP share on the lattice must be uint32 levels")
+    return np.concatenate([a.ravel() for a in arrays.values()])
+
+
 def _metrics(reply: Message, seconds: float):  # noqa: ANN202
     metrics = reply.content[m.METRICS_RECORD]
     metrics[m.SECAGG_SECONDS] = seconds
@@ -168,8 +200,12 @@ def _secagg_collect(msg: Message, context: Context, call_next: ClientAppCallable
     started = time.perf_counter()
     levels = weight_share(float(reply.content[m.METRICS_RECORD][m.WEIGHT_KEY]),
                           secrets.max_weight, secrets.quantization_range)
-    update = weighted_update(_trained(reply), start, levels / secrets.quantization_range)
-    masked, clipped = secagg_plus.masked_update(secrets, update[:-1], levels)
+    if m.DISTRIBUTED_SHARE_RECORD in reply.content:  # distributed DP: on the lattice already
+        masked, clipped = secagg_plus.masked_levels(
+            secrets, _lattice_share(reply, start, secrets), levels), 0
+    else:
+        update = weighted_update(_trained(reply), start, levels / secrets.quantization_range)
+        masked, clipped = secagg_plus.masked_update(secrets, update[:-1], levels)
     _keep(context, secrets)
     if clipped:
         # Logged here only: the count is a statistic of this hospital's update.
@@ -194,7 +230,11 @@ def _ckks_collect(msg: Message, context: Context, call_next: ClientAppCallable) 
     share = float(reply.content[m.METRICS_RECORD][m.WEIGHT_KEY]) / max_weight
     if not 0 <= share <= 1:
         raise StageRefused(f"aggregation weight beyond the server's max-weight {max_weight}")
-    ciphertexts = ckks.encrypt(key, weighted_update(_trained(reply), start, share))
+    if m.DISTRIBUTED_SHARE_RECORD in reply.content:  # distributed DP: the noisy values
+        values = np.append(flatten(_share_arrays(reply, start, m.SHARE_VALUES)), share)
+    else:
+        values = weighted_update(_trained(reply), start, share)
+    ciphertexts = ckks.encrypt(key, values)
     rounds = _ckks_rounds(context)
     rounds["encrypted"] = [int(r) for r in rounds["encrypted"]] + [int(record[m.SECAGG_ROUND])]
     context.state.config_records[CKKS_ROUNDS_KEY] = rounds

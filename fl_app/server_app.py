@@ -53,6 +53,7 @@ from tasks.model.build import (
 )
 from tasks.model.compute import resolve_compute
 from tasks.privacy.distributed_dp import plan_distributed_dp
+from tasks.privacy.lattice import Lattice
 from tracking.metered_grid import MeteredGrid
 from tracking.round_log import CentralEvaluate, ClientLevelPrivacy, RoundLogger
 from tracking.run_tracker import RunTracker
@@ -127,7 +128,8 @@ def main(grid: Grid, context: Context) -> None:
         central = central_evaluation(settings, model, tokenizer, labels)
         federation = check_hospitals(grid, settings, task, tracker)
         if settings.privacy.distributed_dp.enabled:
-            plan_distributed_dp_for(settings, federation, tracker)
+            plan_distributed_dp_for(settings, federation, tracker,
+                                    sum(t.numel() for t in trainable_state(model).values()))
         secure_grid = secure_aggregation_grid(grid, settings, federation)
         train_rules, evaluate_rules = train_metrics_rules(), evaluate_metrics_rules()
         strategy, client_level_privacy = server_strategy(settings, federation, tracker,
@@ -195,9 +197,10 @@ def hospitals_per_round(settings: RunSettings, taking_part: int) -> int:
 
 
 def plan_distributed_dp_for(settings: RunSettings, federation: Federation,
-                            tracker: RunTracker) -> None:
+                            tracker: RunTracker, dimension: int) -> None:
     """Distributed DP's plan, once, from the hospitals' record counts: the union's sampling
-    rate, sigma calibrated for the planned rounds, the threshold; written into the settings
+    rate, sigma calibrated for the planned rounds (as the hospitals account them: on
+    SecAgg+'s lattice of ``dimension`` values), the threshold; written into the settings
     every train message carries (each hospital checks it against its own policy)."""
     wanted = federation.task.privacy.distributed_dp
     taking_part = [r for r in federation.reports if not r.declined]
@@ -210,19 +213,26 @@ def plan_distributed_dp_for(settings: RunSettings, federation: Federation,
     threshold = settings.secure_aggregation.threshold_for(
         hospitals_per_round(settings, len(taking_part)))
     delta = wanted.target_delta or min(1e-5, 1 / (10 * total))
+    secure = settings.secure_aggregation
+    lattice = (Lattice(secure.clipping_range, secure.quantization_range)
+               if secure.mode == SecureAggregationMode.secagg_plus else None)
     plan = plan_distributed_dp(
         wanted.target_epsilon if wanted.noise_multiplier is None else None, delta, total,
         wanted.expected_batch_size, federation.task.planned_rounds, wanted.max_grad_norm,
-        threshold, wanted.accountant, wanted.noise_multiplier)
+        threshold, wanted.accountant, wanted.noise_multiplier,
+        lattice.step if lattice else None, dimension)
     wanted.noise_multiplier, wanted.sample_rate = plan.noise_multiplier, plan.sample_rate
     wanted.threshold, wanted.target_delta = plan.threshold, delta
     federation.task_config = ConfigRecord({TASK_KEY: task_settings_to_yaml(federation.task)})
     tracker.log_params({"distributed_dp_plan": {
         "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
         "threshold": plan.threshold, "delta": delta, "training_records": total,
-        "noise_share_multiplier": plan.share_noise_multiplier}})
-    log.info("distributed DP: sigma %.4g at q %.4g over %d rounds, each hospital adds "
-             "sigma/sqrt(%d)", plan.noise_multiplier, plan.sample_rate,
+        "noise_share_multiplier": plan.share_noise_multiplier,
+        "accounted_noise_multiplier": plan.accounted_noise_multiplier,
+        "lattice_step": plan.lattice_step or 0.0, "dimension": dimension}})
+    log.info("distributed DP: sigma %.4g (accounted %.4g on the lattice) at q %.4g over %d "
+             "rounds, each hospital adds sigma/sqrt(%d)", plan.noise_multiplier,
+             plan.accounted_noise_multiplier, plan.sample_rate,
              federation.task.planned_rounds, plan.threshold)
 
 

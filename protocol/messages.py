@@ -139,6 +139,17 @@ SAMPLE_RATE = "sample-rate"
 DP_STEPS = "dp-steps"
 LIFETIME_EPSILON = "lifetime-epsilon"
 LIFETIME_DELTA = "lifetime-delta"
+# Distributed DP: the epsilon were only the hospital's own share of the noise to protect it.
+EPSILON_IF_ALONE = "epsilon-if-alone"
+# Distributed DP's share, from the train handler to the secure-aggregation mod (hospital side
+# only; the mod masks or encrypts the arrays as they are): how they are encoded.
+DISTRIBUTED_SHARE_RECORD = "distributed-dp-share"
+SHARE_ENCODING = "encoding"
+SHARE_LATTICE = "lattice"  # uint32 levels on SecAgg+'s lattice (tasks/privacy/lattice.py)
+SHARE_VALUES = "values"  # float64 values (CKKS)
+SHARE_CLIPPING_RANGE = "clipping-range"
+SHARE_LEVELS = "levels"
+SHARE_THRESHOLD = "threshold"  # the t its noise share assumes: SecAgg+ must release no fewer
 CAN_TRAIN_NEXT = "can-train-next"  # 0: the hospital's budget cannot pay for another round
 SECAGG_SECONDS = "secure-aggregation-seconds"  # masking or encrypting the update
 EVAL_LOSS = "eval-loss"
@@ -173,6 +184,7 @@ TRAIN_METRICS: tuple[Metric, ...] = (
     # The hospital's epsilon over every run on its ledger, at its own delta (its policy).
     Metric(LIFETIME_EPSILON, Rule.MAX, "privacy/lifetime_epsilon_max", "lifetime_epsilon"),
     Metric(LIFETIME_DELTA, Rule.MAX, "privacy/lifetime_delta"),
+    Metric(EPSILON_IF_ALONE, Rule.MAX, "privacy/epsilon_if_alone_max", "epsilon_if_alone"),
     Metric(CAN_TRAIN_NEXT, Rule.SUM, "privacy/hospitals_within_budget"),
     # Quantising and masking (or encrypting) a vector of the adapter's fixed size: a function
     # of that size and the machine, not of the records.

@@ -45,6 +45,14 @@ def quantize_vector(vector: np.ndarray, clipping_range: float,
 def dequantize_sum(total: np.ndarray, contributors: int, clipping_range: float,
                    quantization_range: int) -> np.ndarray:
     """The float sum of ``contributors`` vectors from the uint32 sum of their quantised
-    values: each value v was stored as (v + c) x T / 2c."""
+    values: each value v was stored as (v + c) x T / 2c, so the sum of n is
+    (total - n T / 2) x 2c / T, read modulo 2^32 as the nearest value to 0: exact for any
+    sum within +-2^31 steps (256 c at T = 2^24), even when single vectors left [-c, c]
+    (distributed DP's noisy shares, tasks/privacy/lattice.py)."""
     step = 2 * clipping_range / quantization_range
-    return total.astype(np.float64) * step - contributors * clipping_range
+    offset = (contributors * quantization_range // 2) % 2**32
+    centred = (total.astype(np.int64) - offset) % 2**32
+    centred = np.where(centred >= 2**31, centred - 2**32, centred)
+    if contributors * quantization_range % 2:  # an odd T x n: the half level
+        return (centred - 0.5) * step
+    return centred.astype(np.float64) * step

@@ -200,10 +200,20 @@ def masked_update(secrets: HospitalSecrets, update: np.ndarray,
     """Stage 3, after training: the quantised weighted update (``update``: already multiplied
     by the weight share) with the share's integer appended, plus the self mask and the
     pairwise masks, modulo 2^32. Returns (masked vector, values clipped to the range)."""
-    _expect_stage(secrets, "shares-received", "masking")
     quantized, clipped = quantize_vector(update, secrets.clipping_range,
                                          secrets.quantization_range)
-    vector = np.append(quantized, np.uint32(share_levels))
+    return masked_levels(secrets, quantized, share_levels), clipped
+
+
+def masked_levels(secrets: HospitalSecrets, levels: np.ndarray,
+                  share_levels: int) -> np.ndarray:
+    """Stage 3 for a vector already on the lattice (uint32 levels: distributed DP's shares,
+    built in integers so that no rounding follows their noise): the share's integer
+    appended, plus the self mask and the pairwise masks, modulo 2^32."""
+    _expect_stage(secrets, "shares-received", "masking")
+    if levels.dtype != np.uint32:
+        raise SecAggError(f"lattice levels must be uint32, got {levels.dtype}")
+    vector = np.append(levels, np.uint32(share_levels))
     vector += mask(secrets.rd_seed, vector.size)  # uint32 arithmetic wraps modulo 2^32
     own_sk1 = bytes_to_private_key(secrets.sk1)
     for node in secrets.mask_partners:
@@ -214,7 +224,7 @@ def masked_update(secrets: HospitalSecrets, update: np.ndarray,
         else:
             vector -= pairwise
     secrets.stage = "collect"
-    return vector, clipped
+    return vector
 
 
 def unmask_shares(secrets: HospitalSecrets, active: list[int],

@@ -321,6 +321,9 @@ class DistributedDpSettings:
     def __post_init__(self) -> None:
         key = self.SECTION
         self.accountant = as_enum(Accountant, self.accountant, f"{key}.accountant")
+        if self.target_epsilon is not None and math.isinf(self.target_epsilon) \
+                and self.target_epsilon > 0 and self.noise_multiplier is None:
+            self.enabled = False  # a sweep's non-private level, as for DP-SGD
         if not self.enabled:
             return
         require(self.target_epsilon is not None or self.noise_multiplier is not None,

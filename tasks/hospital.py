@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 import datasets
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerBase
@@ -25,8 +26,15 @@ from tasks.learning.training import PrivacyReport, TrainOutcome, train_locally
 from tasks.model.build import build_model, load_tokenizer, load_trainable_state, trainable_state
 from tasks.model.compute import resolve_compute
 from tasks.privacy.accounting import Step
-from tasks.privacy.distributed_dp import hospital_plan, noisy_clipped_gradient_sum
+from tasks.privacy.distributed_dp import (
+    clipped_gradient_sum,
+    continuous_share,
+    flat_signal,
+    hospital_plan,
+    lattice_share,
+)
 from tasks.privacy.dp_sgd import train_with_dp_sgd
+from tasks.privacy.lattice import Lattice
 from tasks.privacy.ledger import PrivacyLedger
 from tasks.privacy.plan import (
     DpSgdPlan,
@@ -204,15 +212,19 @@ class Hospital:
     def distributed_step(self, global_state: dict[str, torch.Tensor], server_round: int,
                          ledger: PrivacyLedger, policy: HospitalPolicy | None = None,
                          prior_history: list[Step] | tuple[Step, ...] = ()
-                         ) -> tuple[dict[str, torch.Tensor], TrainOutcome]:
+                         ) -> tuple[dict[str, np.ndarray], TrainOutcome]:
         """This hospital's share of one distributed DP-SGD step (tasks/privacy/distributed_dp.py)
-        as an adapter: the global one minus its noisy clipped gradient sum divided by the
-        union's expected batch, so that the secure sum of (adapter - global) over the hospitals
-        is minus the round's noisy mean gradient. The step is in ``ledger`` before it leaves;
-        a step the run's cap or the hospital's policy forbids raises PrivacyBudgetError."""
+        per trainable parameter: minus its clipped gradient sum over the union's expected batch,
+        plus its share of the noise; uint32 levels on SecAgg+'s lattice, or float64 values
+        for CKKS. The secure sum over the hospitals is minus the round's noisy mean gradient.
+        The step is in ``ledger`` before it leaves; a step the run's cap or the hospital's
+        policy forbids raises PrivacyBudgetError."""
         policy = policy or HospitalPolicy(self.data.hospital)
+        lattice = self.share_lattice
+        dimension = sum(t.numel() for t in global_state.values())
         plan, as_steps = hospital_plan(self.settings.privacy.distributed_dp, self.data.hospital,
-                                       len(self.data.train), policy, prior_history)
+                                       len(self.data.train), policy, lattice, dimension,
+                                       prior_history)
         refusal = as_steps.refusal(ledger.history, server_round)
         if refusal:
             raise PrivacyBudgetError(refusal)
@@ -220,16 +232,34 @@ class Hospital:
         load_trainable_state(self.model, global_state)
         loader = make_loader(self._train, self.tokenizer, self.settings.train.batch_size,
                              shuffle=False)
-        noisy_sum = noisy_clipped_gradient_sum(self.model, loader, plan, self.compute)
-        ledger.noise_multiplier, ledger.delta = plan.noise_multiplier, as_steps.delta
+        clipped = clipped_gradient_sum(self.model, loader, plan, self.compute)
+        if list(clipped) != list(global_state):
+            raise TaskInputError(f"hospital {self.data.hospital}: the global adapter's arrays "
+                                 "are not this model's trainable parameters")
+        signal = flat_signal(clipped, plan)
+        flat = (lattice_share(signal, plan, lattice) if lattice is not None
+                else continuous_share(signal, plan))
+        ledger.noise_multiplier, ledger.delta = plan.accounted_noise_multiplier, as_steps.delta
         ledger.add_step(plan.round_step())
         ledger.rounds_trained.append(server_round)
-        state = {name: global_state[name].detach().float().cpu() - noisy_sum[name]
-                 / plan.expected_batch for name in noisy_sum}
+        share, offset = {}, 0
+        for name, tensor in global_state.items():
+            share[name] = flat[offset:offset + tensor.numel()].reshape(tuple(tensor.shape))
+            offset += tensor.numel()
         outcome = TrainOutcome(loss=float("nan"), num_examples=len(self.data.train),
                                num_steps=1, seconds=time.perf_counter() - start)
         outcome.privacy = privacy_report(as_steps, ledger)
-        return state, outcome
+        outcome.privacy.epsilon_if_alone = plan.epsilon(ledger.steps, as_steps.delta,
+                                                        as_steps.accountant, fallback=True)
+        return share, outcome
+
+    @property
+    def share_lattice(self) -> Lattice | None:
+        """SecAgg+'s lattice that distributed DP's shares are built on (None under CKKS)."""
+        secure = self.settings.secure_aggregation
+        if secure.mode.value != "secagg_plus":
+            return None
+        return Lattice(secure.clipping_range, secure.quantization_range)
 
     def evaluate(self, global_state: dict[str, torch.Tensor]) -> EvalOutcome:
         """Score the global adapter on this hospital's held-out split."""

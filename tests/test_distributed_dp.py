@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from uuid import uuid4
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
@@ -17,6 +18,7 @@ from flwr.serverapp.strategy import FedAvg
 from fl_app import client_app
 from fl_app.secure_aggregation_grid import SecureAggregationGrid
 from protocol import messages as m
+from secure_aggregation.masking import dequantize_sum
 from settings.compose import task_settings_to_yaml
 from settings.task import Accountant, DataSettings, ModelSettings, Pooling
 from tasks.data.hospital_data import load_hospital_data
@@ -24,7 +26,14 @@ from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.hospital import Hospital
 from tasks.learning.batches import make_loader, tokenize
 from tasks.model.build import build_model, load_tokenizer, load_trainable_state, trainable_state
-from tasks.privacy.distributed_dp import noisy_clipped_gradient_sum, plan_distributed_dp
+from tasks.privacy.distributed_dp import (
+    clipped_gradient_sum,
+    continuous_share,
+    flat_signal,
+    lattice_share,
+    plan_distributed_dp,
+)
+from tasks.privacy.lattice import Lattice
 from tasks.privacy.ledger import LedgerStore
 from tests.support import independent_epsilon, task
 
@@ -41,8 +50,8 @@ def setup(tiny_bert):
     return model, tokenizer, tokenize(data.train, tokenizer, 64)
 
 
-def _plan(noise, clip, threshold=2):
-    return plan_distributed_dp(None, 1e-5, 100, 100, 1, clip, threshold,
+def _plan(noise, clip, threshold=2, expected_batch=100):
+    return plan_distributed_dp(None, 1e-5, 1000, expected_batch, 1, clip, threshold,
                                noise_multiplier=noise)
 
 
@@ -57,51 +66,83 @@ def _plain_gradient_sum(model, loader):
     return grads
 
 
+def _flat(arrays):
+    return torch.cat([torch.as_tensor(a).flatten().double() for a in arrays.values()])
+
+
 def test_distributed_dp_without_noise_or_clipping_sums_the_plain_gradients(setup):
     model, tokenizer, records = setup
     loader = make_loader(records, tokenizer, len(records), shuffle=False)
     plain = _plain_gradient_sum(model, loader)
-    private = noisy_clipped_gradient_sum(model, loader, _plan(0.0, 1e6), poisson_sampling=False)
+    private = clipped_gradient_sum(model, loader, _plan(0.0, 1e6), poisson_sampling=False)
     assert plain.keys() == private.keys()
+    assert all(g.dtype == torch.float64 for g in private.values())
     assert sum(g.norm() for g in plain.values()) > 1e-3
     for name in plain:
-        torch.testing.assert_close(private[name], plain[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(private[name].float(), plain[name], rtol=1e-4, atol=1e-6)
     # Opacus' hooks were removed: the model trains as before.
-    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None
-                   for p in model.parameters())
+    assert not any(getattr(p, "grad_sample", None) is not None for p in model.parameters())
 
 
 def test_distributed_dp_clips_each_record_and_adds_one_share_of_the_noise(setup):
     model, tokenizer, records = setup
     loader = make_loader(records, tokenizer, len(records), shuffle=False)
-    clip, sigma, threshold = 1e-3, 2.0, 4
-    quiet = noisy_clipped_gradient_sum(model, loader, _plan(0.0, clip, threshold),
-                                       poisson_sampling=False)
-    norm = math.sqrt(sum(float(g.square().sum()) for g in quiet.values()))
-    assert norm <= clip * len(records) * (1 + 1e-4)  # a sum of clipped records
-    noisy = noisy_clipped_gradient_sum(model, loader, _plan(sigma, clip, threshold),
-                                       poisson_sampling=False)
-    noise = torch.cat([(noisy[n] - quiet[n]).flatten() for n in quiet])
-    # Each of t hospitals adds variance (sigma C)^2 / t.
-    expected = sigma * clip / math.sqrt(threshold)
-    assert noise.std().item() == pytest.approx(expected, rel=0.05)
+    clip, sigma, threshold, batch = 1e-3, 2.0, 4, 50
+    plan = _plan(sigma, clip, threshold, batch)
+    clipped = clipped_gradient_sum(model, loader, plan, poisson_sampling=False)
+    assert _flat(clipped).norm() <= clip * len(records) * (1 + 1e-9)  # a sum of clipped records
+    signal = flat_signal(clipped, plan)
+    assert np.allclose(signal, -_flat(clipped).numpy() / batch)
+    # Each of t hospitals adds variance (sigma C / B)^2 / t.
+    expected = sigma * clip / batch / math.sqrt(threshold)
+    noise = continuous_share(signal, plan) - signal
+    assert noise.std() == pytest.approx(expected, rel=0.05)
+    # On SecAgg+'s lattice, read back as the server reads a sum of one share.
+    lattice = Lattice(0.05, 2**24)
+    levels = lattice_share(signal, plan, lattice)
+    assert levels.dtype == np.uint32
+    decoded = dequantize_sum(levels.astype(np.uint64) % 2**32, 1, 0.05, 2**24)
+    assert (decoded - signal).std() == pytest.approx(expected, rel=0.05)
 
 
 @pytest.mark.parametrize("accountant", [Accountant.rdp])
 def test_distributed_dp_epsilon_matches_an_independent_accountant(accountant):
-    rounds, delta = 200, 1e-5
+    rounds, delta, threshold, dimension = 200, 1e-5, 3, 344_000
+    step = 2 * 0.5 / 2**24  # SecAgg+'s lattice at clipping range 0.5
     plan = plan_distributed_dp(8.0, delta, total_records=1920, expected_batch=128,
-                               planned_rounds=rounds, max_grad_norm=1.0, threshold=3)
+                               planned_rounds=rounds, max_grad_norm=1.0, threshold=threshold,
+                               lattice_step=step, dimension=dimension)
     assert plan.sample_rate == pytest.approx(128 / 1920)
+    # The noise the ledgers record: sigma against the lattice's sensitivity, by hand.
+    sensitivity = 1.0 / 128
+    accounted = plan.noise_multiplier * sensitivity / (
+        sensitivity + step * math.sqrt(dimension) * (1 + threshold / 2))
+    assert plan.round_step() == pytest.approx((accounted, 128 / 1920, 1), rel=1e-12)
+    assert 0.98 < accounted / plan.noise_multiplier < 1.0
     ours = plan.epsilon(rounds, delta, accountant)
-    assert ours <= 8.0
+    assert 7.9 <= ours <= 8.0
     assert ours == pytest.approx(independent_epsilon(
-        [(plan.noise_multiplier, plan.sample_rate, rounds)], delta), rel=1e-6)
+        [(accounted, plan.sample_rate, rounds)], delta), rel=1e-6)
     # Were only this hospital's share of the noise to protect it: a weaker guarantee.
+    alone = plan.noise_multiplier / math.sqrt(threshold) * sensitivity / (
+        sensitivity + step * math.sqrt(dimension) * 1.5)
     fallback = plan.epsilon(rounds, delta, accountant, fallback=True)
     assert fallback == pytest.approx(independent_epsilon(
-        [(plan.noise_multiplier / math.sqrt(3), plan.sample_rate, rounds)], delta), rel=1e-6)
+        [(alone, plan.sample_rate, rounds)], delta), rel=1e-6)
     assert fallback > ours
+    # CKKS adds the continuous Gaussian: nothing to inflate.
+    ckks = plan_distributed_dp(8.0, delta, 1920, 128, rounds, 1.0, threshold)
+    assert ckks.accounted_noise_multiplier == ckks.noise_multiplier
+
+
+def test_distributed_dp_noise_floor_of_a_hospital_policy_raises_only_its_own_share():
+    plan = _plan(2.0, 1.0, threshold=4)
+    assert plan.share_noise_multiplier == pytest.approx(1.0)
+    floored = replace(plan, own_noise_floor=1.5)
+    assert floored.share_noise_multiplier == 1.5
+    assert floored.round_step() == plan.round_step()  # the joint noise is not counted higher
+    assert floored.epsilon(50, 1e-5, Accountant.rdp, fallback=True) < plan.epsilon(
+        50, 1e-5, Accountant.rdp, fallback=True)
 
 
 def test_distributed_dp_refuses_a_threshold_of_one():
@@ -113,18 +154,16 @@ def test_distributed_dp_samples_in_secret_and_an_empty_draw_still_sends_its_nois
     model, tokenizer, records = setup
     loader = make_loader(records, tokenizer, 8, shuffle=False)
     # q = 1e-6: the Poisson draw is empty (all but surely); the share is the noise alone.
-    rare = plan_distributed_dp(None, 1e-5, 10**6, 1, 1, 1e-3, 2, noise_multiplier=0.0)
-    empty = noisy_clipped_gradient_sum(model, loader, rare)
-    assert all(float(g.abs().max()) == 0.0 for g in empty.values())
     rare = plan_distributed_dp(None, 1e-5, 10**6, 1, 1, 1e-3, 2, noise_multiplier=3.0)
-    noise = torch.cat([g.flatten() for g in noisy_clipped_gradient_sum(model, loader,
-                                                                        rare).values()])
-    assert noise.std().item() == pytest.approx(3.0 * 1e-3 / math.sqrt(2), rel=0.05)
+    empty = clipped_gradient_sum(model, loader, rare)
+    assert all(float(g.abs().max()) == 0.0 for g in empty.values())
+    noise = continuous_share(flat_signal(empty, rare), rare)
+    assert noise.std() == pytest.approx(3.0 * 1e-3 / math.sqrt(2), rel=0.05)
     # Half the records on average, drawn from OS entropy: two draws differ.
     half = plan_distributed_dp(None, 1e-5, len(records), len(records) / 2, 1, 1e6, 2,
                                noise_multiplier=0.0)
-    first = noisy_clipped_gradient_sum(model, loader, half)
-    second = noisy_clipped_gradient_sum(model, loader, half)
+    first = clipped_gradient_sum(model, loader, half)
+    second = clipped_gradient_sum(model, loader, half)
     assert any(not torch.equal(first[n], second[n]) for n in first)
 
 
@@ -222,13 +261,13 @@ def test_distributed_dp_round_without_noise_is_one_sgd_step_on_the_union(
     try:
         for module, _ in dropouts:
             module.p = 0.0
-        gradient = None
+        parts = []
         for hospital in members:
             load_trainable_state(model, start)
             loader = make_loader(hospital.train_records, tokenizer,
                                  len(hospital.train_records), shuffle=False)
-            part = _plain_gradient_sum(model, loader)
-            gradient = part if gradient is None else {k: gradient[k] + part[k] for k in part}
+            parts.append(_plain_gradient_sum(model, loader))
+        gradient = {k: parts[0][k] + parts[1][k] for k in parts[0]}
         grid, replies, arrays = _round(settings, tmp_path, start)
     finally:
         for module, p in dropouts:
@@ -239,10 +278,16 @@ def test_distributed_dp_round_without_noise_is_one_sgd_step_on_the_union(
         # To SecAgg+'s quantisation: two hospitals' stochastic rounding at 2 x 4 / 2^24.
         torch.testing.assert_close(torch.from_numpy(value.numpy()),
                                    start[name] - gradient[name] / total, rtol=1e-4, atol=2e-6)
-    # The server never held a hospital's sum: masked uint32 vectors only.
-    for content in grid.received:
-        if content is not None and m.METRICS_RECORD in content:
-            assert m.ARRAYS_RECORD not in content
+    # On the wire (the spy: every reply the server received), no hospital's share: masked
+    # uint32 vectors, uniform over 2^32 and unrelated to the hospital's own share.
+    uploads = [c for c in grid.received if c is not None and m.METRICS_RECORD in c]
+    assert len(uploads) == 2
+    for content, part in zip(uploads, parts, strict=True):
+        assert m.ARRAYS_RECORD not in content
+        masked = content[m.SECAGG_RECORD][m.SECAGG_VECTOR].numpy()[:-1].astype(float)
+        share = -_flat(part).numpy() / total
+        assert masked.std() > 2**30
+        assert abs(np.corrcoef(masked, share)[0, 1]) < 0.1
     # Each hospital's ledger has the round's one step at (sigma, q).
     for k in range(2):
         ledger = LedgerStore(tmp_path / f"h{k}").load(k, Accountant.rdp)
@@ -289,7 +334,7 @@ def test_distributed_dp_rounds_share_one_ledger_entry():
 
 
 @pytest.mark.parametrize("overrides,key", [
-    (["privacy=distributed_dp"], "secure_aggregation.mode"),
+    (["privacy=distributed_dp", "secure_aggregation=none"], "secure_aggregation.mode"),
     (["privacy=distributed_dp", "secure_aggregation=ckks", "privacy.dp_sgd.enabled=true",
       "privacy.dp_sgd.target_epsilon=8"], "privacy.distributed_dp.enabled"),
     (["privacy=distributed_dp", "secure_aggregation=ckks", "strategy=fedprox"], "strategy.name"),
@@ -304,6 +349,19 @@ def test_distributed_dp_settings_that_cannot_work_are_refused(overrides, key):
         to_run_settings(compose_config(overrides))
 
 
+def test_distributed_dp_in_a_sweep_takes_the_swept_target_and_inf_is_the_level_without_dp():
+    from settings.compose import compose_config, to_run_settings
+
+    def composed(epsilon):
+        return to_run_settings(compose_config(["+sweep=epsilon", "privacy=distributed_dp",
+                                               f"privacy.dp_sgd.target_epsilon={epsilon}"]))
+    three = composed(3)
+    assert three.privacy.distributed_dp.enabled and not three.privacy.dp_sgd.enabled
+    assert three.privacy.distributed_dp.target_epsilon == 3
+    assert three.secure_aggregation.mode.value == "secagg_plus"  # the preset picks it
+    assert not composed("inf").privacy.distributed_dp.enabled
+
+
 def test_distributed_dp_refuses_a_batch_of_every_record_before_training():
     from fl_app.preflight import HospitalReport
     from fl_app.server_app import Federation, plan_distributed_dp_for
@@ -316,4 +374,40 @@ def test_distributed_dp_refuses_a_batch_of_every_record_before_training():
                             reports=[HospitalReport(1, 0, 90, 10, []),
                                      HospitalReport(2, 1, 90, 10, [])])
     with pytest.raises(ConfigError, match="expected_batch_size=200.*180 training records"):
-        plan_distributed_dp_for(to_run_settings(cfg), federation, tracker=None)
+        plan_distributed_dp_for(to_run_settings(cfg), federation, tracker=None, dimension=1000)
+
+
+# --- SecAgg+'s lattice (tasks/privacy/lattice.py) ---------------------------------------------
+
+def test_distributed_dp_lattice_rounds_without_bias_and_a_record_moves_levels_boundedly():
+    lattice = Lattice(0.5, 2**24)
+    rng = np.random.default_rng(0)
+    signal = rng.normal(0, 0.01, 50_000)
+    levels = lattice.round_signal(signal, np.random.default_rng(1))
+    values = levels * lattice.step - 0.5
+    assert np.abs(values - signal).max() < lattice.step
+    assert abs((values - signal).mean()) < lattice.step / 100  # stochastic: unbiased
+    # With the same uniforms (the coupling of the analysis), a record's change of norm r moves
+    # the levels by at most r / Delta + sqrt(d).
+    change = rng.normal(0, 1, signal.size)
+    change *= 1e-4 / np.linalg.norm(change)
+    moved = lattice.round_signal(signal + change, np.random.default_rng(1))
+    assert np.linalg.norm((moved - levels).astype(float)) <= (
+        1e-4 / lattice.step + math.sqrt(signal.size))
+    # Beyond [-c, c] the signal is clipped (1-Lipschitz), never wrapped.
+    assert list(lattice.round_signal(np.array([-3.0, 3.0]), rng)) == [0, 2**24]
+
+
+def test_distributed_dp_lattice_shares_with_negative_noise_levels_still_sum_exactly():
+    """Levels go modulo 2^32 without clamping: a share beyond the lattice's range wraps, and
+    the sum over the hospitals still decodes to the sum of the values (within 256 c)."""
+    lattice = Lattice(0.001, 2**24)  # a narrow range: noise of 0.01 leaves it often
+    plan = replace(_plan(2.0, 1.0, threshold=3, expected_batch=100), lattice_step=lattice.step)
+    signals = [np.random.default_rng(k).normal(0, 1e-4, 10_000) for k in range(3)]
+    shares = [lattice_share(s, plan, lattice) for s in signals]
+    assert any((sh > 2**31).any() for sh in shares)  # some levels wrapped below zero
+    total = sum(sh.astype(np.uint64) for sh in shares) % 2**32
+    decoded = dequantize_sum(total, 3, 0.001, 2**24)
+    noise = decoded - sum(signals)
+    assert noise.std() == pytest.approx(2.0 * 1.0 / 100, rel=0.05)  # sigma C / B in all
+    assert lattice.wrap_margin(0.02, 3e-4) == pytest.approx((256 * 0.001 - 3e-4) / 0.02)

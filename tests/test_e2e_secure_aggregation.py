@@ -66,7 +66,9 @@ def test_distributed_dp_runs_over_secagg_plus_and_accounts_every_round(
     assert set(history(client, run_id, "central/accuracy")) == {0, 2, 3}
     assert set(history(client, run_id, "federated/accuracy")) == {0, 2, 3}
     assert run.data.tags["privacy"] == "distributed_dp(epsilon=8.0)"
-    sigma = float(run.data.params["distributed_dp_plan.noise_multiplier"])
+    # The noise each ledger records: sigma against SecAgg+'s lattice (tasks/privacy/lattice.py).
+    sigma = float(run.data.params["distributed_dp_plan.accounted_noise_multiplier"])
+    assert 0.9 < sigma / float(run.data.params["distributed_dp_plan.noise_multiplier"]) < 1
     rate = float(run.data.params["distributed_dp_plan.sample_rate"])
     delta = float(run.data.params["distributed_dp_plan.delta"])
     assert history(client, run_id, "round/train_replies") == {r: 2 for r in range(1, 4)}
@@ -75,3 +77,5 @@ def test_distributed_dp_runs_over_secagg_plus_and_accounts_every_round(
     assert epsilon[rounds] == pytest.approx(independent_epsilon([(sigma, rate, rounds)], delta),
                                             rel=1e-6)
     assert epsilon[rounds] <= 8.0
+    # And what it would be with its own share of the noise alone.
+    assert history(client, run_id, "hospital_0/epsilon_if_alone")[rounds] > epsilon[rounds]

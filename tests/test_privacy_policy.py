@@ -30,10 +30,13 @@ from tests.support import task as compose_task
 
 def test_policy_file_and_node_config_combine_to_the_stricter(tmp_path):
     (tmp_path / POLICY_FILE).write_text('max-epsilon = 5.0\nmax-delta = 1e-6\n'
-                                        'eval-metrics = "full"\n')
+                                        'eval-metrics = "full"\n'
+                                        'distributed-dp-noise-floor = 0.8\n')
     policy = load_policy(tmp_path, {"max-epsilon": 3.0, "max-delta": 1e-5,
-                                    "eval-metrics": "aggregate", "partition-id": 0}, 4)
+                                    "eval-metrics": "aggregate", "partition-id": 0,
+                                    "distributed-dp-noise-floor": 0.5}, 4)
     assert policy.max_epsilon == 3.0 and policy.max_delta == 1e-6
+    assert policy.distributed_dp_noise_floor == 0.8  # more of its own noise is stricter
     assert policy.eval_metrics == EvalRelease.aggregate
     assert policy.require_dp, "a budget implies DP"
     assert str(tmp_path / POLICY_FILE) in policy.source and "node config" in policy.source
@@ -57,6 +60,8 @@ def test_no_policy_means_no_limits_and_the_default_delta():
     ({"require-dp": False, "max-epsilon": 3}, r"'require-dp' is false but max-epsilon is set"),
     ({"eval-metrics": "some"}, r"key 'eval-metrics' must be one of \['full', 'aggregate', "
                                r"'none'\], got 'some'"),
+    ({"distributed-dp-noise-floor": 0}, r"key 'distributed-dp-noise-floor' must be a finite "
+                                        r"number > 0, got 0"),
     ({"max-epsilom": 3}, r"unknown key\(s\) \['max-epsilom'\]"),
     ({"max-epsilon": True}, r"key 'max-epsilon' must be a number, got True"),
 ])

@@ -1,11 +1,12 @@
 """The privacy sweep end to end: ``clinical-fl -m +sweep=epsilon`` on the tiny model runs one
-real ``flwr run`` per privacy level, nests them under one MLflow parent run, and writes the
-accuracy-against-epsilon plot and table."""
+real ``flwr run`` per privacy level and mechanism (DP-SGD in each hospital, distributed DP over
+SecAgg+), nests them under one MLflow parent run, and writes the accuracy-against-epsilon plot
+and table with one series per mechanism. (A sweep's non-private level, inf, is composed in
+tests/test_distributed_dp.py.)"""
 
 from __future__ import annotations
 
 import csv
-import math
 import subprocess
 
 import pytest
@@ -19,8 +20,8 @@ pytestmark = pytest.mark.e2e
 def test_privacy_sweep_reports_accuracy_against_epsilon(superlink, tiny_bert, tmp_path):
     sweep_dir = tmp_path / "sweep"
     command = [
-        str(VENV_BIN / "clinical-fl"), "-m", "+sweep=epsilon",
-        "privacy.dp_sgd.target_epsilon=8,inf",
+        str(VENV_BIN / "clinical-fl"), "-m", "+sweep=epsilon", "privacy=dp_sgd,distributed_dp",
+        "privacy.dp_sgd.target_epsilon=8", "privacy.distributed_dp.expected_batch_size=32",
         f"model.name_or_path={tiny_bert}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
         "num_rounds=2", "data.notes_per_hospital=100", "data.server_test_notes=60",
         "model.max_length=96", "train.learning_rate=1e-2", NO_DEID, f"hydra.sweep.dir={sweep_dir}"]
@@ -30,12 +31,12 @@ def test_privacy_sweep_reports_accuracy_against_epsilon(superlink, tiny_bert, tm
 
     with (sweep_dir / "privacy_sweep.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [float(r["target_epsilon"]) for r in rows] == [8.0, math.inf]
-    private, public = rows
-    assert 0 < float(private["epsilon"]) <= 8.0 and math.isinf(float(public["epsilon"]))
+    assert [(r["mechanism"], float(r["target_epsilon"])) for r in rows] == [
+        ("distributed_dp", 8.0), ("dp_sgd", 8.0)]
+    assert all(0 < float(r["epsilon"]) <= 8.0 for r in rows)
     assert all(0 <= float(r["accuracy"]) <= 1 and r["status"] == "FINISHED" for r in rows)
     table = (sweep_dir / "privacy_sweep.md").read_text()
-    assert "| target epsilon |" in table and "inf (no DP-SGD)" in table
+    assert "| privacy | target epsilon |" in table and "| distributed_dp | 8.00 |" in table
     assert (sweep_dir / "accuracy_vs_epsilon.png").stat().st_size > 10_000
 
     client = mlflow_client(tmp_path)

@@ -19,12 +19,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-TARGET_PARAM = "privacy.dp_sgd.target_epsilon"
+# The record-level mechanisms a sweep compares, each a series: its switch and its target.
+MECHANISMS = {"dp_sgd": "privacy.dp_sgd", "distributed_dp": "privacy.distributed_dp"}
+_STYLE = {"dp_sgd": ("o", "-"), "distributed_dp": ("s", "--"), "none": ("", ":")}
 
 
 @dataclass
 class SweepRow:
-    target_epsilon: float  # inf: no DP-SGD
+    mechanism: str  # dp_sgd, distributed_dp, or none (a non-private level)
+    target_epsilon: float  # inf: no DP
     epsilon: float  # achieved: max over hospitals after the last round (inf: not private)
     delta: float | None
     rounds: int
@@ -55,27 +58,29 @@ def collect_sweep(client: MlflowClient, experiment_id: str, parent_run_id: str) 
             client, rid, "federated/macro_f1")
         if accuracy is None or macro_f1 is None:
             continue  # failed before any evaluation
-        private = run.data.params.get("privacy.dp_sgd.enabled") == "True"
-        target = float(run.data.params.get(TARGET_PARAM, "inf") or "inf") if private else math.inf
+        mechanism = next((name for name, section in MECHANISMS.items()
+                          if run.data.params.get(f"{section}.enabled") == "True"), "none")
+        target = math.inf if mechanism == "none" else float(
+            run.data.params.get(f"{MECHANISMS[mechanism]}.target_epsilon", "inf") or "inf")
         epsilon = _last(client, rid, "privacy/epsilon_max")
         delta = _last(client, rid, "privacy/delta")
         central_acc = _last(client, rid, "central/accuracy")
         central_f1 = _last(client, rid, "central/macro_f1")
         end = run.info.end_time or run.info.start_time
         rows.append(SweepRow(
-            target_epsilon=target, epsilon=epsilon[1] if epsilon else math.inf,
+            mechanism=mechanism, target_epsilon=target, epsilon=epsilon[1] if epsilon else math.inf,
             delta=delta[1] if delta else None, rounds=accuracy[0], accuracy=accuracy[1],
             macro_f1=macro_f1[1], central_accuracy=central_acc[1] if central_acc else None,
             central_macro_f1=central_f1[1] if central_f1 else None,
             minutes=(end - run.info.start_time) / 60_000, status=run.info.status, run_id=rid))
-    return sorted(rows, key=lambda r: (r.epsilon, r.target_epsilon))
+    return sorted(rows, key=lambda r: (r.mechanism, r.epsilon, r.target_epsilon))
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     if value is None:
         return "-"
     if math.isinf(value):
-        return "inf (no DP-SGD)"
+        return "inf (no DP)"
     return f"{value:.{digits}g}" if abs(value) < 1e-3 else f"{value:.{digits}f}"
 
 
@@ -88,11 +93,12 @@ def write_table(rows: list[SweepRow], directory: Path) -> tuple[Path, Path]:
         writer.writeheader()
         for row in rows:
             writer.writerow(asdict(row))
-    lines = ["| target epsilon | epsilon spent (max over hospitals) | delta | rounds | "
+    lines = ["| privacy | target epsilon | epsilon spent (max over hospitals) | delta | rounds | "
              "accuracy | macro-F1 | central accuracy | central macro-F1 | minutes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {_fmt(r.target_epsilon, 2)} | {_fmt(r.epsilon)} | {_fmt(r.delta, 2)} "
+        lines.append(f"| {r.mechanism} | {_fmt(r.target_epsilon, 2)} | {_fmt(r.epsilon)} "
+                     f"| {_fmt(r.delta, 2)} "
                      f"| {r.rounds} | {_fmt(r.accuracy)} | {_fmt(r.macro_f1)} "
                      f"| {_fmt(r.central_accuracy)} | {_fmt(r.central_macro_f1)} "
                      f"| {r.minutes:.1f} |")
@@ -111,16 +117,19 @@ def plot_accuracy_vs_epsilon(rows: list[SweepRow], path: Path) -> Path | None:
     series = [("accuracy", "federated accuracy", "tab:blue"),
               ("macro_f1", "federated macro-F1", "tab:orange"),
               ("central_accuracy", "central accuracy", "tab:green")]
+    mechanisms = sorted({r.mechanism for r in private})
     for field, label, colour in series:
-        points = [(r.epsilon, getattr(r, field)) for r in private
-                  if getattr(r, field) is not None]
-        if points:
-            ax.plot([e for e, _ in points], [v for _, v in points], marker="o", color=colour,
-                    label=label)
+        for mechanism in mechanisms:  # one line per mechanism: dp_sgd beside distributed_dp
+            points = [(r.epsilon, getattr(r, field)) for r in private
+                      if r.mechanism == mechanism and getattr(r, field) is not None]
+            marker, line = _STYLE.get(mechanism, ("^", "-."))
+            if points:
+                ax.plot([e for e, _ in points], [v for _, v in points], marker=marker,
+                        linestyle=line, color=colour, label=f"{label}, {mechanism}")
         for r in public:
             if getattr(r, field) is not None:
-                ax.axhline(getattr(r, field), color=colour, linestyle="--", alpha=0.7,
-                           label=f"{label}, no DP")
+                ax.axhline(getattr(r, field), color=colour, linestyle=":", alpha=0.7,
+                           label=f"{label}, no DP ({r.rounds} rounds)")
     if private:
         ax.set_xscale("log")
         # Ticks at the epsilons actually spent, in plain numbers (log axes default to 2x10^0).

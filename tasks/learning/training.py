@@ -28,6 +28,9 @@ class PrivacyReport:
     can_train_next_round: bool  # False: one more round would exceed a budget
     lifetime_epsilon: float = 0.0  # every run of this hospital, at hospital_delta
     hospital_delta: float = 0.0  # the hospital's own delta (its policy's max-delta)
+    # Distributed DP: this run's epsilon were only this hospital's own share of the noise to
+    # protect its records (secure aggregation broken, or fewer than t hospitals adding noise).
+    epsilon_if_alone: float | None = None
 
 
 @dataclass

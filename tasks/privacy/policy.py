@@ -12,7 +12,10 @@ Keys:
 - ``require-dp``: refuse training without DP-SGD (true whenever max-epsilon is set);
 - ``eval-metrics``: what evaluation it releases: ``full`` (with per-class
   counts), ``aggregate`` (accuracy, loss, macro-F1; the default under DP-SGD),
-  ``none`` (record counts only).
+  ``none`` (record counts only);
+- ``distributed-dp-noise-floor``: under distributed DP, the least noise multiplier of the
+  hospital's own share (in units of C / B, like sigma), whatever the run's threshold: its
+  protection should others omit their noise (``tasks/privacy/distributed_dp.py``).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class EvalRelease(Enum):
 
 
 _STRICTNESS = {EvalRelease.full: 0, EvalRelease.aggregate: 1, EvalRelease.none: 2}
-KEYS = ("max-epsilon", "max-delta", "require-dp", "eval-metrics")
+KEYS = ("max-epsilon", "max-delta", "require-dp", "eval-metrics", "distributed-dp-noise-floor")
 
 
 def default_delta(train_records: int) -> float:
@@ -56,6 +59,7 @@ class HospitalPolicy:
     require_dp_setting: bool | None = None
     eval_metrics: EvalRelease | None = None
     source: str = "no policy"  # where it was read, for messages
+    distributed_dp_noise_floor: float | None = None
 
     @property
     def require_dp(self) -> bool:
@@ -106,7 +110,7 @@ def parse_policy(values: Mapping[str, object], hospital: int, source: str) -> Ho
     unknown = sorted(k for k in values if k not in KEYS)
     if unknown:
         raise PolicyError(f"{where}: unknown key(s) {unknown}; expected some of {list(KEYS)}")
-    max_epsilon = max_delta = require_dp = eval_metrics = None
+    max_epsilon = max_delta = require_dp = eval_metrics = noise_floor = None
     if values.get("max-epsilon") not in (None, ""):
         max_epsilon = _number(values["max-epsilon"], "max-epsilon", where)
     if values.get("max-delta") not in (None, ""):
@@ -125,7 +129,11 @@ def parse_policy(values: Mapping[str, object], hospital: int, source: str) -> Ho
             raise PolicyError(
                 f"{where}: key 'eval-metrics' must be one of "
                 f"{[e.value for e in EvalRelease]}, got {values['eval-metrics']!r}") from None
-    return HospitalPolicy(hospital, max_epsilon, max_delta, require_dp, eval_metrics, source)
+    if values.get("distributed-dp-noise-floor") not in (None, ""):
+        noise_floor = _number(values["distributed-dp-noise-floor"],
+                              "distributed-dp-noise-floor", where)
+    return HospitalPolicy(hospital, max_epsilon, max_delta, require_dp, eval_metrics, source,
+                          noise_floor)
 
 
 def _stricter(a: float | None, b: float | None) -> float | None:
@@ -142,6 +150,9 @@ def combine(first: HospitalPolicy, second: HospitalPolicy) -> HospitalPolicy:
         max_delta=_stricter(first.max_delta, second.max_delta),
         require_dp_setting=any(require) if require else None,
         eval_metrics=max(release, key=_STRICTNESS.get) if release else None,
+        distributed_dp_noise_floor=max((f for f in (first.distributed_dp_noise_floor,
+                                                    second.distributed_dp_noise_floor)
+                                        if f is not None), default=None),
         source=" + ".join(s for s in (first.source, second.source) if s != "no policy")
         or "no policy")
 
