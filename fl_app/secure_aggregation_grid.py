@@ -239,11 +239,16 @@ class SecureAggregationGrid(GridWrapper):
             total = secagg_plus.unmasked_sum(masked, shares, neighbours,
                                              {n: pk[0] for n, pk in public.items()}, dropped,
                                              threshold)
-            aggregate = self._combine(secagg_plus.dequantized_sum(
-                total, len(masked), settings.clipping_range, settings.quantization_range),
-                start)
+            released = secagg_plus.dequantized_sum(
+                total, len(masked), settings.clipping_range, settings.quantization_range)
+            aggregate = self._combine(released, start)
         except ValueError as err:  # SecAggError, shares that do not combine, no weight
             raise RoundAborted(f"unmasking failed: {err}") from err
+        # How much of what the modulus can carry the released sum used (it decodes exactly
+        # within +-2^31 levels = 256 x clipping_range): a function of the released sum only.
+        decodable = 2**31 * 2 * settings.clipping_range / settings.quantization_range
+        self._stats["secure_aggregation/range_used"] = float(
+            np.abs(released[:-1]).max() / decodable) if released.size > 1 else 0.0
         self._add("secure_aggregation/server_seconds", time.perf_counter() - started)
         return self._replies(uploaded, refused + list(failed.values()), aggregate)
 

@@ -77,5 +77,8 @@ def test_distributed_dp_runs_over_secagg_plus_and_accounts_every_round(
     assert epsilon[rounds] == pytest.approx(independent_epsilon([(sigma, rate, rounds)], delta),
                                             rel=1e-6)
     assert epsilon[rounds] <= 8.0
+    # The released sums stayed far inside what SecAgg+'s modulus decodes (no wrap-around).
+    used = history(client, run_id, "secure_aggregation/range_used")
+    assert set(used) == {1, 2, 3} and 0 < max(used.values()) < 0.01
     # And what it would be with its own share of the noise alone.
     assert history(client, run_id, "hospital_0/epsilon_if_alone")[rounds] > epsilon[rounds]
