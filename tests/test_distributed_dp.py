@@ -17,7 +17,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from fl_app import client_app
 from fl_app.secure_aggregation_grid import SecureAggregationGrid
+from fl_app.secure_aggregation_mod import ckks_context_path
 from protocol import messages as m
+from secure_aggregation import ckks
 from secure_aggregation.masking import dequantize_sum
 from settings.compose import task_settings_to_yaml
 from settings.task import Accountant, DataSettings, ModelSettings, Pooling
@@ -222,9 +224,9 @@ def _identity():
     TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
 
 
-def _distributed_task(model_path, **plan):
+def _distributed_task(model_path, mode="secagg_plus", **plan):
     # float32: bf16 autocast (auto on CPUs that have it) would differ from the plain pass.
-    settings = task(model_path, "privacy=distributed_dp", "secure_aggregation=secagg_plus",
+    settings = task(model_path, "privacy=distributed_dp", f"secure_aggregation={mode}",
                     "train.precision=fp32",
                     "privacy.distributed_dp.target_epsilon=null",
                     "privacy.distributed_dp.noise_multiplier=0.0")
@@ -234,7 +236,12 @@ def _distributed_task(model_path, **plan):
 
 def _round(settings, state_dir, start):
     grid = ClientAppGrid(state_dir)
-    secure = SecureAggregationGrid(grid, settings.secure_aggregation, 1, sum_updates=True)
+    public = None
+    if settings.secure_aggregation.mode.value == "ckks":  # the hospitals' run key, as preflight
+        context = next(iter(grid.contexts.values()))
+        public = ckks.public_bytes(ckks.load_secret_context(ckks_context_path(context), "test"))
+    secure = SecureAggregationGrid(grid, settings.secure_aggregation, 1, public,
+                                   sum_updates=True)
     strategy = FedAvg(weighted_by_key=m.WEIGHT_KEY, min_available_nodes=2, min_train_nodes=2)
     config = ConfigRecord({m.TASK_KEY: task_settings_to_yaml(settings)})
     replies = list(secure.send_and_receive(strategy.configure_train(
@@ -243,16 +250,19 @@ def _round(settings, state_dir, start):
     return grid, replies, arrays
 
 
+@pytest.mark.parametrize("mode", ["secagg_plus", "ckks"])
 def test_distributed_dp_round_without_noise_is_one_sgd_step_on_the_union(
-        tiny_bert, tmp_path, _identity):
+        tiny_bert, tmp_path, monkeypatch, _identity, mode):
     """q = 1 (every record in the round's batch), no noise, clipping that never bites, and
     the server's step is SGD at rate 1 (FedAvg of the plain sum): one distributed round is
-    the global adapter minus the mean gradient over both hospitals' records."""
+    the global adapter minus the mean gradient over both hospitals' records, over SecAgg+'s
+    lattice and over CKKS."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))  # the simulation's CKKS key
     members = [Hospital(task(tiny_bert, "train.precision=fp32"), list(SPECIALTIES), k, 2)
                for k in range(2)]
     total = sum(len(h.train_records) for h in members)
-    settings = _distributed_task(tiny_bert, max_grad_norm=1e6, sample_rate=1.0, threshold=2,
-                                 target_delta=1e-5, expected_batch_size=total)
+    settings = _distributed_task(tiny_bert, mode, max_grad_norm=1e6, sample_rate=1.0,
+                                 threshold=2, target_delta=1e-5, expected_batch_size=total)
     # The process's cached model serves the handlers too: without dropout for this test, so
     # that both passes see the same function.
     model, tokenizer = members[0].model, members[0].tokenizer
@@ -275,7 +285,7 @@ def test_distributed_dp_round_without_noise_is_one_sgd_step_on_the_union(
     assert not any(r.has_error() for r in replies), [r.error.reason for r in replies
                                                       if r.has_error()]
     for name, value in arrays.items():
-        # To SecAgg+'s quantisation: two hospitals' stochastic rounding at 2 x 4 / 2^24.
+        # To SecAgg+'s lattice (two hospitals' rounding at 2 x 0.25 / 2^24) or CKKS' 2^-20 grid.
         torch.testing.assert_close(torch.from_numpy(value.numpy()),
                                    start[name] - gradient[name] / total, rtol=1e-4, atol=2e-6)
     # On the wire (the spy: every reply the server received), no hospital's share: masked
@@ -284,6 +294,8 @@ def test_distributed_dp_round_without_noise_is_one_sgd_step_on_the_union(
     assert len(uploads) == 2
     for content, part in zip(uploads, parts, strict=True):
         assert m.ARRAYS_RECORD not in content
+        if mode == "ckks":
+            continue  # ciphertexts (tests/test_secure_aggregation.py: the server cannot decrypt)
         masked = content[m.SECAGG_RECORD][m.SECAGG_VECTOR].numpy()[:-1].astype(float)
         share = -_flat(part).numpy() / total
         assert masked.std() > 2**30
