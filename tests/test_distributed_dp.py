@@ -17,7 +17,6 @@ from flwr.serverapp.strategy import FedAvg
 
 from fl_app import client_app
 from fl_app.secure_aggregation_grid import SecureAggregationGrid
-from fl_app.secure_aggregation_mod import ckks_context_path
 from protocol import messages as m
 from secure_aggregation import ckks
 from secure_aggregation.masking import dequantize_sum
@@ -237,9 +236,11 @@ def _distributed_task(model_path, mode="secagg_plus", **plan):
 def _round(settings, state_dir, start):
     grid = ClientAppGrid(state_dir)
     public = None
-    if settings.secure_aggregation.mode.value == "ckks":  # the hospitals' run key, as preflight
-        context = next(iter(grid.contexts.values()))
-        public = ckks.public_bytes(ckks.load_secret_context(ckks_context_path(context), "test"))
+    if settings.secure_aggregation.mode.value == "ckks":  # one key, as deploy/ckks-keys.sh
+        secret = ckks.simulation_secret_context(state_dir / "ckks")
+        for context in grid.contexts.values():
+            context.node_config["ckks-context"] = str(secret)
+        public = ckks.public_bytes(ckks.load_secret_context(secret, "test"))
     secure = SecureAggregationGrid(grid, settings.secure_aggregation, 1, public,
                                    sum_updates=True)
     strategy = FedAvg(weighted_by_key=m.WEIGHT_KEY, min_available_nodes=2, min_train_nodes=2)
@@ -252,12 +253,11 @@ def _round(settings, state_dir, start):
 
 @pytest.mark.parametrize("mode", ["secagg_plus", "ckks"])
 def test_distributed_dp_round_without_noise_is_one_sgd_step_on_the_union(
-        tiny_bert, tmp_path, monkeypatch, _identity, mode):
+        tiny_bert, tmp_path, _identity, mode):
     """q = 1 (every record in the round's batch), no noise, clipping that never bites, and
     the server's step is SGD at rate 1 (FedAvg of the plain sum): one distributed round is
     the global adapter minus the mean gradient over both hospitals' records, over SecAgg+'s
     lattice and over CKKS."""
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))  # the simulation's CKKS key
     members = [Hospital(task(tiny_bert, "train.precision=fp32"), list(SPECIALTIES), k, 2)
                for k in range(2)]
     total = sum(len(h.train_records) for h in members)
