@@ -1,15 +1,23 @@
 """What leaves a hospital: trainable-parameter arrays (float32) and numeric metrics only."""
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fl_app.replies import evaluate_reply, preflight_reply, refusal_reply, train_reply
+from fl_app.replies import (
+    distributed_share_reply,
+    evaluate_reply,
+    preflight_reply,
+    refusal_reply,
+    train_reply,
+)
 from protocol import messages as m
 from settings.task import ModelSettings
 from tasks.learning.evaluation import EvalOutcome
 from tasks.learning.training import PrivacyReport, TrainOutcome
 from tasks.model.build import build_model, trainable_state
+from tasks.privacy.lattice import Lattice
 from tracking.metered_grid import payload_bytes
 from tracking.round_log import mlflow_metrics
 
@@ -101,14 +109,20 @@ def test_every_metric_a_hospital_sends_has_a_row_in_the_protocol_table():
     train_rows = m.metric_table("train")
     plain = train_reply(_instruction("train"), state, TrainOutcome(1.2, 40, 3, 0.5), 1)
     private = train_reply(_instruction("train"), state, _private_outcome(), 1)
+    distributed_outcome = _private_outcome()
+    distributed_outcome.privacy.epsilon_if_alone = 40.0
+    distributed = distributed_share_reply(_instruction("train"), {"w": np.zeros(2, np.uint32)},
+                                          distributed_outcome, 1, Lattice(0.25, 2**24), 2)
     plain_keys = set(plain.content.metric_records[m.METRICS_RECORD])
     private_keys = set(private.content.metric_records[m.METRICS_RECORD])
+    distributed_keys = set(distributed.content.metric_records[m.METRICS_RECORD])
+    assert distributed_keys == private_keys | {m.EPSILON_IF_ALONE}
     # The secure-aggregation mod adds its own row to every reply it masks or encrypts
     # (tests/test_secure_aggregation.py checks those replies against this table too).
-    sent = plain_keys | private_keys | {m.SECAGG_SECONDS}
+    sent = plain_keys | private_keys | distributed_keys | {m.SECAGG_SECONDS}
     assert sent <= set(train_rows)
     assert sent == set(train_rows), "a row no reply ever sends"
-    assert private_keys | {m.SECAGG_SECONDS} == {
+    assert private_keys | distributed_keys | {m.SECAGG_SECONDS} == {
         k for k, row in train_rows.items() if row.under_dp_sgd}
     outcome = EvalOutcome(0.7, 0.5, 0.4, 10, [2, 3, 0], [1, 2, 2], [3, 0, 2])
     evaluated = evaluate_reply(_instruction("evaluate"), outcome, hospital=0)

@@ -133,7 +133,11 @@ def plot_accuracy_vs_epsilon(rows: list[SweepRow], path: Path) -> Path | None:
     if private:
         ax.set_xscale("log")
         # Ticks at the epsilons actually spent, in plain numbers (log axes default to 2x10^0).
-        spent = sorted({r.epsilon for r in private})
+        # Mechanisms at the same target spend nearly the same epsilon: one tick per label.
+        spent: list[float] = []
+        for epsilon in sorted(r.epsilon for r in private):
+            if not spent or epsilon > spent[-1] * 1.01:
+                spent.append(epsilon)
         ax.set_xticks(spent, [f"{e:.3g}" for e in spent])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("epsilon spent (record-level, max over hospitals)")
