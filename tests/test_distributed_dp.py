@@ -422,4 +422,3 @@ def test_distributed_dp_lattice_shares_with_negative_noise_levels_still_sum_exac
     decoded = dequantize_sum(total, 3, 0.001, 2**24)
     noise = decoded - sum(signals)
     assert noise.std() == pytest.approx(2.0 * 1.0 / 100, rel=0.05)  # sigma C / B in all
-    assert lattice.wrap_margin(0.02, 3e-4) == pytest.approx((256 * 0.001 - 3e-4) / 0.02)

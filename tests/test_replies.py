@@ -144,3 +144,26 @@ def test_preflight_replies_use_the_protocol_keys():
     counts = reply.content.metric_records[m.PREFLIGHT_COUNTS_RECORD]
     assert status[m.PREFLIGHT_OK] and status[m.PREFLIGHT_DECLINED] == "no DP"
     assert counts[m.LABEL_COUNTS] == [3, 4] and counts[m.TRAIN_RECORDS] == 7
+
+
+@pytest.mark.parametrize("lattice,threshold,message", [
+    (Lattice(4.0, 2**24), 2, r"on the lattice \(clipping range, levels\) \(4.0, 16777216\)"),
+    (Lattice(0.25, 2**24), 3, "assumes at least 3 hospitals"),
+])
+def test_a_distributed_share_that_does_not_fit_the_rounds_secure_aggregation_is_refused(
+        lattice, threshold, message):
+    """The hospital's secure-aggregation mod masks a distributed DP share only on the lattice
+    this round sums on, and only if SecAgg+ releases no sum of fewer hospitals than its noise
+    share assumes."""
+    from fl_app.secure_aggregation_mod import StageRefused, _lattice_share
+    from secure_aggregation import secagg_plus
+
+    secrets = secagg_plus.setup(1, 1, 2, 0.25, 2**24, 1.0)  # this round: c 0.25, threshold 2
+    start = {"w": np.zeros(2, np.float32)}
+    reply = distributed_share_reply(_instruction("train"), {"w": np.zeros(2, np.uint32)},
+                                    _private_outcome(), 1, lattice, threshold)
+    with pytest.raises(StageRefused, match=message):
+        _lattice_share(reply, start, secrets)
+    fits = distributed_share_reply(_instruction("train"), {"w": np.zeros(2, np.uint32)},
+                                   _private_outcome(), 1, Lattice(0.25, 2**24), 2)
+    assert list(_lattice_share(fits, start, secrets)) == [0, 0]

@@ -15,7 +15,8 @@ that lattice directly, in integers, so that nothing after the noise depends on t
   by a lattice vector is a post-processing of the Gaussian shifted by the same vector;
 - signal + noise levels are sent modulo 2^32 without clamping: the server reads the sum over
   hospitals as the value nearest 0 modulo 2^32 levels, exact while it stays within +-2^31
-  levels (256 c at T = 2^24; ``wrap_margin`` says by how much it does).
+  levels (256 c at T = 2^24; the server logs how much of that each sum used:
+  ``secure_aggregation/range_used``).
 
 Floating-point sampling of the Gaussian itself is outside this analysis, as in Opacus' default
 (non-``secure_mode``) noise.
@@ -58,10 +59,3 @@ class Lattice:
     def encode(levels: np.ndarray) -> np.ndarray:
         """Levels as SecAgg+ adds them: uint32, modulo 2^32 (negative levels wrap)."""
         return np.mod(levels, _MODULUS).astype(np.uint32)
-
-    def wrap_margin(self, total_std: float, summed_signal: float) -> float:
-        """How many standard deviations of the summed noise lie between a summed signal of
-        magnitude ``summed_signal`` (per value) and the edge of what a sum decodes without
-        wrapping: +-2^31 levels."""
-        room = _MODULUS // 2 * self.step - abs(summed_signal)
-        return room / total_std if total_std > 0 else float("inf")
