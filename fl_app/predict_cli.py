@@ -1,48 +1,45 @@
-"""``clinical-fl-predict``: classify notes with the adapter of a run (MLflow run id) or a folder.
+"""``clinical-fl-predict``: classify notes with the adapter of a run (MLflow run id) or a folder,
+here or through the prediction service. Notes are de-identified as in training first.
 
     clinical-fl-predict --run-id 3f2a... --text "CC: chest pain ..."
     clinical-fl-predict --adapter ./adapter notes/*.txt
+    clinical-fl-predict --server https://coordinator:8443 --token-file token.txt \\
+        --ca-cert certs/ca.crt notes/*.txt                      # the service reads the notes
+    clinical-fl-predict --encrypted --server https://coordinator:8443 --adapter ./adapter \\
+        --token-file token.txt --ca-cert certs/ca.crt notes/*.txt  # it never sees them
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 from tasks.errors import TaskInputError
-from tasks.model.predict import classify
 
 
-def _adapter_from_run(run_id: str, tracking_uri: str | None) -> Path:
-    import mlflow
-
-    from fl_app.paths import project_root
-    from tracking.run_tracker import default_store
-
-    mlflow.set_tracking_uri(tracking_uri or default_store(project_root())[0])
-    target = Path(tempfile.mkdtemp(prefix="adapter-"))
-    try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter",
-                                                        dst_path=str(target)))
-    except Exception as err:  # MLflow raises several types for a missing run or artifact
-        raise TaskInputError(f"run {run_id}: cannot fetch its 'adapter' artifact from "
-                             f"{mlflow.get_tracking_uri()}: {err}") from err
-
-
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--adapter", help="folder with a saved adapter")
     source.add_argument("--run-id", help="MLflow run id whose 'adapter' artifact to use")
     parser.add_argument("--tracking-uri", help="MLflow store (default: <project>/mlruns)")
     parser.add_argument("--base-model", help="override the base model recorded with the adapter")
+    parser.add_argument("--server", help="URL of a clinical-fl-serve service")
+    parser.add_argument("--encrypted", action="store_true",
+                        help="encode here and let --server evaluate the head on ciphertexts")
+    parser.add_argument("--token-file", help="file whose first line is the service's token")
+    parser.add_argument("--ca-cert", help="CA certificate that signed the service's (PEM)")
+    parser.add_argument("--client-cert", nargs=2, metavar=("CERT", "KEY"),
+                        help="client certificate and key, for a service with --client-ca")
     parser.add_argument("--text", action="append", default=[], help="a note (repeatable)")
     parser.add_argument("files", nargs="*", help="text files, one note per file")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _read_notes(args: argparse.Namespace, parser: argparse.ArgumentParser
+                ) -> tuple[list[str], list[str]]:
     texts, names = list(args.text), [f"text {i + 1}" for i in range(len(args.text))]
     for name in args.files:
         try:
@@ -52,16 +49,67 @@ def main(argv: list[str] | None = None) -> int:
         names.append(name)
     if not texts:
         parser.error("give at least one --text or file")
+    return texts, names
+
+
+def _service(args: argparse.Namespace):  # noqa: ANN202 - serving.client imported lazily
+    from serving.client import ServiceClient
+
+    token = None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").split()[0]
+        except (OSError, IndexError, UnicodeDecodeError) as err:
+            raise TaskInputError(f"--token-file {args.token_file}: no token in it ({err})") \
+                from err
+    return ServiceClient(args.server, token=token, ca_cert=args.ca_cert,
+                         client_cert=tuple(args.client_cert) if args.client_cert else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.encrypted and not args.server:
+        parser.error("--encrypted needs --server URL")
+    if not args.server and not (args.adapter or args.run_id):
+        parser.error("give --adapter or --run-id (or --server to ask a service)")
+    if args.encrypted and not (args.adapter or args.run_id):
+        parser.error("--encrypted encodes notes here: give the global adapter with --adapter "
+                     "or --run-id")
+    texts, names = _read_notes(args, parser)
     try:
-        adapter = Path(args.adapter) if args.adapter else _adapter_from_run(args.run_id,
-                                                                            args.tracking_uri)
-        predictions = classify(adapter, texts, args.base_model)
-    except TaskInputError as err:
+        rows = _predict(args, texts)
+    except Exception as err:  # noqa: BLE001 - one message for input, model and service errors
+        import httpx
+
+        from serving.client import ServiceError
+
+        if not isinstance(err, TaskInputError | ServiceError | OSError | ValueError
+                          | httpx.HTTPError):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for name, prediction in zip(names, predictions, strict=True):
-        print(f"{name}\t{prediction.label}\t{prediction.probability:.3f}")
+    for name, (label, probability) in zip(names, rows, strict=True):
+        print(f"{name}\t{label}\t{probability:.3f}")
     return 0
+
+
+def _predict(args: argparse.Namespace, texts: list[str]) -> list[tuple[str, float]]:
+    if args.server and not args.encrypted:
+        with _service(args) as client:
+            return [(p["label"], p["probability"]) for p in client.predict(texts)]
+    from tasks.model.predict import NoteClassifier
+    from tracking.artifacts import download_adapter
+
+    adapter = Path(args.adapter) if args.adapter else download_adapter(args.run_id,
+                                                                       args.tracking_uri)
+    local = NoteClassifier(adapter, args.base_model)
+    if not args.encrypted:
+        return [(p.label, p.probability) for p in local.predict(texts)]
+    from serving.client import EncryptedPredictor
+
+    with _service(args) as client:
+        return [(p.label, p.probability) for p in EncryptedPredictor(local, client).predict(texts)]
 
 
 if __name__ == "__main__":

@@ -349,5 +349,5 @@ def save_final_adapter(model: PeftModel, arrays: ArrayRecord, task: TaskSettings
     """The global adapter in PEFT's format, as an MLflow artifact."""
     load_trainable_state(model, arrays.to_torch_state_dict())
     with tempfile.TemporaryDirectory() as tmp:
-        save_adapter(model, Path(tmp), task.model, labels)
+        save_adapter(model, Path(tmp), task.model, labels, task.data.deid)
         tracker.log_artifacts(Path(tmp), "adapter")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,12 +23,15 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from settings.task import DEFAULT_MODEL_ID, ModelSettings, Pooling
+from settings.task import DEFAULT_MODEL_ID, DeidSettings, ModelSettings, Pooling
 from tasks.errors import ModelNotFoundError
 from tasks.model.pooling import resolve_pooling, use_mean_pooling
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
+# Raised by transformers' own code when PEFT loads an adapter; nothing for users to change.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated",
+                        category=FutureWarning)
 
 _PACKAGED_MODEL_IDS = {DEFAULT_MODEL_ID, "all-MiniLM-L6-v2"}
 
@@ -161,15 +165,28 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
 
 
 def save_adapter(model: PeftModel, directory: str | Path, settings: ModelSettings,
-                 labels: list[str]) -> Path:
-    """Save in PEFT's format (``PeftModel.from_pretrained`` loads it) plus the label set."""
+                 labels: list[str], deid: DeidSettings | None = None) -> Path:
+    """Save in PEFT's format (``PeftModel.from_pretrained`` loads it) plus what reading a
+    note needs: labels, base model, window, pooling and the training's de-identification
+    (prediction must see notes the way training did: with [NAME], [DATE]... placeholders)."""
     directory = Path(directory)
     model.save_pretrained(directory)
     pooling = resolve_pooling(settings.pooling, resolve_model_path(settings.name_or_path))
-    (directory / LABELS_FILE).write_text(json.dumps(
-        {"labels": labels, "base_model": settings.name_or_path,
-         "max_length": settings.max_length, "pooling": pooling.value}, indent=2))
+    meta = {"labels": labels, "base_model": settings.name_or_path,
+            "max_length": settings.max_length, "pooling": pooling.value}
+    if deid is not None:
+        meta["deid"] = {"enabled": deid.enabled, "spacy_model": deid.spacy_model,
+                        "score_threshold": deid.score_threshold}
+    (directory / LABELS_FILE).write_text(json.dumps(meta, indent=2))
     return directory
+
+
+def saved_deid(directory: str | Path) -> DeidSettings:
+    """The de-identification an adapter was trained behind. Adapters saved before it was
+    recorded get the product's default, which is what their training used unless
+    ``data.deid`` was changed."""
+    meta = json.loads((Path(directory) / LABELS_FILE).read_text())
+    return DeidSettings(**meta["deid"]) if "deid" in meta else DeidSettings()
 
 
 def load_adapter(directory: str | Path, base_model: str | None = None

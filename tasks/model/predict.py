@@ -1,31 +1,133 @@
-"""Classify notes with a trained adapter (base model + LoRA adapter in PEFT format)."""
+"""Classify notes with a trained adapter (base model + LoRA adapter in PEFT format).
+
+A note is read the way training read it: de-identified with the training's settings (saved
+with the adapter), tokenized into the same window, pooled the same way. ``NoteClassifier``
+also splits the model where encrypted inference cuts it: ``vectors`` is everything up to the
+classification head (run by whoever holds the note), ``head`` the last linear layer (which a
+service can evaluate on encrypted vectors).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from peft import get_peft_model_state_dict
 
-from tasks.model.build import load_adapter
+from settings.task import DeidSettings
+from tasks.data.deid import deidentifier
+from tasks.errors import TaskInputError
+from tasks.model.build import load_adapter, saved_deid
+
+# A note is text a clinician wrote: far below this. Longer input is refused, not truncated
+# silently after de-identification has spent time on it.
+MAX_NOTE_CHARS = 200_000
 
 
 @dataclass
 class Prediction:
     label: str
     probability: float
+    probabilities: dict[str, float] = field(default_factory=dict)
 
 
-@torch.inference_mode()
+class NoteClassifier:
+    """A saved adapter ready to classify raw notes."""
+
+    def __init__(self, adapter_dir: str | Path, base_model: str | None = None,
+                 deid: DeidSettings | None = None) -> None:
+        self.adapter_dir = Path(adapter_dir)
+        self.model, self.tokenizer, self.labels, self.max_length = load_adapter(
+            self.adapter_dir, base_model)
+        self.deid = deid or saved_deid(self.adapter_dir)
+        self._head = _classification_head(self.model, len(self.labels))
+        self.fingerprint = _fingerprint(self.model)
+
+    def deidentify(self, texts: list[str]) -> list[str]:
+        """Checked notes with their PHI replaced by placeholders, as in training."""
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TaskInputError(f"note {i}: expected text, got {type(text).__name__}")
+            if not text.strip():
+                raise TaskInputError(f"note {i} is empty")
+            if len(text) > MAX_NOTE_CHARS:
+                raise TaskInputError(f"note {i} has {len(text)} characters; at most "
+                                     f"{MAX_NOTE_CHARS} are accepted")
+        if not self.deid.enabled:
+            return list(texts)
+        return deidentifier(self.deid).redact_all(list(texts))
+
+    @torch.inference_mode()
+    def _run(self, texts: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(head inputs, logits) of already de-identified notes."""
+        inputs: list[torch.Tensor] = []
+        handle = self._head.register_forward_hook(
+            lambda _module, args, _output: inputs.append(args[0].detach()))
+        logits = []
+        try:
+            for start in range(0, len(texts), batch_size):
+                batch = self.tokenizer(texts[start:start + batch_size], truncation=True,
+                                       max_length=self.max_length, padding=True,
+                                       return_tensors="pt")
+                logits.append(self.model(**batch).logits.float())
+        finally:
+            handle.remove()
+        if any(x.ndim != 2 for x in inputs):
+            raise TaskInputError(
+                f"the {self.model.config.model_type} model applies its head to every token, "
+                "not to one vector per note; encrypted inference needs a head that reads one "
+                "vector per note (BERT-family encoders such as MiniLM)")
+        return (torch.cat(inputs).float().numpy(), torch.cat(logits).numpy())
+
+    def logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        return self._run(self.deidentify(texts), batch_size)[1]
+
+    def vectors(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """What the head reads, one row per note (the encrypted path's plaintext)."""
+        return self._run(self.deidentify(texts), batch_size)[0]
+
+    def head(self) -> tuple[np.ndarray, np.ndarray]:
+        """The head as (weight: dimension x classes, bias: classes), float64."""
+        weight = self._head.weight.detach().double().numpy().T.copy()
+        bias = (self._head.bias.detach().double().numpy().copy() if self._head.bias is not None
+                else np.zeros(weight.shape[1]))
+        return weight, bias
+
+    def predictions(self, logits: np.ndarray) -> list[Prediction]:
+        probabilities = torch.from_numpy(np.asarray(logits, np.float64)).softmax(-1).numpy()
+        return [Prediction(self.labels[int(row.argmax())], float(row.max()),
+                           dict(zip(self.labels, map(float, row), strict=True)))
+                for row in probabilities]
+
+    def predict(self, texts: list[str], batch_size: int = 32) -> list[Prediction]:
+        return self.predictions(self.logits(texts, batch_size))
+
+
+def _classification_head(model: torch.nn.Module, classes: int) -> torch.nn.Linear:
+    """The trained last linear layer that outputs the logits (PEFT keeps the trained copy of
+    the head under ``modules_to_save``)."""
+    found = [module for name, module in model.named_modules()
+             if "modules_to_save" in name and isinstance(module, torch.nn.Linear)
+             and module.out_features == classes]
+    if not found:
+        raise TaskInputError(f"no trained linear classification head with {classes} outputs "
+                             "in this adapter")
+    return found[-1]
+
+
+def _fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of the adapter's weights: client and service check they hold the same model
+    before encrypted vectors from one meet the head of the other."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(get_peft_model_state_dict(model).items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def classify(adapter_dir: str | Path, texts: list[str], base_model: str | None = None,
              batch_size: int = 32) -> list[Prediction]:
-    model, tokenizer, labels, max_length = load_adapter(adapter_dir, base_model)
-    predictions = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start:start + batch_size], truncation=True,
-                          max_length=max_length, padding=True, return_tensors="pt")
-        probs = model(**batch).logits.softmax(dim=-1)
-        best = probs.argmax(dim=-1)
-        predictions += [Prediction(labels[i], float(probs[row, i]))
-                        for row, i in enumerate(best.tolist())]
-    return predictions
+    return NoteClassifier(adapter_dir, base_model).predict(texts, batch_size)

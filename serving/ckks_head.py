@@ -1,0 +1,314 @@
+"""The classification head on encrypted note vectors (CKKS, via TenSEAL's SEAL binding).
+
+The client encodes notes into the head's input vectors itself, encrypts them under a CKKS key
+that never leaves it, and the service evaluates ``x @ W + b`` on the ciphertexts. Only the
+client can decrypt the logits.
+
+Packing (the hybrid diagonal method of Halevi and Shoup, for a d x k head). One ciphertext
+has 4096 slots; they are cut into blocks of B slots, one note per block, so a ciphertext
+carries 4096 / B notes (8 for MiniLM's 384 values and 6 classes). In its block a note's
+vector x, zero-padded to D = k * 2^m values, is followed by a copy of its first k - 1 values,
+so that rotating the whole ciphertext by i < k shifts every block's vector cyclically. Then
+
+    z = sum_{i<k} rot(ct, i) * M_i,   M_i[f] = W[(f + i) mod D, f mod k]
+
+holds, in the slots f = j (mod k) of a block, products whose sum over those slots is the
+logit j; log2(D / k) rotate-and-add steps gather those sums into the block's first k slots.
+A 0/1 mask then keeps only those slots (the client learns the logits, not partial sums of
+the weights) and the bias is added. Cost per ciphertext: k - 1 + log2(D / k) rotations (11),
+k + 1 plaintext products, whatever the number of notes in it.
+
+Rotations need Galois keys for exactly those steps: the client makes them and uploads them
+once (about 9 MB); they let the service rotate, never decrypt. Encryption is symmetric
+(seeded), which halves each uploaded ciphertext.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tenseal import sealapi
+
+POLY_MODULUS_DEGREE = 8192
+SLOTS = POLY_MODULUS_DEGREE // 2
+# Special prime (60), two 40-bit levels (the head's products, the output mask), and a 60-bit
+# base: 200 bits, within SEAL's 218 for 128-bit security at N = 8192.
+COEFF_MODULUS_BITS = (60, 40, 40, 60)
+SCALE_BITS = 40
+
+
+class EncryptedInputError(ValueError):
+    """A ciphertext or key that does not fit the head's encryption parameters or layout."""
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where each note's values sit in a ciphertext, for a head of ``dimension`` x ``classes``."""
+
+    dimension: int
+    classes: int
+    poly_modulus_degree: int = POLY_MODULUS_DEGREE
+    coeff_modulus_bits: tuple[int, ...] = COEFF_MODULUS_BITS
+    scale_bits: int = SCALE_BITS
+
+    def __post_init__(self) -> None:
+        if self.dimension < 1 or self.classes < 2:
+            raise EncryptedInputError(f"a head of {self.dimension} x {self.classes} cannot be "
+                                      "evaluated; need at least 1 input and 2 classes")
+        if self.block > self.slots:
+            raise EncryptedInputError(
+                f"a {self.dimension}-value vector for {self.classes} classes needs {self.block} "
+                f"slots, more than the {self.slots} of one ciphertext")
+
+    @property
+    def slots(self) -> int:
+        return self.poly_modulus_degree // 2
+
+    @property
+    def padded(self) -> int:
+        """D: the vector length, zero-padded to classes x a power of two."""
+        return self.classes * 2 ** math.ceil(math.log2(max(1, self.dimension / self.classes)))
+
+    @property
+    def block(self) -> int:
+        """B: slots per note (a power of two, so blocks tile the ciphertext)."""
+        return 2 ** math.ceil(math.log2(self.padded + self.classes - 1))
+
+    @property
+    def notes_per_ciphertext(self) -> int:
+        return self.slots // self.block
+
+    @property
+    def fold_steps(self) -> list[int]:
+        return [self.classes * 2 ** i for i in range(int(math.log2(self.padded // self.classes)))]
+
+    @property
+    def rotation_steps(self) -> list[int]:
+        return list(range(1, self.classes)) + self.fold_steps
+
+    def galois_elements(self) -> list[int]:
+        """SEAL's Galois element of a left rotation by s slots is 3^s mod 2N."""
+        return [pow(3, step, 2 * self.poly_modulus_degree) for step in self.rotation_steps]
+
+    def ciphertexts_for(self, notes: int) -> int:
+        return math.ceil(notes / self.notes_per_ciphertext)
+
+    def pack(self, vectors: np.ndarray) -> list[np.ndarray]:
+        """Slot values of each ciphertext for ``vectors`` (notes x dimension)."""
+        vectors = np.asarray(vectors, dtype=np.float64)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dimension:
+            raise EncryptedInputError(f"vectors of shape {vectors.shape}; the head reads "
+                                      f"{self.dimension} values per note")
+        packed = []
+        per = self.notes_per_ciphertext
+        for start in range(0, len(vectors), per):
+            slots = np.zeros(self.slots)
+            for j, vector in enumerate(vectors[start:start + per]):
+                at = j * self.block
+                slots[at:at + self.dimension] = vector
+                # The wrap-around copy: rotations by i < k read it as x[0..k-2].
+                head = vector[:self.classes - 1]
+                slots[at + self.padded:at + self.padded + len(head)] = head
+            packed.append(slots)
+        return packed
+
+    def unpack(self, slot_values: list[np.ndarray], notes: int) -> np.ndarray:
+        """The logits (notes x classes) from the decrypted output slots."""
+        rows = [values[j * self.block:j * self.block + self.classes]
+                for values in slot_values for j in range(self.notes_per_ciphertext)]
+        return np.array(rows[:notes])
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "coeff_modulus_bits": list(self.coeff_modulus_bits),
+                "notes_per_ciphertext": self.notes_per_ciphertext,
+                "rotation_steps": self.rotation_steps}
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> HeadLayout:
+        return cls(dimension=int(spec["dimension"]), classes=int(spec["classes"]),
+                   poly_modulus_degree=int(spec["poly_modulus_degree"]),
+                   coeff_modulus_bits=tuple(int(b) for b in spec["coeff_modulus_bits"]),
+                   scale_bits=int(spec["scale_bits"]))
+
+    def seal_context(self) -> sealapi.SEALContext:
+        """Parameters only: no key of any kind."""
+        params = sealapi.EncryptionParameters(sealapi.SCHEME_TYPE.CKKS)
+        params.set_poly_modulus_degree(self.poly_modulus_degree)
+        params.set_coeff_modulus(sealapi.CoeffModulus.Create(
+            self.poly_modulus_degree, list(self.coeff_modulus_bits)))
+        context = sealapi.SEALContext(params, True, sealapi.SEC_LEVEL_TYPE.TC128)
+        if not context.parameters_set():
+            raise EncryptedInputError(f"CKKS parameters rejected by SEAL: "
+                                      f"{context.parameters_error_message()}")
+        return context
+
+
+class _Bytes:
+    """SEAL's Python binding saves and loads through files: a private scratch folder."""
+
+    _folder = Path(tempfile.mkdtemp(prefix="clinical-fl-seal-",
+                                    dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+
+    @classmethod
+    def dump(cls, item: object) -> bytes:
+        fd, name = tempfile.mkstemp(dir=cls._folder)
+        os.close(fd)
+        try:
+            item.save(name)
+            return Path(name).read_bytes()
+        finally:
+            os.unlink(name)
+
+    @classmethod
+    def load(cls, item: object, context: sealapi.SEALContext, data: bytes) -> object:
+        fd, name = tempfile.mkstemp(dir=cls._folder)
+        try:
+            os.write(fd, data)
+            os.close(fd)
+            item.load(context, name)
+            return item
+        finally:
+            os.unlink(name)
+
+
+def key_id(evaluation_keys: bytes) -> str:
+    return hashlib.sha256(evaluation_keys).hexdigest()
+
+
+class ClientKeys:
+    """The client's side: a secret key (only in this object's memory), encryption and
+    decryption, and the Galois keys the service needs to rotate."""
+
+    def __init__(self, layout: HeadLayout) -> None:
+        self.layout = layout
+        self._context = layout.seal_context()
+        keygen = sealapi.KeyGenerator(self._context)
+        secret = keygen.secret_key()
+        self._encryptor = sealapi.Encryptor(self._context, secret)
+        self._decryptor = sealapi.Decryptor(self._context, secret)
+        self._encoder = sealapi.CKKSEncoder(self._context)
+        self.evaluation_keys = _Bytes.dump(keygen.create_galois_keys(layout.galois_elements()))
+        self.key_id = key_id(self.evaluation_keys)
+
+    def encrypt(self, vectors: np.ndarray) -> list[bytes]:
+        """One seeded ciphertext per ``notes_per_ciphertext`` vectors."""
+        out = []
+        for slots in self.layout.pack(vectors):
+            plain = sealapi.Plaintext()
+            self._encoder.encode(slots.tolist(), 2.0 ** self.layout.scale_bits, plain)
+            out.append(_Bytes.dump(self._encryptor.encrypt_symmetric(plain)))
+        return out
+
+    def decrypt(self, ciphertexts: list[bytes], notes: int) -> np.ndarray:
+        """Logits (notes x classes) from the service's answer."""
+        slot_values = []
+        for data in ciphertexts:
+            cipher = _load_ciphertext(self._context, data, "answer ciphertext")
+            plain = sealapi.Plaintext()
+            self._decryptor.decrypt(cipher, plain)
+            slot_values.append(np.array(self._encoder.decode_double(plain)))
+        if len(slot_values) != self.layout.ciphertexts_for(notes):
+            raise EncryptedInputError(f"the answer has {len(slot_values)} ciphertexts for "
+                                      f"{notes} notes; expected "
+                                      f"{self.layout.ciphertexts_for(notes)}")
+        return self.layout.unpack(slot_values, notes)
+
+
+def _load_ciphertext(context: sealapi.SEALContext, data: bytes, what: str
+                     ) -> sealapi.Ciphertext:
+    try:
+        return _Bytes.load(sealapi.Ciphertext(), context, data)
+    except Exception as err:  # SEAL raises ValueError / RuntimeError with its own wording
+        raise EncryptedInputError(f"{what} is not a CKKS ciphertext for these encryption "
+                                  f"parameters ({err})") from err
+
+
+class EncryptedHead:
+    """The service's side: the head's weights as plaintexts and SEAL's evaluator. It holds
+    the encryption parameters and the clients' Galois keys; no secret or public key."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        weight, bias = np.asarray(weight, np.float64), np.asarray(bias, np.float64)
+        if weight.ndim != 2 or bias.shape != (weight.shape[1],):
+            raise ValueError(f"head weight {weight.shape} and bias {bias.shape} do not fit")
+        self.layout = HeadLayout(dimension=weight.shape[0], classes=weight.shape[1])
+        self.context = self.layout.seal_context()
+        self._evaluator = sealapi.Evaluator(self.context)
+        self._encoder = sealapi.CKKSEncoder(self.context)
+        self._scale = 2.0 ** self.layout.scale_bits
+        self._bias = bias
+        layout = self.layout
+        padded = np.zeros((layout.padded, layout.classes))
+        padded[:layout.dimension] = weight
+        f = np.arange(layout.padded)
+        self._diagonals = []
+        for i in range(layout.classes):
+            slots = np.zeros(layout.slots)
+            row = padded[(f + i) % layout.padded, f % layout.classes]
+            for j in range(layout.notes_per_ciphertext):
+                slots[j * layout.block:j * layout.block + layout.padded] = row
+            self._diagonals.append(self._encode(slots, self.context.first_parms_id()))
+        self._output_slots = np.zeros(layout.slots)
+        for j in range(layout.notes_per_ciphertext):
+            self._output_slots[j * layout.block:j * layout.block + layout.classes] = 1.0
+        self._mask = None  # encoded at the level the products reach (known after the first)
+
+    def _encode(self, values: np.ndarray, parms_id: list[int], scale: float | None = None
+                ) -> sealapi.Plaintext:
+        plain = sealapi.Plaintext()
+        self._encoder.encode(values.tolist(), parms_id, scale or self._scale, plain)
+        return plain
+
+    def load_keys(self, data: bytes) -> sealapi.GaloisKeys:
+        """The client's Galois keys, checked to be for these parameters and these rotations."""
+        try:
+            keys = _Bytes.load(sealapi.GaloisKeys(), self.context, data)
+        except Exception as err:
+            raise EncryptedInputError(f"evaluation keys are not SEAL Galois keys for these "
+                                      f"encryption parameters ({err})") from err
+        missing = [s for s, e in zip(self.layout.rotation_steps, self.layout.galois_elements(),
+                                     strict=True) if not keys.has_key(e)]
+        if missing:
+            raise EncryptedInputError(f"evaluation keys lack the rotations by {missing} slots "
+                                      "this head needs")
+        return keys
+
+    def evaluate(self, ciphertexts: list[bytes], keys: sealapi.GaloisKeys) -> list[bytes]:
+        return [_Bytes.dump(self._evaluate_one(i, data, keys))
+                for i, data in enumerate(ciphertexts)]
+
+    def _evaluate_one(self, index: int, data: bytes, keys: sealapi.GaloisKeys
+                      ) -> sealapi.Ciphertext:
+        ev, layout = self._evaluator, self.layout
+        cipher = _load_ciphertext(self.context, data, f"ciphertext {index}")
+        if (cipher.parms_id() != self.context.first_parms_id() or cipher.size() != 2
+                or not math.isclose(cipher.scale, self._scale, rel_tol=1e-9)):
+            raise EncryptedInputError(
+                f"ciphertext {index} is not a fresh encryption at scale 2^{layout.scale_bits} "
+                f"(size {cipher.size()}, scale 2^{math.log2(max(cipher.scale, 1)):.1f}); "
+                "encrypt with the parameters from /encrypted/spec")
+        total, rotated = sealapi.Ciphertext(), sealapi.Ciphertext()
+        ev.multiply_plain(cipher, self._diagonals[0], total)
+        for i in range(1, layout.classes):
+            ev.rotate_vector(cipher, i, keys, rotated)
+            ev.multiply_plain_inplace(rotated, self._diagonals[i])
+            ev.add_inplace(total, rotated)
+        ev.rescale_to_next_inplace(total)
+        for step in reversed(layout.fold_steps):
+            ev.rotate_vector(total, step, keys, rotated)
+            ev.add_inplace(total, rotated)
+        if self._mask is None:
+            self._mask = self._encode(self._output_slots, total.parms_id())
+        ev.multiply_plain_inplace(total, self._mask)
+        ev.rescale_to_next_inplace(total)
+        bias = np.zeros(layout.slots)
+        for j in range(layout.notes_per_ciphertext):
+            bias[j * layout.block:j * layout.block + layout.classes] = self._bias
+        ev.add_plain_inplace(total, self._encode(bias, total.parms_id(), total.scale))
+        return total
