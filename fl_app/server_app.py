@@ -25,6 +25,7 @@ from fl_app.preflight import HospitalReport, run_preflight, wait_for_hospitals
 from fl_app.secure_aggregation_grid import SecureAggregationGrid
 from protocol.messages import TASK_KEY
 from secure_aggregation import ckks
+from serving.pyfunc import log_note_model
 from settings.checks import ConfigError
 from settings.compose import (
     compose_config,
@@ -346,8 +347,10 @@ def train_federation(strategy: Strategy, grid: Grid, initial: ArrayRecord,
 
 def save_final_adapter(model: PeftModel, arrays: ArrayRecord, task: TaskSettings,
                        labels: list[str], tracker: RunTracker) -> None:
-    """The global adapter in PEFT's format, as an MLflow artifact."""
+    """The global adapter in PEFT's format, as an MLflow artifact and an MLflow Model."""
     load_trainable_state(model, arrays.to_torch_state_dict())
     with tempfile.TemporaryDirectory() as tmp:
         save_adapter(model, Path(tmp), task.model, labels, task.data.deid)
         tracker.log_artifacts(Path(tmp), "adapter")
+        # The same adapter as an MLflow Model: mlflow.pyfunc.load_model("runs:/<id>/model").
+        log_note_model(Path(tmp), labels)

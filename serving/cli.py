@@ -67,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="how long a request waits for others to share its batch")
     parser.add_argument("--max-notes", type=int, default=256, help="notes per request")
     parser.add_argument("--max-request-mb", type=float, default=4.0,
-                        help="largest /predict body (encrypted bodies: 16x)")
+                        help="largest /predict body")
+    parser.add_argument("--max-encrypted-mb", type=float, default=64.0,
+                        help="largest /encrypted/* body (a client's keys are about 8 MB)")
     parser.add_argument("--rate-limit", type=int, default=0,
                         help="notes per client and minute (0: unlimited)")
     return parser
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = ServiceSettings(
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_notes=args.max_notes,
             max_request_bytes=int(args.max_request_mb * MiB),
-            max_encrypted_bytes=int(16 * args.max_request_mb * MiB),
+            max_encrypted_bytes=int(args.max_encrypted_mb * MiB),
             rate_limit_per_minute=args.rate_limit, tokens=tokens)
         app = create_app(classifier, settings)
     except (TaskInputError, ValueError) as err:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 from contextlib import redirect_stdout
 
+import mlflow
 import pandas as pd
 import pytest
 from flwr.app import Context, RecordDict
@@ -100,6 +101,12 @@ def test_a_federated_run_on_a_csv_export_tracks_every_round_and_ships_a_working_
     predicted = [line.split("\t")[1] for line in buffer.getvalue().splitlines()]
     hits = sum(p == n.label for p, n in zip(predicted, notes, strict=True))
     assert hits / len(notes) > 1 / 6 + 0.15
+
+    # The run's MLflow Model (pyfunc) reads notes the same way, de-identification included.
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    table = model.predict(pd.DataFrame({"text": [n.text for n in notes[:8]]}))
+    assert table["label"].tolist() == predicted[:8]
 
 
 @pytest.mark.e2e
