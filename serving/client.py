@@ -12,6 +12,7 @@ a CKKS key that exists only in this process, and decrypts the logits the service
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import httpx
@@ -33,7 +34,8 @@ class ServiceError(RuntimeError):
 class ServiceClient:
     def __init__(self, url: str, token: str | None = None, ca_cert: str | Path | None = None,
                  client_cert: tuple[str, str] | None = None, timeout_s: float = 120.0) -> None:
-        verify: bool | str = str(ca_cert) if ca_cert else True
+        verify: bool | ssl.SSLContext = (ssl.create_default_context(cafile=str(ca_cert))
+                                         if ca_cert else True)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=url.rstrip("/"), verify=verify, cert=client_cert,
                                   headers=headers, timeout=timeout_s)
