@@ -82,7 +82,7 @@ def service(adapter, tmp_path_factory):
     def up() -> bool:
         assert process.poll() is None, (root / "service.log").read_text()
         try:
-            return httpx.get(f"{url}/health", verify=ssl.create_default_context(cafile=str(ca)), timeout=2).status_code == 200
+            return httpx.get(f"{url}/health", verify=_trust(ca), timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -100,6 +100,10 @@ def client(service):
     url, ca = service
     with ServiceClient(url, token=TOKEN, ca_cert=ca) as c:
         yield c
+
+
+def _trust(ca: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca))
 
 
 def _notes(count: int) -> list[str]:
@@ -145,10 +149,10 @@ def test_a_note_with_a_name_and_a_date_is_read_like_the_same_note_with_placehold
 
 def test_without_the_token_or_tls_nothing_but_health_answers(service):
     url, ca = service
-    assert httpx.get(f"{url}/health", verify=ssl.create_default_context(cafile=str(ca))).json() == {"status": "ok"}
+    assert httpx.get(f"{url}/health", verify=_trust(ca)).json() == {"status": "ok"}
     for headers in ({}, {"Authorization": "Bearer not-the-token"}):
         response = httpx.post(f"{url}/predict", json={"notes": ["chest pain"]}, headers=headers,
-                              verify=ssl.create_default_context(cafile=str(ca)))
+                              verify=_trust(ca))
         assert response.status_code == 401 and "bearer token" in response.json()["detail"]
     with pytest.raises(httpx.HTTPError):  # plain HTTP to the TLS port
         httpx.get(url.replace("https", "http") + "/health", timeout=5)
