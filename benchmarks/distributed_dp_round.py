@@ -26,7 +26,6 @@ from dataclasses import replace
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from fl_app.paths import project_root
 from secure_aggregation import secagg_plus
 from settings.compose import compose_config, task_settings, to_run_settings
 from settings.tracking import TrackingSettings
@@ -34,6 +33,7 @@ from tasks.data.hospital_data import source_labels
 from tasks.hospital import Hospital
 from tasks.model.build import trainable_state
 from tasks.privacy.ledger import PrivacyLedger
+from tracking.paths import project_root
 from tracking.run_tracker import resolve_store
 
 

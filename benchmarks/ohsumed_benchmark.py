@@ -32,8 +32,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from fl_app.paths import project_root
 from settings.tracking import TrackingSettings
+from tracking.paths import project_root
 from tracking.run_tracker import resolve_store
 
 EXPERIMENT = "ohsumed-benchmark"

@@ -38,13 +38,13 @@ from mlflow.tracking import MlflowClient
 from fl_app.cli import _stream, flwr_run_command, write_run_config
 from fl_app.flower_env import flower_env
 from fl_app.flower_runs import COMPLETED, run_status, started_run_id
-from fl_app.paths import project_root
 from settings.compose import ConfigError, compose_config, to_run_settings
 from tasks.audit.bound import guess_and_bound
 from tasks.audit.canaries import GRADIENT, NOTE, make_canaries, write_canaries
 from tasks.audit.scores import black_box_scores, white_box_scores
 from tasks.data.hospital_data import source_labels
 from tasks.model.build import load_adapter
+from tracking.paths import project_root
 from tracking.run_tracker import resolve_store
 
 # The audit's training, the same at every privacy level: plain SGD (so an update is a sum

@@ -29,9 +29,9 @@ from omegaconf import DictConfig
 
 from fl_app.flower_env import flower_env
 from fl_app.flower_runs import COMPLETED, run_status, started_run_id
-from fl_app.paths import project_root
 from fl_app.sweep import FAILED_JOBS, PARENT_RUN_ENV, SWEEP_NAME_ENV
 from settings.compose import CONF_DIR, ConfigError, validate_config
+from tracking.paths import project_root
 
 
 def write_run_config(overrides: list[str], path: Path) -> Path:

@@ -98,8 +98,8 @@ def _predict(args: argparse.Namespace, texts: list[str]) -> list[tuple[str, floa
     if args.server and not args.encrypted:
         with _service(args) as client:
             return [(p["label"], p["probability"]) for p in client.predict(texts)]
+    from serving.run_artifacts import download_adapter
     from tasks.model.predict import NoteClassifier
-    from tracking.artifacts import download_adapter
 
     adapter = Path(args.adapter) if args.adapter else download_adapter(args.run_id,
                                                                        args.tracking_uri)

@@ -20,7 +20,6 @@ from omegaconf import OmegaConf
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from fl_app.paths import project_root
 from fl_app.preflight import HospitalReport, run_preflight, wait_for_hospitals
 from fl_app.secure_aggregation_grid import SecureAggregationGrid
 from protocol.messages import TASK_KEY
@@ -56,6 +55,7 @@ from tasks.model.compute import resolve_compute
 from tasks.privacy.distributed_dp import plan_distributed_dp
 from tasks.privacy.lattice import Lattice
 from tracking.metered_grid import MeteredGrid
+from tracking.paths import project_root
 from tracking.round_log import CentralEvaluate, ClientLevelPrivacy, RoundLogger
 from tracking.run_tracker import RunTracker
 

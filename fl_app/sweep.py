@@ -21,8 +21,8 @@ from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from fl_app.paths import project_root
 from settings.tracking import TrackingSettings
+from tracking.paths import project_root
 from tracking.run_tracker import experiment_id
 from tracking.sweep_report import collect_sweep, plot_accuracy_vs_epsilon, write_table
 

@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         tokens = read_tokens(Path(args.token_file)) if args.token_file else frozenset()
+        from serving.run_artifacts import download_adapter
         from tasks.model.predict import NoteClassifier
-        from tracking.artifacts import download_adapter
 
         adapter = Path(args.adapter) if args.adapter else download_adapter(args.run_id,
                                                                            args.tracking_uri)

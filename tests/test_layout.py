@@ -1,6 +1,6 @@
 """Dependencies point one way (settings and protocol <- strategies <- tracking <- fl_app;
-tasks knows no Flower; secure_aggregation is cryptography only), and each package holds what
-its name says."""
+tasks knows no Flower; secure_aggregation is cryptography only; serving needs no Flower), and
+each package holds what its name says."""
 
 import ast
 from pathlib import Path
@@ -27,6 +27,7 @@ def _imports(package):
                   "strategies", "tracking", "settings")),
     ("secure_aggregation", ("transformers", "peft", "opacus", "torch", "tasks", "fl_app",
                             "strategies", "tracking", "settings", "protocol")),
+    ("serving", ("flwr", "opacus", "fl_app", "strategies", "secure_aggregation")),
     ("settings", ("flwr", "transformers", "peft", "opacus", "torch", "tasks", "fl_app",
                   "strategies", "tracking", "protocol")),
 ])
@@ -57,6 +58,8 @@ def test_the_default_config_ships_in_the_flower_bundle_and_results_do_not():
     ("where is CKKS done", "secure_aggregation/ckks.py"),
     ("where do results go to MLflow", "tracking/round_log.py"),
     ("where are the settings and their defaults", "settings/task.py"),
+    ("where is the prediction service", "serving/app.py"),
+    ("where is encrypted inference done", "serving/ckks_head.py"),
 ])
 def test_a_newcomer_finds_things_by_their_names(question, answer):
     assert (ROOT / answer).is_file(), question

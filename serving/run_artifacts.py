@@ -12,7 +12,7 @@ def download_adapter(run_id: str, tracking_uri: str | None = None) -> Path:
     """The run's ``adapter`` artifact in a fresh local folder (default store: <project>/mlruns)."""
     import mlflow
 
-    from fl_app.paths import project_root
+    from tracking.paths import project_root
     from tracking.run_tracker import default_store
 
     mlflow.set_tracking_uri(tracking_uri or default_store(project_root())[0])
