@@ -16,7 +16,9 @@ holds, in the slots f = j (mod k) of a block, products whose sum over those slot
 logit j; log2(D / k) rotate-and-add steps gather those sums into the block's first k slots.
 A 0/1 mask then keeps only those slots (the client learns the logits, not partial sums of
 the weights) and the bias is added. Cost per ciphertext: k - 1 + log2(D / k) rotations (11),
-k + 1 plaintext products, whatever the number of notes in it.
+k + 1 plaintext products, whatever the number of notes in it. Where zero columns make blocks
+smaller (5 classes of 384 values: D = 640 needs blocks of 1024; as 6 columns, D = 384 fits in
+512), the head is evaluated as k' > k columns and packs twice the notes.
 
 Rotations need Galois keys for exactly those steps: the client makes them and uploads them
 once (about 9 MB); they let the service rotate, never decrypt. Encryption is symmetric
@@ -70,15 +72,29 @@ class HeadLayout:
     def slots(self) -> int:
         return self.poly_modulus_degree // 2
 
+    @staticmethod
+    def _shape(dimension: int, width: int) -> tuple[int, int, int]:
+        """(D, B, rotations) when the head is evaluated as ``width`` columns."""
+        padded = width * 2 ** math.ceil(math.log2(max(1, dimension / width)))
+        block = 2 ** math.ceil(math.log2(padded + width - 1))
+        return padded, block, width - 1 + int(math.log2(padded // width))
+
+    @property
+    def width(self) -> int:
+        """k': the head's columns as evaluated, zero columns added where that packs more notes
+        per ciphertext (5 classes of 384 values: as 6, blocks of 512 rather than 1024)."""
+        return min(range(self.classes, 2 * self.classes + 1),
+                   key=lambda w: self._shape(self.dimension, w)[1:] + (w,))
+
     @property
     def padded(self) -> int:
-        """D: the vector length, zero-padded to classes x a power of two."""
-        return self.classes * 2 ** math.ceil(math.log2(max(1, self.dimension / self.classes)))
+        """D: the vector length, zero-padded to k' x a power of two."""
+        return self._shape(self.dimension, self.width)[0]
 
     @property
     def block(self) -> int:
         """B: slots per note (a power of two, so blocks tile the ciphertext)."""
-        return 2 ** math.ceil(math.log2(self.padded + self.classes - 1))
+        return self._shape(self.dimension, self.width)[1]
 
     @property
     def notes_per_ciphertext(self) -> int:
@@ -86,11 +102,11 @@ class HeadLayout:
 
     @property
     def fold_steps(self) -> list[int]:
-        return [self.classes * 2 ** i for i in range(int(math.log2(self.padded // self.classes)))]
+        return [self.width * 2 ** i for i in range(int(math.log2(self.padded // self.width)))]
 
     @property
     def rotation_steps(self) -> list[int]:
-        return list(range(1, self.classes)) + self.fold_steps
+        return list(range(1, self.width)) + self.fold_steps
 
     def galois_elements(self) -> list[int]:
         """SEAL's Galois element of a left rotation by s slots is 3^s mod 2N."""
@@ -113,7 +129,7 @@ class HeadLayout:
                 at = j * self.block
                 slots[at:at + self.dimension] = vector
                 # The wrap-around copy: rotations by i < k read it as x[0..k-2].
-                head = vector[:self.classes - 1]
+                head = vector[:self.width - 1]
                 slots[at + self.padded:at + self.padded + len(head)] = head
             packed.append(slots)
         return packed
@@ -126,7 +142,7 @@ class HeadLayout:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "coeff_modulus_bits": list(self.coeff_modulus_bits),
-                "notes_per_ciphertext": self.notes_per_ciphertext,
+                "width": self.width, "notes_per_ciphertext": self.notes_per_ciphertext,
                 "rotation_steps": self.rotation_steps}
 
     @classmethod
@@ -244,13 +260,13 @@ class EncryptedHead:
         self._scale = 2.0 ** self.layout.scale_bits
         self._bias = bias
         layout = self.layout
-        padded = np.zeros((layout.padded, layout.classes))
-        padded[:layout.dimension] = weight
+        padded = np.zeros((layout.padded, layout.width))
+        padded[:layout.dimension, :layout.classes] = weight
         f = np.arange(layout.padded)
         self._diagonals = []
-        for i in range(layout.classes):
+        for i in range(layout.width):
             slots = np.zeros(layout.slots)
-            row = padded[(f + i) % layout.padded, f % layout.classes]
+            row = padded[(f + i) % layout.padded, f % layout.width]
             for j in range(layout.notes_per_ciphertext):
                 slots[j * layout.block:j * layout.block + layout.padded] = row
             self._diagonals.append(self._encode(slots, self.context.first_parms_id()))
@@ -295,7 +311,7 @@ class EncryptedHead:
                 "encrypt with the parameters from /encrypted/spec")
         total, rotated = sealapi.Ciphertext(), sealapi.Ciphertext()
         ev.multiply_plain(cipher, self._diagonals[0], total)
-        for i in range(1, layout.classes):
+        for i in range(1, layout.width):
             ev.rotate_vector(cipher, i, keys, rotated)
             ev.multiply_plain_inplace(rotated, self._diagonals[i])
             ev.add_inplace(total, rotated)

@@ -16,7 +16,8 @@ def _head(dimension: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.n
 
 
 @pytest.mark.parametrize(("dimension", "classes", "notes"),
-                         [(384, 6, 19), (64, 6, 3), (100, 3, 40), (10, 2, 1), (384, 23, 5)])
+                         [(384, 6, 19), (384, 5, 9), (64, 6, 3), (100, 3, 40), (10, 2, 1),
+                          (384, 23, 5)])
 def test_encrypted_logits_equal_the_plain_head(dimension, classes, notes):
     weight, bias = _head(dimension, classes)
     head = EncryptedHead(weight, bias)
@@ -32,6 +33,8 @@ def test_minilm_head_packs_eight_notes_per_ciphertext_with_eleven_rotations():
     layout = HeadLayout(dimension=384, classes=6)
     assert (layout.padded, layout.block, layout.notes_per_ciphertext) == (384, 512, 8)
     assert layout.rotation_steps == [1, 2, 3, 4, 5, 6, 12, 24, 48, 96, 192]
+    five = HeadLayout(dimension=384, classes=5)  # as 6 columns: blocks of 512, not 1024
+    assert (five.width, five.block, five.notes_per_ciphertext) == (6, 512, 8)
 
 
 def test_the_answer_holds_only_the_logits_not_partial_sums_of_the_weights():
