@@ -62,8 +62,17 @@ class PredictRequest(BaseModel):
     notes: list[str]
 
 
+class _TooLarge(HTTPException):
+    """413: an HTTPException, so that FastAPI's body parsing passes it on as it is."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body over the limit of {limit} bytes; send fewer notes "
+                              "per request")
+
+
 class _BodyLimit:
-    """ASGI middleware: a body over the limit is refused with 413 before it is read whole."""
+    """ASGI middleware: a body over the limit is refused with 413 before it is read whole
+    (at once from Content-Length, else while it streams in)."""
 
     def __init__(self, app: Callable, settings: ServiceSettings) -> None:
         self.app, self.settings = app, settings
@@ -75,7 +84,8 @@ class _BodyLimit:
                  else self.settings.max_request_bytes)
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _too_large(send, limit)
+            response = JSONResponse({"detail": _TooLarge(limit).detail}, status_code=413)
+            return await response(scope, receive, send)
         seen = 0
 
         async def counted() -> dict:
@@ -83,23 +93,10 @@ class _BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise _TooLarge()
+                raise _TooLarge(limit)
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await _too_large(send, limit)
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _too_large(send: Callable, limit: int) -> None:
-    response = JSONResponse({"detail": f"request body over the limit of {limit} bytes; send "
-                                       "fewer notes per request"}, status_code=413)
-    await response({"type": "http"}, None, send)
+        await self.app(scope, counted, send)
 
 
 class _RateLimit:

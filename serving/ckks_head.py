@@ -27,9 +27,11 @@ once (about 9 MB); they let the service rotate, never decrypt. Encryption is sym
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -170,6 +172,7 @@ class _Bytes:
 
     _folder = Path(tempfile.mkdtemp(prefix="clinical-fl-seal-",
                                     dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    atexit.register(shutil.rmtree, _folder, ignore_errors=True)
 
     @classmethod
     def dump(cls, item: object) -> bytes:

@@ -19,6 +19,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(1)
 
+from tests.deployment import Deployment  # noqa: E402
 from tests.flower_processes import LocalSimulationSuperLink  # noqa: E402
 from tests.tiny_models import make_tiny_bert, make_tiny_gpt2  # noqa: E402
 
@@ -46,3 +47,20 @@ def superlink(tmp_path_factory: pytest.TempPathFactory):
     link = LocalSimulationSuperLink(tmp_path_factory.mktemp("flwr-home"))
     yield link
     link.stop()
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory):
+    """A TLS SuperLink with SuperNode authentication (deploy/ scripts), one per test module."""
+    deployment = Deployment(tmp_path_factory.mktemp("deployment"))
+    deployment.start_superlink()
+    yield deployment
+    deployment.stop()
+
+
+@pytest.fixture
+def hospitals(deployment):
+    """The SuperNodes a test starts are stopped when it ends; the SuperLink stays."""
+    yield deployment
+    for name in list(deployment.supernodes):
+        deployment.stop_supernode(name)

@@ -11,8 +11,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
+
 from fl_app.flower_env import flower_env
+from tasks.data.synthetic_notes import generate_hospital_notes
 from tests.flower_processes import ROOT, VENV_BIN, free_port
+from tests.support import wait_until
 
 DEPLOY = ROOT / "deploy"
 
@@ -156,3 +160,25 @@ class Deployment:
             self.stop_supernode(name)
         for process in self.processes:
             _stop(process)
+
+
+def hospital_file(directory, hospital: int, notes: int = 90):
+    """A hospital's own export: CSV with its notes (its own style and case mix)."""
+    rows = [{"text": n.text, "label": n.label}
+            for n in generate_hospital_notes(hospital, notes, seed=21, label_skew_alpha=1.0,
+                                             label_noise=0.0)]
+    path = directory / f"hospital-{hospital}.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def wait_for_log(deployment, name: str, text: str, run, times: int = 1,
+                  timeout: float = 900):
+    def seen() -> bool:
+        if run.poll() is not None:
+            output, _ = run.communicate()
+            raise AssertionError(f"the run ended before {name} logged '{text}':\n"
+                                 f"{output[-3000:]}")
+        return deployment.supernode_log(name).count(text) >= times
+
+    wait_until(seen, timeout, f"{name} logs '{text}' {times} time(s)")

@@ -5,49 +5,23 @@ One SuperLink (with its certificates) serves the whole module. The tests that on
 refuse or revoke SuperNodes run first, each with hospitals of its own; then one private run
 carries the behaviours that need a federation at work: a hospital killed mid-round (after it
 shared its SecAgg+ keys), one restarted with its ledger, and one whose own policy (node
-config) refuses the run; a CKKS run with the operator's key material loses a hospital too."""
+config) refuses the run. The CKKS deployment run is in test_deployment_ckks.py (its own
+SuperLink, so that pytest-xdist can run the two files side by side)."""
 
 from __future__ import annotations
 
 import signal
 
-import pandas as pd
 import pytest
 
 from settings.task import Accountant
-from tasks.data.synthetic_notes import SPECIALTIES, generate_hospital_notes
+from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.privacy.accounting import epsilon_spent
 from tasks.privacy.ledger import LedgerStore
-from tests.deployment import Deployment
+from tests.deployment import hospital_file, wait_for_log
 from tests.support import history, only_run, run_overrides, wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-def _hospital_file(directory, hospital: int, notes: int = 90):
-    """A hospital's own export: CSV with its notes (its own style and case mix)."""
-    rows = [{"text": n.text, "label": n.label}
-            for n in generate_hospital_notes(hospital, notes, seed=21, label_skew_alpha=1.0,
-                                             label_noise=0.0)]
-    path = directory / f"hospital-{hospital}.csv"
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    deployment = Deployment(tmp_path_factory.mktemp("deployment"))
-    deployment.start_superlink()
-    yield deployment
-    deployment.stop()
-
-
-@pytest.fixture
-def hospitals(deployment):
-    """The SuperNodes a test starts are stopped when it ends; the SuperLink stays."""
-    yield deployment
-    for name in list(deployment.supernodes):
-        deployment.stop_supernode(name)
 
 
 def test_an_unregistered_supernode_is_refused_and_gets_no_task(hospitals, tmp_path):
@@ -55,8 +29,8 @@ def test_an_unregistered_supernode_is_refused_and_gets_no_task(hospitals, tmp_pa
     before = deployment.connected_nodes()
     deployment.hospital_key("solo")
     rogue_key = deployment.hospital_key("rogue", register=False)
-    deployment.start_supernode("solo", 0, _hospital_file(tmp_path, 0))
-    rogue = deployment.start_supernode("rogue", 1, _hospital_file(tmp_path, 1), key=rogue_key)
+    deployment.start_supernode("solo", 0, hospital_file(tmp_path, 0))
+    rogue = deployment.start_supernode("rogue", 1, hospital_file(tmp_path, 1), key=rogue_key)
     deployment.wait_for_nodes(before + 1)
     assert rogue.wait(timeout=120) != 0, "the SuperLink must turn the unknown key away"
     log = deployment.supernode_log("rogue")
@@ -69,7 +43,7 @@ def test_a_supernode_without_tls_cannot_join_a_tls_superlink(hospitals, tmp_path
     deployment = hospitals
     before = deployment.connected_nodes()
     deployment.hospital_key("plain")
-    deployment.start_supernode("plain", 0, _hospital_file(tmp_path, 0), secure=False)
+    deployment.start_supernode("plain", 0, hospital_file(tmp_path, 0), secure=False)
     wait_until(lambda: "Connection attempt failed" in deployment.supernode_log("plain"), 60,
                "the SuperNode without TLS logs its failed connection")
     assert deployment.connected_nodes() == before
@@ -80,7 +54,7 @@ def test_a_revoked_hospital_is_disconnected(hospitals, tmp_path):
     before = deployment.connected_nodes()
     for k, name in enumerate(("kept", "revoked")):
         deployment.hospital_key(name)
-        deployment.start_supernode(name, k, _hospital_file(tmp_path, k))
+        deployment.start_supernode(name, k, hospital_file(tmp_path, k))
     deployment.wait_for_nodes(before + 2)
     # register.sh noted each hospital's node id: the coordinator revokes by name.
     registry = dict(line.split("\t")[:2] for line in
@@ -92,18 +66,6 @@ def test_a_revoked_hospital_is_disconnected(hospitals, tmp_path):
     assert deployment.supernodes["revoked"].wait(timeout=120) is not None
     assert deployment.connected_nodes() == before + 1
     assert deployment.supernodes["kept"].poll() is None, "the other hospital stays"
-
-
-def _wait_for_log(deployment, name: str, text: str, run, times: int = 1,
-                  timeout: float = 900):
-    def seen() -> bool:
-        if run.poll() is not None:
-            output, _ = run.communicate()
-            raise AssertionError(f"the run ended before {name} logged '{text}':\n"
-                                 f"{output[-3000:]}")
-        return deployment.supernode_log(name).count(text) >= times
-
-    wait_until(seen, timeout, f"{name} logs '{text}' {times} time(s)")
 
 
 def test_a_private_run_survives_a_lost_and_a_restarted_hospital_and_a_refusing_one(
@@ -118,7 +80,7 @@ def test_a_private_run_survives_a_lost_and_a_restarted_hospital_and_a_refusing_o
     deployment = hospitals
     for k in range(4):
         deployment.hospital_key(f"hospital-{k}")
-        deployment.start_supernode(f"hospital-{k}", k, _hospital_file(tmp_path, k),
+        deployment.start_supernode(f"hospital-{k}", k, hospital_file(tmp_path, k),
                                    policy={"max-epsilon": "0.05"} if k == 3 else None)
     deployment.wait_for_nodes(4)
     run = deployment.run(run_overrides(
@@ -127,13 +89,13 @@ def test_a_private_run_survives_a_lost_and_a_restarted_hospital_and_a_refusing_o
         "privacy=dp_sgd", "train.local_epochs=1", "privacy.dp_sgd.target_epsilon=null",
         "privacy.dp_sgd.noise_multiplier=1.0", "secure_aggregation=secagg_plus"))
     # SecAgg+'s setup, key sharing, then the collect stage: it dies after sharing its keys.
-    _wait_for_log(deployment, "hospital-2", "Receiving: train message", run, times=3)
+    wait_for_log(deployment, "hospital-2", "Receiving: train message", run, times=3)
     deployment.stop_supernode("hospital-2", signal.SIGKILL)  # dies in the middle of round 1
     # Between rounds: a SuperNode restarted while it holds a message comes back under the same
     # node id, and the server would wait for that reply until the round's timeout.
-    _wait_for_log(deployment, "hospital-1", "Sending: evaluate message", run, times=2)
+    wait_for_log(deployment, "hospital-1", "Sending: evaluate message", run, times=2)
     deployment.stop_supernode("hospital-1")
-    deployment.start_supernode("hospital-1", 1, _hospital_file(tmp_path, 1))
+    deployment.start_supernode("hospital-1", 1, hospital_file(tmp_path, 1))
     status, details, output = deployment.finish(run)
     assert status == "finished:completed", f"{details}\n{output[-4000:]}"
 
@@ -176,31 +138,3 @@ def test_a_private_run_survives_a_lost_and_a_restarted_hospital_and_a_refusing_o
                                        ledger.delta, Accountant.rdp)
     assert last == pytest.approx(whole, rel=1e-9)
     assert last > after_restart_only * 1.05
-
-
-def test_a_ckks_run_uses_the_operators_key_and_completes_without_a_lost_hospital(
-        hospitals, tiny_bert, tmp_path):
-    """Three hospitals hold the key material deploy/ckks-keys.sh made (node config
-    ckks-context); the server is pinned to its public half. Hospital 2 stops while it trains
-    for round 1: the round adds up the two encrypted updates that arrived."""
-    deployment = hospitals
-    secret = deployment.ckks_keys()
-    for k in range(3):
-        deployment.hospital_key(f"ckks-{k}")
-        deployment.start_supernode(f"ckks-{k}", k, _hospital_file(tmp_path, k),
-                                   ckks_context=secret)
-    deployment.wait_for_nodes(3)
-    run = deployment.run(run_overrides(
-        tiny_bert, tmp_path, "data=files", f"data.labels=[{','.join(SPECIALTIES)}]",
-        "strategy.min_hospitals=2", "num_rounds=1", "train.learning_rate=1e-2",
-        "secure_aggregation=ckks",
-        f"secure_aggregation.ckks_public_context={secret.parent / 'ckks-public.ctx'}"))
-    _wait_for_log(deployment, "ckks-2", "Receiving: train message", run)
-    deployment.stop_supernode("ckks-2")  # SIGTERM: the SuperNode leaves mid-round
-    status, details, output = deployment.finish(run)
-    assert status == "finished:completed", f"{details}\n{output[-4000:]}"
-    client, record = only_run(tmp_path)
-    assert record.data.tags["secure_aggregation"] == "ckks"
-    assert history(client, record.info.run_id, "round/train_replies") == {1: 2}
-    # Two encrypted updates of at least one 131 KB ciphertext each reached the server.
-    assert history(client, record.info.run_id, "secure_aggregation/update_bytes")[1] > 2 * 131e3

@@ -262,6 +262,23 @@ def test_the_rate_limit_answers_429_per_client(local):
         assert app.post("/predict", json={"notes": ["c"]}, headers=headers).status_code == 200
 
 
+def test_a_streamed_body_over_the_limit_is_a_413_too(local):
+    """Without Content-Length (chunked), the limit holds while the body streams in."""
+    settings = ServiceSettings(max_request_bytes=10_000, max_encrypted_bytes=20_000)
+
+    def chunks(total: int):
+        for _ in range(total // 1000):
+            yield b"x" * 1000
+
+    with TestClient(create_app(local, settings)) as app:
+        for path, size in (("/predict", 20_000), ("/encrypted/keys", 40_000)):
+            response = app.post(path, content=chunks(size),
+                                headers={"Content-Type": "application/json"})
+            assert response.status_code == 413, (path, response.text)
+            assert "over the limit of" in response.json()["detail"]
+        assert app.post("/predict", json={"notes": ["chest pain"]}).status_code == 200
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--insecure", "--host", "0.0.0.0"], "only on a loopback address"),
     ([], "TLS needs --tls-cert and --tls-key"),
