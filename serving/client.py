@@ -34,11 +34,12 @@ class ServiceError(RuntimeError):
 class ServiceClient:
     def __init__(self, url: str, token: str | None = None, ca_cert: str | Path | None = None,
                  client_cert: tuple[str, str] | None = None, timeout_s: float = 120.0) -> None:
-        verify: bool | ssl.SSLContext = (ssl.create_default_context(cafile=str(ca_cert))
-                                         if ca_cert else True)
+        trust = ssl.create_default_context(cafile=str(ca_cert) if ca_cert else None)
+        if client_cert:  # for a service started with --client-ca
+            trust.load_cert_chain(*client_cert)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=url.rstrip("/"), verify=verify, cert=client_cert,
-                                  headers=headers, timeout=timeout_s)
+        self._http = httpx.Client(base_url=url.rstrip("/"), verify=trust, headers=headers,
+                                  timeout=timeout_s)
         self._keys: ClientKeys | None = None
         self._uploaded: str | None = None
         self.bytes_sent = self.bytes_received = 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import ssl
 import struct
 import subprocess
@@ -60,39 +61,50 @@ def local(adapter) -> NoteClassifier:
     return NoteClassifier(adapter)
 
 
-@pytest.fixture(scope="module")
-def service(adapter, tmp_path_factory):
-    """(URL, CA certificate) of a TLS service with one token, stopped by its PID."""
-    root = tmp_path_factory.mktemp("service")
-    out = subprocess.run(["bash", str(ROOT / "deploy" / "certs.sh"), str(root / "certs")],
-                         capture_output=True, text=True, timeout=120, check=False)
-    assert out.returncode == 0, out.stderr
-    (root / "tokens.txt").write_text(f"# one line per client\n{TOKEN}\n")
+def _serve(adapter: Path, root: Path, *security: str):
+    """Start clinical-fl-serve with certificates from deploy/certs.sh; yield its URL and CA
+    certificate; stop it by its PID."""
     port = free_port()
     log = (root / "service.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "serving.cli", "--adapter", str(adapter), "--port", str(port),
          "--tls-cert", str(root / "certs" / "superlink.pem"),
-         "--tls-key", str(root / "certs" / "superlink.key"),
-         "--token-file", str(root / "tokens.txt"), "--max-wait-ms", "50",
-         "--max-request-mb", "0.5", "--max-encrypted-mb", "16"],
+         "--tls-key", str(root / "certs" / "superlink.key"), *security],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url, ca = f"https://127.0.0.1:{port}", root / "certs" / "ca.crt"
 
     def up() -> bool:
         assert process.poll() is None, (root / "service.log").read_text()
-        try:
-            return httpx.get(f"{url}/health", verify=_trust(ca), timeout=2).status_code == 200
-        except httpx.HTTPError:
+        try:  # a TCP connect is enough: /health may need a client certificate
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                return True
+        except OSError:
             return False
 
     try:
-        wait_until(up, 120, "the service answers /health")
+        wait_until(up, 120, "the service listens")
         yield url, ca
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
         log.close()
+
+
+def _deploy(script: str, *args: str) -> None:
+    out = subprocess.run(["bash", str(ROOT / "deploy" / script), *args], capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.fixture(scope="module")
+def service(adapter, tmp_path_factory):
+    """(URL, CA certificate) of a TLS service with one token."""
+    root = tmp_path_factory.mktemp("service")
+    _deploy("certs.sh", str(root / "certs"))
+    (root / "tokens.txt").write_text(f"# one line per client\n{TOKEN}\n")
+    yield from _serve(adapter, root, "--token-file", str(root / "tokens.txt"),
+                      "--max-wait-ms", "50", "--max-request-mb", "0.5",
+                      "--max-encrypted-mb", "16")
 
 
 @pytest.fixture
@@ -302,3 +314,19 @@ def test_service_errors_carry_the_status(service):
     with ServiceClient(url, token="wrong-token-0123456789", ca_cert=ca) as wrong:
         with pytest.raises(ServiceError, match="401"):
             wrong.predict(["chest pain"])
+
+
+def test_with_client_certificates_only_a_certificate_from_the_ca_gets_in(adapter, tmp_path):
+    """--client-ca: the TLS handshake itself refuses a client without a certificate."""
+    _deploy("certs.sh", str(tmp_path / "certs"))
+    _deploy("client-cert.sh", str(tmp_path / "certs"), "clinic-7")
+    pem, key = (str(tmp_path / "certs" / "clients" / f"clinic-7.{ext}") for ext in ("pem", "key"))
+    server = _serve(adapter, tmp_path, "--client-ca", str(tmp_path / "certs" / "ca.crt"))
+    url, ca = next(server)
+    try:
+        with ServiceClient(url, ca_cert=ca, client_cert=(pem, key)) as client:
+            assert client.predict(["chest pain on exertion"])[0]["label"] in LABELS
+        with ServiceClient(url, ca_cert=ca) as anonymous, pytest.raises(httpx.HTTPError):
+            anonymous.predict(["chest pain on exertion"])
+    finally:
+        server.close()
