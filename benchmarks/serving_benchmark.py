@@ -133,7 +133,7 @@ def main() -> int:
     clean = local.deidentify(notes)
     deid_s = time.perf_counter() - started
     started = time.perf_counter()
-    vectors, plain = local._run(clean, 32)
+    vectors, plain = local._run(clean, 32, vectors=True)
     encode_s = time.perf_counter() - started
     print(f"client side per note: de-identification {1000 * deid_s / len(notes):.1f} ms, "
           f"encoder {1000 * encode_s / len(notes):.1f} ms (batches of 32)")

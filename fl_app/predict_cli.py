@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--server", help="URL of a clinical-fl-serve service")
     parser.add_argument("--encrypted", action="store_true",
                         help="encode here and let --server evaluate the head on ciphertexts")
-    parser.add_argument("--token-file", help="file whose first line is the service's token")
+    parser.add_argument("--token-file", help="file whose first token line is this client's")
     parser.add_argument("--ca-cert", help="CA certificate that signed the service's (PEM)")
     parser.add_argument("--client-cert", nargs=2, metavar=("CERT", "KEY"),
                         help="client certificate and key, for a service with --client-ca")
@@ -58,10 +58,14 @@ def _service(args: argparse.Namespace):  # noqa: ANN202 - serving.client importe
     token = None
     if args.token_file:
         try:
-            token = Path(args.token_file).read_text(encoding="utf-8").split()[0]
-        except (OSError, IndexError, UnicodeDecodeError) as err:
-            raise TaskInputError(f"--token-file {args.token_file}: no token in it ({err})") \
+            lines = Path(args.token_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise TaskInputError(f"--token-file {args.token_file}: cannot read it ({err})") \
                 from err
+        tokens = [t.strip() for t in lines if t.strip() and not t.strip().startswith("#")]
+        if not tokens:
+            raise TaskInputError(f"--token-file {args.token_file}: no token in it")
+        token = tokens[0]
     return ServiceClient(args.server, token=token, ca_cert=args.ca_cert,
                          client_cert=tuple(args.client_cert) if args.client_cert else None)
 

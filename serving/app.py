@@ -29,13 +29,14 @@ from pydantic import BaseModel
 
 from serving import wire
 from serving.batcher import MicroBatcher
-from serving.ckks_head import EncryptedHead, EncryptedInputError, key_id
+from serving.ckks_head import ClientKeys, EncryptedHead, EncryptedInputError, key_id
 from tasks.errors import TaskInputError
 from tasks.model.predict import NoteClassifier
 
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
+KEY_UPLOADS_PER_MINUTE = 6
 
 
 @dataclass
@@ -44,14 +45,15 @@ class ServiceSettings:
     max_wait_ms: float = 5.0  # how long a request waits for others to share its batch
     max_notes: int = 256  # per request
     max_request_bytes: int = 4 * MiB  # /predict bodies
-    max_encrypted_bytes: int = 64 * MiB  # /encrypted/* bodies (keys are ~8 MB)
+    max_encrypted_bytes: int = 16 * MiB  # /encrypted/* bodies (MiniLM's keys: 7.7 MB)
     key_sessions: int = 32  # clients' Galois keys kept (least recently used dropped)
+    keys_per_client: int = 2  # a client replacing its keys evicts its own, nobody else's
     rate_limit_per_minute: int = 0  # notes per client and minute; 0: unlimited
     tokens: frozenset[str] = field(default_factory=frozenset)  # empty: no token check
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_notes", "max_request_bytes", "max_encrypted_bytes",
-                     "key_sessions"):
+                     "key_sessions", "keys_per_client"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected at least 1")
         if self.max_wait_ms < 0 or self.rate_limit_per_minute < 0:
@@ -103,8 +105,8 @@ class _RateLimit:
     """Notes per client and minute: the encrypted path's answer to head extraction by many
     queries (and a guard for the plain path)."""
 
-    def __init__(self, per_minute: int) -> None:
-        self.per_minute = per_minute
+    def __init__(self, per_minute: int, what: str = "notes") -> None:
+        self.per_minute, self.what = per_minute, what
         self._seen: dict[str, deque[tuple[float, int]]] = {}
 
     def charge(self, client: str, notes: int) -> None:
@@ -117,8 +119,8 @@ class _RateLimit:
         used = sum(n for _, n in window)
         if used + notes > self.per_minute:
             retry = max(1, int(60 - (now - window[0][0]))) if window else 60
-            raise HTTPException(429, f"rate limit: {self.per_minute} notes a minute per client; "
-                                     f"{used} used", headers={"Retry-After": str(retry)})
+            raise HTTPException(429, f"rate limit: {self.per_minute} {self.what} a minute per "
+                                     f"client; {used} used", headers={"Retry-After": str(retry)})
         window.append((now, notes))
 
 
@@ -126,10 +128,15 @@ def create_app(classifier: NoteClassifier, settings: ServiceSettings | None = No
     settings = settings or ServiceSettings()
     weight, bias = classifier.head()
     head = EncryptedHead(weight, bias)
+    # Keys of the right kind have one size; anything much larger is not keys for this head.
+    keys_bytes = int(1.25 * len(ClientKeys(head.layout).evaluation_keys))
     batcher = MicroBatcher(lambda notes: classifier.predict(notes, settings.max_batch),
                            settings.max_batch, settings.max_wait_ms / 1000)
-    keys: OrderedDict[str, object] = OrderedDict()
+    keys: OrderedDict[tuple[str, str], object] = OrderedDict()  # (client, key id) -> keys
     limiter = _RateLimit(settings.rate_limit_per_minute)
+    key_uploads = _RateLimit(KEY_UPLOADS_PER_MINUTE, "key uploads")
+    # SEAL holds the GIL: one encrypted job at a time keeps the event loop answering.
+    crypto = asyncio.Semaphore(1)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):  # noqa: ANN202 - FastAPI's lifespan protocol
@@ -138,6 +145,7 @@ def create_app(classifier: NoteClassifier, settings: ServiceSettings | None = No
 
     app = FastAPI(title="clinical-fl prediction service", lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.batcher = batcher  # tests read its batch count; no endpoint shows it
 
     def client_of(request: Request) -> str:
         """The caller's credential: its token when tokens are used, else its address."""
@@ -164,7 +172,7 @@ def create_app(classifier: NoteClassifier, settings: ServiceSettings | None = No
     async def model(_client: str = Depends(client_of)) -> dict:
         return {"labels": classifier.labels, "fingerprint": classifier.fingerprint,
                 "max_length": classifier.max_length, "deid": classifier.deid.enabled,
-                "max_notes": settings.max_notes, "batches_run": batcher.batches}
+                "max_notes": settings.max_notes}
 
     @app.post("/predict")
     async def predict(body: PredictRequest, client: str = Depends(client_of)) -> dict:
@@ -173,9 +181,7 @@ def create_app(classifier: NoteClassifier, settings: ServiceSettings | None = No
         if len(body.notes) > settings.max_notes:
             raise HTTPException(413, f"{len(body.notes)} notes in one request; at most "
                                      f"{settings.max_notes}")
-        for i, note in enumerate(body.notes):
-            if not note.strip():
-                raise HTTPException(422, f"note {i} is empty")
+        classifier.check_notes(body.notes)  # here: a bad note fails its own request only
         limiter.charge(client, len(body.notes))
         predictions = await batcher.submit(body.notes)
         return {"predictions": [{"label": p.label, "probability": p.probability,
@@ -187,17 +193,26 @@ def create_app(classifier: NoteClassifier, settings: ServiceSettings | None = No
                 "fingerprint": classifier.fingerprint}
 
     @app.post("/encrypted/keys")
-    async def encrypted_keys(request: Request, _client: str = Depends(client_of)) -> dict:
+    async def encrypted_keys(request: Request, client: str = Depends(client_of)) -> dict:
         data = await request.body()
         if not data:
             raise HTTPException(422, "empty body; send the Galois keys made by the client")
-        identity = key_id(data)
-        if identity not in keys:
-            keys[identity] = await asyncio.to_thread(head.load_keys, data)
+        if len(data) > keys_bytes:
+            raise HTTPException(413, f"{len(data)} bytes of keys; this head's keys take about "
+                                     f"{keys_bytes // 5 * 4} bytes")
+        slot = (client, key_id(data))
+        if slot not in keys:
+            key_uploads.charge(client, 1)
+            async with crypto:
+                loaded = await asyncio.to_thread(head.load_keys, data)
+            mine = [k for k in keys if k[0] == client]
+            for old in mine[:max(0, len(mine) - settings.keys_per_client + 1)]:
+                del keys[old]
+            keys[slot] = loaded
             while len(keys) > settings.key_sessions:
                 keys.popitem(last=False)
-        keys.move_to_end(identity)
-        return {"key_id": identity}
+        keys.move_to_end(slot)
+        return {"key_id": slot[1]}
 
     @app.post("/encrypted/predict")
     async def encrypted_predict(request: Request, client: str = Depends(client_of)
@@ -205,7 +220,7 @@ def create_app(classifier: NoteClassifier, settings: ServiceSettings | None = No
         header, blobs = wire.unpack(await request.body())
         layout = head.layout
         notes = header.get("notes")
-        if not isinstance(notes, int) or not 1 <= notes <= settings.max_notes:
+        if type(notes) is not int or not 1 <= notes <= settings.max_notes:
             raise HTTPException(422, f"header 'notes' must be a count from 1 to "
                                      f"{settings.max_notes}; got {notes!r}")
         if header.get("fingerprint") != classifier.fingerprint:
@@ -219,12 +234,14 @@ def create_app(classifier: NoteClassifier, settings: ServiceSettings | None = No
         if len(blobs) != layout.ciphertexts_for(notes):
             raise HTTPException(422, f"{notes} notes pack into {layout.ciphertexts_for(notes)} "
                                      f"ciphertexts; the request has {len(blobs)}")
-        galois = keys.get(str(header.get("key_id")))
+        galois = keys.get((client, str(header.get("key_id"))))
         if galois is None:
             raise HTTPException(404, "unknown key_id: upload the keys to /encrypted/keys first "
                                      "(the service keeps a bounded number of them)")
+        # Blocks past `notes` come back empty, so charging `notes` charges all that is answered.
         limiter.charge(client, notes)
-        answers = await asyncio.to_thread(head.evaluate, blobs, galois)
+        async with crypto:
+            answers = await asyncio.to_thread(head.evaluate, blobs, galois, notes)
         return Response(wire.pack({"notes": notes}, answers), media_type=wire.MEDIA_TYPE)
 
     app.add_middleware(_BodyLimit, settings=settings)

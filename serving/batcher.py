@@ -2,8 +2,8 @@
 
 One forward pass over 32 notes costs far less than 32 passes over one, so the service waits
 up to ``max_wait_s`` for more requests after the first, up to ``max_batch`` notes, and runs
-the batch in a worker thread while the event loop keeps accepting requests. A failing batch
-fails only its own requests.
+the batch in a worker thread while the event loop keeps accepting requests. When a batch fails,
+its requests run again one by one, so a bad request fails alone.
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ class MicroBatcher:
         self._run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
-        self.batches = 0  # batches run so far (the /health endpoint reports it)
+        self.batches = 0  # batches run so far (for tests and logs; no endpoint shows it)
 
     async def submit(self, items: list[Any]) -> list[Any]:
         """The results for ``items``, in order, computed in some batch."""
         if self._queue is None:
             self._queue = asyncio.Queue()
+        if self._worker is None or self._worker.done():  # first use, or it died
             self._worker = asyncio.create_task(self._serve())
         pending = _Pending(list(items))
         await self._queue.put(pending)
@@ -65,10 +66,13 @@ class MicroBatcher:
         items = [item for pending in batch for item in pending.items]
         try:
             results = await asyncio.to_thread(self._run, items)
-        except Exception as err:  # noqa: BLE001 - handed to each waiting request
-            for pending in batch:
-                if not pending.done.done():
-                    pending.done.set_exception(err)
+        except Exception as err:  # noqa: BLE001 - handed to the waiting request(s)
+            if len(batch) > 1:  # whose input failed? each request on its own, then
+                for pending in batch:
+                    await self._run_batch([pending])
+                return
+            if not batch[0].done.done():
+                batch[0].done.set_exception(err)
             return
         self.batches += 1
         start = 0

@@ -15,14 +15,15 @@ so that rotating the whole ciphertext by i < k shifts every block's vector cycli
 holds, in the slots f = j (mod k) of a block, products whose sum over those slots is the
 logit j; log2(D / k) rotate-and-add steps gather those sums into the block's first k slots.
 A 0/1 mask then keeps only those slots (the client learns the logits, not partial sums of
-the weights) and the bias is added. Cost per ciphertext: k - 1 + log2(D / k) rotations (11),
+the weights), the real part is taken (a conjugation: imaginary parts of the client's slots give
+nothing back) and the bias is added. Cost per ciphertext: k - 1 + log2(D / k) rotations (11),
 k + 1 plaintext products, whatever the number of notes in it. Where zero columns make blocks
 smaller (5 classes of 384 values: D = 640 needs blocks of 1024; as 6 columns, D = 384 fits in
 512), the head is evaluated as k' > k columns and packs twice the notes.
 
-Rotations need Galois keys for exactly those steps: the client makes them and uploads them
-once (about 9 MB); they let the service rotate, never decrypt. Encryption is symmetric
-(seeded), which halves each uploaded ciphertext.
+Rotations need Galois keys for exactly those steps and the conjugation: the client makes them
+and uploads them once (7.7 MB for MiniLM's head); they let the service rotate, never decrypt.
+Encryption is symmetric (seeded), which halves each uploaded ciphertext.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ SLOTS = POLY_MODULUS_DEGREE // 2
 # base: 200 bits, within SEAL's 218 for 128-bit security at N = 8192.
 COEFF_MODULUS_BITS = (60, 40, 40, 60)
 SCALE_BITS = 40
+# Decrypted logits are rounded: exact CKKS decryptions handed to someone who holds the
+# ciphertexts reveal the secret key (Li and Micciancio, 2021); 1e-4 is far below what a
+# softmax or an argmax notices and far above CKKS' noise.
+LOGIT_DECIMALS = 4
 
 
 class EncryptedInputError(ValueError):
@@ -111,8 +116,10 @@ class HeadLayout:
         return list(range(1, self.width)) + self.fold_steps
 
     def galois_elements(self) -> list[int]:
-        """SEAL's Galois element of a left rotation by s slots is 3^s mod 2N."""
-        return [pow(3, step, 2 * self.poly_modulus_degree) for step in self.rotation_steps]
+        """SEAL's Galois element of a left rotation by s slots is 3^s mod 2N; 2N - 1 is the
+        complex conjugation that keeps only the real part of the answer."""
+        return [pow(3, step, 2 * self.poly_modulus_degree) for step in self.rotation_steps] + [
+            2 * self.poly_modulus_degree - 1]
 
     def ciphertexts_for(self, notes: int) -> int:
         return math.ceil(notes / self.notes_per_ciphertext)
@@ -236,7 +243,7 @@ class ClientKeys:
             raise EncryptedInputError(f"the answer has {len(slot_values)} ciphertexts for "
                                       f"{notes} notes; expected "
                                       f"{self.layout.ciphertexts_for(notes)}")
-        return self.layout.unpack(slot_values, notes)
+        return np.round(self.layout.unpack(slot_values, notes), LOGIT_DECIMALS)
 
 
 def _load_ciphertext(context: sealapi.SEALContext, data: bytes, what: str
@@ -256,6 +263,8 @@ class EncryptedHead:
         weight, bias = np.asarray(weight, np.float64), np.asarray(bias, np.float64)
         if weight.ndim != 2 or bias.shape != (weight.shape[1],):
             raise ValueError(f"head weight {weight.shape} and bias {bias.shape} do not fit")
+        if not np.isfinite(weight).all() or not np.isfinite(bias).all() or not weight.any():
+            raise ValueError("the head's weights must be finite and not all zero")
         self.layout = HeadLayout(dimension=weight.shape[0], classes=weight.shape[1])
         self.context = self.layout.seal_context()
         self._evaluator = sealapi.Evaluator(self.context)
@@ -266,23 +275,37 @@ class EncryptedHead:
         padded = np.zeros((layout.padded, layout.width))
         padded[:layout.dimension, :layout.classes] = weight
         f = np.arange(layout.padded)
-        self._diagonals = []
+        # (rotation, plaintext) for each non-zero diagonal: a product with a zero plaintext
+        # would be a transparent ciphertext, which SEAL refuses to go on with.
+        self._diagonals: list[tuple[int, sealapi.Plaintext]] = []
         for i in range(layout.width):
-            slots = np.zeros(layout.slots)
             row = padded[(f + i) % layout.padded, f % layout.width]
+            if not row.any():
+                continue
+            slots = np.zeros(layout.slots)
             for j in range(layout.notes_per_ciphertext):
                 slots[j * layout.block:j * layout.block + layout.padded] = row
-            self._diagonals.append(self._encode(slots, self.context.first_parms_id()))
-        self._output_slots = np.zeros(layout.slots)
-        for j in range(layout.notes_per_ciphertext):
-            self._output_slots[j * layout.block:j * layout.block + layout.classes] = 1.0
-        self._mask = None  # encoded at the level the products reach (known after the first)
+            self._diagonals.append((i, self._encode(slots, self.context.first_parms_id())))
+        self._plaintexts: dict[tuple, sealapi.Plaintext] = {}  # masks and biases, by level
 
     def _encode(self, values: np.ndarray, parms_id: list[int], scale: float | None = None
                 ) -> sealapi.Plaintext:
         plain = sealapi.Plaintext()
         self._encoder.encode(values.tolist(), parms_id, scale or self._scale, plain)
         return plain
+
+    def _per_note(self, kind: str, notes: int, cipher: sealapi.Ciphertext) -> sealapi.Plaintext:
+        """The output mask (0.5 on the first ``notes`` blocks' logit slots: the real part is
+        taken by adding the conjugate) or the bias, encoded at ``cipher``'s level and scale."""
+        key = (kind, notes, tuple(cipher.parms_id()), cipher.scale)
+        if key not in self._plaintexts:
+            layout, values = self.layout, np.zeros(self.layout.slots)
+            for j in range(notes):
+                at = j * layout.block
+                values[at:at + layout.classes] = 0.5 if kind == "mask" else self._bias
+            scale = None if kind == "mask" else cipher.scale
+            self._plaintexts[key] = self._encode(values, cipher.parms_id(), scale)
+        return self._plaintexts[key]
 
     def load_keys(self, data: bytes) -> sealapi.GaloisKeys:
         """The client's Galois keys, checked to be for these parameters and these rotations."""
@@ -291,43 +314,65 @@ class EncryptedHead:
         except Exception as err:
             raise EncryptedInputError(f"evaluation keys are not SEAL Galois keys for these "
                                       f"encryption parameters ({err})") from err
-        missing = [s for s, e in zip(self.layout.rotation_steps, self.layout.galois_elements(),
-                                     strict=True) if not keys.has_key(e)]
+        steps = [*self.layout.rotation_steps, "conjugation"]
+        missing = [s for s, e in zip(steps, self.layout.galois_elements(), strict=True)
+                   if not keys.has_key(e)]
         if missing:
-            raise EncryptedInputError(f"evaluation keys lack the rotations by {missing} slots "
-                                      "this head needs")
+            raise EncryptedInputError(f"evaluation keys lack the rotations {missing} this head "
+                                      "needs")
         return keys
 
-    def evaluate(self, ciphertexts: list[bytes], keys: sealapi.GaloisKeys) -> list[bytes]:
-        return [_Bytes.dump(self._evaluate_one(i, data, keys))
+    def evaluate(self, ciphertexts: list[bytes], keys: sealapi.GaloisKeys,
+                 notes: int | None = None) -> list[bytes]:
+        """The logits of ``notes`` notes (default: as many as the ciphertexts hold); blocks
+        past them come back as zeros, so a request is answered for what it declared."""
+        per = self.layout.notes_per_ciphertext
+        notes = len(ciphertexts) * per if notes is None else notes
+        if not 0 < notes <= len(ciphertexts) * per or len(ciphertexts) != -(-notes // per):
+            raise EncryptedInputError(f"{notes} notes do not fill {len(ciphertexts)} "
+                                      f"ciphertexts of {per} notes")
+        return [_Bytes.dump(self._evaluate_one(i, data, keys, min(per, notes - i * per)))
                 for i, data in enumerate(ciphertexts)]
 
-    def _evaluate_one(self, index: int, data: bytes, keys: sealapi.GaloisKeys
+    def _evaluate_one(self, index: int, data: bytes, keys: sealapi.GaloisKeys, notes: int
                       ) -> sealapi.Ciphertext:
-        ev, layout = self._evaluator, self.layout
+        layout = self.layout
         cipher = _load_ciphertext(self.context, data, f"ciphertext {index}")
         if (cipher.parms_id() != self.context.first_parms_id() or cipher.size() != 2
+                or cipher.is_transparent() or not cipher.is_ntt_form()
                 or not math.isclose(cipher.scale, self._scale, rel_tol=1e-9)):
             raise EncryptedInputError(
                 f"ciphertext {index} is not a fresh encryption at scale 2^{layout.scale_bits} "
                 f"(size {cipher.size()}, scale 2^{math.log2(max(cipher.scale, 1)):.1f}); "
                 "encrypt with the parameters from /encrypted/spec")
-        total, rotated = sealapi.Ciphertext(), sealapi.Ciphertext()
-        ev.multiply_plain(cipher, self._diagonals[0], total)
-        for i in range(1, layout.width):
-            ev.rotate_vector(cipher, i, keys, rotated)
-            ev.multiply_plain_inplace(rotated, self._diagonals[i])
-            ev.add_inplace(total, rotated)
+        try:
+            return self._head_of(cipher, keys, notes)
+        except (RuntimeError, ValueError) as err:  # SEAL's refusal of a malformed ciphertext
+            raise EncryptedInputError(f"ciphertext {index} cannot be evaluated: {err}") from err
+
+    def _head_of(self, cipher: sealapi.Ciphertext, keys: sealapi.GaloisKeys, notes: int
+                 ) -> sealapi.Ciphertext:
+        ev = self._evaluator
+        total, term = sealapi.Ciphertext(), sealapi.Ciphertext()
+        for n, (shift, diagonal) in enumerate(self._diagonals):
+            if shift:
+                ev.rotate_vector(cipher, shift, keys, term)
+                ev.multiply_plain_inplace(term, diagonal)
+            else:
+                ev.multiply_plain(cipher, diagonal, term)
+            if n == 0:
+                total, term = term, sealapi.Ciphertext()
+            else:
+                ev.add_inplace(total, term)
         ev.rescale_to_next_inplace(total)
-        for step in reversed(layout.fold_steps):
-            ev.rotate_vector(total, step, keys, rotated)
-            ev.add_inplace(total, rotated)
-        if self._mask is None:
-            self._mask = self._encode(self._output_slots, total.parms_id())
-        ev.multiply_plain_inplace(total, self._mask)
+        for step in reversed(self.layout.fold_steps):
+            ev.rotate_vector(total, step, keys, term)
+            ev.add_inplace(total, term)
+        ev.multiply_plain_inplace(total, self._per_note("mask", notes, total))
         ev.rescale_to_next_inplace(total)
-        bias = np.zeros(layout.slots)
-        for j in range(layout.notes_per_ciphertext):
-            bias[j * layout.block:j * layout.block + layout.classes] = self._bias
-        ev.add_plain_inplace(total, self._encode(bias, total.parms_id(), total.scale))
+        # Real part: z/2 + conj(z)/2. A client that hid inputs in the imaginary parts of its
+        # slots gets nothing back for them.
+        ev.complex_conjugate(total, keys, term)
+        ev.add_inplace(total, term)
+        ev.add_plain_inplace(total, self._per_note("bias", notes, total))
         return total

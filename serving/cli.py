@@ -68,8 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-notes", type=int, default=256, help="notes per request")
     parser.add_argument("--max-request-mb", type=float, default=4.0,
                         help="largest /predict body")
-    parser.add_argument("--max-encrypted-mb", type=float, default=64.0,
+    parser.add_argument("--max-encrypted-mb", type=float, default=16.0,
                         help="largest /encrypted/* body (a client's keys are about 8 MB)")
+    parser.add_argument("--max-connections", type=int, default=64,
+                        help="open connections at once; more are answered 503")
     parser.add_argument("--rate-limit", type=int, default=0,
                         help="notes per client and minute (0: unlimited)")
     return parser
@@ -127,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                 ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
                 ssl_ca_certs=args.client_ca,
-                ssl_cert_reqs=ssl.CERT_REQUIRED if args.client_ca else ssl.CERT_NONE)
+                ssl_cert_reqs=ssl.CERT_REQUIRED if args.client_ca else ssl.CERT_NONE,
+                limit_concurrency=args.max_connections)
     return 0
 
 

@@ -14,6 +14,7 @@ import struct
 MAGIC = b"CFL1"
 MEDIA_TYPE = "application/x-clinical-fl-ciphertexts"
 _LENGTH = struct.Struct(">I")
+MAX_HEADER_BYTES = 64 * 1024
 
 
 class WireError(ValueError):
@@ -45,9 +46,11 @@ def unpack(body: bytes) -> tuple[dict, list[bytes]]:
         at += length
         return body[at - length:at]
 
+    if len(body) >= 8 and _LENGTH.unpack_from(body, 4)[0] > MAX_HEADER_BYTES:
+        raise WireError(f"the header is over {MAX_HEADER_BYTES} bytes")
     try:
         header = json.loads(take("the header"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise WireError(f"the header is not JSON: {err}") from err
     if not isinstance(header, dict):
         raise WireError("the header must be a JSON object")

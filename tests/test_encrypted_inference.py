@@ -37,32 +37,51 @@ def test_minilm_head_packs_eight_notes_per_ciphertext_with_eleven_rotations():
     assert (five.width, five.block, five.notes_per_ciphertext) == (6, 512, 8)
 
 
-def test_the_answer_holds_only_the_logits_not_partial_sums_of_the_weights():
-    """Every slot but each note's k logit slots decrypts to (about) zero: the output mask."""
+def _raw_slots(keys: ClientKeys, answer: bytes, folder) -> np.ndarray:
+    """All 4096 decrypted slots of one answer (complex), not only the logits."""
+    (folder / "answer").write_bytes(answer)
+    cipher = sealapi.Ciphertext()
+    cipher.load(keys._context, str(folder / "answer"))
+    plain = sealapi.Plaintext()
+    keys._decryptor.decrypt(cipher, plain)
+    return np.array(keys._encoder.decode_complex(plain))
+
+
+def test_the_answer_holds_only_the_declared_notes_logits(tmp_path):
+    """Every slot but the logit slots of the notes the request declared decrypts to (about)
+    zero: no partial sums of the weights, nothing for blocks past the declared count (a
+    client cannot get 8 answers for the price of 1)."""
     weight, bias = _head(384, 6)
     head = EncryptedHead(weight, bias)
     keys = ClientKeys(head.layout)
     vectors = np.random.default_rng(2).normal(size=(8, 384))
-    (answer,) = head.evaluate(keys.encrypt(vectors), head.load_keys(keys.evaluation_keys))
-    cipher = sealapi.Ciphertext()
-    path = _scratch(answer)
-    cipher.load(keys._context, path)
+    (answer,) = head.evaluate(keys.encrypt(vectors), head.load_keys(keys.evaluation_keys),
+                              notes=3)
+    slots = _raw_slots(keys, answer, tmp_path)
+    logit_slots = np.zeros(len(slots), bool)
+    for j in range(3):
+        logit_slots[j * 512:j * 512 + 6] = True
+    assert np.abs(slots[~logit_slots]).max() < 1e-4
+    np.testing.assert_allclose(slots[logit_slots].real.reshape(3, 6),
+                               vectors[:3] @ weight + bias, atol=1e-4)
+
+
+def test_inputs_hidden_in_imaginary_parts_give_nothing_back(tmp_path):
+    """CKKS slots are complex; the service returns the real part only."""
+    from serving.ckks_head import _Bytes
+
+    weight, bias = _head(64, 6)
+    head = EncryptedHead(weight, bias)
+    keys = ClientKeys(head.layout)
+    values = np.zeros(head.layout.slots, complex)
+    values[:64] = 1j * np.random.default_rng(4).normal(size=64)
     plain = sealapi.Plaintext()
-    keys._decryptor.decrypt(cipher, plain)
-    slots = np.array(keys._encoder.decode_double(plain))
-    outside = np.ones(len(slots), bool)
-    for j in range(8):
-        outside[j * 512:j * 512 + 6] = False
-    assert np.abs(slots[outside]).max() < 1e-4
-    assert np.abs(slots[~outside]).max() > 0.1
-
-
-def _scratch(data: bytes) -> str:
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(delete=False) as handle:
-        handle.write(data)
-    return handle.name
+    keys._encoder.encode(values.tolist(), 2.0 ** 40, plain)
+    cipher = _Bytes.dump(keys._encryptor.encrypt_symmetric(plain))
+    (answer,) = head.evaluate([cipher], head.load_keys(keys.evaluation_keys), notes=1)
+    slots = _raw_slots(keys, answer, tmp_path)
+    assert np.abs(slots.imag).max() < 1e-4
+    np.testing.assert_allclose(slots[:6].real, bias, atol=1e-4)  # x_real = 0: bias only
 
 
 def test_the_service_side_holds_no_secret_key_and_a_key_of_its_own_decrypts_garbage():
@@ -91,6 +110,12 @@ def test_keys_without_the_needed_rotations_and_foreign_ciphertexts_are_refused()
         head.evaluate(other.encrypt(np.zeros((1, 64))), galois)
     with pytest.raises(EncryptedInputError, match="ciphertext 1"):
         head.evaluate([keys.encrypt(np.zeros((1, 64)))[0], b"\x00" * 100], galois)
+    from serving.ckks_head import _Bytes
+
+    transparent = sealapi.Ciphertext(head.context)  # all zeros: SEAL would refuse mid-way
+    transparent.resize(head.context, head.context.first_parms_id(), 2)
+    with pytest.raises(EncryptedInputError, match="not a fresh encryption"):
+        head.evaluate([_Bytes.dump(transparent)], galois)
 
 
 def test_vectors_of_the_wrong_size_are_refused_before_encryption():

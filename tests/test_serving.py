@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from tenseal import sealapi
 
 from fl_app import predict_cli
 from serving import cli as serve_cli
@@ -31,6 +32,7 @@ from serving.client import EncryptedPredictor, ServiceClient, ServiceError
 from serving.pyfunc import log_note_model
 from settings.task import DeidSettings, ModelSettings
 from tasks.data.synthetic_notes import SPECIALTIES, generate_hospital_notes
+from tasks.errors import TaskInputError
 from tasks.model.build import build_model, load_trainable_state, save_adapter, trainable_state
 from tasks.model.predict import NoteClassifier
 from tests.flower_processes import ROOT, free_port
@@ -163,11 +165,25 @@ def test_without_the_token_or_tls_nothing_but_health_answers(service):
     url, ca = service
     assert httpx.get(f"{url}/health", verify=_trust(ca)).json() == {"status": "ok"}
     for headers in ({}, {"Authorization": "Bearer not-the-token"}):
-        response = httpx.post(f"{url}/predict", json={"notes": ["chest pain"]}, headers=headers,
-                              verify=_trust(ca))
-        assert response.status_code == 401 and "bearer token" in response.json()["detail"]
+        for method, path in (("POST", "/predict"), ("GET", "/model"),
+                             ("GET", "/encrypted/spec"), ("POST", "/encrypted/keys"),
+                             ("POST", "/encrypted/predict")):
+            response = httpx.request(method, f"{url}{path}", json={"notes": ["chest pain"]},
+                                     headers=headers, verify=_trust(ca))
+            assert response.status_code == 401, (method, path, response.text)
+            assert "bearer token" in response.json()["detail"]
     with pytest.raises(httpx.HTTPError):  # plain HTTP to the TLS port
         httpx.get(url.replace("https", "http") + "/health", timeout=5)
+
+
+def _context(spec: dict) -> sealapi.SEALContext:
+    return HeadLayout.from_dict(spec).seal_context()
+
+
+def _dump(cipher: sealapi.Ciphertext) -> bytes:
+    from serving.ckks_head import _Bytes
+
+    return _Bytes.dump(cipher)
 
 
 def _post(client: ServiceClient, path: str, **kwargs) -> httpx.Response:
@@ -187,32 +203,49 @@ def test_bad_input_is_a_4xx_with_a_message_and_the_next_request_succeeds(client,
 
     other = ClientKeys(HeadLayout(dimension=spec["dimension"], classes=spec["classes"],
                                   coeff_modulus_bits=(60, 40, 60)))
-    cases = {
-        "malformed JSON": (_post(client, "/predict", content=b'{"notes": [',
-                                 headers={"Content-Type": "application/json"}),
+    transparent = sealapi.Ciphertext(_context(spec))
+    transparent.resize(_context(spec), _context(spec).first_parms_id(), 2)
+    cases = {  # each sent only after the previous one was answered and a good request served
+        "malformed JSON": (lambda: _post(client, "/predict", content=b'{"notes": [',
+                                         headers={"Content-Type": "application/json"}),
                            422, "JSON decode error"),
-        "an empty note": (_post(client, "/predict", json={"notes": ["  "]}), 422,
-                          "note 0 is empty"),
-        "no notes": (_post(client, "/predict", json={"notes": []}), 422, "'notes' is empty"),
-        "notes not a list": (_post(client, "/predict", json={"notes": "chest pain"}), 422,
-                             "list"),
-        "a vector of the wrong size": (encrypted({"dimension": spec["dimension"] + 1},
-                                                 keys.encrypt(vectors)), 422,
+        "an empty note": (lambda: _post(client, "/predict", json={"notes": ["a", "  "]}), 422,
+                          "note 1 is empty"),
+        "a note too long": (lambda: _post(client, "/predict", json={"notes": ["x" * 200_001]}),
+                            422, "at most 200000"),
+        "no notes": (lambda: _post(client, "/predict", json={"notes": []}), 422,
+                     "'notes' is empty"),
+        "notes not a list": (lambda: _post(client, "/predict", json={"notes": "chest pain"}),
+                             422, "list"),
+        "a vector of the wrong size": (lambda: encrypted({"dimension": spec["dimension"] + 1},
+                                                         keys.encrypt(vectors)), 422,
                                        f"reads {spec['dimension']} values per note"),
-        "a ciphertext made with other parameters": (encrypted({}, other.encrypt(vectors)), 422,
-                                                    "not a CKKS ciphertext for these"),
-        "a body that is not ciphertexts": (_post(client, "/encrypted/predict", content=b"{}"),
-                                           422, "does not start with"),
-        "keys that are not keys": (_post(client, "/encrypted/keys", content=b"\x01" * 64), 422,
-                                   "not SEAL Galois keys"),
-        "an unknown key": (encrypted({"key_id": "0" * 64}, keys.encrypt(vectors)), 404,
+        "a ciphertext made with other parameters": (
+            lambda: encrypted({}, other.encrypt(vectors)), 422, "not a CKKS ciphertext for"),
+        "an all-zero (transparent) ciphertext": (
+            lambda: encrypted({}, [_dump(transparent)]), 422, "not a fresh encryption"),
+        "a body that is not ciphertexts": (
+            lambda: _post(client, "/encrypted/predict", content=b"{}"), 422,
+            "does not start with"),
+        "keys that are not keys": (lambda: _post(client, "/encrypted/keys", content=b"\1" * 64),
+                                   422, "not SEAL Galois keys"),
+        "keys far too large": (lambda: _post(client, "/encrypted/keys",
+                                             content=b"\1" * (12 << 20)),
+                               413, "bytes of keys"),
+        "an unknown key": (lambda: encrypted({"key_id": "0" * 64}, keys.encrypt(vectors)), 404,
                            "upload the keys"),
-        "another adapter's vectors": (encrypted({"fingerprint": "f" * 64},
-                                                keys.encrypt(vectors)), 409, "another adapter"),
-        "an oversized request": (_post(client, "/predict", json={"notes": ["x" * 600_000]}),
+        "another adapter's vectors": (lambda: encrypted({"fingerprint": "f" * 64},
+                                                        keys.encrypt(vectors)), 409,
+                                      "another adapter"),
+        "a count that is not a count": (lambda: encrypted({"notes": True},
+                                                          keys.encrypt(vectors)), 422,
+                                        "must be a count"),
+        "an oversized request": (lambda: _post(client, "/predict",
+                                               json={"notes": ["x" * 600_000]}),
                                  413, "over the limit"),
     }
-    for what, (response, status, message) in cases.items():
+    for what, (send, status, message) in cases.items():
+        response = send()
         assert response.status_code == status, f"{what}: {response.text[:300]}"
         assert message in json.dumps(response.json()), f"{what}: {response.text[:300]}"
         assert client.predict(["chest pain on exertion"])[0]["label"] in LABELS, what
@@ -222,13 +255,28 @@ def test_bad_input_is_a_4xx_with_a_message_and_the_next_request_succeeds(client,
                                atol=1e-3)
 
 
-def test_requests_that_arrive_together_share_batches(client):
-    before = client.model()["batches_run"]
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        results = list(pool.map(lambda note: client.predict([note]), _notes(16)))
-    assert all(len(r) == 1 for r in results)
-    batches = client.model()["batches_run"] - before
+def test_requests_that_arrive_together_share_batches(local):
+    with TestClient(create_app(local, ServiceSettings(max_wait_ms=100))) as app:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            results = list(pool.map(
+                lambda note: app.post("/predict", json={"notes": [note]}), _notes(16)))
+        assert all(r.status_code == 200 and len(r.json()["predictions"]) == 1 for r in results)
+        batches = app.app.state.batcher.batches
     assert 1 <= batches < 16, f"16 concurrent requests ran in {batches} batches"
+
+
+def test_a_bad_note_fails_only_its_own_request_when_batched(local):
+    """Checked before batching; and a batch that fails anyway reruns its requests alone."""
+    app = create_app(local, ServiceSettings(max_wait_ms=100))
+    batcher = app.state.batcher
+    real = batcher._run
+    batcher._run = lambda notes: (real(notes) if "poison" not in notes
+                                  else (_ for _ in ()).throw(TaskInputError("poisoned")))
+    with TestClient(app) as http, ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(pool.map(lambda note: http.post("/predict", json={"notes": [note]}),
+                                ["chest pain", "poison", "knee pain", "cough"]))
+    assert [a.status_code for a in answers] == [200, 422, 200, 200]
+    assert answers[1].json()["detail"] == "poisoned"
 
 
 def test_predict_cli_asks_the_service_in_plain_and_encrypted(service, adapter, tmp_path,
@@ -330,3 +378,16 @@ def test_with_client_certificates_only_a_certificate_from_the_ca_gets_in(adapter
             anonymous.predict(["chest pain on exertion"])
     finally:
         server.close()
+
+
+def test_a_decoder_adapter_predicts_in_plain_and_refuses_encryption_clearly(tiny_gpt2,
+                                                                            tmp_path):
+    """GPT-style heads read every token: plain prediction works, encrypted inference says why
+    it cannot."""
+    settings = ModelSettings(name_or_path=str(tiny_gpt2), max_length=64)
+    model = build_model(settings, LABELS, seed=0)
+    decoder = NoteClassifier(save_adapter(model, tmp_path, settings, LABELS, DeidSettings()))
+    predictions = decoder.predict(["chest pain", "a cough for weeks"])
+    assert len(predictions) == 2 and all(p.label in LABELS for p in predictions)
+    with pytest.raises(TaskInputError, match="applies its head to every token"):
+        decoder.vectors(["chest pain"])

@@ -20,7 +20,7 @@ from peft import get_peft_model_state_dict
 from settings.task import DeidSettings
 from tasks.data.deid import deidentifier
 from tasks.errors import TaskInputError
-from tasks.model.build import load_adapter, saved_deid
+from tasks.model.build import LABELS_FILE, load_adapter, saved_deid
 
 # A note is text a clinician wrote: far below this. Longer input is refused, not truncated
 # silently after de-identification has spent time on it.
@@ -44,10 +44,14 @@ class NoteClassifier:
             self.adapter_dir, base_model)
         self.deid = deid or saved_deid(self.adapter_dir)
         self._head = _classification_head(self.model, len(self.labels))
-        self.fingerprint = _fingerprint(self.model)
+        # Everything that shapes a note's vector: weights, base model, window, pooling, deid.
+        self.fingerprint = _fingerprint(self.model, [
+            (self.adapter_dir / LABELS_FILE).read_text(), str(base_model),
+            repr(sorted(vars(self.deid).items()))])
 
-    def deidentify(self, texts: list[str]) -> list[str]:
-        """Checked notes with their PHI replaced by placeholders, as in training."""
+    @staticmethod
+    def check_notes(texts: list[str]) -> None:
+        """Each note is non-empty text of a sane length (before any model work)."""
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TaskInputError(f"note {i}: expected text, got {type(text).__name__}")
@@ -56,16 +60,29 @@ class NoteClassifier:
             if len(text) > MAX_NOTE_CHARS:
                 raise TaskInputError(f"note {i} has {len(text)} characters; at most "
                                      f"{MAX_NOTE_CHARS} are accepted")
+
+    def deidentify(self, texts: list[str]) -> list[str]:
+        """Checked notes with their PHI replaced by placeholders, as in training."""
+        self.check_notes(texts)
         if not self.deid.enabled:
             return list(texts)
         return deidentifier(self.deid).redact_all(list(texts))
 
     @torch.inference_mode()
-    def _run(self, texts: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """(head inputs, logits) of already de-identified notes."""
+    def _run(self, texts: list[str], batch_size: int, vectors: bool = False
+             ) -> tuple[np.ndarray | None, np.ndarray]:
+        """(head inputs if ``vectors``, logits) of already de-identified notes."""
         inputs: list[torch.Tensor] = []
-        handle = self._head.register_forward_hook(
-            lambda _module, args, _output: inputs.append(args[0].detach()))
+
+        def keep(_module: torch.nn.Module, args: tuple, _output: torch.Tensor) -> None:
+            if args[0].ndim != 2:  # a decoder (GPT) applies its head to every token
+                raise TaskInputError(
+                    f"the {self.model.config.model_type} model applies its head to every "
+                    "token, not to one vector per note; encrypted inference needs a head that "
+                    "reads one vector per note (BERT-family encoders such as MiniLM)")
+            inputs.append(args[0].detach())
+
+        handle = self._head.register_forward_hook(keep) if vectors else None
         logits = []
         try:
             for start in range(0, len(texts), batch_size):
@@ -74,20 +91,17 @@ class NoteClassifier:
                                        return_tensors="pt")
                 logits.append(self.model(**batch).logits.float())
         finally:
-            handle.remove()
-        if any(x.ndim != 2 for x in inputs):
-            raise TaskInputError(
-                f"the {self.model.config.model_type} model applies its head to every token, "
-                "not to one vector per note; encrypted inference needs a head that reads one "
-                "vector per note (BERT-family encoders such as MiniLM)")
-        return (torch.cat(inputs).float().numpy(), torch.cat(logits).numpy())
+            if handle is not None:
+                handle.remove()
+        head_inputs = torch.cat(inputs).float().numpy() if vectors else None
+        return head_inputs, torch.cat(logits).numpy()
 
     def logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         return self._run(self.deidentify(texts), batch_size)[1]
 
     def vectors(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """What the head reads, one row per note (the encrypted path's plaintext)."""
-        return self._run(self.deidentify(texts), batch_size)[0]
+        return self._run(self.deidentify(texts), batch_size, vectors=True)[0]
 
     def head(self) -> tuple[np.ndarray, np.ndarray]:
         """The head as (weight: dimension x classes, bias: classes), float64."""
@@ -118,10 +132,10 @@ def _classification_head(model: torch.nn.Module, classes: int) -> torch.nn.Linea
     return found[-1]
 
 
-def _fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 of the adapter's weights: client and service check they hold the same model
-    before encrypted vectors from one meet the head of the other."""
-    digest = hashlib.sha256()
+def _fingerprint(model: torch.nn.Module, settings: list[str]) -> str:
+    """SHA-256 of the adapter's weights and reading settings: client and service check they
+    hold the same model before encrypted vectors from one meet the head of the other."""
+    digest = hashlib.sha256("\n".join(settings).encode())
     for name, tensor in sorted(get_peft_model_state_dict(model).items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
