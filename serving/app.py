@@ -45,7 +45,7 @@ class ServiceSettings:
     max_wait_ms: float = 5.0  # how long a request waits for others to share its batch
     max_notes: int = 256  # per request
     max_request_bytes: int = 4 * MiB  # /predict bodies
-    max_encrypted_bytes: int = 16 * MiB  # /encrypted/* bodies (MiniLM's keys: 7.7 MB)
+    max_encrypted_bytes: int = 16 * MiB  # /encrypted/* bodies (MiniLM's keys: 8.4 MB)
     key_sessions: int = 32  # clients' Galois keys kept (least recently used dropped)
     keys_per_client: int = 2  # a client replacing its keys evicts its own, nobody else's
     rate_limit_per_minute: int = 0  # notes per client and minute; 0: unlimited

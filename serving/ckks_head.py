@@ -22,7 +22,7 @@ smaller (5 classes of 384 values: D = 640 needs blocks of 1024; as 6 columns, D 
 512), the head is evaluated as k' > k columns and packs twice the notes.
 
 Rotations need Galois keys for exactly those steps and the conjugation: the client makes them
-and uploads them once (7.7 MB for MiniLM's head); they let the service rotate, never decrypt.
+and uploads them once (8.4 MB for MiniLM's head); they let the service rotate, never decrypt.
 Encryption is symmetric (seeded), which halves each uploaded ciphertext.
 """
 
