@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,8 +28,19 @@ from tests.tiny_models import make_tiny_bert, make_tiny_gpt2  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer BERT (hidden 64), briefly pretrained on notes from outside any federation."""
-    return make_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert", pretrain=True)
+    """A 2-layer BERT (hidden 64), briefly pretrained on notes from outside any federation.
+    Pretraining takes ~12 s, so pytest-xdist's workers share one copy: the first builds it
+    under a lock in the session's common temp folder, the others wait and reuse it."""
+    shared = tmp_path_factory.getbasetemp().parent  # one folder for all workers of the session
+    target = shared / "tiny-bert"
+    with (shared / "tiny-bert.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").is_file():
+            building = shared / "tiny-bert.partial"
+            shutil.rmtree(building, ignore_errors=True)
+            make_tiny_bert(building, pretrain=True)
+            building.rename(target)
+    return target
 
 
 @pytest.fixture(scope="session")
