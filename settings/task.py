@@ -42,6 +42,13 @@ class Partitioning(Enum):
     size = "size"  # size skew: log-normal hospital sizes with sigma data.size_skew
 
 
+class NoteLength(Enum):
+    """Built-in synthetic notes: short consults or full-length notes (data=synthetic_long)."""
+
+    short = "short"  # 100-180 tokens: the 256-token window reads them whole
+    long = "long"  # 400-1,500 tokens, the deciding evidence mostly past the first 256
+
+
 class Accountant(Enum):
     """Opacus accountants that give an upper bound on epsilon (GDP is only an approximation)."""
 
@@ -125,8 +132,9 @@ class DataSettings:
     site_column: str | None = None  # needed by partitioning=natural
     split_column: str | None = None  # rows whose value is test_split form the server test set
     test_split: str = "test"
-    # source=synthetic: notes written per hospital.
+    # source=synthetic: notes written per hospital, and how long they are.
     notes_per_hospital: int = 300
+    note_length: NoteLength = NoteLength.short
     size_skew: float = 0.0
     label_skew_alpha: float = 1.0
     label_noise: float = 0.08
@@ -149,6 +157,10 @@ class DataSettings:
         self.source = as_enum(DataSource, self.source, "data.source")
         self.format = as_enum(DataFormat, self.format, "data.format")
         self.partitioning = as_enum(Partitioning, self.partitioning, "data.partitioning")
+        self.note_length = as_enum(NoteLength, self.note_length, "data.note_length")
+        require(self.note_length == NoteLength.short or self.source == DataSource.synthetic,
+                "data.note_length", self.note_length.value,
+                "short unless data.source=synthetic (it shapes the built-in notes only)")
         require(0 < self.eval_fraction < 1, "data.eval_fraction", self.eval_fraction, "in (0, 1)")
         require(self.notes_per_hospital >= 0, "data.notes_per_hospital",
                 self.notes_per_hospital, "at least 0")

@@ -58,7 +58,8 @@ def _synthetic_corpus(settings: DataSettings, num_hospitals: int) -> datasets.Da
     rows: dict[str, list] = {"text": [], "label": [], "site": []}
     for hospital, size in enumerate(sizes):
         for note in generate_hospital_notes(hospital, size, settings.seed,
-                                            settings.label_skew_alpha, settings.label_noise):
+                                            settings.label_skew_alpha, settings.label_noise,
+                                            length=settings.note_length.value):
             rows["text"].append(note.text)
             rows["label"].append(note.label)
             rows["site"].append(f"{hospital:05d}")  # zero-padded: sorts like the ids
@@ -152,7 +153,7 @@ def load_server_test_set(settings: DataSettings, labels: list[str]) -> datasets.
     notes = generate_hospital_notes(_SERVER_TEST_HOSPITAL, settings.server_test_notes,
                                     settings.seed, label_skew_alpha=100.0,
                                     label_noise=settings.label_noise,
-                                    labels=tuple(labels))
+                                    labels=tuple(labels), length=settings.note_length.value)
     records = datasets.Dataset.from_dict({"text": [n.text for n in notes],
                                           "label": [n.label for n in notes]})
     return deidentify_records(encode_labels(records, labels, "server test set"), settings.deid)

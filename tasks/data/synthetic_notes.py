@@ -395,18 +395,25 @@ def hospital_sizes(num_hospitals: int, notes_per_hospital: int, size_skew: float
 
 def generate_hospital_notes(hospital: int, num_notes: int, seed: int,
                             label_skew_alpha: float = 1.0, label_noise: float = 0.08,
-                            labels: tuple[str, ...] = SPECIALTIES) -> list[SyntheticNote]:
-    """Notes of one hospital, in its style and case mix; deterministic for the seed."""
+                            labels: tuple[str, ...] = SPECIALTIES,
+                            length: str = "short") -> list[SyntheticNote]:
+    """Notes of one hospital, in its style and case mix; deterministic for the seed.
+    ``length="long"``: full-length notes (synthetic_long_notes.py) of the same cases."""
+    if length not in ("short", "long"):
+        raise ValueError(f"length={length!r}: expected 'short' or 'long'")
     unknown = [name for name in labels if name not in _DIAGNOSES]
     if unknown:
         raise ValueError(f"synthetic notes know no specialty {unknown}; choose from {SPECIALTIES}")
     style = hospital_style(hospital, seed)
     mix = hospital_case_mix(hospital, seed, label_skew_alpha, labels)
-    rng = random.Random(f"notes-{seed}-{hospital}")
+    write = _write_note
+    if length == "long":
+        from tasks.data.synthetic_long_notes import write_long_note as write
+    rng = random.Random(f"notes-{seed}-{hospital}" + ("-long" if length == "long" else ""))
     notes = []
     for _ in range(num_notes):
         label = rng.choices(labels, weights=mix, k=1)[0]
-        note = _write_note(rng, label, hospital, style, labels)
+        note = write(rng, label, hospital, style, labels)
         # Miscoded records: the text stays, the label is another specialty.
         if rng.random() < label_noise:
             note.label = rng.choice([s for s in labels if s != label] or [label])
