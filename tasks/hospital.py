@@ -20,7 +20,7 @@ from settings.task import TaskSettings
 from tasks.audit.canaries import CANARY_COLUMN, GradientCanaries, read_canaries, with_canaries
 from tasks.data.hospital_data import HospitalData, load_hospital_data
 from tasks.errors import TaskInputError
-from tasks.learning.batches import make_loader, tokenize
+from tasks.learning.batches import chunking_for, make_loader, tokenize
 from tasks.learning.evaluation import EvalOutcome, evaluate
 from tasks.learning.training import PrivacyReport, TrainOutcome, train_locally
 from tasks.model.build import build_model, load_tokenizer, load_trainable_state, trainable_state
@@ -73,9 +73,9 @@ def _cached_records(key: str, settings: TaskSettings, labels: tuple[str, ...],
         data = load_hospital_data(settings.data, list(labels), partition_id, num_partitions,
                                   data_path)
         data.train = _audit_canaries(settings, partition_id, data_path, data.train)
-        max_length = settings.model.max_length
-        _RECORDS[key] = (data, tokenize(data.train, tokenizer, max_length),
-                         tokenize(data.eval, tokenizer, max_length))
+        max_length, chunking = settings.model.max_length, chunking_for(settings.model)
+        _RECORDS[key] = (data, tokenize(data.train, tokenizer, max_length, chunking),
+                         tokenize(data.eval, tokenizer, max_length, chunking))
     return _RECORDS[key]
 
 

@@ -10,7 +10,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tasks.learning.batches import make_loader, tokenize
+from tasks.learning.batches import Chunking, make_loader, tokenize
 from tasks.learning.evaluation import evaluate
 from tasks.model.build import load_trainable_state
 from tasks.model.compute import CPU_FP32, Compute
@@ -20,11 +20,11 @@ class CentralEvaluator:
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                  records: datasets.Dataset, num_labels: int, max_length: int,
                  batch_size: int, compute: Compute = CPU_FP32,
-                 group_by_length: bool = True) -> None:
+                 group_by_length: bool = True, chunking: Chunking | None = None) -> None:
         self.model = model.to(compute.device)
         self.num_labels = num_labels
         self.compute = compute
-        self.loader = make_loader(tokenize(records, tokenizer, max_length), tokenizer,
+        self.loader = make_loader(tokenize(records, tokenizer, max_length, chunking), tokenizer,
                                   batch_size, shuffle=False, group_by_length=group_by_length)
 
     def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, float]:

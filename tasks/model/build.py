@@ -26,6 +26,7 @@ from transformers.utils import logging as hf_logging
 from settings.task import DEFAULT_MODEL_ID, DeidSettings, ModelSettings, Pooling
 from tasks.errors import ModelNotFoundError
 from tasks.model.pooling import resolve_pooling, use_mean_pooling
+from tasks.model.windows import enable_window_pooling
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
@@ -109,11 +110,17 @@ def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
 
 
 def _classifier(path: str, labels: list[str], tokenizer: PreTrainedTokenizerBase,
-                pooling: Pooling) -> torch.nn.Module:
+                pooling: Pooling, max_length: int) -> torch.nn.Module:
     """The base model with a fresh classification head over ``labels``."""
     base = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=len(labels),
         id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
+    positions = getattr(base.config, "max_position_embeddings", None)
+    if positions is not None and positions < max_length:
+        raise ModelNotFoundError(
+            f"model.max_length={max_length} is longer than the {positions} positions "
+            f"'{path}' can read; set model.max_length to at most {positions} (long notes are "
+            "read in windows of that size: model.long_notes=chunk)")
     if base.config.pad_token_id is None:
         base.config.pad_token_id = tokenizer.pad_token_id
     if pooling == Pooling.mean:
@@ -131,7 +138,8 @@ def build_model(settings: ModelSettings, labels: list[str], seed: int,
     path = resolve_model_path(settings.name_or_path)
     tokenizer = tokenizer or load_tokenizer(settings)
     torch.manual_seed(seed)
-    base = _classifier(path, labels, tokenizer, resolve_pooling(settings.pooling, path))
+    base = _classifier(path, labels, tokenizer, resolve_pooling(settings.pooling, path),
+                       settings.max_length)
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=settings.lora.r,
@@ -139,7 +147,9 @@ def build_model(settings: ModelSettings, labels: list[str], seed: int,
         lora_dropout=settings.lora.dropout,
         target_modules=lora_target_modules(base.config.model_type, settings.lora.target_modules),
     )
-    return get_peft_model(base, lora)
+    model = get_peft_model(base, lora)
+    enable_window_pooling(model, len(labels))  # model(**batch) takes window_note
+    return model
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -173,7 +183,9 @@ def save_adapter(model: PeftModel, directory: str | Path, settings: ModelSetting
     model.save_pretrained(directory)
     pooling = resolve_pooling(settings.pooling, resolve_model_path(settings.name_or_path))
     meta = {"labels": labels, "base_model": settings.name_or_path,
-            "max_length": settings.max_length, "pooling": pooling.value}
+            "max_length": settings.max_length, "pooling": pooling.value,
+            "long_notes": settings.long_notes.value, "chunk_stride": settings.stride(),
+            "max_chunks": settings.max_chunks}
     if deid is not None:
         meta["deid"] = {"enabled": deid.enabled, "spacy_model": deid.spacy_model,
                         "score_threshold": deid.score_threshold}
@@ -189,9 +201,22 @@ def saved_deid(directory: str | Path) -> DeidSettings:
     return DeidSettings(**meta["deid"]) if "deid" in meta else DeidSettings()
 
 
+def saved_model_settings(directory: str | Path, base_model: str | None = None
+                         ) -> ModelSettings:
+    """How the adapter in ``directory`` reads a note. Adapters saved before long notes were
+    read whole truncate, as their training did."""
+    meta = json.loads((Path(directory) / LABELS_FILE).read_text())
+    return ModelSettings(name_or_path=base_model or meta["base_model"],
+                         max_length=meta["max_length"],
+                         pooling=Pooling(meta.get("pooling", Pooling.model.value)),
+                         long_notes=meta.get("long_notes", "truncate"),
+                         chunk_stride=meta.get("chunk_stride"),
+                         max_chunks=meta.get("max_chunks", 16))
+
+
 def load_adapter(directory: str | Path, base_model: str | None = None
                  ) -> tuple[PeftModel, PreTrainedTokenizerBase, list[str], int]:
-    """Base model + saved adapter, ready to classify.
+    """Base model + saved adapter, ready to classify (``model(**batch)`` takes windows).
 
     Returns (model, tokenizer, labels, max_length).
     """
@@ -200,15 +225,13 @@ def load_adapter(directory: str | Path, base_model: str | None = None
     if not meta_file.is_file():
         raise ModelNotFoundError(f"{directory} holds no {LABELS_FILE}; not an adapter saved "
                                  "by this product")
-    meta = json.loads(meta_file.read_text())
-    labels = meta["labels"]
-    settings = ModelSettings(name_or_path=base_model or meta["base_model"],
-                             max_length=meta["max_length"],
-                             pooling=Pooling(meta.get("pooling", Pooling.model.value)))
+    labels = json.loads(meta_file.read_text())["labels"]
+    settings = saved_model_settings(directory, base_model)
     tokenizer = load_tokenizer(settings)
     # The pooling saved with the adapter: the head reads the vector it was trained on.
     base = _classifier(resolve_model_path(settings.name_or_path), labels, tokenizer,
-                       settings.pooling)
+                       settings.pooling, settings.max_length)
     model = PeftModel.from_pretrained(base, directory)
+    enable_window_pooling(model, len(labels))
     model.eval()
     return model, tokenizer, labels, settings.max_length

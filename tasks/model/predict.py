@@ -20,7 +20,9 @@ from peft import get_peft_model_state_dict
 from settings.task import DeidSettings
 from tasks.data.deid import deidentifier
 from tasks.errors import TaskInputError
-from tasks.model.build import LABELS_FILE, load_adapter, saved_deid
+from tasks.learning.batches import WindowCollator, chunking_for, note_windows
+from tasks.model.build import LABELS_FILE, load_adapter, saved_deid, saved_model_settings
+from tasks.model.windows import classification_head
 
 # A note is text a clinician wrote: far below this. Longer input is refused, not truncated
 # silently after de-identification has spent time on it.
@@ -42,8 +44,9 @@ class NoteClassifier:
         self.adapter_dir = Path(adapter_dir)
         self.model, self.tokenizer, self.labels, self.max_length = load_adapter(
             self.adapter_dir, base_model)
+        self.chunking = chunking_for(saved_model_settings(self.adapter_dir, base_model))
         self.deid = deid or saved_deid(self.adapter_dir)
-        self._head = _classification_head(self.model, len(self.labels))
+        self._head = classification_head(self.model, len(self.labels))
         # Everything that shapes a note's vector: weights, base model, window, pooling, deid.
         self.fingerprint = _fingerprint(self.model, [
             (self.adapter_dir / LABELS_FILE).read_text(), str(base_model),
@@ -86,15 +89,24 @@ class NoteClassifier:
         logits = []
         try:
             for start in range(0, len(texts), batch_size):
-                batch = self.tokenizer(texts[start:start + batch_size], truncation=True,
-                                       max_length=self.max_length, padding=True,
-                                       return_tensors="pt")
-                logits.append(self.model(**batch).logits.float())
+                logits.append(self.model(**self._batch(texts[start:start + batch_size]))
+                              .logits.float())
         finally:
             if handle is not None:
                 handle.remove()
         head_inputs = torch.cat(inputs).float().numpy() if vectors else None
         return head_inputs, torch.cat(logits).numpy()
+
+    def _batch(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Tokens of ``texts`` as training read them: windows of whole notes, or truncated."""
+        if self.chunking is None:
+            return dict(self.tokenizer(texts, truncation=True, max_length=self.max_length,
+                                       padding=True, return_tensors="pt"))
+        windows, _ = note_windows(self.tokenizer, texts, self.max_length, self.chunking)
+        batch = WindowCollator(self.tokenizer)(
+            [{"input_ids": w, "labels": 0} for w in windows])
+        batch.pop("labels")
+        return batch
 
     def logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         return self._run(self.deidentify(texts), batch_size)[1]
@@ -118,18 +130,6 @@ class NoteClassifier:
 
     def predict(self, texts: list[str], batch_size: int = 32) -> list[Prediction]:
         return self.predictions(self.logits(texts, batch_size))
-
-
-def _classification_head(model: torch.nn.Module, classes: int) -> torch.nn.Linear:
-    """The trained last linear layer that outputs the logits (PEFT keeps the trained copy of
-    the head under ``modules_to_save``)."""
-    found = [module for name, module in model.named_modules()
-             if "modules_to_save" in name and isinstance(module, torch.nn.Linear)
-             and module.out_features == classes]
-    if not found:
-        raise TaskInputError(f"no trained linear classification head with {classes} outputs "
-                             "in this adapter")
-    return found[-1]
 
 
 def _fingerprint(model: torch.nn.Module, settings: list[str]) -> str:

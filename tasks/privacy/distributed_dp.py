@@ -41,7 +41,7 @@ from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader
 
-from settings.task import Accountant, DistributedDpSettings
+from settings.task import Accountant, DistributedDpSettings, GradSampleMode
 from tasks.errors import TaskInputError
 from tasks.model.compute import CPU_FP32, Compute
 from tasks.privacy.accounting import Step, calibrate_noise_multiplier, epsilon_spent
@@ -49,6 +49,7 @@ from tasks.privacy.dp_sgd import (
     _logits,
     _per_record_gradients_in_float32,
     _shape_empty_batches_like_a_record,
+    per_note,
 )
 from tasks.privacy.lattice import Lattice
 from tasks.privacy.plan import DpSgdPlan, policy_delta
@@ -212,6 +213,7 @@ def _clipped_sum(model: torch.nn.Module, dp_loader: DataLoader,
         logits = _logits(model, batch)
     torch.nn.functional.cross_entropy(logits.float(), batch["labels"],
                                       reduction="sum").backward()
+    per_note(dp_optimizer, batch, GradSampleMode.hooks, loss_reduction="sum")
     _per_record_gradients_in_float32(dp_optimizer)
     per_record = {name: param.grad_sample.detach().cpu().double() for name, param in named}
     records = next(iter(per_record.values())).shape[0]

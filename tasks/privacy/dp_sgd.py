@@ -31,8 +31,10 @@ from torch.utils.data import DataLoader
 
 from settings.task import GradSampleMode, TrainSettings
 from tasks.audit.canaries import CANARY_COLUMN, GradientCanaries
+from tasks.errors import TaskInputError
 from tasks.learning.training import TrainOutcome, make_optimizer
 from tasks.model.compute import CPU_FP32, Compute
+from tasks.model.windows import WINDOW_NOTE, merge_window_gradients
 from tasks.privacy.accounting import Step
 
 
@@ -55,6 +57,26 @@ def _per_record_gradients_in_float32(dp_optimizer: torch.optim.Optimizer) -> Non
         sample = getattr(param, "grad_sample", None)
         if isinstance(sample, torch.Tensor) and sample.dtype != torch.float32:
             param.grad_sample = sample.float()
+
+
+def per_note(dp_optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+             grad_sample_mode: GradSampleMode, loss_reduction: str = "mean") -> None:
+    """Each note's windows' per-sample gradients summed into the note's own, so that Opacus
+    clips notes, not windows (tasks/model/windows.py)."""
+    if _several_windows(batch, grad_sample_mode):
+        merge_window_gradients(dp_optimizer.params, batch[WINDOW_NOTE], loss_reduction)
+
+
+def _several_windows(batch: dict[str, torch.Tensor], grad_sample_mode: GradSampleMode) -> bool:
+    """Whether some note of ``batch`` spans several windows; refused (before any forward
+    pass) under ghost clipping, which would clip each window."""
+    window_note = batch.get(WINDOW_NOTE)
+    if window_note is None or len(window_note) == int(batch["labels"].shape[0]):
+        return False
+    if grad_sample_mode == GradSampleMode.ghost:
+        raise TaskInputError("grad_sample_mode=ghost clips per window; a note read in several "
+                             "windows needs hooks or functorch (or model.long_notes=truncate)")
+    return True
 
 
 def _noise_only_step(dp_optimizer: torch.optim.Optimizer) -> None:
@@ -135,10 +157,12 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
                     _noise_only_step(dp_optimizer)
                     steps += 1
                     continue
+                _several_windows(batch, grad_sample_mode)  # ghost: refused before the forward
                 with compute.autocast():
                     logits = _logits(model, batch)
                 loss = criterion(logits.float(), batch["labels"])
                 loss.backward()
+                per_note(dp_optimizer, batch, grad_sample_mode)
                 _per_record_gradients_in_float32(dp_optimizer)
                 if canaries is not None and CANARY_COLUMN in batch:
                     canaries.replace_grad_samples(batch[CANARY_COLUMN])

@@ -1,0 +1,170 @@
+"""Whole notes in windows (model.long_notes=chunk): reading, pooling, and per-note clipping."""
+
+from __future__ import annotations
+
+import logging
+
+import datasets
+import pytest
+import torch
+
+from settings.compose import ConfigError, compose_config, task_settings
+from settings.task import (
+    GradSampleMode,
+    LongNotes,
+    ModelSettings,
+    OptimizerName,
+    TrainSettings,
+)
+from tasks.data.synthetic_notes import SPECIALTIES
+from tasks.errors import ModelNotFoundError, TaskInputError
+from tasks.learning.batches import chunking_for, make_loader, tokenize
+from tasks.learning.training import train_locally
+from tasks.model.build import build_model, load_tokenizer, load_trainable_state, trainable_state
+from tasks.privacy.dp_sgd import train_with_dp_sgd
+
+LABELS = list(SPECIALTIES)
+WINDOW = 16  # tokens, so that a note of ~70 words spans several windows
+LONG = ("Patient reports crushing chest pain radiating to the left arm for two days with "
+        "sweating and nausea, worse on exertion and relieved by rest; troponin is mildly "
+        "elevated and the ECG shows ST depression in the lateral leads, so the plan is an "
+        "echocardiogram, a stress test and a beta blocker, with follow up in one week.")
+SHORT = "Knee pain after a fall."
+
+
+@pytest.fixture
+def chunked(tiny_bert):
+    settings = ModelSettings(name_or_path=str(tiny_bert), max_length=WINDOW, chunk_stride=4)
+    model = build_model(settings, LABELS, seed=0)
+    for module in model.modules():  # two runs must see the same forward pass
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    generator = torch.Generator().manual_seed(3)  # a head that is not near zero
+    load_trainable_state(model, {k: v + 0.2 * torch.randn(v.shape, generator=generator)
+                                 for k, v in trainable_state(model).items()})
+    return settings, model, load_tokenizer(settings)
+
+
+def _records(tokenizer, settings: ModelSettings, texts: list[str]) -> datasets.Dataset:
+    rows = datasets.Dataset.from_dict({"text": texts, "label": list(range(len(texts)))})
+    return tokenize(rows, tokenizer, settings.max_length, chunking_for(settings))
+
+
+def _update(model, start: dict[str, torch.Tensor]) -> torch.Tensor:
+    now = trainable_state(model)
+    return torch.cat([(now[k] - start[k]).flatten() for k in start])
+
+
+def test_a_long_note_is_read_in_overlapping_windows_and_a_short_one_like_truncation(chunked):
+    settings, model, tokenizer = chunked
+    records = _records(tokenizer, settings, [LONG, SHORT])
+    windows = records["input_ids"]
+    assert len(windows[0]) >= 5 and len(windows[1]) == 1
+    assert all(len(w) <= WINDOW for w in windows[0])
+    # Consecutive windows share chunk_stride tokens of text.
+    assert windows[0][0][-1 - 4:-1] == windows[0][1][1:1 + 4]
+    truncated = tokenize(datasets.Dataset.from_dict({"text": [SHORT], "label": [0]}),
+                         tokenizer, WINDOW)
+    model.eval()
+    with torch.no_grad():
+        chunk_batch = next(iter(make_loader(records.select([1]), tokenizer, 1, shuffle=False)))
+        plain_batch = next(iter(make_loader(truncated, tokenizer, 1, shuffle=False)))
+        torch.testing.assert_close(model(**chunk_batch).logits, model(**plain_batch).logits)
+        # The long note: one vector per note, the mean of its windows' vectors.
+        both = next(iter(make_loader(records, tokenizer, 2, shuffle=False)))
+        assert model(**both).logits.shape == (2, len(LABELS))
+
+
+@pytest.mark.parametrize("mode", [GradSampleMode.hooks, GradSampleMode.functorch])
+def test_per_note_clipping_bounds_a_five_window_note_and_a_one_window_note_alike(chunked,
+                                                                                  mode):
+    """With noise 0, one note's DP-SGD step moves the adapter by at most the clipping norm:
+    its windows are clipped together as one record, however many there are."""
+    settings, model, tokenizer = chunked
+    records = _records(tokenizer, settings, [LONG, SHORT])
+    # One rate for all parameters, so the step is the clipped gradient itself.
+    sgd = TrainSettings(optimizer=OptimizerName.sgd, learning_rate=1.0, batch_size=1,
+                        head_learning_rate=None)
+    start = trainable_state(model)
+
+    def step(index: int, clip: float) -> float:
+        load_trainable_state(model, start)
+        loader = make_loader(records.select([index]), tokenizer, 1, shuffle=False)
+        train_with_dp_sgd(model, loader, sgd, noise_multiplier=0.0, max_grad_norm=clip,
+                          grad_sample_mode=mode, history=[], poisson_sampling=False)
+        return float(_update(model, start).norm())
+
+    for index in (0, 1):
+        own = step(index, 1e6)  # the note's own gradient norm (nothing clipped)
+        clip = own / 4  # clipping binds: a per-window clip would let 5 windows reach 5x
+        moved = step(index, clip)
+        assert clip * 0.999 <= moved <= clip * (1 + 1e-4), (mode, index, own, moved)
+    assert len(records[0]["input_ids"]) >= 5
+
+
+def test_per_note_clipping_keeps_each_notes_own_gradient_when_nothing_is_clipped(chunked):
+    """Without clipping or noise, DP-SGD's step on notes of 5 and 1 windows is the plain SGD
+    step: the windows' per-sample gradients are summed and rescaled exactly."""
+    settings, model, tokenizer = chunked
+    records = _records(tokenizer, settings, [LONG, SHORT])
+    sgd = TrainSettings(optimizer=OptimizerName.sgd, learning_rate=1.0, batch_size=2,
+                        max_grad_norm=0.0)
+    start = trainable_state(model)
+    train_locally(model, make_loader(records, tokenizer, 2, shuffle=False), sgd)
+    plain = _update(model, start)
+    for mode in (GradSampleMode.hooks, GradSampleMode.functorch):
+        load_trainable_state(model, start)
+        train_with_dp_sgd(model, make_loader(records, tokenizer, 2, shuffle=False), sgd,
+                          noise_multiplier=0.0, max_grad_norm=1e6, grad_sample_mode=mode,
+                          history=[], poisson_sampling=False)
+        private = _update(model, start)
+        assert plain.norm() > 1e-3
+        torch.testing.assert_close(private, plain, rtol=1e-4, atol=1e-6, msg=mode.value)
+
+
+def test_per_note_clipping_refuses_ghost_clipping_of_several_windows(chunked):
+    settings, model, tokenizer = chunked
+    records = _records(tokenizer, settings, [LONG])
+    with pytest.raises(TaskInputError, match="ghost clips per window"):
+        train_with_dp_sgd(model, make_loader(records, tokenizer, 1, shuffle=False),
+                          TrainSettings(), noise_multiplier=0.0, max_grad_norm=1.0,
+                          grad_sample_mode=GradSampleMode.ghost, history=[],
+                          poisson_sampling=False)
+    with pytest.raises(ConfigError, match="ghost"):
+        task_settings(compose_config(["privacy=dp_sgd", "privacy.dp_sgd.grad_sample_mode=ghost"]),
+                      LABELS)
+    task_settings(compose_config(["privacy=dp_sgd", "privacy.dp_sgd.grad_sample_mode=ghost",
+                                  "model.long_notes=truncate"]), LABELS)
+
+
+def test_notes_beyond_max_chunks_are_cut_and_counted(chunked, caplog):
+    settings, _, tokenizer = chunked
+    capped = ModelSettings(name_or_path=settings.name_or_path, max_length=WINDOW,
+                           chunk_stride=4, max_chunks=2)
+    with caplog.at_level(logging.WARNING):
+        records = _records(tokenizer, capped, [LONG, SHORT])
+    assert len(records[0]["input_ids"]) == 2
+    assert "1 of 2 notes are longer than 2 windows" in caplog.text
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model.max_chunks=0"], "model.max_chunks"),
+    (["model.max_length=64", "model.chunk_stride=62"], "model.chunk_stride"),
+    (["model.long_notes=sometimes"], "model.long_notes"),
+])
+def test_bad_window_settings_fail_before_training(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_config(overrides)
+
+
+def test_a_window_longer_than_the_models_positions_is_refused(tiny_bert):
+    with pytest.raises(ModelNotFoundError, match="256 positions"):
+        build_model(ModelSettings(name_or_path=str(tiny_bert), max_length=512), LABELS, 0)
+
+
+def test_chunk_is_the_default_and_truncate_reads_the_window_only(tiny_bert):
+    assert ModelSettings().long_notes == LongNotes.chunk
+    settings = ModelSettings(name_or_path=str(tiny_bert), max_length=WINDOW,
+                             long_notes=LongNotes.truncate)
+    records = _records(load_tokenizer(settings), settings, [LONG])
+    assert len(records[0]["input_ids"]) == WINDOW  # one flat window
