@@ -15,17 +15,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from serving.run_artifacts import adapter_from, add_adapter_arguments
 from tasks.errors import TaskInputError
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--adapter", help="folder with a saved adapter")
-    source.add_argument("--run-id", help="MLflow run id whose 'adapter' artifact to use")
-    parser.add_argument("--tracking-uri", help="MLflow store (default: <project>/mlruns)")
-    parser.add_argument("--base-model", help="override the base model recorded with the adapter")
+    add_adapter_arguments(parser, required=False)
     parser.add_argument("--server", help="URL of a clinical-fl-serve service")
     parser.add_argument("--encrypted", action="store_true",
                         help="encode here and let --server evaluate the head on ciphertexts")
@@ -102,11 +99,9 @@ def _predict(args: argparse.Namespace, texts: list[str]) -> list[tuple[str, floa
     if args.server and not args.encrypted:
         with _service(args) as client:
             return [(p["label"], p["probability"]) for p in client.predict(texts)]
-    from serving.run_artifacts import download_adapter
     from tasks.model.predict import NoteClassifier
 
-    adapter = Path(args.adapter) if args.adapter else download_adapter(args.run_id,
-                                                                       args.tracking_uri)
+    adapter = adapter_from(args)
     local = NoteClassifier(adapter, args.base_model)
     if not args.encrypted:
         return [(p.label, p.probability) for p in local.predict(texts)]

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from serving.app import MiB, ServiceSettings, create_app
+from serving.run_artifacts import adapter_from, add_adapter_arguments
 from tasks.errors import TaskInputError
 
 log = logging.getLogger("clinical-fl-serve")
@@ -49,11 +50,7 @@ def _is_loopback(host: str) -> bool:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--adapter", help="folder with a saved adapter")
-    source.add_argument("--run-id", help="MLflow run id whose 'adapter' artifact to serve")
-    parser.add_argument("--tracking-uri", help="MLflow store (default: <project>/mlruns)")
-    parser.add_argument("--base-model", help="override the base model recorded with the adapter")
+    add_adapter_arguments(parser, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8443)
     parser.add_argument("--tls-cert", help="server certificate (PEM), e.g. from deploy/certs.sh")
@@ -104,11 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         tokens = read_tokens(Path(args.token_file)) if args.token_file else frozenset()
-        from serving.run_artifacts import download_adapter
         from tasks.model.predict import NoteClassifier
 
-        adapter = Path(args.adapter) if args.adapter else download_adapter(args.run_id,
-                                                                           args.tracking_uri)
+        adapter = adapter_from(args)
         classifier = NoteClassifier(adapter, args.base_model)
         settings = ServiceSettings(
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_notes=args.max_notes,

@@ -1,7 +1,8 @@
-"""Fetching what a finished run saved: its global adapter."""
+"""Fetching what a finished run saved: its global adapter, named on a command line."""
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from pathlib import Path
 
@@ -23,3 +24,18 @@ def download_adapter(run_id: str, tracking_uri: str | None = None) -> Path:
     except Exception as err:  # MLflow raises several types for a missing run or artifact
         raise TaskInputError(f"run {run_id}: cannot fetch its 'adapter' artifact from "
                              f"{mlflow.get_tracking_uri()}: {err}") from err
+
+
+def add_adapter_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    """--adapter DIR or --run-id ID (with --tracking-uri), and --base-model."""
+    source = parser.add_mutually_exclusive_group(required=required)
+    source.add_argument("--adapter", help="folder with a saved adapter")
+    source.add_argument("--run-id", help="MLflow run id whose 'adapter' artifact to use")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: <project>/mlruns)")
+    parser.add_argument("--base-model", help="override the base model recorded with the adapter")
+
+
+def adapter_from(args: argparse.Namespace) -> Path:
+    """The adapter folder the arguments name (a run's is downloaded first)."""
+    return Path(args.adapter) if args.adapter else download_adapter(args.run_id,
+                                                                    args.tracking_uri)

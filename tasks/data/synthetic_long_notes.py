@@ -22,7 +22,6 @@ from tasks.data.synthetic_notes import (
     _COMORBIDITIES,
     _COMPLAINTS,
     _DIAGNOSES,
-    _EMAIL_DOMAINS,
     _EXAM,
     _FIRST_NAMES,
     _GENERIC_EXAM,
@@ -37,9 +36,9 @@ from tasks.data.synthetic_notes import (
     _abbreviate,
     _fake_address,
     _fake_date,
-    _fake_mrn,
-    _fake_phone,
     _NoteBuilder,
+    write_contact_and_signoff,
+    write_identifiers,
 )
 
 _MEDICATIONS = (
@@ -153,15 +152,7 @@ def write_long_note(rng: random.Random, label: str, hospital: int, style: Hospit
     first, last = rng.choice(_FIRST_NAMES), rng.choice(_LAST_NAMES)
     age, sex = rng.randint(19, 92), rng.choice(("male", "female"))
     b = _NoteBuilder()
-    b.add("Patient: ")
-    b.add_phi(f"{first} {last}", "NAME")
-    b.add("  DOB: ")
-    b.add_phi(_fake_date(rng, style.date_format, 1932, 2005), "DATE")
-    b.add("  ")
-    b.add_phi(_fake_mrn(rng, style.mrn_format), "ID")
-    b.add("\nVisit date: ")
-    b.add_phi(_fake_date(rng, style.date_format, 2021, 2026), "DATE")
-    b.add("\n")
+    write_identifiers(b, rng, style, first, last)
 
     complaint = rng.choice(_COMPLAINTS[presenting])
     b.add(_header(style, _SECTIONS[0]) + _abbreviate(complaint, style) + "\n")
@@ -251,18 +242,6 @@ def write_long_note(rng: random.Random, label: str, hospital: int, style: Hospit
     problems = [assessment, f"   Plan: {'; '.join(plans)}."]
     for n, condition in enumerate(c for c in comorbid if c != "no significant history"):
         problems.append(f"{n + 2}. {condition}: stable, continue current management.")
-    b.add(_header(style, _SECTIONS[11]) + _abbreviate("\n".join(problems), style)
-          + "\nCall ")
-    b.add_phi(_fake_phone(rng), "PHONE")
-    b.add(" with questions")
-    if rng.random() < 0.25:
-        b.add(" or write to ")
-        user = f"{first.lower()}.{last.lower().replace(chr(39), '')}{rng.randint(1, 99)}"
-        b.add_phi(f"{user}@{rng.choice(_EMAIL_DOMAINS)}", "EMAIL")
-    b.add(".\n")
-    doctor = f"{rng.choice(_FIRST_NAMES)} {rng.choice(_LAST_NAMES)}"
-    before, after = style.signoff.split("{doc}")
-    b.add(before)
-    b.add_phi(doctor, "NAME")
-    b.add(after)
+    b.add(_header(style, _SECTIONS[11]) + _abbreviate("\n".join(problems), style) + "\n")
+    write_contact_and_signoff(b, rng, style, first, last)
     return SyntheticNote(text=b.text(), label=label, hospital=hospital, phi_spans=b.spans)

@@ -293,6 +293,38 @@ def _abbreviate(text: str, style: HospitalStyle) -> str:
     return text
 
 
+def write_identifiers(b: _NoteBuilder, rng: random.Random, style: HospitalStyle, first: str,
+                      last: str) -> None:
+    """The note's first lines: name, date of birth, record number, visit date (all PHI)."""
+    b.add("Patient: ")
+    b.add_phi(f"{first} {last}", "NAME")
+    b.add("  DOB: ")
+    b.add_phi(_fake_date(rng, style.date_format, 1932, 2005), "DATE")
+    b.add("  ")
+    b.add_phi(_fake_mrn(rng, style.mrn_format), "ID")
+    b.add("\nVisit date: ")
+    b.add_phi(_fake_date(rng, style.date_format, 2021, 2026), "DATE")
+    b.add("\n")
+
+
+def write_contact_and_signoff(b: _NoteBuilder, rng: random.Random, style: HospitalStyle,
+                              first: str, last: str) -> None:
+    """The note's last lines: a phone number, sometimes an e-mail, the author (all PHI)."""
+    b.add("Call ")
+    b.add_phi(_fake_phone(rng), "PHONE")
+    b.add(" with questions")
+    if rng.random() < 0.25:
+        b.add(" or write to ")
+        email_user = f"{first.lower()}.{last.lower().replace(chr(39), '')}{rng.randint(1, 99)}"
+        b.add_phi(f"{email_user}@{rng.choice(_EMAIL_DOMAINS)}", "EMAIL")
+    b.add(".\n")
+    doctor = f"{rng.choice(_FIRST_NAMES)} {rng.choice(_LAST_NAMES)}"
+    before, after = style.signoff.split("{doc}")
+    b.add(before)
+    b.add_phi(doctor, "NAME")
+    b.add(after)
+
+
 def _write_note(rng: random.Random, label: str, hospital: int,
                 style: HospitalStyle, labels: tuple[str, ...]) -> SyntheticNote:
     # A lookalike presentation makes the complaint point at another specialty.
@@ -303,15 +335,7 @@ def _write_note(rng: random.Random, label: str, hospital: int,
     sex = rng.choice(("male", "female"))
     b = _NoteBuilder()
 
-    b.add("Patient: ")
-    b.add_phi(f"{first} {last}", "NAME")
-    b.add("  DOB: ")
-    b.add_phi(_fake_date(rng, style.date_format, 1932, 2005), "DATE")
-    b.add("  ")
-    b.add_phi(_fake_mrn(rng, style.mrn_format), "ID")
-    b.add("\nVisit date: ")
-    b.add_phi(_fake_date(rng, style.date_format, 2021, 2026), "DATE")
-    b.add("\n")
+    write_identifiers(b, rng, style, first, last)
 
     complaint = rng.choice(_COMPLAINTS[presenting])
     b.add(_header(style, 0) + _abbreviate(complaint, style) + "\n")
@@ -364,20 +388,7 @@ def _write_note(rng: random.Random, label: str, hospital: int,
         plans.append(rng.choice(_PLANS[label]))
     rng.shuffle(plans)
     b.add(_header(style, 5) + _abbreviate("; ".join(plans), style) + ". ")
-    b.add("Call ")
-    b.add_phi(_fake_phone(rng), "PHONE")
-    b.add(" with questions")
-    if rng.random() < 0.25:
-        b.add(" or write to ")
-        email_user = f"{first.lower()}.{last.lower().replace(chr(39), '')}{rng.randint(1, 99)}"
-        b.add_phi(f"{email_user}@{rng.choice(_EMAIL_DOMAINS)}", "EMAIL")
-    b.add(".\n")
-
-    doctor = f"{rng.choice(_FIRST_NAMES)} {rng.choice(_LAST_NAMES)}"
-    before, after = style.signoff.split("{doc}")
-    b.add(before)
-    b.add_phi(doctor, "NAME")
-    b.add(after)
+    write_contact_and_signoff(b, rng, style, first, last)
     return SyntheticNote(text=b.text(), label=label, hospital=hospital, phi_spans=b.spans)
 
 

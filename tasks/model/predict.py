@@ -141,7 +141,3 @@ def _fingerprint(model: torch.nn.Module, settings: list[str]) -> str:
         digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
 
-
-def classify(adapter_dir: str | Path, texts: list[str], base_model: str | None = None,
-             batch_size: int = 32) -> list[Prediction]:
-    return NoteClassifier(adapter_dir, base_model).predict(texts, batch_size)
