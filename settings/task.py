@@ -254,6 +254,18 @@ class TrainSettings:
     # Non-private training and evaluation read notes of similar length together (less
     # padding). DP-SGD's Poisson batches are never regrouped: only their padding is trimmed.
     group_by_length: bool = True
+    # Non-private training: at most this many windows (a truncated note is one) in one forward
+    # and backward pass; a bigger batch is read in passes of whole notes whose gradients add up
+    # to the batch's before its one step (tasks/learning/passes.py: CPUs are faster per token
+    # in small passes). None: 8 on a CPU, the whole batch on a GPU. Evaluation's passes hold at
+    # most eval_batch_size windows.
+    windows_per_pass: int | None = None
+
+    def pass_cap(self, device: str) -> int | None:
+        """The windows one training pass may hold on ``device`` (None: no cap)."""
+        if self.windows_per_pass is not None:
+            return self.windows_per_pass
+        return 8 if device == "cpu" else None
 
     def __post_init__(self) -> None:
         self.optimizer = as_enum(OptimizerName, self.optimizer, "train.optimizer")
@@ -271,6 +283,9 @@ class TrainSettings:
                 "at least 0 (0: no clipping)")
         require(self.num_threads >= 0, "train.num_threads", self.num_threads,
                 "at least 0 (0: torch's default)")
+        require(self.windows_per_pass is None or self.windows_per_pass >= 1,
+                "train.windows_per_pass", self.windows_per_pass,
+                "at least 1, or null (8 on a CPU, the whole batch on a GPU)")
 
 
 @dataclass

@@ -19,8 +19,11 @@ from settings.task import (
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.errors import ModelNotFoundError, TaskInputError
 from tasks.learning.batches import chunking_for, make_loader, tokenize
+from tasks.learning.evaluation import predict_labels
+from tasks.learning.passes import split_passes
 from tasks.learning.training import train_locally
 from tasks.model.build import build_model, load_tokenizer, load_trainable_state, trainable_state
+from tasks.model.windows import WINDOW_NOTE
 from tasks.privacy.dp_sgd import train_with_dp_sgd
 
 LABELS = list(SPECIALTIES)
@@ -168,3 +171,60 @@ def test_chunk_is_the_default_and_truncate_reads_the_window_only(tiny_bert):
                              long_notes=LongNotes.truncate)
     records = _records(load_tokenizer(settings), settings, [LONG])
     assert len(records[0]["input_ids"]) == WINDOW  # one flat window
+
+
+def test_passes_hold_whole_notes_and_trim_their_own_padding():
+    # Notes of 1, 3, 5, 1 and 2 windows, at most 4 windows a pass.
+    counts = [1, 3, 5, 1, 2]
+    owner = torch.repeat_interleave(torch.arange(5), torch.tensor(counts))
+    width = torch.tensor([3, 6, 6, 2, 6, 6, 6, 6, 4, 2, 6, 1])  # real tokens per window
+    mask = (torch.arange(8).unsqueeze(0) < width.unsqueeze(1)).long()
+    batch = {"input_ids": torch.arange(12 * 8).view(12, 8) * mask, "attention_mask": mask,
+             WINDOW_NOTE: owner, "labels": torch.tensor([0, 1, 2, 3, 4])}
+    parts = list(split_passes(batch, 4))
+    assert [notes for _, notes in parts] == [2, 1, 2]
+    assert [p["labels"].tolist() for p, _ in parts] == [[0, 1], [2], [3, 4]]
+    assert [p[WINDOW_NOTE].tolist() for p, _ in parts] == [[0, 1, 1, 1], [0] * 5, [0, 1, 1]]
+    assert [p["input_ids"].shape[1] for p, _ in parts] == [6, 6, 6]
+    assert torch.equal(torch.cat([p["input_ids"][:, :6] for p, _ in parts]),
+                       batch["input_ids"][:, :6])
+    assert list(split_passes(batch, 12))[0][0] is batch  # fits: the batch itself
+    short = {"input_ids": torch.ones(3, 8, dtype=torch.long), "labels": torch.arange(3),
+             "attention_mask": torch.tensor([[1] * 2 + [0] * 6, [1] * 5 + [0] * 3, [1] * 8])}
+    assert [p["input_ids"].shape[1] for p, _ in split_passes(short, 2)] == [5, 8]
+
+
+@pytest.mark.parametrize("reading", [LongNotes.chunk, LongNotes.truncate])
+def test_training_and_evaluation_in_passes_equal_one_pass_of_the_batch(chunked, reading):
+    settings, model, tokenizer = chunked
+    settings = ModelSettings(name_or_path=settings.name_or_path, max_length=WINDOW,
+                             chunk_stride=4, long_notes=reading)
+    records = _records(tokenizer, settings, [LONG, SHORT, LONG[:120], SHORT + " " + SHORT])
+    start = trainable_state(model)
+    updates = []
+    for cap in (1, 2, 1000):
+        load_trainable_state(model, start)
+        sgd = TrainSettings(optimizer=OptimizerName.sgd, learning_rate=1.0, batch_size=4,
+                            max_grad_norm=0.5, windows_per_pass=cap)
+        train_locally(model, make_loader(records, tokenizer, 4, shuffle=False), sgd,
+                      proximal_mu=0.1)
+        updates.append(_update(model, start))
+    assert updates[-1].norm() > 1e-3
+    for update in updates[:-1]:
+        torch.testing.assert_close(update, updates[-1], rtol=1e-4, atol=1e-6)
+    # Evaluation reads at most as many windows a pass as the loader's batch has notes.
+    loader = make_loader(records, tokenizer, 4, shuffle=False)
+    whole = next(iter(loader))
+    assert len(whole["input_ids"]) > 4 or reading == LongNotes.truncate
+    _, predicted, loss = predict_labels(model, loader)
+    with torch.inference_mode():
+        logits = model(**{k: v for k, v in whole.items() if k != "labels"}).logits
+    assert predicted == logits.argmax(-1).tolist()
+    expected = torch.nn.functional.cross_entropy(logits, whole["labels"], reduction="sum")
+    assert loss == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_windows_per_pass_is_checked():
+    with pytest.raises(ConfigError, match="train.windows_per_pass"):
+        compose_config(["train.windows_per_pass=0"])
+    assert TrainSettings().pass_cap("cpu") == 8 and TrainSettings().pass_cap("cuda") is None

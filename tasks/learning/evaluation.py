@@ -13,6 +13,7 @@ import torch
 from sklearn.metrics import f1_score
 from torch.utils.data import DataLoader
 
+from tasks.learning.passes import split_passes
 from tasks.model.compute import CPU_FP32, Compute
 
 
@@ -33,14 +34,17 @@ def predict_labels(model: torch.nn.Module, loader: DataLoader, compute: Compute 
     """(true labels, predicted labels, summed loss) over the loader."""
     model.eval()
     truths, preds, losses = [], [], []
+    # A batch of long notes holds many windows: read at most as many per pass as the batch
+    # has notes (tasks/learning/passes.py), the pass size evaluation was tuned at.
     for batch in compute.batches(loader):
-        with compute.autocast():
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        labels = batch["labels"]
-        losses.append(torch.nn.functional.cross_entropy(logits.float(), labels,
-                                                        reduction="sum"))
-        preds.append(logits.argmax(dim=-1))
-        truths.append(labels)
+        for part, _ in split_passes(batch, loader.batch_size):
+            with compute.autocast():
+                logits = model(**{k: v for k, v in part.items() if k != "labels"}).logits
+            labels = part["labels"]
+            losses.append(torch.nn.functional.cross_entropy(logits.float(), labels,
+                                                            reduction="sum"))
+            preds.append(logits.argmax(dim=-1))
+            truths.append(labels)
     if not truths:
         return [], [], 0.0
     return (torch.cat(truths).tolist(), torch.cat(preds).tolist(),

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from settings.task import OptimizerName, TrainSettings
 from tasks.audit.canaries import CANARY_COLUMN, NOT_A_CANARY, GradientCanaries
+from tasks.learning.passes import split_passes
 from tasks.model.compute import CPU_FP32, Compute
 
 
@@ -79,25 +80,30 @@ def train_locally(model: torch.nn.Module, loader: DataLoader, settings: TrainSet
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = make_optimizer(model, settings)
     total_loss, seen, steps = 0.0, 0, 0
+    cap = settings.pass_cap(compute.device.type)
     for _ in range(settings.local_epochs):
         for batch in compute.batches(loader):
             optimizer.zero_grad(set_to_none=True)
-            canary_ids = batch.pop(CANARY_COLUMN, None)
+            canary_ids = batch.get(CANARY_COLUMN)
             batch_size = batch["labels"].shape[0]
-            with compute.autocast():  # the loss itself is computed in float32 either way
-                if canaries is None or canary_ids is None:
-                    loss = model(**batch).loss
-                else:  # a gradient canary's own loss does not count: its gradient is set below
-                    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                    per_record = torch.nn.functional.cross_entropy(
-                        logits.float(), batch["labels"], reduction="none")
-                    loss = (per_record * (canary_ids == NOT_A_CANARY)).sum() / batch_size
-            total_loss += loss.detach().float() * batch_size  # no device sync per step
+            # Passes of whole notes (tasks/learning/passes.py); each pass's loss is its share
+            # of the batch mean, so the gradients add up to the batch's.
+            for part, notes in split_passes(batch, cap):
+                part_canaries = part.pop(CANARY_COLUMN, None)
+                with compute.autocast():  # the loss itself is computed in float32 either way
+                    if canaries is None or part_canaries is None:
+                        loss = model(**part).loss * (notes / batch_size)
+                    else:  # a gradient canary's own loss does not count: set below
+                        logits = model(**{k: v for k, v in part.items() if k != "labels"}).logits
+                        per_record = torch.nn.functional.cross_entropy(
+                            logits.float(), part["labels"], reduction="none")
+                        loss = (per_record * (part_canaries == NOT_A_CANARY)).sum() / batch_size
+                total_loss += loss.detach().float() * batch_size  # no device sync per step
+                loss.backward()
             seen += batch_size
             if proximal_mu > 0:
                 drift = sum((p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True))
-                loss = loss + proximal_mu / 2 * drift
-            loss.backward()
+                (proximal_mu / 2 * drift).backward()
             if canaries is not None and canary_ids is not None:
                 canaries.add_to_grads(canary_ids, batch_size)
             if settings.max_grad_norm > 0:
