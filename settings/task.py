@@ -79,6 +79,13 @@ class LongNotes(Enum):
     truncate = "truncate"  # the first max_length tokens only
 
 
+class WindowPooling(Enum):
+    """How a note's window vectors become the note's vector (model.long_notes=chunk)."""
+
+    mean = "mean"  # every window alike
+    attention = "attention"  # a learned score per window, softmax over the note's windows
+
+
 @dataclass
 class LoraSettings:
     r: int = 8
@@ -105,6 +112,7 @@ class ModelSettings:
     # Tokens two consecutive windows share; None: an eighth of the window (32 at 256).
     chunk_stride: int | None = None
     max_chunks: int = 16  # windows read per note at most (a count of capped notes is logged)
+    window_pooling: WindowPooling = WindowPooling.mean
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def stride(self) -> int:
@@ -114,6 +122,12 @@ class ModelSettings:
     def __post_init__(self) -> None:
         self.pooling = as_enum(Pooling, self.pooling, "model.pooling")
         self.long_notes = as_enum(LongNotes, self.long_notes, "model.long_notes")
+        self.window_pooling = as_enum(WindowPooling, self.window_pooling,
+                                      "model.window_pooling")
+        require(self.window_pooling == WindowPooling.mean
+                or self.long_notes == LongNotes.chunk, "model.window_pooling",
+                self.window_pooling.value, "mean with model.long_notes=truncate (one window a "
+                "note: nothing to weigh)")
         require(self.max_length >= 8, "model.max_length", self.max_length, "at least 8")
         require(self.max_chunks >= 1, "model.max_chunks", self.max_chunks, "at least 1")
         # A window holds max_length - 2 tokens of text ([CLS] and [SEP] take two).

@@ -15,6 +15,7 @@ from settings.task import (
     ModelSettings,
     OptimizerName,
     TrainSettings,
+    WindowPooling,
 )
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.errors import ModelNotFoundError, TaskInputError
@@ -22,8 +23,15 @@ from tasks.learning.batches import chunking_for, make_loader, tokenize
 from tasks.learning.evaluation import predict_labels
 from tasks.learning.passes import split_passes
 from tasks.learning.training import train_locally
-from tasks.model.build import build_model, load_tokenizer, load_trainable_state, trainable_state
-from tasks.model.windows import WINDOW_NOTE
+from tasks.model.build import (
+    build_model,
+    load_adapter,
+    load_tokenizer,
+    load_trainable_state,
+    save_adapter,
+    trainable_state,
+)
+from tasks.model.windows import WINDOW_ATTENTION, WINDOW_NOTE
 from tasks.privacy.dp_sgd import train_with_dp_sgd
 
 LABELS = list(SPECIALTIES)
@@ -35,9 +43,20 @@ LONG = ("Patient reports crushing chest pain radiating to the left arm for two d
 SHORT = "Knee pain after a fall."
 
 
+@pytest.fixture(params=[WindowPooling.mean, WindowPooling.attention])
+def pooled(tiny_bert, request):
+    """The chunked model below, with each way of pooling windows."""
+    return _chunked(tiny_bert, request.param)
+
+
 @pytest.fixture
 def chunked(tiny_bert):
-    settings = ModelSettings(name_or_path=str(tiny_bert), max_length=WINDOW, chunk_stride=4)
+    return _chunked(tiny_bert, WindowPooling.mean)
+
+
+def _chunked(tiny_bert, pooling: WindowPooling):
+    settings = ModelSettings(name_or_path=str(tiny_bert), max_length=WINDOW, chunk_stride=4,
+                             window_pooling=pooling)
     model = build_model(settings, LABELS, seed=0)
     for module in model.modules():  # two runs must see the same forward pass
         if isinstance(module, torch.nn.Dropout):
@@ -79,11 +98,10 @@ def test_a_long_note_is_read_in_overlapping_windows_and_a_short_one_like_truncat
 
 
 @pytest.mark.parametrize("mode", [GradSampleMode.hooks, GradSampleMode.functorch])
-def test_per_note_clipping_bounds_a_five_window_note_and_a_one_window_note_alike(chunked,
-                                                                                  mode):
+def test_per_note_clipping_bounds_a_five_window_note_and_a_one_window_note_alike(pooled, mode):
     """With noise 0, one note's DP-SGD step moves the adapter by at most the clipping norm:
     its windows are clipped together as one record, however many there are."""
-    settings, model, tokenizer = chunked
+    settings, model, tokenizer = pooled
     records = _records(tokenizer, settings, [LONG, SHORT])
     # One rate for all parameters, so the step is the clipped gradient itself.
     sgd = TrainSettings(optimizer=OptimizerName.sgd, learning_rate=1.0, batch_size=1,
@@ -105,10 +123,10 @@ def test_per_note_clipping_bounds_a_five_window_note_and_a_one_window_note_alike
     assert len(records[0]["input_ids"]) >= 5
 
 
-def test_per_note_clipping_keeps_each_notes_own_gradient_when_nothing_is_clipped(chunked):
+def test_per_note_clipping_keeps_each_notes_own_gradient_when_nothing_is_clipped(pooled):
     """Without clipping or noise, DP-SGD's step on notes of 5 and 1 windows is the plain SGD
     step: the windows' per-sample gradients are summed and rescaled exactly."""
-    settings, model, tokenizer = chunked
+    settings, model, tokenizer = pooled
     records = _records(tokenizer, settings, [LONG, SHORT])
     sgd = TrainSettings(optimizer=OptimizerName.sgd, learning_rate=1.0, batch_size=2,
                         max_grad_norm=0.0)
@@ -228,3 +246,33 @@ def test_windows_per_pass_is_checked():
     with pytest.raises(ConfigError, match="train.windows_per_pass"):
         compose_config(["train.windows_per_pass=0"])
     assert TrainSettings().pass_cap("cpu") == 8 and TrainSettings().pass_cap("cuda") is None
+
+
+def test_attention_pooling_starts_as_the_mean_learns_window_weights_and_is_saved(tiny_bert,
+                                                                              tmp_path):
+    def model_for(pooling: WindowPooling):
+        settings = ModelSettings(name_or_path=str(tiny_bert), max_length=WINDOW,
+                                 chunk_stride=4, window_pooling=pooling)
+        return settings, build_model(settings, LABELS, seed=0).eval()
+
+    settings, attention = model_for(WindowPooling.attention)
+    _, mean = model_for(WindowPooling.mean)
+    tokenizer = load_tokenizer(settings)
+    batch = next(iter(make_loader(_records(tokenizer, settings, [LONG, SHORT]), tokenizer, 2,
+                                  shuffle=False)))
+    scorer = {k: v for k, v in trainable_state(attention).items() if WINDOW_ATTENTION in k}
+    assert len(scorer) == 2 and all(not v.any() for v in scorer.values())
+    assert trainable_state(mean).keys() == trainable_state(attention).keys() - scorer.keys()
+    with torch.no_grad():
+        torch.testing.assert_close(attention(**batch).logits, mean(**batch).logits)
+        load_trainable_state(attention, {**trainable_state(attention), **{
+            k: torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
+            for k, v in scorer.items()}})
+        weighed = attention(**batch).logits
+        assert not torch.allclose(weighed[0], mean(**batch).logits[0])  # 5 windows weighed
+        torch.testing.assert_close(weighed[1], mean(**batch).logits[1])  # one window: itself
+        save_adapter(attention, tmp_path / "adapter", settings, LABELS)
+        loaded, *_ = load_adapter(tmp_path / "adapter")
+        torch.testing.assert_close(loaded(**batch).logits, weighed)
+    with pytest.raises(ConfigError, match="model.window_pooling"):
+        compose_config(["model.window_pooling=attention", "model.long_notes=truncate"])

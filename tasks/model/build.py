@@ -23,10 +23,10 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from settings.task import DEFAULT_MODEL_ID, DeidSettings, ModelSettings, Pooling
+from settings.task import DEFAULT_MODEL_ID, DeidSettings, ModelSettings, Pooling, WindowPooling
 from tasks.errors import ModelNotFoundError
 from tasks.model.pooling import resolve_pooling, use_mean_pooling
-from tasks.model.windows import enable_window_pooling
+from tasks.model.windows import WINDOW_ATTENTION, add_window_attention, enable_window_pooling
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
@@ -110,8 +110,10 @@ def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
 
 
 def _classifier(path: str, labels: list[str], tokenizer: PreTrainedTokenizerBase,
-                pooling: Pooling, max_length: int) -> torch.nn.Module:
-    """The base model with a fresh classification head over ``labels``."""
+                pooling: Pooling, max_length: int,
+                window_pooling: WindowPooling = WindowPooling.mean) -> torch.nn.Module:
+    """The base model with a fresh classification head over ``labels`` (and the attention
+    pooling's scorer where windows are weighed)."""
     base = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=len(labels),
         id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
@@ -125,6 +127,8 @@ def _classifier(path: str, labels: list[str], tokenizer: PreTrainedTokenizerBase
         base.config.pad_token_id = tokenizer.pad_token_id
     if pooling == Pooling.mean:
         use_mean_pooling(base)
+    if window_pooling == WindowPooling.attention:
+        add_window_attention(base)
     return base
 
 
@@ -139,13 +143,16 @@ def build_model(settings: ModelSettings, labels: list[str], seed: int,
     tokenizer = tokenizer or load_tokenizer(settings)
     torch.manual_seed(seed)
     base = _classifier(path, labels, tokenizer, resolve_pooling(settings.pooling, path),
-                       settings.max_length)
+                       settings.max_length, settings.window_pooling)
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=settings.lora.r,
         lora_alpha=settings.lora.alpha,
         lora_dropout=settings.lora.dropout,
         target_modules=lora_target_modules(base.config.model_type, settings.lora.target_modules),
+        # PEFT adds the classification head itself (task type SEQ_CLS).
+        modules_to_save=([WINDOW_ATTENTION]
+                         if settings.window_pooling == WindowPooling.attention else None),
     )
     model = get_peft_model(base, lora)
     enable_window_pooling(model, len(labels))  # model(**batch) takes window_note
@@ -185,7 +192,7 @@ def save_adapter(model: PeftModel, directory: str | Path, settings: ModelSetting
     meta = {"labels": labels, "base_model": settings.name_or_path,
             "max_length": settings.max_length, "pooling": pooling.value,
             "long_notes": settings.long_notes.value, "chunk_stride": settings.stride(),
-            "max_chunks": settings.max_chunks}
+            "max_chunks": settings.max_chunks, "window_pooling": settings.window_pooling.value}
     if deid is not None:
         meta["deid"] = {"enabled": deid.enabled, "spacy_model": deid.spacy_model,
                         "score_threshold": deid.score_threshold}
@@ -211,7 +218,8 @@ def saved_model_settings(directory: str | Path, base_model: str | None = None
                          pooling=Pooling(meta.get("pooling", Pooling.model.value)),
                          long_notes=meta.get("long_notes", "truncate"),
                          chunk_stride=meta.get("chunk_stride"),
-                         max_chunks=meta.get("max_chunks", 16))
+                         max_chunks=meta.get("max_chunks", 16),
+                         window_pooling=meta.get("window_pooling", "mean"))
 
 
 def load_adapter(directory: str | Path, base_model: str | None = None
@@ -230,7 +238,7 @@ def load_adapter(directory: str | Path, base_model: str | None = None
     tokenizer = load_tokenizer(settings)
     # The pooling saved with the adapter: the head reads the vector it was trained on.
     base = _classifier(resolve_model_path(settings.name_or_path), labels, tokenizer,
-                       settings.pooling, settings.max_length)
+                       settings.pooling, settings.max_length, settings.window_pooling)
     model = PeftModel.from_pretrained(base, directory)
     enable_window_pooling(model, len(labels))
     model.eval()

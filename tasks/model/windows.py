@@ -5,8 +5,10 @@ encoder reads the windows as if they were separate records; the head must read o
 per note. ``enable_window_pooling`` adds two hooks to the model, so that every caller keeps
 calling ``model(**batch)``: the model's own pre-hook takes the batch's ``window_note`` (the
 note each window belongs to, 0..N-1 in order), and a pre-hook on the classification head
-replaces its input, one vector per window, by the mean over each note's windows. Logits and
-the loss are then per note.
+replaces its input, one vector per window, by a weighted mean over each note's windows. Logits
+and the loss are then per note. The weights are equal (``model.window_pooling=mean``) or learned
+(``attention``: a linear score per window, softmax over the note's windows; the scorer starts
+at zero, so training starts from the mean, and PEFT saves it with the adapter).
 
 Under DP-SGD the privacy unit stays the note: Opacus computes per-sample gradients per layer
 from that layer's activations, so the encoder's layers give one gradient per window and the
@@ -22,6 +24,24 @@ import torch
 from tasks.errors import TaskInputError
 
 WINDOW_NOTE = "window_note"
+WINDOW_ATTENTION = "window_attention"  # the attention pooling's scorer, on the base model
+
+
+def add_window_attention(base: torch.nn.Module) -> None:
+    """The attention pooling's scorer, zero (uniform weights: the mean), on the base model
+    before LoRA wraps it; ``LoraConfig(modules_to_save=[WINDOW_ATTENTION])`` trains and saves
+    it."""
+    with torch.random.fork_rng(devices=[]):  # LoRA and the head start as with mean pooling
+        scorer = torch.nn.Linear(base.config.hidden_size, 1)
+    torch.nn.init.zeros_(scorer.weight)
+    torch.nn.init.zeros_(scorer.bias)
+    setattr(base, WINDOW_ATTENTION, scorer)
+
+
+def window_attention(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The scorer to call (PEFT's wrapper calls its trained copy), None: mean pooling."""
+    return next((module for name, module in model.named_modules()
+                 if name.endswith(WINDOW_ATTENTION)), None)
 
 
 def classification_head(model: torch.nn.Module, classes: int) -> torch.nn.Linear:
@@ -37,39 +57,53 @@ def classification_head(model: torch.nn.Module, classes: int) -> torch.nn.Linear
 
 
 class _WindowPooling:
-    def __init__(self) -> None:
+    def __init__(self, attention: torch.nn.Module | None) -> None:
         self.window_note: torch.Tensor | None = None
+        self.attention = attention
 
     def take(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self.window_note = kwargs.pop(WINDOW_NOTE, None)
         return args, kwargs
 
     def pool(self, _module: torch.nn.Module, args: tuple) -> tuple | None:
-        window_note = self.window_note
+        # Once per forward pass: Opacus' functorch mode re-runs the head per note in the
+        # backward pass, on vectors that are already pooled.
+        window_note, self.window_note = self.window_note, None
         if window_note is None:
             return None
         vectors = args[0]
         notes = int(window_note[-1]) + 1 if len(window_note) else 0
-        if notes == len(window_note):  # one window per note: nothing to pool
-            return None
+        if notes == len(window_note) and self.attention is None:
+            return None  # one window per note: nothing to pool
         if vectors.ndim == 0 or vectors.shape[0] != len(window_note):
-            return None  # not this batch's windows (Opacus' functorch re-runs the head per note)
+            return None
         if vectors.ndim != 2:
             raise TaskInputError(
                 "model.long_notes=chunk needs a head that reads one vector per window (BERT-"
                 "family encoders); this model applies its head to every token: use "
                 "model.long_notes=truncate")
         index = window_note.to(vectors.device)
-        sums = vectors.new_zeros((notes, vectors.shape[1])).index_add(0, index, vectors)
-        counts = torch.bincount(index, minlength=notes).to(vectors.dtype).unsqueeze(1)
-        return (sums / counts, *args[1:])
+        if self.attention is None:
+            sums = vectors.new_zeros((notes, vectors.shape[1])).index_add(0, index, vectors)
+            counts = torch.bincount(index, minlength=notes).to(vectors.dtype).unsqueeze(1)
+            return (sums / counts, *args[1:])
+        # The scorer runs on every batch, one window a note too: Opacus needs its per-note
+        # gradient in every step. Softmax per note, shifted by the note's top score.
+        scores = self.attention(vectors).squeeze(-1).float()
+        top = scores.new_full((notes,), float("-inf")).scatter_reduce(
+            0, index, scores.detach(), reduce="amax")
+        weight = torch.exp(scores - top[index])
+        weight = weight / weight.new_zeros(notes).index_add(0, index, weight)[index]
+        weighted = vectors * weight.to(vectors.dtype).unsqueeze(1)
+        return (vectors.new_zeros((notes, vectors.shape[1])).index_add(0, index, weighted),
+                *args[1:])
 
 
 def enable_window_pooling(model: torch.nn.Module, classes: int) -> None:
     """Let ``model(**batch)`` take a ``window_note`` tensor (see the module docstring)."""
     if getattr(model, "_window_pooling", None) is not None:
         return
-    pooling = _WindowPooling()
+    pooling = _WindowPooling(window_attention(model))
     model.register_forward_pre_hook(pooling.take, with_kwargs=True)
     classification_head(model, classes).register_forward_pre_hook(pooling.pool)
     model._window_pooling = pooling
