@@ -45,8 +45,9 @@ def parts(table: Path, rounds: int, max_length: int, extra: list[str] | None = N
           ) -> dict[str, tuple[list[str], int]]:
     """name -> (Hydra overrides, hospitals). A variant adds overrides and names its parts
     ``<part>+<variant>``, so they sit beside the plain parts in MLflow and the table."""
-    # Pinned to the settings the recorded table was measured with; a variant's --set wins.
-    common = ["train.head_learning_rate=null", *(extra or []),
+    # Pinned to the settings the recorded table was measured with (notes cut at max_length,
+    # before long notes were read whole); a variant's --set wins (later overrides win).
+    common = ["train.head_learning_rate=null", "model.long_notes=truncate", *(extra or []),
         "data=files", f"data.path={table}", "data.site_column=site", "data.split_column=split",
         "data.test_split=test", "train.local_epochs=1",
         f"model.max_length={max_length}", f"tracking.experiment={EXPERIMENT}",

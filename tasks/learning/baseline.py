@@ -1,6 +1,7 @@
 """TF-IDF + logistic regression on the synthetic notes: how hard is the data set?
 
     clinical-fl-baseline --hospitals 4 --notes-per-hospital 300
+    clinical-fl-baseline --note-length long      # data=synthetic_long's notes, read whole
 
 Trains on the federation's pooled training splits (what a centralized model
 could see) and scores the same held-out splits the hospitals use.
@@ -14,7 +15,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 
-from settings.task import DataSettings
+from settings.task import DataSettings, NoteLength
 from tasks.data.hospital_data import load_hospital_data, load_server_test_set, source_labels
 
 
@@ -47,8 +48,11 @@ def main() -> None:
     parser.add_argument("--hospitals", type=int, default=2)
     parser.add_argument("--notes-per-hospital", type=int, default=300)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--note-length", choices=[n.value for n in NoteLength],
+                        default=NoteLength.short.value)
     args = parser.parse_args()
-    settings = DataSettings(notes_per_hospital=args.notes_per_hospital, seed=args.seed)
+    settings = DataSettings(notes_per_hospital=args.notes_per_hospital, seed=args.seed,
+                            note_length=NoteLength(args.note_length))
     for key, value in tfidf_baseline(settings, args.hospitals).items():
         print(f"{key}\t{value:.4f}")
 
