@@ -60,6 +60,14 @@ def test_clinical_words_are_left_alone(redactor):
     assert redactor.redact(text) == text
 
 
+def test_a_name_ends_at_its_sentence(redactor):
+    # A capitalised word after a name's closing period is the next sentence, not the name;
+    # an initial keeps its dot.
+    text = "Seen by Dr. Alice Walker. Crushing chest pain. Reviewed with Dr. J. R. Okafor."
+    assert redactor.redact(text) == ("Seen by Dr. [NAME]. Crushing chest pain. Reviewed with "
+                                     "Dr. [NAME].")
+
+
 def test_pattern_only_mode_misses_names_without_a_cue_word(redactor):
     # Documented limit (README, "De-identification"): without a spaCy NER model, a name that
     # no cue word (Patient:, Dr., signed by, ..., MD) announces stays in the text.

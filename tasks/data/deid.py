@@ -38,8 +38,9 @@ PLACEHOLDER_TYPES = {
     "IP_ADDRESS": "IP", "URL": "URL",
 }
 
-# Unicode letters (Müller), O'Neil, Smith-Jones, initials; a word followed by ':' is a header.
-_NAME_WORD = r"[A-Z][\w'’\-]*\.?(?![\w:])"
+# Unicode letters (Müller), O'Neil, Smith-Jones, initials ("J."); a word followed by ':' is a
+# header. Only an initial takes its dot: "Dr. Alice Walker. Crushing pain" ends at "Walker".
+_NAME_WORD = r"(?:[A-Z]\.|[A-Z][\w'’\-]*(?![\w:]))"
 _NAME = rf"{_NAME_WORD}(?:[ ]{_NAME_WORD}){{0,3}}"
 _MONTH = (r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|"
           r"Aug(?:ust)?|Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)\.?")
