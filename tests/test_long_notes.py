@@ -123,24 +123,30 @@ def test_per_note_clipping_bounds_a_five_window_note_and_a_one_window_note_alike
     assert len(records[0]["input_ids"]) >= 5
 
 
-def test_per_note_clipping_keeps_each_notes_own_gradient_when_nothing_is_clipped(pooled):
+@pytest.mark.parametrize("windows_per_pass", [None, 1])
+def test_per_note_clipping_keeps_each_notes_own_gradient_when_nothing_is_clipped(
+        pooled, windows_per_pass):
     """Without clipping or noise, DP-SGD's step on notes of 5 and 1 windows is the plain SGD
-    step: the windows' per-sample gradients are summed and rescaled exactly."""
+    step: the windows' per-sample gradients are summed and rescaled exactly, whether the batch
+    is read in one pass or a pass per note (the passes' rows joined into one batch: one step,
+    the batch's sampling rate)."""
     settings, model, tokenizer = pooled
-    records = _records(tokenizer, settings, [LONG, SHORT])
-    sgd = TrainSettings(optimizer=OptimizerName.sgd, learning_rate=1.0, batch_size=2,
-                        max_grad_norm=0.0)
+    records = _records(tokenizer, settings, [LONG, SHORT, SHORT + " " + SHORT])
+    sgd = TrainSettings(optimizer=OptimizerName.sgd, learning_rate=1.0, batch_size=3,
+                        max_grad_norm=0.0, windows_per_pass=windows_per_pass)
     start = trainable_state(model)
-    train_locally(model, make_loader(records, tokenizer, 2, shuffle=False), sgd)
+    train_locally(model, make_loader(records, tokenizer, 3, shuffle=False), sgd)
     plain = _update(model, start)
     for mode in (GradSampleMode.hooks, GradSampleMode.functorch):
         load_trainable_state(model, start)
-        train_with_dp_sgd(model, make_loader(records, tokenizer, 2, shuffle=False), sgd,
+        history = []
+        train_with_dp_sgd(model, make_loader(records, tokenizer, 3, shuffle=False), sgd,
                           noise_multiplier=0.0, max_grad_norm=1e6, grad_sample_mode=mode,
-                          history=[], poisson_sampling=False)
+                          history=history, poisson_sampling=False)
         private = _update(model, start)
         assert plain.norm() > 1e-3
         torch.testing.assert_close(private, plain, rtol=1e-4, atol=1e-6, msg=mode.value)
+        assert [step[2] for step in history] == [1] and history[0][1] == 1.0, history
 
 
 def test_per_note_clipping_refuses_ghost_clipping_of_several_windows(chunked):

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from settings.task import GradSampleMode, TrainSettings
 from tasks.audit.canaries import CANARY_COLUMN, GradientCanaries
 from tasks.errors import TaskInputError
+from tasks.learning.passes import split_passes
 from tasks.learning.training import TrainOutcome, make_optimizer
 from tasks.model.compute import CPU_FP32, Compute
 from tasks.model.windows import WINDOW_NOTE, merge_window_gradients
@@ -57,6 +58,15 @@ def _per_record_gradients_in_float32(dp_optimizer: torch.optim.Optimizer) -> Non
         sample = getattr(param, "grad_sample", None)
         if isinstance(sample, torch.Tensor) and sample.dtype != torch.float32:
             param.grad_sample = sample.float()
+
+
+def _one_row_per_note(dp_optimizer: torch.optim.Optimizer) -> None:
+    """Opacus lists the per-sample gradients of each backward pass; the passes of one batch
+    are joined here. Left as a list, Opacus would read the passes as accumulated batches:
+    it would divide the step by their number and account a larger sampling rate."""
+    for param in dp_optimizer.params:
+        if isinstance(getattr(param, "grad_sample", None), list):
+            param.grad_sample = torch.cat(param.grad_sample, dim=0)
 
 
 def per_note(dp_optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
@@ -158,17 +168,25 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
                     steps += 1
                     continue
                 _several_windows(batch, grad_sample_mode)  # ghost: refused before the forward
-                with compute.autocast():
-                    logits = _logits(model, batch)
-                loss = criterion(logits.float(), batch["labels"])
-                loss.backward()
-                per_note(dp_optimizer, batch, grad_sample_mode)
+                # Passes of whole notes (tasks/learning/passes.py): Opacus keeps each pass's
+                # per-note rows; they are joined below into one row per note of the batch, so
+                # that clipping, noise and the accountant see the one Poisson batch. Ghost
+                # clipping's two backward passes need the batch in one pass.
+                cap = (None if grad_sample_mode == GradSampleMode.ghost
+                       else settings.pass_cap(compute.device.type))
+                for part, notes in split_passes(batch, cap):
+                    with compute.autocast():
+                        logits = _logits(model, part)
+                    loss = criterion(logits.float(), part["labels"])
+                    loss.backward()
+                    per_note(dp_optimizer, part, grad_sample_mode)
+                    total_loss += loss.detach() * notes  # no device sync per step
+                _one_row_per_note(dp_optimizer)
                 _per_record_gradients_in_float32(dp_optimizer)
                 if canaries is not None and CANARY_COLUMN in batch:
                     canaries.replace_grad_samples(batch[CANARY_COLUMN])
                 dp_optimizer.step()  # clip per record, add noise, record the step
                 steps += 1
-                total_loss += loss.detach() * batch_size  # no device sync per step
                 seen += batch_size
     finally:
         # The model object is reused for evaluation and the next round: drop Opacus' hooks.
