@@ -124,15 +124,8 @@ def merge_window_gradients(params: list[torch.nn.Parameter], window_note: torch.
     scale = notes / windows if loss_reduction == "mean" else 1.0
     for param in params:
         sample = getattr(param, "grad_sample", None)
-        # Read in passes (tasks/learning/passes.py), Opacus lists one tensor per pass so far:
-        # the last is this pass's.
-        last = sample[-1] if isinstance(sample, list) else sample
-        if not isinstance(last, torch.Tensor) or last.shape[0] != windows:
+        if not isinstance(sample, torch.Tensor) or sample.shape[0] != windows:
             continue
-        index = window_note.to(last.device)
-        merged = last.new_zeros((notes, *last.shape[1:])).index_add(0, index, last)
-        merged = merged * scale if scale != 1.0 else merged
-        if isinstance(sample, list):
-            sample[-1] = merged
-        else:
-            param.grad_sample = merged
+        index = window_note.to(sample.device)
+        merged = sample.new_zeros((notes, *sample.shape[1:])).index_add(0, index, sample)
+        param.grad_sample = merged * scale if scale != 1.0 else merged

@@ -60,13 +60,21 @@ def _per_record_gradients_in_float32(dp_optimizer: torch.optim.Optimizer) -> Non
             param.grad_sample = sample.float()
 
 
-def _one_row_per_note(dp_optimizer: torch.optim.Optimizer) -> None:
-    """Opacus lists the per-sample gradients of each backward pass; the passes of one batch
-    are joined here. Left as a list, Opacus would read the passes as accumulated batches:
-    it would divide the step by their number and account a larger sampling rate."""
+def _take_rows(dp_optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """This pass's per-note gradients, taken off the parameters: Opacus would otherwise list
+    the passes as accumulated batches (refused under Poisson sampling, and it would divide
+    the step by their number and account a larger sampling rate)."""
+    rows = []
     for param in dp_optimizer.params:
-        if isinstance(getattr(param, "grad_sample", None), list):
-            param.grad_sample = torch.cat(param.grad_sample, dim=0)
+        rows.append(param.grad_sample)
+        param.grad_sample = None
+    return rows
+
+
+def _put_rows(dp_optimizer: torch.optim.Optimizer, passes: list[list[torch.Tensor]]) -> None:
+    """The passes' per-note gradients joined: one row per note of the batch, in its order."""
+    for param, rows in zip(dp_optimizer.params, zip(*passes, strict=True), strict=True):
+        param.grad_sample = torch.cat(rows, dim=0)
 
 
 def per_note(dp_optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
@@ -168,20 +176,24 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
                     steps += 1
                     continue
                 _several_windows(batch, grad_sample_mode)  # ghost: refused before the forward
-                # Passes of whole notes (tasks/learning/passes.py): Opacus keeps each pass's
-                # per-note rows; they are joined below into one row per note of the batch, so
-                # that clipping, noise and the accountant see the one Poisson batch. Ghost
+                # Passes of whole notes (tasks/learning/passes.py): each pass's per-note rows
+                # are taken aside and joined into one row per note of the batch, so that
+                # clipping, noise and the accountant see the one Poisson batch. Ghost
                 # clipping's two backward passes need the batch in one pass.
                 cap = (None if grad_sample_mode == GradSampleMode.ghost
                        else settings.pass_cap(compute.device.type))
-                for part, notes in split_passes(batch, cap):
+                passes, rows = list(split_passes(batch, cap)), []
+                for part, notes in passes:
                     with compute.autocast():
                         logits = _logits(model, part)
                     loss = criterion(logits.float(), part["labels"])
                     loss.backward()
                     per_note(dp_optimizer, part, grad_sample_mode)
                     total_loss += loss.detach() * notes  # no device sync per step
-                _one_row_per_note(dp_optimizer)
+                    if len(passes) > 1:
+                        rows.append(_take_rows(dp_optimizer))
+                if rows:
+                    _put_rows(dp_optimizer, rows)
                 _per_record_gradients_in_float32(dp_optimizer)
                 if canaries is not None and CANARY_COLUMN in batch:
                     canaries.replace_grad_samples(batch[CANARY_COLUMN])
