@@ -13,6 +13,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fl_app.client_mods import clip_update_for_client_level_dp
+from fl_app.fault_drill import fault_drill_mod
 from fl_app.secure_aggregation_mod import secure_aggregation_mod
 from protocol import messages as m
 
@@ -26,8 +27,9 @@ def preflight(msg: Message, context: Context) -> Message:
     return hospital_handlers.preflight(msg, context)
 
 
-# Outermost first: secure aggregation masks or encrypts what client-level DP has clipped.
-@app.train(mods=[secure_aggregation_mod, clip_update_for_client_level_dp])
+# Outermost first: secure aggregation masks or encrypts what client-level DP has clipped; the
+# fault drill (off unless configured) breaks the update as a faulty hospital's would be.
+@app.train(mods=[secure_aggregation_mod, clip_update_for_client_level_dp, fault_drill_mod])
 def train(msg: Message, context: Context) -> Message:
     from fl_app import hospital_handlers
 

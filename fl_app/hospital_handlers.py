@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message
 from flwr.common.logger import log
 
 from fl_app.client_mods import asks_for_clipping
-from fl_app.hospital_state import hospital_policy, load_ledger, save_ledger
+from fl_app.hospital_state import hospital_policy, ledger_run, load_ledger, save_ledger
 from fl_app.replies import (
     distributed_share_reply,
     evaluate_reply,
@@ -91,11 +91,12 @@ def preflight(msg: Message, context: Context) -> Message:
                 refuse_without_dp(dp, policy)
             if dp.enabled:
                 # An unreadable ledger, or one kept with another accountant, stops the run.
-                lifetime, run = load_ledger(context, data.hospital, dp.accountant)
+                run_id = ledger_run(settings, context)
+                lifetime, run = load_ledger(context, data.hospital, dp.accountant, run_id)
                 plan_dp_sgd(dp, data.hospital, len(data.train), settings.train.batch_size,
                             settings.train.local_epochs, settings.planned_rounds, policy,
                             committed_noise_multiplier=run.noise_multiplier,
-                            prior_history=lifetime.history(except_run=context.run_id))
+                            prior_history=lifetime.history(except_run=run_id))
         except PolicyRefusal as refusal:
             declined = str(refusal)
     except (TaskInputError, ValueError) as err:  # ckks.KeyMaterialError is a ValueError
@@ -132,6 +133,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config.get(m.SERVER_ROUND_KEY, 0))
     privacy = hospital.settings.privacy
     lifetime = ledger = None
+    run_id = ledger_run(hospital.settings, context)
     if hospital.uses_distributed_dp and not config.get(m.SECURE_AGGREGATION_ON, False):
         # Its noise is only a share: in the clear, the sum would be too little protected.
         return Message(Error(code=m.SECURE_AGGREGATION_FAILED, reason=(
@@ -140,8 +142,8 @@ def train(msg: Message, context: Context) -> Message:
     if hospital.is_private:
         accountant = (privacy.distributed_dp if hospital.uses_distributed_dp
                       else privacy.dp_sgd).accountant
-        lifetime, ledger = load_ledger(context, hospital.data.hospital, accountant)
-    prior = lifetime.history(except_run=context.run_id) if lifetime else ()
+        lifetime, ledger = load_ledger(context, hospital.data.hospital, accountant, run_id)
+    prior = lifetime.history(except_run=run_id) if lifetime else ()
     try:
         if hospital.uses_distributed_dp:
             share, outcome = hospital.distributed_step(global_state, server_round, ledger,
@@ -153,7 +155,8 @@ def train(msg: Message, context: Context) -> Message:
     except PrivacyBudgetError as refusal:
         return refusal_reply(msg, str(refusal))
     if lifetime is not None:
-        save_ledger(context, lifetime)  # before the update leaves: spending is never forgotten
+        # Before the update leaves: spending is never forgotten.
+        save_ledger(context, lifetime, run_id)
     if hospital.uses_distributed_dp:  # summed, not averaged: every hospital weighs 1
         return distributed_share_reply(msg, share, outcome, hospital.data.hospital,
                                        hospital.share_lattice, privacy.distributed_dp.threshold)

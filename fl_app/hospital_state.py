@@ -15,7 +15,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context
 
 from fl_app.node_config import state_dir
-from settings.task import Accountant
+from settings.task import Accountant, TaskSettings
 from tasks.privacy.ledger import LedgerStore, LifetimeLedger, PrivacyLedger, most_spent
 from tasks.privacy.policy import HospitalPolicy, load_policy
 
@@ -28,20 +28,29 @@ def hospital_policy(context: Context, hospital: int) -> HospitalPolicy:
     return load_policy(state_dir(context), context.node_config, hospital)
 
 
-def load_ledger(context: Context, hospital: int,
-                accountant: Accountant) -> tuple[LifetimeLedger, PrivacyLedger]:
-    """(the hospital's lifetime ledger, this run's entry in it)."""
+def ledger_run(settings: TaskSettings, context: Context) -> int:
+    """The ledger entry this run's spending goes to: the server names the first run of a
+    resumed training, so the accountant composes the whole training's steps in one history
+    (a new entry would re-plan its noise as if the first run's rounds had not happened).
+    Naming any entry loosens nothing: the lifetime budget composes every entry."""
+    return settings.ledger_run if settings.ledger_run is not None else context.run_id
+
+
+def load_ledger(context: Context, hospital: int, accountant: Accountant,
+                run_id: int) -> tuple[LifetimeLedger, PrivacyLedger]:
+    """(the hospital's lifetime ledger, the entry of run ``run_id`` in it)."""
     lifetime = LedgerStore(state_dir(context)).load(hospital, accountant)
     in_memory = None
     if LEDGER_KEY in context.state.config_records:
         in_memory = PrivacyLedger.from_json(str(context.state.config_records[LEDGER_KEY]["json"]))
-    run = most_spent(in_memory, lifetime.runs.get(context.run_id))
-    lifetime.runs[context.run_id] = run or PrivacyLedger(run_id=context.run_id,
-                                                         hospital=hospital)
-    return lifetime, lifetime.runs[context.run_id]
+        if in_memory.run_id != run_id:
+            in_memory = None
+    run = most_spent(in_memory, lifetime.runs.get(run_id))
+    lifetime.runs[run_id] = run or PrivacyLedger(run_id=run_id, hospital=hospital)
+    return lifetime, lifetime.runs[run_id]
 
 
-def save_ledger(context: Context, lifetime: LifetimeLedger) -> Path:
+def save_ledger(context: Context, lifetime: LifetimeLedger, run_id: int) -> Path:
     context.state.config_records[LEDGER_KEY] = ConfigRecord(
-        {"json": lifetime.run(context.run_id).to_json()})
+        {"json": lifetime.run(run_id).to_json()})
     return LedgerStore(state_dir(context)).save(lifetime)

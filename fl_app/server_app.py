@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
@@ -20,7 +21,9 @@ from omegaconf import OmegaConf
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from fl_app.checkpointing import RoundCheckpointer, state_root
 from fl_app.preflight import HospitalReport, run_preflight, wait_for_hospitals
+from fl_app.resume import Resume, config_tree, prepare_resume
 from fl_app.secure_aggregation_grid import SecureAggregationGrid
 from protocol.messages import TASK_KEY
 from secure_aggregation import ckks
@@ -30,6 +33,7 @@ from settings.compose import (
     compose_config,
     parse_overrides,
     task_settings,
+    task_settings_from_yaml,
     task_settings_to_yaml,
     to_run_settings,
 )
@@ -37,10 +41,14 @@ from settings.run import RunSettings
 from settings.secure_aggregation import SecureAggregationMode, SecureAggregationSettings
 from settings.task import Device, Precision, TaskSettings, TrainSettings
 from strategies.central_dp import with_client_level_dp
+from strategies.checkpoint import ServerCheckpoint
 from strategies.evaluation_schedule import EvaluateOnSchedule, EvaluationSchedule
 from strategies.metric_rules import MetricRules, evaluate_metrics_rules, train_metrics_rules
 from strategies.privacy_budget import PrivacyBudgetGate, TrainingStopped
 from strategies.registry import build_strategy
+from strategies.round_offset import AfterRound
+from strategies.strategy_state import restore_strategy_state
+from strategies.update_check import UpdateCheck
 from strategies.update_recorder import UpdateRecorder
 from tasks.data.hospital_data import load_server_test_set, source_labels
 from tasks.learning.batches import chunking_for
@@ -115,42 +123,98 @@ class Federation:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = compose_config(parse_overrides(str(context.run_config.get("overrides", ""))))
+    overrides = parse_overrides(str(context.run_config.get("overrides", "")))
+    cfg = compose_config(overrides)
     settings = to_run_settings(cfg)
+    resume = None
+    if settings.resume:  # everything wrong with the resume is found before any message
+        resume = prepare_resume(settings, overrides, project_root())
+        cfg, overrides, settings = resume.cfg, resume.overrides, to_run_settings(resume.cfg)
     labels = source_labels(settings.data)
-    task = task_settings(cfg, labels)
+    if resume:  # the planned rounds, DP plans and ledger entry the hospitals already have
+        task = task_settings_from_yaml(resume.checkpoint.task_yaml)
+    else:
+        task = task_settings(cfg, labels)
+        task.ledger_run = context.run_id
     # Building the model here fails fast on a bad model id, and gives the initial adapter.
     tokenizer = load_tokenizer(task.model)
     model = build_model(task.model, labels, task.seed, tokenizer)
 
-    with RunTracker(settings.tracking, project_root()) as tracker:
-        tracker.log_params(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
-        tracker.log_text(OmegaConf.to_yaml(cfg), "config/resolved_config.yaml")
+    with RunTracker(settings.tracking, project_root(),
+                    resume.checkpoint.mlflow_run_id if resume else None) as tracker:
+        if resume:
+            record_resume(tracker, resume, context.run_id)
+        else:
+            tracker.log_params(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+            tracker.log_text(OmegaConf.to_yaml(cfg), "config/resolved_config.yaml")
         grid = MeteredGrid(grid)
         central = central_evaluation(settings, model, tokenizer, labels)
-        federation = check_hospitals(grid, settings, task, tracker)
-        if settings.privacy.distributed_dp.enabled:
+        federation = check_hospitals(grid, settings, task, tracker, plan_rounds=not resume)
+        if settings.privacy.distributed_dp.enabled and not resume:
             plan_distributed_dp_for(settings, federation, tracker,
                                     sum(t.numel() for t in trainable_state(model).values()))
         secure_grid = secure_aggregation_grid(grid, settings, federation)
         train_rules, evaluate_rules = train_metrics_rules(), evaluate_metrics_rules()
-        strategy, client_level_privacy = server_strategy(settings, federation, tracker,
-                                                         train_rules, evaluate_rules)
+        chain = server_strategy(settings, federation, tracker, train_rules, evaluate_rules)
         schedule = EvaluationSchedule(settings.evaluate_every, settings.num_rounds)
-        strategy = EvaluateOnSchedule(strategy, schedule)
-        round_logger = RoundLogger(tracker, grid, train_rules, evaluate_rules, central,
-                                   settings.tracking.log_per_hospital, client_level_privacy,
-                                   secure_grid.take_round_stats if secure_grid else None,
-                                   schedule.due)
+        strategy = EvaluateOnSchedule(chain.strategy, schedule)
         initial = ArrayRecord(trainable_state(model))
+        template = ServerCheckpoint(
+            mlflow_run_id=tracker.run_id, round=0, num_rounds=settings.num_rounds,
+            ledger_run=int(task.ledger_run), overrides=overrides,
+            config=config_tree(cfg), task_yaml=task_settings_to_yaml(federation.task),
+            arrays={})
+        checkpointer = RoundCheckpointer(
+            state_root(settings.checkpoint, settings.tracking, project_root()) / tracker.run_id,
+            tracker, template, strategy, chain.gate, chain.check, chain.hospital_of,
+            settings.checkpoint.log_artifact)
+        round_logger = RoundLogger(tracker, grid, train_rules, evaluate_rules, central,
+                                   settings.tracking.log_per_hospital, chain.client_level_privacy,
+                                   secure_grid.take_round_stats if secure_grid else None,
+                                   schedule.due, chain.check.take_rejections, checkpointer)
+        if resume:
+            initial = restore_server_state(resume.checkpoint, chain, federation, tracker)
+            round_logger.latest_arrays = initial
         train_federation(strategy, secure_grid or grid, initial, settings,
-                         federation.task_config, round_logger, tracker)
+                         federation.task_config, round_logger, tracker,
+                         done=resume.checkpoint.round if resume else 0)
         tracker.log_round_plot()
         if settings.tracking.save_adapter:
             # The global adapter after the last round that was evaluated (round 0: initial).
             final = round_logger.latest_arrays
             save_final_adapter(model, final if final is not None else initial, task, labels,
                                tracker)
+
+
+def record_resume(tracker: RunTracker, resume: Resume, flower_run_id: int) -> None:
+    """Tags that say the MLflow run was resumed: when, from which round, by which Flower
+    run, with which allowed changes. The round's figures are logged now if the crash came
+    between the checkpoint and MLflow (the checkpoint holds them)."""
+    checkpoint = resume.checkpoint
+    count = int(tracker.tag("resumes") or 0) + 1
+    changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in resume.changes.items()
+                        if k != "resume")
+    tracker.set_tags({"resumes": str(count), f"resume/{count}": (
+        f"after round {checkpoint.round}, as Flower run {flower_run_id}"
+        + (f"; changed: {changes}" if changes else ""))[:5000]})
+    if checkpoint.metrics and checkpoint.round not in tracker.logged_steps("round/seconds"):
+        tracker.log_round(checkpoint.round, checkpoint.metrics)
+    tracker.history = dict(checkpoint.history)
+    log.info("resuming MLflow run %s after round %d of %d", checkpoint.mlflow_run_id,
+             checkpoint.round, checkpoint.num_rounds)
+
+
+def restore_server_state(checkpoint: ServerCheckpoint, chain: StrategyChain,
+                         federation: Federation, tracker: RunTracker) -> ArrayRecord:
+    """The checkpoint's global adapter, and its strategy, gate and update-check state put
+    back into the freshly built strategy (hospitals by number: node ids change)."""
+    restore_strategy_state(chain.strategy, checkpoint.strategy_arrays,
+                           checkpoint.strategy_state)
+    for report in federation.reports:
+        if report.hospital in checkpoint.excluded:
+            chain.gate.exclude(report.node_id, checkpoint.excluded[report.hospital])
+    chain.check.rejected_total = dict(checkpoint.rejections)
+    return ArrayRecord({k: Array(v) for k, v in checkpoint.arrays.items()})
 
 
 def central_evaluation(settings: RunSettings, model: PeftModel,
@@ -172,13 +236,16 @@ def central_evaluation(settings: RunSettings, model: PeftModel,
 
 
 def check_hospitals(grid: Grid, settings: RunSettings, task: TaskSettings,
-                    tracker: RunTracker) -> Federation:
+                    tracker: RunTracker, plan_rounds: bool = True) -> Federation:
     """Wait for the hospitals, plan the rounds each trains in (DP-SGD calibrates its noise over
-    them), and run the preflight query; every hospital's report goes to MLflow."""
+    them; a resumed run keeps the first run's plan), and run the preflight query; every
+    hospital's report goes to MLflow."""
     strategy, timeout = settings.strategy, settings.strategy.round_timeout_s
     connected = wait_for_hospitals(grid, strategy.min_hospitals, timeout)
-    task.planned_rounds = planned_rounds_per_hospital(
-        settings.num_rounds, len(connected), strategy.fraction_train, strategy.min_hospitals)
+    if plan_rounds:
+        task.planned_rounds = planned_rounds_per_hospital(
+            settings.num_rounds, len(connected), strategy.fraction_train,
+            strategy.min_hospitals)
     task_config = ConfigRecord({TASK_KEY: task_settings_to_yaml(task)})
     reports = run_preflight(grid, task_config, strategy.min_hospitals, timeout)
     tracker.log_params({f"hospital_{r.hospital}": {
@@ -305,42 +372,65 @@ def check_ckks_keys(secure: SecureAggregationSettings,
     return reports[0].ckks_public
 
 
+@dataclass
+class StrategyChain:
+    """Flower's strategy in its wrappers, and the wrappers the server talks to."""
+
+    strategy: Strategy  # the outermost
+    gate: PrivacyBudgetGate
+    check: UpdateCheck
+    hospital_of: Callable[[int], int]  # node id -> hospital number
+    client_level_privacy: ClientLevelPrivacy | None
+
+
 def server_strategy(settings: RunSettings, federation: Federation, tracker: RunTracker,
-                    train_rules: MetricRules, evaluate_rules: MetricRules
-                    ) -> tuple[Strategy, ClientLevelPrivacy | None]:
+                    train_rules: MetricRules, evaluate_rules: MetricRules) -> StrategyChain:
     """Flower's strategy, wrapped: client-level DP (if configured), the budget gate (always:
     hospitals enforce their own budgets and policies; the gate stops sending work to one that
-    refused and records why), and the audit's update recorder."""
+    refused or was dropped, and records why), the audit's update recorder, and the update
+    checks (outermost: nothing else sees a reply that fails them)."""
     strategy = build_strategy(settings.strategy, train_rules, evaluate_rules)
     client_level_privacy = None
     if settings.privacy.central_dp.enabled:
         strategy = with_client_level_dp(strategy, settings.privacy.central_dp,
                                         len(federation.reports))
         client_level_privacy = strategy.privacy_spent
-    hospital_of = {r.node_id: r.hospital for r in federation.reports}
-    strategy = PrivacyBudgetGate(
+    hospitals = {r.node_id: r.hospital for r in federation.reports}
+
+    def hospital_of(node: int) -> int:
+        return hospitals.get(node, node)
+
+    gate = strategy = PrivacyBudgetGate(
         strategy, all_or_nothing=settings.privacy.central_dp.enabled,
-        on_refusal=lambda node, why: tracker.record_refusal(hospital_of.get(node, node), why))
+        on_refusal=lambda node, why: tracker.record_refusal(hospital_of(node), why))
     for report in federation.reports:
         if report.declined:
-            strategy.exclude(report.node_id, report.declined)
+            gate.exclude(report.node_id, report.declined)
     if settings.audit.updates_dir:  # clinical-fl-audit: keep the audited hospital's updates
         strategy = UpdateRecorder(strategy, settings.audit.hospital,
                                   Path(settings.audit.updates_dir))
-    return strategy, client_level_privacy
+    check = UpdateCheck(strategy, settings.update_checks, hospital_of, gate.exclude,
+                        summed=settings.secure_aggregation.enabled)
+    return StrategyChain(check, gate, check, hospital_of, client_level_privacy)
 
 
 def train_federation(strategy: Strategy, grid: Grid, initial: ArrayRecord,
                      settings: RunSettings, task_config: ConfigRecord,
-                     round_logger: RoundLogger, tracker: RunTracker) -> None:
+                     round_logger: RoundLogger, tracker: RunTracker, done: int = 0) -> None:
     """Round 0 (the untrained adapter), then Flower's own loop; a spent budget ends the run
-    cleanly with the last global adapter."""
+    cleanly with the last global adapter. ``done``: the rounds a resumed run completed
+    before (its adapter is ``initial``); Flower's loop runs the rest."""
     timeout = settings.strategy.round_timeout_s
-    evaluate_before_training(strategy, grid, initial, task_config, timeout)
+    evaluate_fn = round_logger
+    if done:
+        strategy = AfterRound(strategy, done)
+        evaluate_fn = strategy.evaluate_fn(round_logger)
+    else:
+        evaluate_before_training(strategy, grid, initial, task_config, timeout)
     try:
-        strategy.start(grid=grid, initial_arrays=initial, num_rounds=settings.num_rounds,
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=settings.num_rounds - done,
                        timeout=timeout, train_config=task_config, evaluate_config=task_config,
-                       evaluate_fn=round_logger)
+                       evaluate_fn=evaluate_fn)
     except (TrainingStopped, PrivacyBudgetExhausted) as stop:
         reason = str(stop) or type(stop).__name__
         log.warning("training stopped early: %s", reason)

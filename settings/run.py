@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from settings.checks import require
+from settings.recovery import CheckpointSettings, UpdateCheckSettings
 from settings.secure_aggregation import SecureAggregationMode
 from settings.strategy import CentralDpSettings, StrategyName, StrategySettings
 from settings.task import PrivacySettings, SharedSettings, check_precision_fits_dp_sgd
@@ -39,6 +40,11 @@ class RunSettings(SharedSettings):
     # runs of hundreds of one-step rounds (distributed DP) would spend most of their time
     # scoring otherwise.
     evaluate_every: int = 1
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    update_checks: UpdateCheckSettings = field(default_factory=UpdateCheckSettings)
+    # The MLflow run id of a run to continue from its last checkpoint (its configuration,
+    # except the keys in fl_app/resume.py::MAY_CHANGE; metrics go on in the same MLflow run).
+    resume: str | None = None
 
     def __post_init__(self) -> None:
         require(self.num_rounds >= 1, "num_rounds", self.num_rounds, "at least 1")

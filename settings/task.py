@@ -13,6 +13,7 @@ from enum import Enum
 from typing import ClassVar
 
 from settings.checks import ConfigError, as_enum, require
+from settings.recovery import DrillSettings
 from settings.secure_aggregation import SecureAggregationSettings
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -444,6 +445,8 @@ class SharedSettings:
     # What the server may see of each hospital's update (settings/secure_aggregation.py).
     secure_aggregation: SecureAggregationSettings = field(
         default_factory=SecureAggregationSettings)
+    # Injected faults, to rehearse the server's defences (simulation only).
+    drill: DrillSettings = field(default_factory=DrillSettings)
     seed: int = 42
 
 
@@ -455,6 +458,10 @@ class TaskSettings(SharedSettings):
     # Set by the server: the rounds each hospital is expected to train in, for calibrating
     # DP-SGD noise over the whole training (rounds x share of hospitals sampled per round).
     planned_rounds: int = 1
+    # Set by the server: the Flower run whose privacy-ledger entry this training continues
+    # (a resumed run keeps the first run's entry, so its accountant composes the whole
+    # training). None: this Flower run's own entry.
+    ledger_run: int | None = None
 
     def __post_init__(self) -> None:
         require(self.planned_rounds >= 1, "planned_rounds", self.planned_rounds, "at least 1")

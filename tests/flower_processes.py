@@ -87,3 +87,33 @@ class LocalSimulationSuperLink:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def start_flwr_run(superlink: LocalSimulationSuperLink, overrides: str) -> subprocess.Popen:
+    """``flwr run`` in the background (its own process group), streaming into a pipe."""
+    return subprocess.Popen(
+        ["flwr", "run", str(ROOT), "--stream", "--run-config", f"overrides='{overrides}'"],
+        env=superlink.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+
+
+def crash(superlink: LocalSimulationSuperLink, *others: subprocess.Popen) -> None:
+    """SIGKILL the SuperLink, everything it spawned (the ServerApp's simulation process,
+    Ray's processes, which leave the process group) and ``others``: a machine going down."""
+    import psutil
+
+    roots = [superlink.process, *others]
+    doomed = []
+    for process in roots:
+        try:
+            doomed += [process.pid, *(c.pid for c in psutil.Process(process.pid).children(
+                recursive=True))]
+        except psutil.NoSuchProcess:
+            pass
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for process in roots:
+        process.wait(timeout=30)

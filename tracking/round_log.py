@@ -8,19 +8,23 @@ time, adds the optional centralized evaluation, and logs them at step = round.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import PrivacySpent
 
 from protocol import messages as m
 from strategies.metric_rules import MetricRules
+from strategies.update_check import Rejection
 from tracking.metered_grid import MeteredGrid
 from tracking.run_tracker import RunTracker
 
 CentralEvaluate = Callable[[ArrayRecord], dict[str, float]]
 ClientLevelPrivacy = Callable[[], PrivacySpent | None]
+Checkpoint = Callable[[int, ArrayRecord, dict[str, float]], None]
 
 # Combined metric key -> MLflow name, and hospital metric key -> name under hospital_<k>/,
 # both from the protocol's table.
@@ -45,10 +49,14 @@ class RoundLogger:
                  log_per_hospital: bool = True,
                  client_level_privacy: ClientLevelPrivacy | None = None,
                  round_extras: Callable[[], dict[str, float]] | None = None,
-                 evaluate_due: Callable[[int], bool] = lambda _: True) -> None:
+                 evaluate_due: Callable[[int], bool] = lambda _: True,
+                 rejections: Callable[[], list[Rejection]] | None = None,
+                 checkpoint: Checkpoint | None = None) -> None:
         """``round_extras``: more of the round's figures (secure aggregation's bytes and
         times), taken once per round. ``evaluate_due``: whether a round is evaluated (federated
-        and central); the others log their training figures only."""
+        and central); the others log their training figures only. ``rejections``: the
+        round's train replies left out by the update checks. ``checkpoint``: called with the
+        round's arrays and figures before they are logged (fl_app/checkpointing.py)."""
         self.tracker = tracker
         self.grid = grid
         self.train_rules = train_rules
@@ -58,6 +66,8 @@ class RoundLogger:
         self.client_level_privacy = client_level_privacy
         self.round_extras = round_extras
         self.evaluate_due = evaluate_due
+        self.rejections = rejections
+        self.checkpoint = checkpoint
         self.latest_arrays: ArrayRecord | None = None  # the global adapter last evaluated
         self._round_started = time.perf_counter()
 
@@ -86,6 +96,8 @@ class RoundLogger:
                         "round/error_replies": errors})
         if self.round_extras is not None:
             metrics.update(self.round_extras())
+        rejected = self.rejections() if self.rejections is not None else []
+        metrics["round/rejected_replies"] = len(rejected)
         central = {}
         if self.central_evaluate is not None and self.evaluate_due(server_round):
             central = self.central_evaluate(arrays)
@@ -93,5 +105,10 @@ class RoundLogger:
         now = time.perf_counter()
         metrics["round/seconds"] = now - self._round_started
         self._round_started = now
+        if self.checkpoint is not None:
+            self.checkpoint(server_round, arrays, metrics)
         self.tracker.log_round(server_round, metrics)
+        if rejected:  # which hospital, and why: one record per round that rejected any
+            self.tracker.log_text(json.dumps([asdict(r) for r in rejected], indent=1),
+                                  f"rejections/round_{server_round:04d}.json")
         return MetricRecord(central) if central else None

@@ -67,14 +67,22 @@ def experiment_id(settings: TrackingSettings, project_root: Path) -> str:
 class RunTracker:
     """Opens the MLflow run on enter and always closes it: FINISHED, or FAILED on a crash."""
 
-    def __init__(self, settings: TrackingSettings, project_root: Path) -> None:
+    def __init__(self, settings: TrackingSettings, project_root: Path,
+                 resume_run_id: str | None = None) -> None:
+        """``resume_run_id``: continue this run (a resumed federated run) instead of a new one."""
         self.settings = settings
         self.experiment_id = experiment_id(settings, project_root)
         self.uri = mlflow.get_tracking_uri()
         self.history: dict[int, dict[str, float]] = {}
-        self.run_id: str | None = None
+        self.run_id: str | None = resume_run_id
+        self._logged_params: dict[str, str] | None = None  # a resumed run's, before resuming
 
     def __enter__(self) -> RunTracker:
+        if self.run_id:
+            run = mlflow.start_run(run_id=self.run_id)
+            self._logged_params = dict(run.data.params)
+            log.info("MLflow run %s in %s, resumed", self.run_id, self.uri)
+            return self
         # A run started by a sweep is nested under the sweep's parent run in the MLflow UI.
         tags = {"mlflow.parentRunId": self.settings.parent_run_id,
                 "sweep": self.settings.sweep} if self.settings.parent_run_id else None
@@ -93,7 +101,21 @@ class RunTracker:
             mlflow.end_run(status="FINISHED")
 
     def log_params(self, params: Mapping) -> None:
-        mlflow.log_params(flatten(params))
+        """In a resumed run, only params not logged before: MLflow refuses to change one (a
+        resume's allowed changes are recorded in its ``resume/`` tags)."""
+        flat = flatten(params)
+        if self._logged_params is not None:
+            flat = {k: v for k, v in flat.items() if k not in self._logged_params}
+        if flat:
+            mlflow.log_params(flat)
+
+    def tag(self, name: str) -> str | None:
+        return mlflow.tracking.MlflowClient(self.uri).get_run(self.run_id).data.tags.get(name)
+
+    def logged_steps(self, key: str) -> set[int]:
+        """The steps at which this run has ``key`` (a resumed run's rounds logged so far)."""
+        client = mlflow.tracking.MlflowClient(self.uri)
+        return {m.step for m in client.get_metric_history(self.run_id, key)}
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         mlflow.set_tags(dict(tags))
@@ -113,6 +135,9 @@ class RunTracker:
 
     def log_artifacts(self, directory: Path, artifact_path: str) -> None:
         mlflow.log_artifacts(str(directory), artifact_path)
+
+    def log_artifact(self, path: Path, artifact_path: str) -> None:
+        mlflow.log_artifact(str(path), artifact_path)
 
     def log_round_plot(self) -> None:
         """A PNG of the per-round curves, from what was logged in this run."""
