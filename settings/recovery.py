@@ -52,7 +52,7 @@ class Fault(Enum):
     missing_key = "missing_key"  # one array left out
     wrong_shape = "wrong_shape"  # one array one row short
     float64 = "float64"  # every array float64
-    huge = "huge"  # the update scaled by 1e6 (finite: only the norm bound catches it)
+    huge = "huge"  # every value x 1e6 (finite: only the norm bound catches it)
     crash = "crash"  # the handler raises: an error reply, as Flower sends for a crash
     exit = "exit"  # the hospital's process dies mid-round (os._exit)
 

@@ -103,7 +103,7 @@ class UpdateCheck(StrategyWrapper):
             problem = None if reply.has_error() else self._problem(reply)
             (failed if problem else kept).append((reply, problem))
         if failed and self.summed:
-            hospitals = sorted(self.hospital_of(r.metadata.src_node_id) for r, _ in replies
+            hospitals = sorted(self.hospital_of(r.metadata.src_node_id) for r in replies
                                if not r.has_error())
             reason = f"secure aggregate of hospitals {hospitals}: {failed[0][1]}"
             log.warning("round %d: %s; nothing aggregated (no single hospital can be named: "

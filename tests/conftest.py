@@ -77,3 +77,13 @@ def hospitals(deployment):
     yield deployment
     for name in list(deployment.supernodes):
         deployment.stop_supernode(name)
+
+
+@pytest.fixture
+def process_identity():
+    """Flower stamps messages with the run and node of the process; tests play one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 5, 0
+    yield
+    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None

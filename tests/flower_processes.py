@@ -60,12 +60,14 @@ class LocalSimulationSuperLink:
         self.stop()
         raise RuntimeError("flower-superlink did not become healthy within 60 s")
 
-    def flwr_run(self, overrides: str, timeout: float = 600) -> tuple[str, str, str]:
-        """Run the app; returns (status, details, output)."""
+    def flwr_run(self, overrides: str, timeout: float = 600,
+                 hospitals: int | None = None) -> tuple[str, str, str]:
+        """Run the app (with ``hospitals`` simulated SuperNodes, else Flower's default);
+        returns (status, details, output)."""
         from fl_app.flower_runs import run_status, started_run_id
 
         out = subprocess.run(
-            ["flwr", "run", str(ROOT), "--stream", "--run-config", f"overrides='{overrides}'"],
+            flwr_run_command(overrides, hospitals),
             env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
         output = out.stdout + out.stderr
         run_id = started_run_id(output)
@@ -89,12 +91,16 @@ class LocalSimulationSuperLink:
                 pass
 
 
+def flwr_run_command(overrides: str, hospitals: int | None = None) -> list[str]:
+    command = ["flwr", "run", str(ROOT), "--stream", "--run-config", f"overrides='{overrides}'"]
+    return command + (["--federation-config", f"num-supernodes={hospitals}"] if hospitals else [])
+
+
 def start_flwr_run(superlink: LocalSimulationSuperLink, overrides: str) -> subprocess.Popen:
     """``flwr run`` in the background (its own process group), streaming into a pipe."""
     return subprocess.Popen(
-        ["flwr", "run", str(ROOT), "--stream", "--run-config", f"overrides='{overrides}'"],
-        env=superlink.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+        flwr_run_command(overrides), env=superlink.env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def crash(superlink: LocalSimulationSuperLink, *others: subprocess.Popen) -> None:

@@ -41,14 +41,23 @@ def _arrays(text: str) -> ArrayRecord:
 def hospital_train(settings_yaml: str, state_dir: str | Path, run_id: int, server_round: int,
                    node_config: dict | None = None) -> dict:
     """The train reply's metrics, or ``{"error": reason, "code": code}``."""
+    return hospital_train_reply(settings_yaml, state_dir, run_id, server_round, node_config)[0]
+
+
+def hospital_train_reply(settings_yaml: str, state_dir: str | Path, run_id: int,
+                         server_round: int, node_config: dict | None = None
+                         ) -> tuple[dict, ArrayRecord | None]:
+    """(the train reply's metrics or ``{"error": reason, "code": code}``, its arrays), from
+    the untrained adapter."""
     context = _context(run_id, state_dir, node_config)
     config = ConfigRecord({m.TASK_KEY: settings_yaml, m.SERVER_ROUND_KEY: int(server_round)})
     msg = Message(RecordDict({m.ARRAYS_RECORD: _arrays(settings_yaml), m.CONFIG_RECORD: config}),
                   dst_node_id=NODE, message_type="train")
     reply = train(msg, context)
     if reply.has_error():
-        return {"error": reply.error.reason, "code": reply.error.code}
-    return dict(reply.content.metric_records[m.METRICS_RECORD])
+        return {"error": reply.error.reason, "code": reply.error.code}, None
+    return (dict(reply.content.metric_records[m.METRICS_RECORD]),
+            reply.content.array_records[m.ARRAYS_RECORD])
 
 
 def hospital_evaluate(settings_yaml: str, state_dir: str | Path, run_id: int,

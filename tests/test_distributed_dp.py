@@ -214,15 +214,6 @@ class ClientAppGrid(Grid):
         return []
 
 
-@pytest.fixture
-def _identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 5, 0
-    yield
-    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
-
-
 def _distributed_task(model_path, mode="secagg_plus", **plan):
     # float32: bf16 autocast (auto on CPUs that have it) would differ from the plain pass.
     settings = task(model_path, "privacy=distributed_dp", f"secure_aggregation={mode}",
@@ -253,7 +244,7 @@ def _round(settings, state_dir, start):
 
 @pytest.mark.parametrize("mode", ["secagg_plus", "ckks"])
 def test_distributed_dp_round_without_noise_is_one_sgd_step_on_the_union(
-        tiny_bert, tmp_path, _identity, mode):
+        tiny_bert, tmp_path, process_identity, mode):
     """q = 1 (every record in the round's batch), no noise, clipping that never bites, and
     the server's step is SGD at rate 1 (FedAvg of the plain sum): one distributed round is
     the global adapter minus the mean gradient over both hospitals' records, over SecAgg+'s
@@ -308,7 +299,7 @@ def test_distributed_dp_round_without_noise_is_one_sgd_step_on_the_union(
 
 
 def test_distributed_dp_hospitals_refuse_over_budget_and_in_the_clear(
-        tiny_bert, tmp_path, _identity):
+        tiny_bert, tmp_path, process_identity):
     settings = _distributed_task(tiny_bert, noise_multiplier=0.5, sample_rate=0.5,
                                  threshold=2, target_delta=1e-5, max_epsilon=0.1)
     members = Hospital(task(tiny_bert), list(SPECIALTIES), 0, 2)

@@ -25,13 +25,8 @@ LABELS = ["a", "b", "c"]
 
 
 @pytest.fixture(autouse=True)
-def _process_identity():
-    """Flower stamps messages with the run and node of the process; tests play one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
+def _process_identity(process_identity):
+    """Every test here builds messages."""
 
 
 def _instruction(message_type):
