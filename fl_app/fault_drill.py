@@ -39,7 +39,7 @@ def fault_for(msg: Message, context: Context) -> Fault | None:
     hospital = int(context.node_config.get("partition-id", -1))
     own = context.node_config.get(NODE_CONFIG_KEY)
     if own:
-        fault = parse_fault(f"{hospital}:{own}")
+        fault = parse_fault(f"{hospital}:{own}", deployed=True)
         return fault.fault if fault.applies(hospital, server_round) else None
     # Imported here: the ClientApp's module stays light (see client_app.py); a train message
     # reaches the handlers, which import it anyway.
@@ -76,11 +76,11 @@ def fault_drill_mod(msg: Message, context: Context, call_next: ClientAppCallable
         return call_next(msg, context)
     hospital = context.node_config.get("partition-id")
     log(WARNING, "hospital %s: fault drill: %s", hospital, fault.value)
+    reply = call_next(msg, context)  # mid-round: the training happens, the reply never leaves
     if fault == Fault.crash:
-        raise DrilledCrash(f"hospital {hospital}: fault drill: crash")
-    reply = call_next(msg, context)
+        raise DrilledCrash(f"hospital {hospital}: fault drill: crash after training")
     if fault == Fault.exit:
-        os._exit(17)  # mid-round: trained, never replied
+        os._exit(17)
     if reply.has_error():
         return reply
     for name, record in list(reply.content.array_records.items()):

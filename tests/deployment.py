@@ -15,7 +15,7 @@ import pandas as pd
 
 from fl_app.flower_env import flower_env
 from tasks.data.synthetic_notes import generate_hospital_notes
-from tests.flower_processes import ROOT, VENV_BIN, free_port
+from tests.flower_processes import ROOT, VENV_BIN, free_port, kill_tree
 from tests.support import wait_until
 
 DEPLOY = ROOT / "deploy"
@@ -81,6 +81,12 @@ class Deployment:
                 return
             time.sleep(1)
         raise RuntimeError("SuperLink not ready: " + (self.root / "superlink.log").read_text())
+
+    def crash_superlink(self) -> None:
+        """SIGKILL the SuperLink and the ServerApp it runs (the coordinator's machine fails);
+        its database stays, as a disk would."""
+        kill_tree(*self.processes)
+        self.processes.clear()
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True,

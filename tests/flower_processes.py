@@ -103,14 +103,13 @@ def start_flwr_run(superlink: LocalSimulationSuperLink, overrides: str) -> subpr
         stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def crash(superlink: LocalSimulationSuperLink, *others: subprocess.Popen) -> None:
-    """SIGKILL the SuperLink, everything it spawned (the ServerApp's simulation process,
-    Ray's processes, which leave the process group) and ``others``: a machine going down."""
+def kill_tree(*processes: subprocess.Popen) -> None:
+    """SIGKILL these processes and everything they spawned (Ray's processes and a
+    ServerApp's leave the process group, not the tree): a machine going down."""
     import psutil
 
-    roots = [superlink.process, *others]
     doomed = []
-    for process in roots:
+    for process in processes:
         try:
             doomed += [process.pid, *(c.pid for c in psutil.Process(process.pid).children(
                 recursive=True))]
@@ -121,5 +120,10 @@ def crash(superlink: LocalSimulationSuperLink, *others: subprocess.Popen) -> Non
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    for process in roots:
+    for process in processes:
         process.wait(timeout=30)
+
+
+def crash(superlink: LocalSimulationSuperLink, *others: subprocess.Popen) -> None:
+    """The simulation's server side goes down: the SuperLink, its ServerApp, ``others``."""
+    kill_tree(superlink.process, *others)
