@@ -1,7 +1,7 @@
 """The fault drill: a hospital that sends what a broken hospital would, on purpose, so a
 coordinator (and the tests) can see the server's defences work: a NaN or Inf after a numeric
-blow-up, arrays of the wrong keys, shapes or dtype after a version mismatch, an update a
-million times too large, a crash, a process that dies mid-round.
+blow-up, arrays of the wrong keys, shapes or dtype after a version mismatch, values a
+million times too large, a hospital that stalls, one lost mid-round, a process that dies.
 
 Which hospital, which fault, which rounds: ``drill.faults`` (``"<hospital>:<fault>"`` or
 ``"<hospital>:<fault>@<round>"``) in simulation; in a deployment the hospital's own node
@@ -12,6 +12,7 @@ the server asks for: breaking a hospital is the hospital's decision).
 from __future__ import annotations
 
 import os
+import time
 from logging import WARNING
 
 import numpy as np
@@ -21,7 +22,7 @@ from flwr.common.logger import log
 
 from fl_app.node_config import is_deployed
 from protocol import messages as m
-from settings.recovery import Fault, parse_fault
+from settings.recovery import STALL_SECONDS, Fault, parse_fault
 from tasks.errors import TaskInputError
 
 NODE_CONFIG_KEY = "fault-drill"
@@ -76,6 +77,8 @@ def fault_drill_mod(msg: Message, context: Context, call_next: ClientAppCallable
         return call_next(msg, context)
     hospital = context.node_config.get("partition-id")
     log(WARNING, "hospital %s: fault drill: %s", hospital, fault.value)
+    if fault == Fault.stall:
+        time.sleep(STALL_SECONDS)
     reply = call_next(msg, context)  # mid-round: the training happens, the reply never leaves
     if fault == Fault.crash:
         raise DrilledCrash(f"hospital {hospital}: fault drill: crash after training")

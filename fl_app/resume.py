@@ -34,9 +34,10 @@ from tracking.run_tracker import flatten, resolve_store
 log = logging.getLogger(__name__)
 
 # Keys a resume may change: none of them changes what a round computes or what it costs a
-# hospital's privacy budget (hospitals keep the first run's planned rounds and DP plan).
+# hospital's privacy budget (hospitals keep the first run's planned rounds and DP plan); the
+# fault drill is a rehearsal, ended or changed at will.
 MAY_CHANGE = ("num_rounds", "evaluate_every", "strategy.round_timeout_s", "checkpoint.dir",
-              "checkpoint.log_artifact", "resume")
+              "checkpoint.log_artifact", "drill.faults", "resume")
 
 
 @dataclass

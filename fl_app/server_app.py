@@ -133,6 +133,7 @@ def main(grid: Grid, context: Context) -> None:
     labels = source_labels(settings.data)
     if resume:  # the planned rounds, DP plans and ledger entry the hospitals already have
         task = task_settings_from_yaml(resume.checkpoint.task_yaml)
+        task.drill = settings.drill  # the one section of theirs a resume may change
     else:
         task = task_settings(cfg, labels)
         task.ledger_run = context.run_id

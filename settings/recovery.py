@@ -53,6 +53,7 @@ class Fault(Enum):
     wrong_shape = "wrong_shape"  # one array one row short
     float64 = "float64"  # every array float64
     huge = "huge"  # every value x 1e6 (finite: only the norm bound catches it)
+    stall = "stall"  # waits STALL_SECONDS before training (a hospital slower than the others)
     crash = "crash"  # trains, then raises: no update, an error reply (a hospital lost mid-round)
     # Trains, then its process dies (os._exit). A deployed hospital's node config only: Flower's
     # simulation engine does not survive a Ray worker exiting (measured: every later message
@@ -60,6 +61,7 @@ class Fault(Enum):
     exit = "exit"
 
 
+STALL_SECONDS = 60.0
 FAULT_SPEC = re.compile(r"^(\d+):([a-z_0-9]+)(?:@(\d+))?$")
 
 

@@ -38,23 +38,26 @@ def _round_done(store: Path) -> int:
 
 def _crash_after_round(home: Path, store: Path, overrides: str, done: int) -> str:
     """Start the run, SIGKILL the whole server side once round ``done`` is checkpointed;
-    the MLflow run id."""
+    the MLflow run id. The hospitals stall (fault drill) at the start of the next round, so
+    the crash comes before they train it: between rounds, deterministically."""
     superlink = LocalSimulationSuperLink(home)
-    run = start_flwr_run(superlink, overrides)
+    run = start_flwr_run(superlink, f"{overrides} drill.faults=[0:stall@{done + 1},"
+                                    f"1:stall@{done + 1}]")
     try:
         wait_until(lambda: _round_done(store) >= done, 300, f"round {done} checkpointed",
                    every=0.1)
     finally:
         crash(superlink, run)
     checkpoint = _checkpoint(store)
-    assert done <= checkpoint.round < 4, "killed before the run ended"
+    assert checkpoint.round == done, "killed between rounds"
     return checkpoint.mlflow_run_id
 
 
 def _resume(home: Path, overrides: str, run_id: str) -> None:
     superlink = LocalSimulationSuperLink(home)
     try:
-        status, details, output = superlink.flwr_run(f"{overrides} resume={run_id}")
+        status, details, output = superlink.flwr_run(f"{overrides} resume={run_id} "
+                                                     "drill.faults=[]")
     finally:
         superlink.stop()
     assert status == "finished:completed", f"{details}\n{output[-4000:]}"
@@ -84,7 +87,10 @@ def test_a_run_killed_after_round_2_resumes_to_the_uninterrupted_result(tiny_ber
 
     client, run = only_run(resumed)  # the same MLflow run, not a second one
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
-    assert run.data.tags["resumes"] == "1" and "resume/1" in run.data.tags
+    assert run.data.tags["resumes"] == "1"
+    assert run.data.tags["resume/1"].startswith("after round 2, as Flower run ")
+    assert run.data.tags["resume/1"].endswith("changed: drill.faults ['0:stall@3', "
+                                              "'1:stall@3'] -> []")
     for key in ("round/seconds", "central/accuracy", "round/rejected_replies"):
         steps = [m.step for m in client.get_metric_history(run_id, key)]
         assert sorted(steps) == [0, 1, 2, 3, 4], (key, steps)
