@@ -60,6 +60,9 @@ def test_the_default_config_ships_in_the_flower_bundle_and_results_do_not():
     ("where are the settings and their defaults", "settings/task.py"),
     ("where is the prediction service", "serving/app.py"),
     ("where is encrypted inference done", "serving/ckks_head.py"),
+    ("where is a crashed run resumed", "fl_app/resume.py"),
+    ("where are updates checked before aggregation", "strategies/update_check.py"),
+    ("what does the server checkpoint", "strategies/checkpoint.py"),
 ])
 def test_a_newcomer_finds_things_by_their_names(question, answer):
     assert (ROOT / answer).is_file(), question
@@ -68,7 +71,8 @@ def test_a_newcomer_finds_things_by_their_names(question, answer):
 def test_strategies_hold_aggregation_only():
     held = {p.stem for p in (ROOT / "strategies").glob("*.py")} - {"__init__"}
     assert held <= {"registry", "central_dp", "privacy_budget", "metric_rules", "wrapper",
-                    "update_recorder", "evaluation_schedule"}, held
+                    "update_recorder", "evaluation_schedule", "update_check", "checkpoint",
+                    "strategy_state", "round_offset"}, held
 
 
 def test_every_top_level_package_is_installed():
