@@ -172,7 +172,7 @@ def main(grid: Grid, context: Context) -> None:
         round_logger = RoundLogger(tracker, grid, train_rules, evaluate_rules, central,
                                    settings.tracking.log_per_hospital, chain.client_level_privacy,
                                    secure_grid.take_round_stats if secure_grid else None,
-                                   schedule.due, chain.check.take_rejections, checkpointer)
+                                   schedule.due, chain.check.take_round, checkpointer)
         if resume:
             initial = restore_server_state(resume.checkpoint, chain, federation, tracker)
             round_logger.latest_arrays = initial

@@ -10,7 +10,8 @@ as Flower leaves out error replies, and the round goes on with the others.
 
 Under secure aggregation the server never sees one hospital's update: every contributing
 hospital's reply carries the same aggregate, so a failure is the sum's, no hospital can be
-named or dropped for it, and the round aggregates nothing.
+named or dropped for it, and the round aggregates nothing; the norm bound, a bound on one
+hospital's update, is not applied to the sum.
 """
 
 from __future__ import annotations
@@ -36,15 +37,13 @@ class Rejection:
     reason: str
 
 
-def update_problem(reply: ArrayRecord, global_arrays: dict[str, np.ndarray],
-                   max_update_norm: float | None) -> str | None:
-    """Why ``reply`` may not be aggregated into ``global_arrays``; None if it may."""
+def structural_problem(reply: ArrayRecord, global_arrays: dict[str, np.ndarray]) -> str | None:
+    """Why ``reply`` cannot be an update of ``global_arrays`` (keys, shapes, dtype, finite)."""
     missing, extra = global_arrays.keys() - reply.keys(), reply.keys() - global_arrays.keys()
     if missing or extra:
         parts = [f"missing {sorted(missing)[:3]}" if missing else "",
                  f"unexpected {sorted(extra)[:3]}" if extra else ""]
         return "keys differ from the global adapter: " + ", ".join(p for p in parts if p)
-    squared = 0.0
     for key, expected in global_arrays.items():
         array = reply[key]
         if tuple(array.shape) != expected.shape:
@@ -56,12 +55,25 @@ def update_problem(reply: ArrayRecord, global_arrays: dict[str, np.ndarray],
             kinds = [name for name, bad in (("NaN", np.isnan(values).any()),
                                             ("Inf", np.isinf(values).any())) if bad]
             return f"{key}: {' and '.join(kinds)} values"
-        squared += float(np.sum((values.astype(np.float64) - expected) ** 2))
-    norm = squared ** 0.5
-    if max_update_norm is not None and norm > max_update_norm:
-        return (f"update L2 norm {norm:.4g} above update_checks.max_update_norm "
-                f"{max_update_norm:g}")
     return None
+
+
+def update_norm(reply: ArrayRecord, global_arrays: dict[str, np.ndarray]) -> float:
+    """L2 norm of reply - global over every array (float64: no overflow)."""
+    return float(sum(np.sum((reply[k].numpy().astype(np.float64) - v) ** 2)
+                     for k, v in global_arrays.items())) ** 0.5
+
+
+def update_problem(reply: ArrayRecord, global_arrays: dict[str, np.ndarray],
+                   max_update_norm: float | None) -> str | None:
+    """Why ``reply`` may not be aggregated into ``global_arrays``; None if it may."""
+    problem = structural_problem(reply, global_arrays)
+    if problem is None and max_update_norm is not None:
+        norm = update_norm(reply, global_arrays)
+        if norm > max_update_norm:
+            problem = (f"update L2 norm {norm:.4g} above update_checks.max_update_norm "
+                       f"{max_update_norm:g}")
+    return problem
 
 
 class UpdateCheck(StrategyWrapper):
@@ -83,11 +95,13 @@ class UpdateCheck(StrategyWrapper):
         self.summed = summed
         self.rejected_total: dict[int, int] = {}  # hospital -> rejected replies so far
         self.round_rejections: list[Rejection] = []  # this round's, until taken
+        self.round_largest_update: float | None = None  # L2 norm, of the replies that passed
         self._global: dict[str, np.ndarray] = {}
 
-    def take_rejections(self) -> list[Rejection]:
-        """This round's rejections since the last call, then reset."""
-        taken, self.round_rejections = self.round_rejections, []
+    def take_round(self) -> tuple[list[Rejection], float | None]:
+        """This round's rejections and largest accepted update norm, then reset."""
+        taken = self.round_rejections, self.round_largest_update
+        self.round_rejections, self.round_largest_update = [], None
         return taken
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -119,7 +133,17 @@ class UpdateCheck(StrategyWrapper):
         records = list(reply.content.array_records.values())
         if len(records) != 1:
             return f"{len(records)} array records, expected 1"
-        return update_problem(records[0], self._global, self.settings.max_update_norm)
+        problem = structural_problem(records[0], self._global)
+        if problem is not None:
+            return problem
+        norm = update_norm(records[0], self._global)
+        bound = self.settings.max_update_norm
+        # A secure aggregate's norm is the sum's (with distributed DP, of the shared noise
+        # too): the per-hospital bound does not apply to it.
+        if bound is not None and norm > bound and not self.summed:
+            return f"update L2 norm {norm:.4g} above update_checks.max_update_norm {bound:g}"
+        self.round_largest_update = max(norm, self.round_largest_update or 0.0)
+        return None
 
     def _reject(self, server_round: int, node: int, problem: str) -> None:
         hospital = self.hospital_of(node)

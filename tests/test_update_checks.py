@@ -76,7 +76,9 @@ def test_the_aggregate_is_fedavg_over_the_sound_replies_and_a_repeat_offender_is
         aggregate, _ = check.aggregate_train(server_round, replies)
         for key in GLOBAL:  # (1 x (g+1) + 3 x (g+4)) / 4
             np.testing.assert_allclose(aggregate[key].numpy(), GLOBAL[key] + 3.25)
-        assert [(r.hospital, r.reason) for r in check.take_rejections()] == [(3, "a: NaN values")]
+        rejections, largest = check.take_round()
+        assert [(r.hospital, r.reason) for r in rejections] == [(3, "a: NaN values")]
+        assert largest == pytest.approx(4 * np.sqrt(10))  # hospital 2's: 4 on 10 values
     assert check.rejected_total == {3: 2}
     assert dropped == [(103, "hospital 3 dropped after 2 rejected updates "
                              "(update_checks.drop_after=2); last: a: NaN values")]
@@ -88,7 +90,7 @@ def test_under_secure_aggregation_a_bad_sum_names_no_hospital_and_aggregates_not
     bad_sum = broken(_record(GLOBAL), Fault.inf)
     aggregate, _ = check.aggregate_train(1, [_reply(101, bad_sum), _reply(102, bad_sum)])
     assert aggregate is None and dropped == [] and check.rejected_total == {}
-    [rejection] = check.take_rejections()
+    [rejection], _ = check.take_round()
     assert rejection.hospital == -1 and rejection.reason.startswith(
         "secure aggregate of hospitals [1, 2]: a: Inf values")
 

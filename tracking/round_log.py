@@ -50,13 +50,14 @@ class RoundLogger:
                  client_level_privacy: ClientLevelPrivacy | None = None,
                  round_extras: Callable[[], dict[str, float]] | None = None,
                  evaluate_due: Callable[[int], bool] = lambda _: True,
-                 rejections: Callable[[], list[Rejection]] | None = None,
+                 checks: Callable[[], tuple[list[Rejection], float | None]] | None = None,
                  checkpoint: Checkpoint | None = None) -> None:
         """``round_extras``: more of the round's figures (secure aggregation's bytes and
         times), taken once per round. ``evaluate_due``: whether a round is evaluated (federated
-        and central); the others log their training figures only. ``rejections``: the
-        round's train replies left out by the update checks. ``checkpoint``: called with the
-        round's arrays and figures before they are logged (fl_app/checkpointing.py)."""
+        and central); the others log their training figures only. ``checks``: the
+        update checks' round (replies left out, largest accepted update norm).
+        ``checkpoint``: called with the round's arrays and figures before they are logged
+        (fl_app/checkpointing.py)."""
         self.tracker = tracker
         self.grid = grid
         self.train_rules = train_rules
@@ -66,7 +67,7 @@ class RoundLogger:
         self.client_level_privacy = client_level_privacy
         self.round_extras = round_extras
         self.evaluate_due = evaluate_due
-        self.rejections = rejections
+        self.checks = checks
         self.checkpoint = checkpoint
         self.latest_arrays: ArrayRecord | None = None  # the global adapter last evaluated
         self._round_started = time.perf_counter()
@@ -96,8 +97,10 @@ class RoundLogger:
                         "round/error_replies": errors})
         if self.round_extras is not None:
             metrics.update(self.round_extras())
-        rejected = self.rejections() if self.rejections is not None else []
+        rejected, largest = self.checks() if self.checks is not None else ([], None)
         metrics["round/rejected_replies"] = len(rejected)
+        if largest is not None:  # what update_checks.max_update_norm is set against
+            metrics["round/update_norm_max"] = largest
         central = {}
         if self.central_evaluate is not None and self.evaluate_due(server_round):
             central = self.central_evaluate(arrays)
