@@ -4,9 +4,11 @@ SuperNode authentication, each hospital on its own data file, the MLflow run wit
 One SuperLink (with its certificates) serves the whole module. The tests that only join,
 refuse or revoke SuperNodes run first, each with hospitals of its own; then one private run
 carries the behaviours that need a federation at work: a hospital killed mid-round (after it
-shared its SecAgg+ keys), one restarted with its ledger, and one whose own policy (node
-config) refuses the run. The CKKS deployment run is in test_deployment_ckks.py (its own
-SuperLink, so that pytest-xdist can run the two files side by side)."""
+shared its SecAgg+ keys), one restarted with its ledger, one whose own policy (node
+config) refuses the run, and the SuperLink itself killed after round 2 and restarted, the run
+resumed into the same MLflow run with the same SuperNodes. The CKKS deployment run is in
+test_deployment_ckks.py (its own SuperLink, so that pytest-xdist can run the two files side by
+side)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import signal
 import pytest
 
 from settings.task import Accountant
+from strategies.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.privacy.accounting import epsilon_spent
 from tasks.privacy.ledger import LedgerStore
@@ -22,6 +25,14 @@ from tests.deployment import hospital_file, wait_for_log
 from tests.support import history, only_run, run_overrides, wait_until
 
 pytestmark = pytest.mark.e2e
+
+
+def _checkpointed_round(store) -> int:
+    files = list((store / "server-state").glob(f"*/{CHECKPOINT_FILE}"))
+    try:
+        return load_checkpoint(files[0]).round if files else -1
+    except CheckpointError:
+        return -1
 
 
 def test_an_unregistered_supernode_is_refused_and_gets_no_task(hospitals, tmp_path):
@@ -76,18 +87,22 @@ def test_a_private_run_survives_a_lost_and_a_restarted_hospital_and_a_refusing_o
     sum is recovered with the shares of its key. Hospital 1 is restarted between
     rounds 1 and 2 (after its round-1 evaluation reply), with the same key, data and state
     directory; hospital 3's
-    own budget (node config, max-epsilon) is too small for one round, so it refuses."""
+    own budget (node config, max-epsilon) is too small for one round, so it refuses. Once
+    round 2 is checkpointed the SuperLink and its ServerApp are SIGKILLed, the SuperLink is
+    restarted on its database, the SuperNodes reconnect by themselves, and ``resume=``
+    trains round 3: the hospitals' ledgers carry on in one entry."""
     deployment = hospitals
     for k in range(4):
         deployment.hospital_key(f"hospital-{k}")
         deployment.start_supernode(f"hospital-{k}", k, hospital_file(tmp_path, k),
                                    policy={"max-epsilon": "0.05"} if k == 3 else None)
     deployment.wait_for_nodes(4)
-    run = deployment.run(run_overrides(
+    overrides = run_overrides(
         tiny_bert, tmp_path, "data=files", f"data.labels=[{','.join(SPECIALTIES)}]",
         "strategy.min_hospitals=2", "num_rounds=3", "train.learning_rate=1e-2",
         "privacy=dp_sgd", "train.local_epochs=1", "privacy.dp_sgd.target_epsilon=null",
-        "privacy.dp_sgd.noise_multiplier=1.0", "secure_aggregation=secagg_plus"))
+        "privacy.dp_sgd.noise_multiplier=1.0", "secure_aggregation=secagg_plus")
+    run = deployment.run(overrides)
     # SecAgg+'s setup, key sharing, then the collect stage: it dies after sharing its keys.
     wait_for_log(deployment, "hospital-2", "Receiving: train message", run, times=3)
     deployment.stop_supernode("hospital-2", signal.SIGKILL)  # dies in the middle of round 1
@@ -96,14 +111,28 @@ def test_a_private_run_survives_a_lost_and_a_restarted_hospital_and_a_refusing_o
     wait_for_log(deployment, "hospital-1", "Sending: evaluate message", run, times=2)
     deployment.stop_supernode("hospital-1")
     deployment.start_supernode("hospital-1", 1, hospital_file(tmp_path, 1))
-    status, details, output = deployment.finish(run)
+    # The coordinator's machine fails once round 2 is checkpointed; it comes back.
+    try:
+        wait_until(lambda: _checkpointed_round(tmp_path) >= 2, 600, "round 2 checkpointed",
+                   every=0.2)
+    finally:
+        deployment.crash_superlink()
+        run.kill()
+    [checkpoint_file] = (tmp_path / "server-state").glob(f"*/{CHECKPOINT_FILE}")
+    assert load_checkpoint(checkpoint_file).round == 2, "killed between rounds 2 and 3"
+    deployment.start_superlink()  # same database, certificates and port
+    deployment.wait_for_nodes(3)  # hospitals 0, 1 and 3 reconnect by themselves
+    checkpoint = load_checkpoint(checkpoint_file)
+    resumed = deployment.run(f"{overrides} resume={checkpoint.mlflow_run_id}")
+    status, details, output = deployment.finish(resumed)
     assert status == "finished:completed", f"{details}\n{output[-4000:]}"
 
-    client, record = only_run(tmp_path)
+    client, record = only_run(tmp_path)  # the resumed run went on in the same MLflow run
     run_id = record.info.run_id
-    assert record.info.status == "FINISHED"
-    for key in ("federated/accuracy", "federated/macro_f1"):
-        assert sorted(history(client, run_id, key)) == [0, 1, 2, 3], key
+    assert record.info.status == "FINISHED" and record.data.tags["resumes"] == "1"
+    for key in ("federated/accuracy", "federated/macro_f1", "round/seconds"):
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == [0, 1, 2, 3], (key, steps)  # each round once
     # Each hospital read its own file: 90 notes, 72 for training.
     for k in range(4):
         assert record.data.params[f"hospital_{k}.train_records"] == "72"
@@ -121,8 +150,8 @@ def test_a_private_run_survives_a_lost_and_a_restarted_hospital_and_a_refusing_o
     assert "refused/hospital_0" not in record.data.tags
     assert not history(client, run_id, "hospital_3/epsilon")
 
-    # The restarted hospital kept every step of every round it trained in its ledger: 72
-    # training notes in batches of 16 = 5 steps a round.
+    # The restarted hospital kept every step of every round it trained in its ledger, in one
+    # entry across the resume: 72 training notes in batches of 16 = 5 steps a round.
     lifetime = LedgerStore(deployment.root / "hospitals" / "hospital-1").load(1, Accountant.rdp)
     assert len(lifetime.runs) == 1
     ledger = next(iter(lifetime.runs.values()))
