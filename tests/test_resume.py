@@ -2,21 +2,23 @@
 everything it spawned SIGKILLed after round 2 of 4, a new SuperLink, ``resume=<run id>``.
 
 The resumed run must end where an uninterrupted one ends (FedAdam: its moments are part
-of the checkpoint), log every round once in the same MLflow run, and, under DP-SGD, leave
-every hospital's accountant with the uninterrupted run's history and epsilon.
+of the checkpoint) and log every round once in the same MLflow run; under DP-SGD every
+hospital's accountant keeps the uninterrupted run's history and epsilon.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from settings.compose import task_settings_to_yaml
 from strategies.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
-from tasks.privacy.plan import plan_dp_sgd
 from tests.flower_processes import LocalSimulationSuperLink, crash, start_flwr_run
+from tests.hospital_process import hospital_train
 from tests.support import history, independent_epsilon, only_run, run_overrides, task, wait_until
 
 COMMON = ("num_rounds=4", "data.notes_per_hospital=40", "data.server_test_notes=20",
@@ -102,36 +104,36 @@ def test_a_run_killed_after_round_2_resumes_to_the_uninterrupted_result(tiny_ber
     assert artifacts == [f"checkpoint/{CHECKPOINT_FILE}"]
 
 
-@pytest.mark.e2e
-def test_a_resumed_dp_run_continues_every_hospitals_accountant(tiny_bert, tmp_path):
-    store, home = tmp_path / "store", tmp_path / "home"
-    overrides = run_overrides(tiny_bert, store, *COMMON, "privacy=dp_sgd",
-                              "privacy.dp_sgd.target_epsilon=4")
-    run_id = _crash_after_round(home, store, overrides, 2)
-    _resume(home, overrides, run_id)
-
-    client, run = only_run(store)
-    epsilon_max = history(client, run_id, "privacy/epsilon_max")
-    assert sorted(epsilon_max) == [1, 2, 3, 4]
-    checkpoint = _checkpoint(store)
+def test_a_resumed_runs_rounds_continue_the_hospitals_ledger_entry(tiny_bert, tmp_path):
+    """The hospital's side of a resume, through its real train handler: rounds 1-2 in Flower
+    run 21, the crash, rounds 3-4 in Flower run 22 naming run 21's ledger entry. The epsilon
+    equals an uninterrupted run's (rounds 1-4 in one run), per an independent accountant. A
+    resumed run that did not name the entry would open a second one and re-plan its noise
+    over the spending of the first. (The real-process resumes: the test above, and the
+    private deployment run in test_deployment.py, whose SuperLink is killed and restarted.)"""
     settings = task(tiny_bert, *COMMON[1:], "privacy=dp_sgd", "privacy.dp_sgd.target_epsilon=4",
                     planned_rounds=4)
-    for hospital in (0, 1):
-        ledger_file = home / "clinical-fl" / "hospital-state" / f"partition-{hospital}" / \
-            "privacy-ledger.json"
-        runs = json.loads(ledger_file.read_text())["runs"]
-        # One entry: the first run's, continued (a second would have re-planned its noise).
-        assert [r["run_id"] for r in runs] == [checkpoint.ledger_run]
-        ledger = runs[0]
-        assert ledger["rounds_trained"] == [1, 2, 3, 4]
-        # An uninterrupted run plans this noise for 4 rounds from an empty history and
-        # composes 4 rounds of steps at it: what this ledger holds.
-        records = int(run.data.params[f"hospital_{hospital}.train_records"])
-        plan = plan_dp_sgd(settings.privacy.dp_sgd, hospital, records,
-                           settings.train.batch_size, 1, 4)
-        assert [s[0] for s in ledger["history"]] == [pytest.approx(plan.noise_multiplier)]
-        assert ledger["history"][0][2] == 4 * plan.steps_per_round
-        epsilon = independent_epsilon([tuple(s) for s in ledger["history"]], ledger["delta"])
-        assert history(client, run_id, f"hospital_{hospital}/epsilon")[4] == pytest.approx(
-            epsilon, rel=1e-6)
-        assert epsilon == pytest.approx(4.0, abs=0.1)
+    first_run = task_settings_to_yaml(settings)
+    resumed = task_settings_to_yaml(replace(settings, ledger_run=21))
+
+    uninterrupted = [hospital_train(first_run, tmp_path / "whole", 11, r) for r in (1, 2, 3, 4)]
+    before = [hospital_train(first_run, tmp_path / "crashed", 21, r) for r in (1, 2)]
+    after = [hospital_train(resumed, tmp_path / "crashed", 22, r) for r in (3, 4)]
+    for server_round in (1, 2):
+        hospital_train(first_run, tmp_path / "forgetful", 21, server_round)
+    forgetful = hospital_train(first_run, tmp_path / "forgetful", 22, 3)
+
+    assert after[-1]["epsilon"] == pytest.approx(uninterrupted[-1]["epsilon"], rel=1e-9)
+    assert [m["noise-multiplier"] for m in (*before, *after)] == \
+        [uninterrupted[0]["noise-multiplier"]] * 4
+    runs = json.loads((tmp_path / "crashed" / "privacy-ledger.json").read_text())["runs"]
+    assert [(r["run_id"], r["rounds_trained"]) for r in runs] == [(21, [1, 2, 3, 4])]
+    ledger = runs[0]
+    assert after[-1]["epsilon"] == pytest.approx(
+        independent_epsilon([tuple(s) for s in ledger["history"]], ledger["delta"]), rel=1e-6)
+    assert after[-1]["epsilon"] == pytest.approx(4.0, abs=0.05)
+    # Without the entry: a second one, whose epsilon starts again from zero: after round 3 it
+    # reports one round's (the lifetime ledger still counts both), and its target would allow
+    # four more rounds.
+    assert forgetful["epsilon"] == pytest.approx(before[0]["epsilon"])
+    assert forgetful["epsilon"] < after[0]["epsilon"]
