@@ -78,13 +78,14 @@ def faults(args: argparse.Namespace, work: Path) -> dict:
     _, replies = _series(store, "round/train_replies")
     _, errors = _series(store, "round/error_replies")
     _, accuracy = _series(store, "central/accuracy")
+    _, norms = _series(store, "round/update_norm_max")
     client = MlflowClient(f"sqlite:///{store}/mlflow.db")
     tags = client.get_run(run_id).data.tags
     return {"part": "faults", "status": status, "details": details[-300:],
             "hospitals": args.hospitals, "rounds": args.rounds, "faults": drill,
             "rounds_completed": _round(store), "train_replies": replies,
             "rejected_replies": rejected, "error_replies": errors,
-            "central_accuracy": accuracy,
+            "central_accuracy": accuracy, "update_norm_max": norms,
             "dropped": {k: v for k, v in tags.items() if k.startswith("refused/")},
             "wall_s": round(wall, 1), "run_id": run_id}
 
