@@ -139,7 +139,7 @@ class Deployment:
         while time.monotonic() < deadline:
             if self.connected_nodes() >= count:
                 return
-            time.sleep(1)
+            time.sleep(3)  # each look is a `flwr` CLI process: CPU the run needs
         raise RuntimeError(f"only {self.connected_nodes()} SuperNodes online after {timeout} s")
 
     def run(self, overrides: str, timeout: float = 900) -> subprocess.Popen:
