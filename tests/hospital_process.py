@@ -31,7 +31,8 @@ def _context(run_id: int, state_dir: str | Path, node_config: dict | None) -> Co
                    node_config=config | (node_config or {}))
 
 
-def _arrays(text: str) -> ArrayRecord:
+def initial_arrays(text: str) -> ArrayRecord:
+    """The untrained adapter, as the ServerApp builds it from these settings."""
     settings = task_settings_from_yaml(text)
     model = build_model(settings.model, settings.data.labels, settings.seed,
                         load_tokenizer(settings.model))
@@ -45,13 +46,14 @@ def hospital_train(settings_yaml: str, state_dir: str | Path, run_id: int, serve
 
 
 def hospital_train_reply(settings_yaml: str, state_dir: str | Path, run_id: int,
-                         server_round: int, node_config: dict | None = None
-                         ) -> tuple[dict, ArrayRecord | None]:
+                         server_round: int, node_config: dict | None = None,
+                         arrays: ArrayRecord | None = None) -> tuple[dict, ArrayRecord | None]:
     """(the train reply's metrics or ``{"error": reason, "code": code}``, its arrays), from
-    the untrained adapter."""
+    ``arrays`` (default: the untrained adapter)."""
     context = _context(run_id, state_dir, node_config)
     config = ConfigRecord({m.TASK_KEY: settings_yaml, m.SERVER_ROUND_KEY: int(server_round)})
-    msg = Message(RecordDict({m.ARRAYS_RECORD: _arrays(settings_yaml), m.CONFIG_RECORD: config}),
+    sent = arrays if arrays is not None else initial_arrays(settings_yaml)
+    msg = Message(RecordDict({m.ARRAYS_RECORD: sent, m.CONFIG_RECORD: config}),
                   dst_node_id=NODE, message_type="train")
     reply = train(msg, context)
     if reply.has_error():
@@ -63,7 +65,7 @@ def hospital_train_reply(settings_yaml: str, state_dir: str | Path, run_id: int,
 def hospital_evaluate(settings_yaml: str, state_dir: str | Path, run_id: int,
                       node_config: dict | None = None) -> dict:
     context = _context(run_id, state_dir, node_config)
-    msg = Message(RecordDict({m.ARRAYS_RECORD: _arrays(settings_yaml),
+    msg = Message(RecordDict({m.ARRAYS_RECORD: initial_arrays(settings_yaml),
                               m.CONFIG_RECORD: ConfigRecord({m.TASK_KEY: settings_yaml})}),
                   dst_node_id=NODE, message_type="evaluate")
     return dict(evaluate(msg, context).content.metric_records[m.METRICS_RECORD])

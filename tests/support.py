@@ -76,3 +76,17 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str,
             return
         time.sleep(every)
     raise AssertionError(f"not within {timeout:.0f} s: {what}")
+
+
+class TwoNodeGrid:
+    """What a Flower strategy's ``configure_train`` asks of a Grid, for in-process rounds:
+    nodes 1 and 2 connected."""
+
+    def get_node_ids(self) -> list[int]:
+        return [1, 2]
+
+    def create_message(self, content, message_type, dst_node_id, group_id):
+        from flwr.app import Message
+
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
+                       group_id=group_id)

@@ -23,6 +23,7 @@ from strategies.checkpoint import (
 from strategies.registry import build_strategy
 from strategies.round_offset import AfterRound
 from strategies.strategy_state import restore_strategy_state, strategy_state
+from tests.support import TwoNodeGrid
 
 ARRAYS = {"lora_A": np.arange(6, dtype=np.float32).reshape(2, 3),
           "head.weight": np.ones((4, 2), np.float32)}
@@ -81,15 +82,6 @@ def _train_reply(node: int, arrays: dict[str, np.ndarray]) -> Message:
                                "metrics": MetricRecord({m.WEIGHT_KEY: 1.0})}), reply_to=request)
 
 
-class _Grid:
-    def get_node_ids(self):
-        return [1, 2]
-
-    def create_message(self, content, message_type, dst_node_id, group_id):
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
-                       group_id=group_id)
-
-
 @pytest.mark.parametrize("strategy", ["fedadam", "fedyogi", "fedavgm"])
 def test_a_restored_strategy_steps_exactly_as_the_uninterrupted_one(strategy,
                                                                     process_identity):
@@ -104,7 +96,7 @@ def test_a_restored_strategy_steps_exactly_as_the_uninterrupted_one(strategy,
         """The hospitals' reply depends on the run's round; Flower's loop may count its own."""
         flower_round = flower_round or server_round
         record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-        list(strategy_.configure_train(flower_round, record, ConfigRecord(), _Grid()))
+        list(strategy_.configure_train(flower_round, record, ConfigRecord(), TwoNodeGrid()))
         update = {k: v + 0.1 * server_round * (i + 1) for i, (k, v) in enumerate(arrays.items())}
         new, _ = strategy_.aggregate_train(flower_round, [_train_reply(1, update)])
         return {k: v.numpy() for k, v in new.items()}
