@@ -33,18 +33,9 @@ sys.path.insert(0, str(ROOT))  # the tests' process helpers and tiny model
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from strategies.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint  # noqa: E402
 from tests.flower_processes import LocalSimulationSuperLink, crash, start_flwr_run  # noqa: E402
-from tests.support import FAST, NO_DEID, wait_until  # noqa: E402
+from tests.support import FAST, NO_DEID, checkpointed_round, wait_until  # noqa: E402
 from tests.tiny_models import make_tiny_bert  # noqa: E402
-
-
-def _round(store: Path) -> int:
-    files = list((store / "server-state").glob(f"*/{CHECKPOINT_FILE}"))
-    try:
-        return load_checkpoint(files[0]).round if files else -1
-    except CheckpointError:
-        return -1
 
 
 def _series(store: Path, key: str) -> tuple[str, dict[int, float]]:
@@ -83,7 +74,7 @@ def faults(args: argparse.Namespace, work: Path) -> dict:
     tags = client.get_run(run_id).data.tags
     return {"part": "faults", "status": status, "details": details[-300:],
             "hospitals": args.hospitals, "rounds": args.rounds, "faults": drill,
-            "rounds_completed": _round(store), "train_replies": replies,
+            "rounds_completed": checkpointed_round(store), "train_replies": replies,
             "rejected_replies": rejected, "error_replies": errors,
             "central_accuracy": accuracy, "update_norm_max": norms,
             "dropped": {k: v for k, v in tags.items() if k.startswith("refused/")},
@@ -91,7 +82,8 @@ def faults(args: argparse.Namespace, work: Path) -> dict:
 
 
 def _until_round(store: Path, done: int, timeout: float = 3000) -> float:
-    wait_until(lambda: _round(store) >= done, timeout, f"round {done} checkpointed", every=0.2)
+    wait_until(lambda: checkpointed_round(store) >= done, timeout,
+               f"round {done} checkpointed", every=0.2)
     return time.perf_counter()
 
 
@@ -111,7 +103,7 @@ def resume(args: argparse.Namespace, work: Path) -> dict:
         _until_round(store, kill_after)
     finally:
         crash(superlink, run)
-    killed_at = _round(store)
+    killed_at = checkpointed_round(store)
     run_id, seconds = _series(store, "round/seconds")
 
     restarted = time.perf_counter()
@@ -133,7 +125,8 @@ def resume(args: argparse.Namespace, work: Path) -> dict:
             "restart_to_first_new_round_s": round(resumed_round, 1),
             "first_new_round_s": round(seconds[killed_at + 1], 1),
             "resume_overhead_s": round(resumed_round - seconds[killed_at + 1], 1),
-            "final_round": _round(store), "steps_logged": sorted(steps), "run_id": run_id}
+            "final_round": checkpointed_round(store), "steps_logged": sorted(steps),
+            "run_id": run_id}
 
 
 def main() -> None:

@@ -67,6 +67,18 @@ def independent_epsilon(steps: list[tuple[float, float, int]], delta: float) -> 
     return accountant.get_epsilon(delta)
 
 
+def checkpointed_round(store: Path) -> int:
+    """The last round a run in ``store`` checkpointed (its state directory beside the MLflow
+    database); -1 before the first. Never torn: a read that fails is a file being replaced."""
+    from strategies.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+
+    files = list((store / "server-state").glob(f"*/{CHECKPOINT_FILE}"))
+    try:
+        return load_checkpoint(files[0]).round if files else -1
+    except CheckpointError:
+        return -1
+
+
 def wait_until(condition: Callable[[], bool], timeout: float, what: str,
                every: float = 0.5) -> None:
     """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""

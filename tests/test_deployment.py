@@ -17,22 +17,14 @@ import signal
 import pytest
 
 from settings.task import Accountant
-from strategies.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+from strategies.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.privacy.accounting import epsilon_spent
 from tasks.privacy.ledger import LedgerStore
 from tests.deployment import hospital_file, wait_for_log
-from tests.support import history, only_run, run_overrides, wait_until
+from tests.support import checkpointed_round, history, only_run, run_overrides, wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-def _checkpointed_round(store) -> int:
-    files = list((store / "server-state").glob(f"*/{CHECKPOINT_FILE}"))
-    try:
-        return load_checkpoint(files[0]).round if files else -1
-    except CheckpointError:
-        return -1
 
 
 def test_an_unregistered_supernode_is_refused_and_gets_no_task(hospitals, tmp_path):
@@ -113,7 +105,7 @@ def test_a_private_run_survives_a_lost_and_a_restarted_hospital_and_a_refusing_o
     deployment.start_supernode("hospital-1", 1, hospital_file(tmp_path, 1))
     # The coordinator's machine fails once round 2 is checkpointed; it comes back.
     try:
-        wait_until(lambda: _checkpointed_round(tmp_path) >= 2, 600, "round 2 checkpointed",
+        wait_until(lambda: checkpointed_round(tmp_path) >= 2, 600, "round 2 checkpointed",
                    every=0.2)
     finally:
         deployment.crash_superlink()

@@ -19,12 +19,13 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 
 from settings.compose import compose_config, task_settings_to_yaml, to_run_settings
-from strategies.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+from strategies.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from strategies.registry import build_strategy
 from tests.flower_processes import LocalSimulationSuperLink, crash, start_flwr_run
 from tests.hospital_process import hospital_train, hospital_train_reply, initial_arrays
 from tests.support import (
     TwoNodeGrid,
+    checkpointed_round,
     independent_epsilon,
     only_run,
     run_overrides,
@@ -41,14 +42,6 @@ def _checkpoint(store: Path):
     return load_checkpoint(files[0]) if files else None
 
 
-def _round_done(store: Path) -> int:
-    try:
-        checkpoint = _checkpoint(store)
-    except CheckpointError:  # never torn: only a file we read while it was replaced
-        return -1
-    return checkpoint.round if checkpoint else -1
-
-
 def _crash_after_round(home: Path, store: Path, overrides: str, done: int) -> str:
     """Start the run, SIGKILL the whole server side once round ``done`` is checkpointed;
     the MLflow run id. The hospitals stall (fault drill) at the start of the next round, so
@@ -57,7 +50,7 @@ def _crash_after_round(home: Path, store: Path, overrides: str, done: int) -> st
     run = start_flwr_run(superlink, f"{overrides} drill.faults=[0:stall@{done + 1},"
                                     f"1:stall@{done + 1}]")
     try:
-        wait_until(lambda: _round_done(store) >= done, 300, f"round {done} checkpointed",
+        wait_until(lambda: checkpointed_round(store) >= done, 300, f"round {done} checkpointed",
                    every=0.1)
     finally:
         crash(superlink, run)

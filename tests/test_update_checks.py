@@ -4,6 +4,7 @@ is left out and its hospital named; the others' aggregate is FedAvg over them al
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,14 +12,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.common import MessageType
 from flwr.serverapp.strategy import FedAvg
 
-from fl_app.fault_drill import broken
+from fl_app.fault_drill import broken, fault_drill_mod
 from protocol import messages as m
-from settings.compose import task_settings_to_yaml
+from settings.checks import ConfigError
+from settings.compose import compose_config, task_settings_to_yaml
 from settings.recovery import Fault, UpdateCheckSettings
 from strategies.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from strategies.update_check import UpdateCheck, update_problem
+from tasks.errors import TaskInputError
 from tests.flower_processes import LocalSimulationSuperLink
-from tests.hospital_process import hospital_train_reply
+from tests.hospital_process import hospital_train_reply, initial_arrays
 from tests.support import only_run, run_overrides, task
 
 GLOBAL = {"a": np.zeros((3, 2), np.float32), "b": np.ones(4, np.float32)}
@@ -138,3 +141,43 @@ def test_faulty_hospitals_are_rejected_named_and_dropped_in_a_real_run(tiny_bert
                                                                           strict=True))
         np.testing.assert_allclose(value, expected / sum(weights), rtol=1e-4, atol=1e-6,
                                    err_msg=key)
+
+
+@pytest.mark.parametrize("override, message", [
+    ('drill.faults=["1:nanx"]', "'drill.faults': got '1:nanx', expected '<hospital>:<fault>'"),
+    ('drill.faults=["one:nan"]', "'drill.faults': got 'one:nan'"),
+    ('drill.faults=["1:exit@2"]', "got '1:exit@2'"),  # exit: a deployed hospital's own only
+    ("update_checks.max_update_norm=0", "'update_checks.max_update_norm': got 0.0, expected "
+                                        "greater than 0, or null"),
+    ("update_checks.drop_after=0", "'update_checks.drop_after': got 0, expected at least 1"),
+])
+def test_bad_drill_and_update_check_settings_fail_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose_config([override])
+
+
+def _drilled_train(settings_yaml, state_dir, server_round, node_config=None):
+    """The train handler through the fault drill's mod, as the ClientApp registers it."""
+    from fl_app.client_app import train
+    from tests.hospital_process import NODE, _context
+
+    context = _context(1, state_dir, node_config)
+    config = ConfigRecord({m.TASK_KEY: settings_yaml, m.SERVER_ROUND_KEY: server_round})
+    msg = Message(RecordDict({m.ARRAYS_RECORD: initial_arrays(settings_yaml),
+                              m.CONFIG_RECORD: config}), dst_node_id=NODE,
+                  message_type=MessageType.TRAIN)
+    return fault_drill_mod(msg, context, train)
+
+
+def test_a_deployed_hospital_refuses_the_servers_drill_and_drills_by_its_own_config(
+        tiny_bert, tmp_path):
+    asked = task_settings_to_yaml(task(tiny_bert, 'drill.faults=["0:nan"]'))
+    with pytest.raises(TaskInputError, match="a deployed hospital only drills by its own "
+                                             "node config"):
+        _drilled_train(asked, tmp_path, 1)  # state-dir in its node config: deployed
+    plain = task_settings_to_yaml(task(tiny_bert))
+    own = {"fault-drill": "inf@1"}
+    arrays = _drilled_train(plain, tmp_path, 1, own).content[m.ARRAYS_RECORD]
+    assert any(np.isinf(a.numpy()).any() for a in arrays.values())
+    arrays = _drilled_train(plain, tmp_path, 2, own).content[m.ARRAYS_RECORD]
+    assert all(np.isfinite(a.numpy()).all() for a in arrays.values())
