@@ -5,14 +5,17 @@
     clinical-fl -m +sweep=epsilon                   # accuracy against epsilon (conf/sweep/)
     CLINICAL_FL_FEDERATION_CONFIG="num-supernodes=8" clinical-fl ...   # 8 hospitals
 
-Hydra parses and validates the overrides here (so a typo fails at once), then
-hands them to ``flwr run`` through the Flower run config, where the ServerApp
-composes the same configuration again. ``flwr run`` exits 0 even when the run
+Hydra parses the overrides here and they are checked as ``compose_config`` checks them
+(every key in the schema, no ``+key`` additions or ``~key`` deletions but of config groups,
+every value valid; in a sweep, every job's), so a bad one fails at once, before any Flower
+or Ray process starts; then they go to ``flwr run`` through the Flower run config, where the
+ServerApp composes the same configuration again. ``flwr run`` exits 0 even when the run
 failed, so the run's final status is asked from the SuperLink afterwards.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -23,14 +26,26 @@ import tempfile
 from pathlib import Path
 
 import hydra
+from hydra import initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.utils import get_args_parser
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from fl_app.flower_env import flower_env
 from fl_app.flower_runs import COMPLETED, run_status, started_run_id
 from fl_app.sweep import FAILED_JOBS, PARENT_RUN_ENV, SWEEP_NAME_ENV
-from settings.compose import CONF_DIR, ConfigError, validate_config
+from settings.compose import (
+    CONF_DIR,
+    ConfigError,
+    check_override_keys,
+    compose_config,
+    validate_config,
+)
 from tracking.paths import project_root
 
 
@@ -91,11 +106,14 @@ def _stream(command: list[str], env: dict[str, str]) -> str:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
 def _run(cfg: DictConfig) -> None:
+    overrides = list(HydraConfig.get().overrides.task)
     try:
+        # What compose_config checks, in the same order: the keys (Hydra would add a +key
+        # the settings then drop), then every value. All before flwr run starts anything.
+        check_override_keys(overrides)
         validate_config(cfg)
     except ConfigError as err:
         sys.exit(f"error: {err}")
-    overrides = list(HydraConfig.get().overrides.task)
     overrides += _sweep_overrides(overrides)
     env = flower_env()
     connection = os.environ.get("CLINICAL_FL_CONNECTION")  # a SuperLink from config.toml
@@ -117,7 +135,53 @@ def _run(cfg: DictConfig) -> None:
     sys.exit(f"error: {problem}")
 
 
+def command_line(argv: list[str]) -> tuple[list[str], bool]:
+    """The overrides of a ``clinical-fl`` command line and whether it is a sweep (``-m``), read
+    by Hydra's own parser (a sweep's ``key=a,b`` stays one override). A command line Hydra
+    cannot read gives none: Hydra reports it."""
+    parser = get_args_parser()
+    parser.exit_on_error = False
+    try:
+        args, _ = parser.parse_known_args(argv)
+    except (argparse.ArgumentError, SystemExit):
+        return [], False
+    return list(args.overrides or []), bool(args.multirun)
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The overrides of every job of ``clinical-fl -m``, as Hydra's basic sweeper makes them:
+    the sweep preset's ``hydra.sweeper.params`` (``+sweep=epsilon``'s levels), then the
+    command line's, each key's values crossed with the others'."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = GlobalHydra.instance().hydra.compose_config(
+            "config", overrides, run_mode=RunMode.MULTIRUN)
+    params = [f"{key}={value}" for key, value in (cfg.hydra.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides(params + overrides)
+    return BasicSweeper.split_arguments(parsed, None)[0]
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Everything ``compose_config`` refuses, refused before Hydra starts a job: the keys (an
+    unknown key fails naming the valid ones of its section; Hydra would only say it cannot
+    override it), and for a sweep every job's configuration, so that no job's ``flwr run``
+    starts when a later one cannot. (A single run's values are checked in ``_run``.)"""
+    overrides, multirun = command_line(argv)
+    check_override_keys(overrides)
+    if not multirun:
+        return
+    try:
+        jobs = sweep_jobs(overrides)
+    except HydraException:
+        return  # a sweep Hydra cannot expand: Hydra reports it; each job is checked in _run
+    for job in jobs:
+        compose_config(job)
+
+
 def main() -> None:
+    try:
+        check_command_line(sys.argv[1:])
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
     _run()
 
 

@@ -44,13 +44,15 @@ def fault_for(msg: Message, context: Context) -> Fault | None:
         return fault.fault if fault.applies(hospital, server_round) else None
     # Imported here: the ClientApp's module stays light (see client_app.py); a train message
     # reaches the handlers, which import it anyway.
+    from fl_app.received import task_yaml
     from settings.compose import task_settings_from_yaml
 
-    drill = task_settings_from_yaml(str(config[m.TASK_KEY])).drill
+    drill = task_settings_from_yaml(task_yaml(msg)).drill
     if drill.faults and is_deployed(context):
         raise TaskInputError(f"hospital {hospital}: the server asks for a fault drill "
                              f"(drill.faults={drill.faults}); a deployed hospital only drills "
-                             f"by its own node config ({NODE_CONFIG_KEY}=<fault>)")
+                             f"by its own node config ({NODE_CONFIG_KEY}=<fault>)",
+                             key="drill.faults")
     return drill.fault_for(hospital, server_round)
 
 

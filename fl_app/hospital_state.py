@@ -10,22 +10,66 @@ copies of this run's ledger the one recording more spending wins.
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 
-from fl_app.node_config import state_dir
+from fl_app.node_config import is_deployed, state_dir
 from settings.task import Accountant, TaskSettings
+from tasks.errors import TaskInputError
 from tasks.privacy.ledger import LedgerStore, LifetimeLedger, PrivacyLedger, most_spent
 from tasks.privacy.policy import HospitalPolicy, load_policy
 
 LEDGER_KEY = "privacy-ledger"
+EVALUATIONS_FILE = "evaluations.json"
+
+
+class EvaluationsExhausted(TaskInputError):
+    """The hospital has answered as many evaluations in this run as it allows."""
 
 
 def hospital_policy(context: Context, hospital: int) -> HospitalPolicy:
     """The hospital's privacy policy: ``privacy-policy.toml`` in its state directory and its
-    node config keys (the stricter of the two)."""
-    return load_policy(state_dir(context), context.node_config, hospital)
+    node config keys (the stricter of the two). A deployed hospital owns its data mapping
+    whether or not it has a policy file."""
+    return load_policy(state_dir(context), context.node_config, hospital,
+                       deployed=is_deployed(context))
+
+
+def evaluation_bound(settings: TaskSettings, policy: HospitalPolicy) -> int:
+    """How many evaluations this hospital answers in one run: its policy's max-evaluations,
+    never more than the server planned (round 0 and each scheduled round)."""
+    planned = settings.planned_evaluations or settings.planned_rounds + 1
+    return min(planned, policy.max_evaluations) if policy.max_evaluations else planned
+
+
+def count_evaluation(context: Context, settings: TaskSettings, policy: HospitalPolicy) -> int:
+    """Count one more evaluation of this run, durably, before it is scored; refuse past the
+    bound (scores of held-out records are released without noise, so each one counts)."""
+    bound = evaluation_bound(settings, policy)
+    path = state_dir(context) / EVALUATIONS_FILE
+    try:
+        counts = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        done = int(counts.get(str(context.run_id), 0))
+    except (ValueError, TypeError, AttributeError) as err:
+        raise EvaluationsExhausted(f"{path} is unreadable ({err}); no evaluation answered "
+                                   "until it is repaired") from err
+    if done >= bound:
+        raise EvaluationsExhausted(
+            f"run {context.run_id}: {done} evaluations answered, the bound is {bound} "
+            f"(policy max-evaluations {policy.max_evaluations}, planned "
+            f"{settings.planned_evaluations or settings.planned_rounds + 1})",
+            key="max-evaluations", counts={"evaluations": bound})
+    counts[str(context.run_id)] = done + 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(counts, handle)
+    os.replace(tmp, path)
+    return done + 1
 
 
 def ledger_run(settings: TaskSettings, context: Context) -> int:

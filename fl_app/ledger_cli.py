@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="move the ledger aside and start a new one (needs --reason)")
     parser.add_argument("--reason", default="", help="why the ledger is archived (recorded)")
     args = parser.parse_args(argv)
+    if args.delta is not None and not 0 < args.delta < 1:  # NaN included
+        parser.error(f"--delta must be a number in (0, 1), got {args.delta}")
     if not args.state_dir.is_dir():
         print(f"clinical-fl-ledger: {args.state_dir} is not a directory", file=sys.stderr)
         return 2

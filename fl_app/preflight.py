@@ -14,6 +14,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from protocol import messages as m
+from protocol.refusals import explain_reason
 from tasks.errors import HospitalDataError
 
 PREFLIGHT_TYPE = f"query.{m.PREFLIGHT_QUERY}"
@@ -58,19 +59,22 @@ def run_preflight(grid: Grid, config: ConfigRecord, minimum: int,
         node = reply.metadata.src_node_id
         answered.add(node)
         if reply.has_error():
-            problems.append(f"node {node}: preflight failed: {reply.error.reason}")
+            problems.append(f"node {node}: {explain_reason(reply.error.reason)}")
             continue
         status = reply.content[m.PREFLIGHT_STATUS_RECORD]
         if not status[m.PREFLIGHT_OK]:
-            problems.append(str(status[m.PREFLIGHT_PROBLEM]))
+            problems.append(f"hospital {status.get(m.PREFLIGHT_HOSPITAL, '?')} (node {node}): "
+                            f"{explain_reason(str(status[m.PREFLIGHT_PROBLEM]))}")
             continue
+        declined = str(status.get(m.PREFLIGHT_DECLINED, ""))
         counts = reply.content[m.PREFLIGHT_COUNTS_RECORD]
         key = reply.content.get(m.PREFLIGHT_CKKS_RECORD)
         reports.append(HospitalReport(
             node, int(status[m.PREFLIGHT_HOSPITAL]), int(counts[m.TRAIN_RECORDS]),
             int(counts[m.EVAL_RECORDS]), [int(c) for c in counts.get(m.LABEL_COUNTS, [])],
             int(counts.get(m.EMPTY_TEXTS_DROPPED, 0)),
-            str(status.get(m.PREFLIGHT_DECLINED, "")),
+            f"hospital {int(status[m.PREFLIGHT_HOSPITAL])}: {explain_reason(declined)}"
+            if declined else "",
             bytes(key[m.CKKS_PUBLIC]) if key else None,
             str(key[m.CKKS_FINGERPRINT]) if key else ""))
     problems += [f"node {node}: no preflight reply within {timeout_s:.0f} s"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from protocol import messages as m
 from tasks.learning.evaluation import EvalOutcome
@@ -81,11 +81,6 @@ def _train_metrics(outcome: TrainOutcome, hospital: int, equal_weight: bool
     return values
 
 
-def refusal_reply(msg: Message, reason: str) -> Message:
-    """A hospital declines a round over its privacy budget: no update, only the reason."""
-    return Message(Error(code=m.PRIVACY_BUDGET_REFUSED, reason=reason), reply_to=msg)
-
-
 def evaluate_reply(msg: Message, outcome: EvalOutcome, hospital: int,
                    release: EvalRelease = EvalRelease.full) -> Message:
     """``release``: what the hospital's policy lets out of its held-out notes.
@@ -118,7 +113,8 @@ def preflight_reply(msg: Message, hospital: int, label_counts: list[int] | None,
                     ckks_public: ConfigRecord | None = None) -> Message:
     """Whether this hospital can take part, and how many records of each label it holds
     (``label_counts`` None: not shared, as under DP-SGD). ``problem`` stops the run;
-    ``declined`` (its privacy policy refuses the run) only keeps this hospital out.
+    ``declined`` (its privacy policy refuses the run) only keeps this hospital out; both are
+    refusal lines (``protocol/refusals.py``), never free text (the hospital's edge checks).
     ``ckks_public``: the public half of its CKKS key material (secure_aggregation=ckks)."""
     status = ConfigRecord({m.PREFLIGHT_OK: not problem, m.PREFLIGHT_PROBLEM: problem,
                            m.PREFLIGHT_HOSPITAL: hospital, m.PREFLIGHT_DECLINED: declined})

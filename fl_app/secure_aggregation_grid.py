@@ -21,6 +21,7 @@ from flwr.common import MessageType
 from flwr.serverapp import Grid
 
 from protocol import messages as m
+from protocol.refusals import explain_reason
 from secure_aggregation import ckks, secagg_plus
 from secure_aggregation.update_vector import summed, weighted_mean
 from settings.secure_aggregation import (
@@ -62,9 +63,15 @@ class SecureAggregationGrid(GridWrapper):
     def __init__(self, grid: Grid, settings: SecureAggregationSettings, max_weight: float,
                  ckks_public: bytes | None = None,
                  hospital_of: Callable[[int], object] = lambda node: node,
-                 sum_updates: bool = False) -> None:
+                 sum_updates: bool = False, noise_threshold: int = 2,
+                 on_abort: Callable[[int, str], None] | None = None) -> None:
+        """``noise_threshold``: the t distributed DP's noise shares assume (each hospital adds
+        sigma/sqrt(t)); no sum of fewer hospitals is released whatever the settings say.
+        ``on_abort``: (round, reason) of a round that released nothing, e.g. for MLflow."""
         super().__init__(grid)
         self.settings = settings
+        self.noise_threshold = int(noise_threshold)
+        self.on_abort = on_abort
         self.max_weight = float(max_weight)
         self._combine = summed if sum_updates else weighted_mean
         self._ckks = (ckks.load_public_context(ckks_public, "the server")
@@ -96,6 +103,8 @@ class SecureAggregationGrid(GridWrapper):
             return self._ckks_round(messages, timeout)
         except RoundAborted as abort:
             log.error("secure aggregation: round dropped, nothing released: %s", abort)
+            if self.on_abort:
+                self.on_abort(self._round_facts(messages)[0], str(abort))
             # A hospital's own error (a refusal over its budget) keeps its code and reason.
             return [self._errors.get(msg.metadata.dst_node_id) or Message(
                 Error(code=m.SECURE_AGGREGATION_FAILED, reason=str(abort)), reply_to=msg)
@@ -116,7 +125,7 @@ class SecureAggregationGrid(GridWrapper):
         failed = {r.metadata.src_node_id: r for r in replies if not r.has_content()}
         for node, reply in failed.items():
             log.warning("secure aggregation: hospital %s failed a stage: %s",
-                        self._hospital_of(node), reply.error.reason)
+                        self._hospital_of(node), explain_reason(reply.error.reason))
         return ok, failed
 
     def _collect(self, messages: list[Message], extra: dict[int, ConfigRecord],
@@ -155,6 +164,11 @@ class SecureAggregationGrid(GridWrapper):
         start = {name: array.numpy() for name, array in first[m.ARRAYS_RECORD].items()}
         return round_, start
 
+    def _threshold(self, hospitals: int) -> int:
+        """The fewest hospitals a sum of this round may hold: the settings' threshold for a
+        round of ``hospitals``, and never fewer than distributed DP's noise assumes."""
+        return max(self.settings.threshold_for(hospitals), self.noise_threshold)
+
     def _check_count(self, hospitals: int, threshold: int, stage: str) -> None:
         if hospitals < threshold:
             raise RoundAborted(f"{stage}: {hospitals} hospital(s), fewer than the "
@@ -165,7 +179,7 @@ class SecureAggregationGrid(GridWrapper):
         round_, start = self._round_facts(messages)
         group = str(round_)
         nodes = sorted(msg.metadata.dst_node_id for msg in messages)
-        threshold = settings.threshold_for(len(nodes))
+        threshold = self._threshold(len(nodes))
         self._check_count(len(nodes), threshold, "sampled")
         if len(nodes) * settings.quantization_range >= SECAGG_MODULUS:
             raise RoundAborted(f"{len(nodes)} hospitals x quantization_range "
@@ -256,11 +270,13 @@ class SecureAggregationGrid(GridWrapper):
         if self._ckks is None:
             raise RoundAborted("no public CKKS context on the server")
         round_, start = self._round_facts(messages)
-        nodes = [msg.metadata.dst_node_id for msg in messages]
-        threshold = self.settings.threshold_for(len(nodes))
+        nodes = sorted(msg.metadata.dst_node_id for msg in messages)
+        threshold = self._threshold(len(nodes))
         self._check_count(len(nodes), threshold, "sampled")
+        # Each hospital checks the round's threshold against the t its noise share assumes.
         collect = {node: ConfigRecord({m.SECAGG_STAGE: m.STAGE_CKKS_COLLECT,
-                                       m.SECAGG_ROUND: round_,
+                                       m.SECAGG_ROUND: round_, m.SECAGG_THRESHOLD: threshold,
+                                       m.SECAGG_NODES: nodes,
                                        m.SECAGG_MAX_WEIGHT: self.max_weight})
                    for node in nodes}
         uploaded, refused = self._collect(messages, collect, timeout)

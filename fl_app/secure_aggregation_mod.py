@@ -15,8 +15,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
-from cryptography.fernet import InvalidToken
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import MessageType
 from flwr.common.logger import log
@@ -65,26 +64,40 @@ def secure_aggregation_mod(msg: Message, context: Context,
     if (msg.metadata.message_type != MessageType.TRAIN or not msg.has_content()
             or m.SECAGG_RECORD not in msg.content):
         if msg.has_content() and m.CONFIG_RECORD in msg.content:
-            # Only this mod says an update will be masked or encrypted.
-            msg.content[m.CONFIG_RECORD].pop(m.SECURE_AGGREGATION_ON, None)
+            # Only this mod says an update will be masked or encrypted, and in which round.
+            for key in _SET_BY_THIS_MOD:
+                msg.content[m.CONFIG_RECORD].pop(key, None)
         return call_next(msg, context)
+    # What fails here leaves as a refusal code through the hospital's edge (outermost mod);
+    # the train handler's own errors pass through untouched.
     record = msg.content[m.SECAGG_RECORD]
-    stage = str(record[m.SECAGG_STAGE])
+    stage = _field(record, m.SECAGG_STAGE, str)
+    if stage == m.STAGE_CKKS_COLLECT:
+        return _ckks_collect(msg, context, call_next)
+    if stage == m.STAGE_CKKS_DECRYPT:
+        return _ckks_decrypt(msg, context)
+    if stage == m.STAGE_COLLECT:
+        return _secagg_collect(msg, context, call_next)
+    stages = {m.STAGE_SETUP: _setup, m.STAGE_SHARE_KEYS: _share_keys, m.STAGE_UNMASK: _unmask}
+    if stage not in stages:
+        raise StageRefused(f"unknown secure aggregation stage {stage!r}")
     try:
-        if stage == m.STAGE_CKKS_COLLECT:
-            return _ckks_collect(msg, context, call_next)
-        if stage == m.STAGE_CKKS_DECRYPT:
-            return _ckks_decrypt(msg, context)
-        if stage == m.STAGE_COLLECT:
-            return _secagg_collect(msg, context, call_next)
-        out = {m.STAGE_SETUP: _setup, m.STAGE_SHARE_KEYS: _share_keys,
-               m.STAGE_UNMASK: _unmask}[stage](record, context)
-    except (StageRefused, secagg_plus.SecAggError, ckks.KeyMaterialError, InvalidToken,
-            KeyError, ValueError) as err:
-        reason = f"{_who(context)}: secure aggregation stage {stage!r}: {err}"
-        log(WARNING, "%s", reason)
-        return Message(Error(code=m.SECURE_AGGREGATION_FAILED, reason=reason), reply_to=msg)
+        out = stages[stage](record, context)
+    except (KeyError, TypeError) as err:  # a stage record without the fields it needs
+        raise StageRefused(f"stage {stage!r}: malformed record ({err!r})") from err
     return Message(RecordDict({m.SECAGG_RECORD: ConfigRecord(out)}), reply_to=msg)
+
+
+_SET_BY_THIS_MOD = (m.SECURE_AGGREGATION_ON, m.SECURE_AGGREGATION_THRESHOLD,
+                    m.SECURE_AGGREGATION_HOSPITALS)
+
+
+def _field(record: ConfigRecord, key: str, kind: type) -> object:
+    """A stage record's field, of the type the stage needs."""
+    try:
+        return kind(record[key])
+    except (KeyError, TypeError, ValueError) as err:
+        raise StageRefused(f"the stage record's {key!r} is missing or malformed") from err
 
 
 # --- SecAgg+ ----------------------------------------------------------------------------
@@ -134,13 +147,17 @@ def _unmask(record: ConfigRecord, context: Context) -> dict:
     return {m.SECAGG_SHARE_OWNERS: owners, m.SECAGG_SHARE_VALUES: shares}
 
 
-def _train(msg: Message, context: Context, call_next: ClientAppCallable
-           ) -> tuple[Message, dict[str, np.ndarray]]:
+def _train(msg: Message, context: Context, call_next: ClientAppCallable, threshold: int,
+           hospitals: int) -> tuple[Message, dict[str, np.ndarray]]:
     """The handler's reply to the train message without the protocol's record, and the
-    global adapter it started from."""
+    global adapter it started from. ``threshold``: the fewest hospitals in a sum this round
+    releases; ``hospitals``: those this hospital shares the round with (itself included)."""
     start = {name: a.numpy() for name, a in msg.content[m.ARRAYS_RECORD].items()}
     msg.content = RecordDict({k: v for k, v in msg.content.items() if k != m.SECAGG_RECORD})
-    msg.content[m.CONFIG_RECORD][m.SECURE_AGGREGATION_ON] = True
+    config = msg.content[m.CONFIG_RECORD]
+    config[m.SECURE_AGGREGATION_ON] = True
+    config[m.SECURE_AGGREGATION_THRESHOLD] = int(threshold)
+    config[m.SECURE_AGGREGATION_HOSPITALS] = int(hospitals)
     log(INFO, "%s: secure aggregation: training for round %s", _who(context),
         msg.content[m.CONFIG_RECORD].get(m.SERVER_ROUND_KEY, "?"))
     return call_next(msg, context), start
@@ -194,7 +211,7 @@ def _secagg_collect(msg: Message, context: Context, call_next: ClientAppCallable
     secagg_plus.receive_shares(secrets, [int(n) for n in record[m.SECAGG_SOURCES]],
                                [bytes(c) for c in record[m.SECAGG_CIPHERTEXTS]])
     _keep(context, secrets)
-    reply, start = _train(msg, context, call_next)
+    reply, start = _train(msg, context, call_next, secrets.threshold, len(secrets.pk1_of))
     if reply.has_error():
         return reply  # a refusal (its own budget) keeps its code; its masks are removed
     started = time.perf_counter()
@@ -222,8 +239,18 @@ def _secagg_collect(msg: Message, context: Context, call_next: ClientAppCallable
 def _ckks_collect(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     record = msg.content[m.SECAGG_RECORD]
     key = load_ckks_context(context)  # before training: no key, no work
-    max_weight = float(record[m.SECAGG_MAX_WEIGHT])
-    reply, start = _train(msg, context, call_next)
+    max_weight = _field(record, m.SECAGG_MAX_WEIGHT, float)
+    round_ = _field(record, m.SECAGG_ROUND, int)
+    threshold = _field(record, m.SECAGG_THRESHOLD, int)
+    nodes = {int(n) for n in _field(record, m.SECAGG_NODES, list)}
+    if context.node_id not in nodes:
+        raise StageRefused("asked to encrypt for a round whose hospitals do not include it")
+    if threshold < 2:
+        raise StageRefused(f"a round threshold of {threshold}: the sum of one hospital is its "
+                           "update")
+    if round_ in [int(r) for r in _ckks_rounds(context)["encrypted"]]:
+        raise StageRefused(f"already encrypted an update in round {round_}")
+    reply, start = _train(msg, context, call_next, threshold, len(nodes))
     if reply.has_error():
         return reply
     started = time.perf_counter()
@@ -236,7 +263,12 @@ def _ckks_collect(msg: Message, context: Context, call_next: ClientAppCallable) 
         values = weighted_update(_trained(reply), start, share)
     ciphertexts = ckks.encrypt(key, values)
     rounds = _ckks_rounds(context)
-    rounds["encrypted"] = [int(r) for r in rounds["encrypted"]] + [int(record[m.SECAGG_ROUND])]
+    rounds["encrypted"] = [int(r) for r in rounds["encrypted"]] + [round_]
+    # The fewest hospitals a sum holding this update may be decrypted with: the round's
+    # threshold, and the t a distributed DP noise share assumes.
+    assumes = int(reply.content[m.DISTRIBUTED_SHARE_RECORD][m.SHARE_THRESHOLD]) \
+        if m.DISTRIBUTED_SHARE_RECORD in reply.content else 2
+    rounds["assumes"] = [int(t) for t in rounds.get("assumes", [])] + [max(threshold, assumes)]
     context.state.config_records[CKKS_ROUNDS_KEY] = rounds
     return Message(RecordDict({m.SECAGG_RECORD: ciphertext_record(ciphertexts),
                                m.METRICS_RECORD: _metrics(reply,
@@ -246,7 +278,7 @@ def _ckks_collect(msg: Message, context: Context, call_next: ClientAppCallable) 
 
 def _ckks_rounds(context: Context) -> ConfigRecord:
     return context.state.config_records.get(
-        CKKS_ROUNDS_KEY, ConfigRecord({"encrypted": [], "decrypted": []}))
+        CKKS_ROUNDS_KEY, ConfigRecord({"encrypted": [], "decrypted": [], "assumes": []}))
 
 
 # The decrypted sum goes back on a grid of 2^-20 (the size of SecAgg+'s quantisation step)
@@ -261,13 +293,18 @@ def _ckks_decrypt(msg: Message, context: Context) -> Message:
     to, of at least two hospitals: limits on a server that would use it to decrypt one
     hospital's update (docs/secure-aggregation.md says what they do not stop)."""
     record = msg.content[m.SECAGG_RECORD]
-    round_ = int(record[m.SECAGG_ROUND])
-    contributors = [int(n) for n in record[m.SECAGG_NODES]]
-    threshold = max(2, int(record[m.SECAGG_THRESHOLD]))
+    round_ = _field(record, m.SECAGG_ROUND, int)
+    contributors = [int(n) for n in _field(record, m.SECAGG_NODES, list)]
     rounds = _ckks_rounds(context)
-    if round_ not in [int(r) for r in rounds["encrypted"]]:
+    encrypted = [int(r) for r in rounds["encrypted"]]
+    if round_ not in encrypted:
         raise StageRefused(f"asked to decrypt in round {round_}, in which this hospital "
                            "encrypted no update")
+    # Its own plan's t, not only the server's word: a sum of fewer hospitals than this
+    # hospital's noise share assumes is never decrypted.
+    assumes = [int(t) for t in rounds.get("assumes", [])]
+    own = assumes[encrypted.index(round_)] if len(assumes) == len(encrypted) else 2
+    threshold = max(2, _field(record, m.SECAGG_THRESHOLD, int), own)
     if context.node_id not in contributors:
         raise StageRefused("asked to decrypt a sum this hospital did not contribute to")
     if len(set(contributors)) < threshold:

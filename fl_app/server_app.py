@@ -154,7 +154,7 @@ def main(grid: Grid, context: Context) -> None:
         if settings.privacy.distributed_dp.enabled and not resume:
             plan_distributed_dp_for(settings, federation, tracker,
                                     sum(t.numel() for t in trainable_state(model).values()))
-        secure_grid = secure_aggregation_grid(grid, settings, federation)
+        secure_grid = secure_aggregation_grid(grid, settings, federation, tracker)
         train_rules, evaluate_rules = train_metrics_rules(), evaluate_metrics_rules()
         chain = server_strategy(settings, federation, tracker, train_rules, evaluate_rules)
         schedule = EvaluationSchedule(settings.evaluate_every, settings.num_rounds)
@@ -247,6 +247,9 @@ def check_hospitals(grid: Grid, settings: RunSettings, task: TaskSettings,
         task.planned_rounds = planned_rounds_per_hospital(
             settings.num_rounds, len(connected), strategy.fraction_train,
             strategy.min_hospitals)
+    # Each hospital answers no more evaluations than this (round 0 and the scheduled ones).
+    schedule = EvaluationSchedule(settings.evaluate_every, settings.num_rounds)
+    task.planned_evaluations = sum(schedule.due(r) for r in range(settings.num_rounds + 1))
     task_config = ConfigRecord({TASK_KEY: task_settings_to_yaml(task)})
     reports = run_preflight(grid, task_config, strategy.min_hospitals, timeout)
     tracker.log_params({f"hospital_{r.hospital}": {
@@ -307,8 +310,8 @@ def plan_distributed_dp_for(settings: RunSettings, federation: Federation,
              federation.task.planned_rounds, plan.threshold)
 
 
-def secure_aggregation_grid(grid: Grid, settings: RunSettings,
-                            federation: Federation) -> SecureAggregationGrid | None:
+def secure_aggregation_grid(grid: Grid, settings: RunSettings, federation: Federation,
+                            tracker: RunTracker) -> SecureAggregationGrid | None:
     """The Grid that runs secure aggregation under the strategy (None: mode none), after
     checking, before any training, that the round can release a sum and that every
     hospital holds the same CKKS key."""
@@ -337,11 +340,24 @@ def secure_aggregation_grid(grid: Grid, settings: RunSettings,
     max_weight = 1 if settings.privacy.central_dp.enabled or distributed else max(
         r.train_records for r in taking_part)
     hospital_of = {r.node_id: r.hospital for r in federation.reports}
+    noise_threshold = federation.task.privacy.distributed_dp.threshold or 2 if distributed else 2
+    threshold = max(threshold, noise_threshold)
+    if per_round < threshold:
+        raise ConfigError(
+            f"privacy.distributed_dp: the noise shares assume sums of at least "
+            f"{noise_threshold} hospitals; {per_round} hospital(s) per round (of "
+            f"{len(taking_part)} taking part) cannot release one")
     log.info("secure aggregation: %s, threshold %d of %d hospitals per round",
              secure.mode.value, threshold, per_round)
+
+    def aborted(server_round: int, reason: str) -> None:
+        tracker.set_tags({f"secure_aggregation/round_{server_round}_released_nothing":
+                          reason[:5000]})
+
     return SecureAggregationGrid(grid, secure, max_weight, public,
                                  lambda node: hospital_of.get(node, node),
-                                 sum_updates=distributed)
+                                 sum_updates=distributed, noise_threshold=noise_threshold,
+                                 on_abort=aborted)
 
 
 def check_ckks_keys(secure: SecureAggregationSettings,

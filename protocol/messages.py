@@ -45,7 +45,8 @@ CKKS_PUBLIC = "public-context"
 CKKS_FINGERPRINT = "fingerprint"
 CKKS_PARAMETERS = "parameters"
 
-# Error code of a train reply when the hospital's privacy budget or policy refuses the round.
+# Error codes are those of protocol/refusals.py: what a hospital may say when it refuses.
+# A train reply when the hospital's privacy budget refuses the round:
 PRIVACY_BUDGET_REFUSED = 4031
 
 # Secure aggregation (secure_aggregation/): every stage is a train message carrying this
@@ -84,6 +85,11 @@ SECAGG_VECTOR = "vector"
 # (and removed from any message that did not come through the protocol): distributed DP sends
 # its noisy sum only when this is true.
 SECURE_AGGREGATION_ON = "secure-aggregation-on"
+# Set by the same mod beside it: the round's threshold (the fewest hospitals in a released
+# sum) and the hospitals this one shares the round with, which distributed DP's noise share
+# is checked against before any step.
+SECURE_AGGREGATION_THRESHOLD = "secure-aggregation-threshold"
+SECURE_AGGREGATION_HOSPITALS = "secure-aggregation-hospitals"
 # Error code of a secure-aggregation stage a hospital cannot complete (the reason says why).
 SECURE_AGGREGATION_FAILED = 4032
 

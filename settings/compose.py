@@ -36,26 +36,75 @@ def parse_overrides(text: str) -> list[str]:
     try:
         return shlex.split(text)
     except ValueError as err:
-        raise ConfigError(f"cannot parse overrides {text!r}: {err}") from err
+        # No setting key: the override string as a whole cannot be read.
+        raise ConfigError(f"cannot parse overrides {text!r}: {err}", key="") from err
 
 
-def _check_override_keys(overrides: list[str]) -> None:
-    """Name the unknown key and the valid ones (Hydra only says it cannot override)."""
+def config_groups() -> frozenset[str]:
+    """The config groups: the folders of ``conf/`` (``privacy``, ``sweep``, ...)."""
+    return frozenset(path.name for path in CONF_DIR.iterdir() if path.is_dir())
+
+
+def _unknown_key(key: str, section: DictConfig, parent: str, why: str = "") -> ConfigError:
+    where = f"in '{parent}'" if parent else "at the top level"
+    return ConfigError(f"invalid configuration: unknown key '{key}'{why}; valid keys {where} "
+                       f"are {sorted(section.keys())}", key=key)
+
+
+def _schema_has(schema: DictConfig, key: str) -> None:
+    """Fail naming ``key`` and the valid keys of its section unless the schema holds it."""
+    node: object = schema
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, DictConfig):
+            return  # inside a value (a list): Hydra and the schema's types check it
+        if part not in node.keys():
+            raise _unknown_key(".".join(parts[:depth + 1]), node, ".".join(parts[:depth]))
+        node = node._get_node(part)
+
+
+def check_override_keys(overrides: list[str]) -> None:
+    """Every override names a key of the schema or a config group; Hydra would say only that
+    it cannot override, or, for ``+key``, add a key the settings then drop without a word.
+
+    ``key=value`` and ``++key=value`` must name a schema key; ``+key=value`` (an addition)
+    and ``~key`` (a deletion) are refused unless ``key`` is a config group (``+sweep=epsilon``,
+    ``~privacy``): the schema holds every key with its default, so there is nothing to add and
+    nothing to delete. Hydra's own settings (``hydra.*``) are Hydra's to check."""
     schema = OmegaConf.structured(RunSettings)
+    groups = config_groups()
     for override in overrides:
-        key = override.split("=", 1)[0]
-        if key.startswith(("+", "~", "hydra")) or "." not in key:
-            continue  # group choices and additions are checked by Hydra itself
-        parent, _, leaf = key.rpartition(".")
-        node = OmegaConf.select(schema, parent, default=None)
-        if isinstance(node, DictConfig) and leaf not in node.keys():
-            raise ConfigError(f"invalid configuration: unknown key '{key}'; valid keys in "
-                              f"'{parent}' are {sorted(node.keys())}")
+        written = override.split("=", 1)[0].strip()
+        key = written.lstrip("+~")
+        prefix = written[:len(written) - len(key)]
+        path = key.split("@", 1)[0]  # a group may name its package: group@package=option
+        if key.split(".", 1)[0] == "hydra" or (
+                "." not in path and path.split("/", 1)[0] in {*groups, "hydra"}):
+            continue  # a group choice, addition or deletion, or Hydra's own: Hydra checks it
+        if prefix.startswith("~"):
+            raise ConfigError(
+                f"invalid configuration: '{written}' would delete '{key}', which is not a "
+                f"config group ({sorted(groups)}); every setting has a default in the schema: "
+                f"set it instead ({key}=...)", key=key)
+        if prefix == "+":
+            parent, _, leaf = key.rpartition(".")
+            if parent:
+                _schema_has(schema, parent)
+            section = OmegaConf.select(schema, parent) if parent else schema
+            if not isinstance(section, DictConfig):
+                raise ConfigError(f"invalid configuration: '{written}' adds '{key}', but "
+                                  f"'{parent}' is a setting, not a section", key=key)
+            if leaf not in section.keys():
+                raise _unknown_key(key, section, parent, " ('+' adds a key to the settings, "
+                                   "and their schema takes no additions)")
+            raise ConfigError(f"invalid configuration: '{written}' adds '{key}', which the "
+                              f"schema already has: write {key}=... without the '+'", key=key)
+        _schema_has(schema, key)  # key=value, ++key=value
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """Compose ``conf/config.yaml`` with overrides into checked, resolved settings."""
-    _check_override_keys(list(overrides or []))
+    check_override_keys(list(overrides or []))
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             composed = compose(config_name="config", overrides=list(overrides or []))
@@ -64,8 +113,9 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
         if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
             # A value of the wrong type for the schema: name the key, not only the override.
             raise ConfigError(f"invalid configuration at '{cause.full_key}': "
-                              f"{getattr(cause, 'msg', None) or cause}") from err
-        raise ConfigError(f"invalid configuration: {err}") from err
+                              f"{getattr(cause, 'msg', None) or cause}",
+                              key=str(cause.full_key)) from err
+        raise ConfigError(f"invalid configuration: {err}", key="") from err
     return validate_config(composed)
 
 
@@ -79,7 +129,8 @@ def validate_config(composed: DictConfig) -> DictConfig:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         detail = getattr(err, "msg", None) or str(err)
-        raise ConfigError(f"invalid configuration at '{key}': {detail}") from err
+        raise ConfigError(f"invalid configuration at '{key}': {detail}",
+                          key=str(key or "")) from err
     # Hydra's own node (hydra.*) is not part of the settings; sweeps read it from the
     # composed config, not from here.
     return OmegaConf.structured(settings)
@@ -106,6 +157,10 @@ def task_settings_from_yaml(text: str) -> TaskSettings:
     """What a hospital does with the server's settings: parse and validate them again."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(TaskSettings), OmegaConf.create(text))
+        # Building the dataclasses runs their checks (a ConfigError naming its key); a value
+        # left missing (???) fails here too.
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"settings from the server are invalid: {err}") from err
-    return OmegaConf.to_object(merged)
+        # The key only: a hospital refusing these settings sends back ConfigError.key.
+        raise ConfigError(f"settings from the server are invalid: {err}",
+                          key=str(getattr(err, "full_key", None) or "")) from err

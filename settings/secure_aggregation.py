@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import ClassVar
 
+from settings.bounds import (
+    MAX_HOSPITALS,
+    field_default,
+    require_count,
+    require_defaults_while_off,
+    require_positive,
+)
 from settings.checks import as_enum, require
 
 # SecAgg+ works in the integers modulo 2^32: every masked value is one uint32.
@@ -44,25 +52,47 @@ class SecureAggregationSettings:
     # contexts, which must all agree, are used.
     ckks_public_context: str | None = None
 
+    SECTION: ClassVar[str] = "secure_aggregation"
+    # The options of conf/secure_aggregation/ that switch it on, as the user types them.
+    TURN_ON: ClassVar[str] = "secure_aggregation=secagg_plus or secure_aggregation=ckks"
+
     def __post_init__(self) -> None:
-        self.mode = as_enum(SecureAggregationMode, self.mode, "secure_aggregation.mode")
-        key = "secure_aggregation"
+        key = self.SECTION
+        self.mode = as_enum(SecureAggregationMode, self.mode, f"{key}.mode")
+        self._check_mode_uses_every_value()
         if self.reconstruction_threshold is not None:
-            require(self.reconstruction_threshold >= 2, f"{key}.reconstruction_threshold",
-                    self.reconstruction_threshold,
-                    "at least 2 (or null): the sum of one hospital is that hospital's update")
+            require_count(self.reconstruction_threshold, f"{key}.reconstruction_threshold", 2,
+                          MAX_HOSPITALS, " (or null): the sum of one hospital is that "
+                          "hospital's update")
         if self.num_shares is not None:
-            require(self.num_shares >= 2, f"{key}.num_shares", self.num_shares,
-                    "at least 2 (or null: every hospital of the round)")
+            require_count(self.num_shares, f"{key}.num_shares", 2, MAX_HOSPITALS,
+                          " (or null: every hospital of the round)")
             if self.reconstruction_threshold is not None:
                 require(self.num_shares >= self.reconstruction_threshold, f"{key}.num_shares",
                         self.num_shares, f"at least reconstruction_threshold "
                         f"({self.reconstruction_threshold}): fewer shares cannot rebuild a "
                         "secret")
-        require(self.clipping_range > 0, f"{key}.clipping_range", self.clipping_range, "> 0")
-        require(2 <= self.quantization_range <= 2**30,
-                f"{key}.quantization_range", self.quantization_range,
-                "in [2, 2^30] (Flower's quantisation rounds in int32)")
+        require_positive(self.clipping_range, f"{key}.clipping_range")
+        require_count(self.quantization_range, f"{key}.quantization_range", 2, 2**30,
+                      " (Flower's quantisation rounds in int32)")
+
+    def _check_mode_uses_every_value(self) -> None:
+        """A value the chosen mode would ignore is an error. Off (mode none): every value must
+        be the default. CKKS ignores SecAgg+'s quantisation levels, SecAgg+ the CKKS public
+        context. Not refused under CKKS: ``clipping_range`` (``privacy=distributed_dp``'s
+        preset sets it for SecAgg+ whichever mode the command line picks) and ``num_shares``
+        (it sets the default reconstruction threshold in both modes)."""
+        key = self.SECTION
+        if self.mode == SecureAggregationMode.none:
+            require_defaults_while_off(self, key, "mode", self.TURN_ON)
+            return
+        only = {SecureAggregationMode.secagg_plus: ("ckks_public_context", "ckks"),
+                SecureAggregationMode.ckks: ("quantization_range", "secagg_plus")}
+        name, other = only[self.mode]
+        value, default = getattr(self, name), field_default(self, name)
+        require(value == default, f"{key}.{name}", value,
+                f"its default ({default!r}) with {key}.mode={self.mode.value}: it takes effect "
+                f"only with secure_aggregation={other}")
 
     @property
     def enabled(self) -> bool:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import ClassVar
 
+from settings.bounds import require_defaults_while_off, require_open_unit, require_positive
 from settings.checks import as_enum, require
 
 
@@ -74,15 +76,19 @@ class CentralDpSettings:
     # The server stops before a release that would exceed it.
     max_epsilon: float | None = None
 
+    SECTION: ClassVar[str] = "privacy.central_dp"
+    # The options of conf/privacy/ that switch it on, as the user types them.
+    TURN_ON: ClassVar[str] = "privacy=central_dp or privacy=dp_sgd_central_dp"
+
     def __post_init__(self) -> None:
+        key = self.SECTION
+        # Switched off, every value must be the default (a noise or a clipping norm given for
+        # a mechanism that is off would be silently ignored); on or off, none is NaN or inf.
         if not self.enabled:
-            return
-        key = "privacy.central_dp"
-        require(self.noise_multiplier > 0, f"{key}.noise_multiplier", self.noise_multiplier,
-                "> 0")
-        require(self.clipping_norm > 0, f"{key}.clipping_norm", self.clipping_norm, "> 0")
+            require_defaults_while_off(self, key, "enabled", self.TURN_ON)
+        require_positive(self.noise_multiplier, f"{key}.noise_multiplier")
+        require_positive(self.clipping_norm, f"{key}.clipping_norm")
         if self.target_delta is not None:
-            require(0 < self.target_delta < 1, f"{key}.target_delta", self.target_delta,
-                     "in (0, 1)")
+            require_open_unit(self.target_delta, f"{key}.target_delta")
         if self.max_epsilon is not None:
-            require(self.max_epsilon > 0, f"{key}.max_epsilon", self.max_epsilon, "> 0")
+            require_positive(self.max_epsilon, f"{key}.max_epsilon")

@@ -12,11 +12,32 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import ClassVar
 
+from settings.bounds import (
+    MAX_HOSPITALS,
+    is_finite,
+    require_count,
+    require_defaults_while_off,
+    require_non_negative,
+    require_open_unit,
+    require_positive,
+    require_rate,
+)
 from settings.checks import ConfigError, as_enum, require
 from settings.recovery import DrillSettings
 from settings.secure_aggregation import SecureAggregationSettings
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+# Upper bounds of the model's and the training's sizes: far above any real setting, low enough
+# that a typo (an extra zero or three) fails here, not as an out-of-memory in every hospital.
+MAX_LORA_RANK = 1024
+MAX_WINDOW_TOKENS = 100_000
+MAX_CHUNKS = 10_000
+MAX_LOCAL_EPOCHS = 100
+MAX_BATCH = 100_000
+MAX_EXPECTED_BATCH = 10**6
+# The most rounds a hospital plans for in one run (distributed DP runs take hundreds).
+MAX_PLANNED_ROUNDS = 100_000
 
 
 class DataSource(Enum):
@@ -96,9 +117,10 @@ class LoraSettings:
     target_modules: list[str] | None = None
 
     def __post_init__(self) -> None:
-        require(self.r >= 1, "model.lora.r", self.r, "at least 1")
-        require(self.alpha > 0, "model.lora.alpha", self.alpha, "greater than 0")
-        require(0 <= self.dropout < 1, "model.lora.dropout", self.dropout, "in [0, 1)")
+        require_count(self.r, "model.lora.r", 1, MAX_LORA_RANK)
+        require_positive(self.alpha, "model.lora.alpha")
+        require(is_finite(self.dropout) and 0 <= self.dropout < 1, "model.lora.dropout",
+                self.dropout, "a finite number in [0, 1)")
 
 
 @dataclass
@@ -129,8 +151,8 @@ class ModelSettings:
                 or self.long_notes == LongNotes.chunk, "model.window_pooling",
                 self.window_pooling.value, "mean with model.long_notes=truncate (one window a "
                 "note: nothing to weigh)")
-        require(self.max_length >= 8, "model.max_length", self.max_length, "at least 8")
-        require(self.max_chunks >= 1, "model.max_chunks", self.max_chunks, "at least 1")
+        require_count(self.max_length, "model.max_length", 8, MAX_WINDOW_TOKENS)
+        require_count(self.max_chunks, "model.max_chunks", 1, MAX_CHUNKS)
         # A window holds max_length - 2 tokens of text ([CLS] and [SEP] take two).
         require(self.long_notes == LongNotes.truncate or self.chunk_stride is None
                 or 0 <= self.chunk_stride < self.max_length - 2, "model.chunk_stride",
@@ -286,21 +308,45 @@ class TrainSettings:
         self.optimizer = as_enum(OptimizerName, self.optimizer, "train.optimizer")
         self.precision = as_enum(Precision, self.precision, "train.precision")
         self.device = as_enum(Device, self.device, "train.device")
-        for key in ("local_epochs", "batch_size", "eval_batch_size"):
-            require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "at least 1")
-        require(self.learning_rate > 0, "train.learning_rate", self.learning_rate,
-                "greater than 0")
-        require(self.head_learning_rate is None or self.head_learning_rate > 0,
-                "train.head_learning_rate", self.head_learning_rate,
-                "greater than 0, or null (train.learning_rate for the head too)")
-        require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "at least 0")
-        require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm,
-                "at least 0 (0: no clipping)")
+        require_count(self.local_epochs, "train.local_epochs", 1, MAX_LOCAL_EPOCHS)
+        for key in ("batch_size", "eval_batch_size"):
+            require_count(getattr(self, key), f"train.{key}", 1, MAX_BATCH)
+        require_positive(self.learning_rate, "train.learning_rate")
+        if self.head_learning_rate is not None:
+            require_positive(self.head_learning_rate, "train.head_learning_rate",
+                             ", or null (train.learning_rate for the head too)")
+        require_non_negative(self.weight_decay, "train.weight_decay")
+        require_non_negative(self.max_grad_norm, "train.max_grad_norm", " (0: no clipping)")
         require(self.num_threads >= 0, "train.num_threads", self.num_threads,
                 "at least 0 (0: torch's default)")
         require(self.windows_per_pass is None or self.windows_per_pass >= 1,
                 "train.windows_per_pass", self.windows_per_pass,
                 "at least 1, or null (8 on a CPU, the whole batch on a GPU)")
+
+
+def check_privacy_values(section: DpSgdSettings | DistributedDpSettings, mechanism: str,
+                         notes: dict[str, str] | None = None) -> None:
+    """The values DP-SGD and distributed DP share. Switched off, a value that differs from the
+    default is an error: it would be silently ignored (``privacy.dp_sgd.target_epsilon=3``
+    without ``privacy=dp_sgd`` would run without DP-SGD). Except at a sweep's level without
+    ``mechanism`` (``target_epsilon=inf`` switched it off; its other values belong to the
+    sweep's private levels), and for the target epsilon, which ``PrivacySettings`` checks (the
+    privacy sweep gives both mechanisms one). Every value given is finite and in range."""
+    key = section.SECTION
+    off = not section.enabled and not section.non_private_level
+    if off:
+        require_defaults_while_off(section, key, "enabled", section.TURN_ON,
+                                   keep=("target_epsilon",), notes=notes)
+    elif section.target_epsilon is not None and not section.non_private_level:
+        require_positive(section.target_epsilon, f"{key}.target_epsilon",
+                         f" (inf, in a sweep: the level without {mechanism})")
+    if section.noise_multiplier is not None:
+        require_positive(section.noise_multiplier, f"{key}.noise_multiplier",
+                         " (use privacy=none for none)")
+    if section.target_delta is not None:
+        require_open_unit(section.target_delta, f"{key}.target_delta")
+    if section.max_epsilon is not None:
+        require_positive(section.max_epsilon, f"{key}.max_epsilon")
 
 
 @dataclass
@@ -316,6 +362,13 @@ class DpSgdSettings:
     """
 
     SECTION: ClassVar[str] = "privacy.dp_sgd"
+    # The options of conf/privacy/ that switch it on, as the user types them.
+    TURN_ON: ClassVar[str] = "privacy=dp_sgd or privacy=dp_sgd_central_dp"
+    # Its clipping norm is also the canary norm of an audit that leaves audit.canary_norm
+    # unset (tasks/hospital.py); without DP-SGD that norm is set there.
+    NOTES_WHILE_OFF: ClassVar[dict[str, str]] = {
+        "max_grad_norm": ". For the canary norm of an audit without DP-SGD, set "
+                         "audit.canary_norm"}
 
     enabled: bool = False
     target_epsilon: float | None = None
@@ -335,28 +388,20 @@ class DpSgdSettings:
         self.accountant = as_enum(Accountant, self.accountant, f"{key}.accountant")
         self.grad_sample_mode = as_enum(GradSampleMode, self.grad_sample_mode,
                                         f"{key}.grad_sample_mode")
-        if self.target_epsilon is not None and math.isinf(self.target_epsilon) \
-                and self.target_epsilon > 0 and self.noise_multiplier is None:
+        if self.non_private_level:
             self.enabled = False  # a sweep's non-private level (the target stays in its label)
-        if not self.enabled:
-            return
-        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+        if self.enabled and (self.target_epsilon is None) == (self.noise_multiplier is None):
             raise ConfigError(
                 f"invalid configuration at '{key}': give exactly one of target_epsilon (got "
                 f"{self.target_epsilon!r}) and noise_multiplier (got {self.noise_multiplier!r}): "
-                "the noise is either calibrated or fixed")
-        if self.target_epsilon is not None:
-            require(0 < self.target_epsilon < math.inf, f"{key}.target_epsilon",
-                    self.target_epsilon, "> 0 (inf, in a sweep: the level without DP-SGD)")
-        if self.noise_multiplier is not None:
-            require(self.noise_multiplier > 0, f"{key}.noise_multiplier", self.noise_multiplier,
-                    "> 0 (use privacy=none for none)")
-        if self.target_delta is not None:
-            require(0 < self.target_delta < 1, f"{key}.target_delta", self.target_delta,
-                    "in (0, 1)")
-        require(self.max_grad_norm > 0, f"{key}.max_grad_norm", self.max_grad_norm, "> 0")
-        if self.max_epsilon is not None:
-            require(self.max_epsilon > 0, f"{key}.max_epsilon", self.max_epsilon, "> 0")
+                "the noise is either calibrated or fixed", key)
+        check_privacy_values(self, "DP-SGD", self.NOTES_WHILE_OFF)
+        require_positive(self.max_grad_norm, f"{key}.max_grad_norm")
+
+    @property
+    def non_private_level(self) -> bool:
+        """A privacy sweep's level without DP-SGD: ``target_epsilon=inf``, no fixed noise."""
+        return self.target_epsilon == math.inf and self.noise_multiplier is None
 
 
 @dataclass
@@ -368,6 +413,7 @@ class DistributedDpSettings:
     accounts the steps it takes in its own ledger and refuses a round its policy forbids."""
 
     SECTION: ClassVar[str] = "privacy.distributed_dp"
+    TURN_ON: ClassVar[str] = "privacy=distributed_dp"
 
     enabled: bool = False
     target_epsilon: float | None = 8.0
@@ -386,23 +432,29 @@ class DistributedDpSettings:
     def __post_init__(self) -> None:
         key = self.SECTION
         self.accountant = as_enum(Accountant, self.accountant, f"{key}.accountant")
-        if self.target_epsilon is not None and math.isinf(self.target_epsilon) \
-                and self.target_epsilon > 0 and self.noise_multiplier is None:
+        if self.non_private_level:
             self.enabled = False  # a sweep's non-private level, as for DP-SGD
-        if not self.enabled:
-            return
-        require(self.target_epsilon is not None or self.noise_multiplier is not None,
-                f"{key}.target_epsilon", self.target_epsilon,
-                "a target epsilon, or a noise_multiplier")
-        if self.target_epsilon is not None:
-            require(0 < self.target_epsilon < math.inf, f"{key}.target_epsilon",
-                    self.target_epsilon, "> 0 and finite")
-        require(self.max_grad_norm > 0, f"{key}.max_grad_norm", self.max_grad_norm, "> 0")
-        require(self.expected_batch_size >= 1, f"{key}.expected_batch_size",
-                self.expected_batch_size, "at least 1")
-        if self.target_delta is not None:
-            require(0 < self.target_delta < 1, f"{key}.target_delta", self.target_delta,
-                    "in (0, 1)")
+        if self.enabled:
+            require(self.target_epsilon is not None or self.noise_multiplier is not None,
+                    f"{key}.target_epsilon", self.target_epsilon,
+                    "a target epsilon, or a noise_multiplier")
+        # The server's plan too, which a hospital receives (sample_rate, threshold,
+        # noise_multiplier, target_delta), is checked here.
+        check_privacy_values(self, "distributed DP")
+        require_positive(self.max_grad_norm, f"{key}.max_grad_norm")
+        require_count(self.expected_batch_size, f"{key}.expected_batch_size", 1,
+                      MAX_EXPECTED_BATCH)
+        if self.sample_rate is not None:
+            require_rate(self.sample_rate, f"{key}.sample_rate")
+        if self.threshold is not None:
+            require_count(self.threshold, f"{key}.threshold", 2, MAX_HOSPITALS,
+                          ": the noise of one hospital is its own")
+
+    @property
+    def non_private_level(self) -> bool:
+        """A privacy sweep's level without distributed DP: ``target_epsilon=inf``, no fixed
+        noise."""
+        return self.target_epsilon == math.inf and self.noise_multiplier is None
 
 
 @dataclass
@@ -412,6 +464,19 @@ class PrivacySettings:
 
     dp_sgd: DpSgdSettings = field(default_factory=DpSgdSettings)
     distributed_dp: DistributedDpSettings = field(default_factory=DistributedDpSettings)
+
+    def __post_init__(self) -> None:
+        """The target epsilon of a switched-off mechanism (each section refuses its other
+        switched-off values itself): the default, or the target of the mechanism that is on,
+        which the privacy sweep gives both (``conf/sweep/epsilon.yaml`` sweeps one target,
+        ``privacy=dp_sgd,distributed_dp`` runs both series at it)."""
+        for name, other in (("dp_sgd", "distributed_dp"), ("distributed_dp", "dp_sgd")):
+            section, on = getattr(self, name), getattr(self, other)
+            if section.enabled or section.non_private_level:
+                continue
+            if not (on.enabled and section.target_epsilon == on.target_epsilon):
+                require_defaults_while_off(section, section.SECTION, "enabled",
+                                           section.TURN_ON)
 
 
 @dataclass
@@ -430,8 +495,9 @@ class AuditSettings:
 
     def __post_init__(self) -> None:
         require(self.hospital >= 0, "audit.hospital", self.hospital, "a partition id, at least 0")
-        require(self.canary_norm is None or self.canary_norm > 0, "audit.canary_norm",
-                self.canary_norm, "greater than 0, or null (the DP-SGD clipping norm)")
+        if self.canary_norm is not None:
+            require_positive(self.canary_norm, "audit.canary_norm",
+                             ", or null (the DP-SGD clipping norm)")
 
 
 @dataclass
@@ -462,9 +528,19 @@ class TaskSettings(SharedSettings):
     # (a resumed run keeps the first run's entry, so its accountant composes the whole
     # training). None: this Flower run's own entry.
     ledger_run: int | None = None
+    # Set by the server: the evaluations each hospital is asked for in this run (round 0 and
+    # every scheduled round). A hospital answers no more (fewer if its policy's
+    # max-evaluations says so). None: planned_rounds + 1.
+    planned_evaluations: int | None = None
 
     def __post_init__(self) -> None:
-        require(self.planned_rounds >= 1, "planned_rounds", self.planned_rounds, "at least 1")
+        # Bounded: a hospital calibrates its noise and sizes its work from these.
+        require(1 <= self.planned_rounds <= MAX_PLANNED_ROUNDS, "planned_rounds",
+                self.planned_rounds, f"from 1 to {MAX_PLANNED_ROUNDS}")
+        require(self.planned_evaluations is None
+                or 1 <= self.planned_evaluations <= MAX_PLANNED_ROUNDS + 1,
+                "planned_evaluations", self.planned_evaluations,
+                f"from 1 to {MAX_PLANNED_ROUNDS + 1}, or null")
         check_precision_fits_dp_sgd(self.train, self.privacy.dp_sgd)
         # Ghost clipping computes norms per layer from activations, i.e. per window: it
         # cannot clip a note of several windows once (tasks/model/windows.py).

@@ -17,12 +17,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from protocol.messages import CAN_TRAIN_NEXT, PRIVACY_BUDGET_REFUSED
+from protocol.messages import CAN_TRAIN_NEXT
+from protocol.refusals import BY_NAME, explain_reason
 from strategies.wrapper import StrategyWrapper
 
 log = logging.getLogger(__name__)
 
-
+# Refusals after which a hospital is sent no more training work in this run: its budget or
+# policy rules the run out, its ledger needs its operator, or the run's privacy plan does
+# not fit it (asking again would get the same answer).
+STOPS_TRAINING = frozenset(BY_NAME[name].code for name in (
+    "privacy-budget-refused", "policy-refused", "privacy-plan-invalid", "ledger-unreadable"))
 
 class TrainingStopped(Exception):
     """Training ended before the planned rounds, for the reason given."""
@@ -71,8 +76,8 @@ class PrivacyBudgetGate(StrategyWrapper):
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                if reply.error.code == PRIVACY_BUDGET_REFUSED:
-                    self.exclude(node, reply.error.reason)
+                if reply.error.code in STOPS_TRAINING:
+                    self.exclude(node, explain_reason(reply.error.reason))
                 continue
             for metrics in reply.content.metric_records.values():
                 if metrics.get(CAN_TRAIN_NEXT, 1) == 0:

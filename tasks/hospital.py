@@ -85,7 +85,8 @@ def refuse_audit_in_deployment(settings: TaskSettings, partition_id: int,
     training set: the audit's canaries are for simulation only."""
     if settings.audit.canaries_path and data_path:
         raise TaskInputError(f"hospital {partition_id}: audit.canaries_path is set, but audit "
-                             "canaries are for simulation only; a deployed hospital refuses them")
+                             "canaries are for simulation only; a deployed hospital refuses them",
+                             key="audit.canaries_path")
 
 
 def _audit_canaries(settings: TaskSettings, partition_id: int, data_path: str | None,
@@ -194,11 +195,12 @@ class Hospital:
         if ledger is None:
             raise ValueError("DP-SGD training needs the hospital's privacy ledger")
         if proximal_mu > 0:
-            raise PrivacyBudgetError("FedProx's proximal term is not supported with DP-SGD")
+            raise PrivacyBudgetError("FedProx's proximal term is not supported with DP-SGD",
+                                     key="strategy.proximal_mu")
         plan = self.dp_sgd_plan(policy, ledger, prior_history)
-        refusal = plan.refusal(ledger.history, server_round)
+        refusal = plan.budget_error(ledger.history, server_round)
         if refusal:
-            raise PrivacyBudgetError(refusal)
+            raise refusal
         ledger.noise_multiplier, ledger.delta = plan.noise_multiplier, plan.delta
         outcome = train_with_dp_sgd(self.model, loader, self.settings.train,
                                     plan.noise_multiplier, plan.max_grad_norm,
@@ -225,9 +227,9 @@ class Hospital:
         plan, as_steps = hospital_plan(self.settings.privacy.distributed_dp, self.data.hospital,
                                        len(self.data.train), policy, lattice, dimension,
                                        prior_history)
-        refusal = as_steps.refusal(ledger.history, server_round)
+        refusal = as_steps.budget_error(ledger.history, server_round)
         if refusal:
-            raise PrivacyBudgetError(refusal)
+            raise refusal
         start = time.perf_counter()
         load_trainable_state(self.model, global_state)
         loader = make_loader(self._train, self.tokenizer, self.settings.train.batch_size,

@@ -113,7 +113,9 @@ class Deployment:
             ["bash", str(DEPLOY / "supernode.sh"), "--hospital", name, "--number", str(number),
              "--data-path", str(data), "--state-dir", str(state), "--superlink",
              f"127.0.0.1:{self.port}", "--port", str(free_port()), *security,
-             *[arg for key, value in (policy or {}).items() for arg in (f"--{key}", value)],
+             # De-identification is required by default; the tests switch it off for speed.
+             *[arg for key, value in ({"deid": "allowed"} | (policy or {})).items()
+               for arg in (f"--{key}", value)],
              *(["--ckks-context", str(ckks_context)] if ckks_context else [])],
             env={**self.env, "FLWR_HOME": str(state / "flwr-home")}, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_app.client_app import evaluate, preflight, train
+from fl_app.client_app import app
 from protocol import messages as m
 from settings.compose import task_settings_from_yaml
 from tasks.model.build import build_model, load_tokenizer, trainable_state
@@ -26,7 +26,10 @@ NODE = 7
 
 def _context(run_id: int, state_dir: str | Path, node_config: dict | None) -> Context:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, int(run_id), NODE
-    config = {"partition-id": 0, "num-partitions": 2, "state-dir": str(state_dir)}
+    # A state-dir makes it a deployed hospital, which requires de-identification unless its
+    # policy allows it off: the tests switch it off for speed (tests/test_deid.py covers it).
+    config = {"partition-id": 0, "num-partitions": 2, "state-dir": str(state_dir),
+              "deid": "allowed"}
     return Context(run_id=int(run_id), node_id=NODE, state=RecordDict(), run_config={},
                    node_config=config | (node_config or {}))
 
@@ -55,7 +58,7 @@ def hospital_train_reply(settings_yaml: str, state_dir: str | Path, run_id: int,
     sent = arrays if arrays is not None else initial_arrays(settings_yaml)
     msg = Message(RecordDict({m.ARRAYS_RECORD: sent, m.CONFIG_RECORD: config}),
                   dst_node_id=NODE, message_type="train")
-    reply = train(msg, context)
+    reply = app(msg, context)  # through the mods, as a SuperNode delivers it
     if reply.has_error():
         return {"error": reply.error.reason, "code": reply.error.code}, None
     return (dict(reply.content.metric_records[m.METRICS_RECORD]),
@@ -68,7 +71,10 @@ def hospital_evaluate(settings_yaml: str, state_dir: str | Path, run_id: int,
     msg = Message(RecordDict({m.ARRAYS_RECORD: initial_arrays(settings_yaml),
                               m.CONFIG_RECORD: ConfigRecord({m.TASK_KEY: settings_yaml})}),
                   dst_node_id=NODE, message_type="evaluate")
-    return dict(evaluate(msg, context).content.metric_records[m.METRICS_RECORD])
+    reply = app(msg, context)
+    if reply.has_error():
+        return {"error": reply.error.reason, "code": reply.error.code}
+    return dict(reply.content.metric_records[m.METRICS_RECORD])
 
 
 def hospital_preflight(settings_yaml: str, state_dir: str | Path, run_id: int,
@@ -77,7 +83,10 @@ def hospital_preflight(settings_yaml: str, state_dir: str | Path, run_id: int,
     context = _context(run_id, state_dir, node_config)
     msg = Message(RecordDict({m.CONFIG_RECORD: ConfigRecord({m.TASK_KEY: settings_yaml})}),
                   dst_node_id=NODE, message_type=f"query.{m.PREFLIGHT_QUERY}")
-    return dict(preflight(msg, context).content[m.PREFLIGHT_STATUS_RECORD])
+    reply = app(msg, context)
+    if reply.has_error():
+        return {"ok": False, "problem": reply.error.reason, "declined": ""}
+    return dict(reply.content[m.PREFLIGHT_STATUS_RECORD])
 
 
 def main(settings_file: str, state_dir: str, run_id: str, server_round: str,

@@ -13,11 +13,25 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, 
 from flwr.serverapp import Grid
 
 from fl_app.client_mods import asks_for_clipping, clip_update_for_client_level_dp
+from fl_app.hospital_edge import HOSPITAL_LOG, hospital_edge_mod
+from fl_app.node_config import state_dir
 from fl_app.secure_aggregation_mod import secure_aggregation_mod
 from protocol import messages as m
 
 ADAPTER = {"lora_A": np.zeros((8, 64), np.float32), "lora_B": np.zeros((64, 8), np.float32),
            "head.weight": np.zeros((3, 64), np.float32)}
+
+
+def through_hospital(msg: Message, context: Context, handler) -> Message:  # noqa: ANN001
+    """A train message through the hospital's edge and secure-aggregation mods, as the
+    ClientApp registers them, around ``handler``."""
+    return hospital_edge_mod(msg, context,
+                             lambda msg, ctx: secure_aggregation_mod(msg, ctx, handler))
+
+
+def hospital_log(context: Context) -> str:
+    """The hospital's own log (details of its refusals; never sent)."""
+    return (state_dir(context) / HOSPITAL_LOG).read_text()
 
 
 def step_of(node: int) -> dict[str, np.ndarray]:
@@ -48,7 +62,8 @@ class HospitalsGrid(Grid):
     def _handler(self, msg: Message, context: Context) -> Message:
         node = context.node_id
         if node in self.refusing:
-            return Message(Error(code=m.PRIVACY_BUDGET_REFUSED, reason="budget"), reply_to=msg)
+            return Message(Error(code=m.PRIVACY_BUDGET_REFUSED,
+                                 reason="4031 privacy-budget-refused"), reply_to=msg)
         start = {k: a.numpy() for k, a in msg.content[m.ARRAYS_RECORD].items()}
         trained = {k: Array(start[k] + step_of(node)[k]) for k in start}
         # As fl_app/replies.py: equal weights under client-level DP.
@@ -70,8 +85,8 @@ class HospitalsGrid(Grid):
                 self.silent[node] = "all"
             if self.silent.get(node) == "all":
                 continue
-            # The ClientApp's train mods, in its order, around the handler.
-            replies.append(secure_aggregation_mod(
+            # The ClientApp's mods, in its order, around the handler.
+            replies.append(through_hospital(
                 msg, self.contexts[node],
                 lambda msg, ctx: clip_update_for_client_level_dp(msg, ctx, self._handler)))
         self.received.extend((r.metadata.src_node_id,

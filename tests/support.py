@@ -59,8 +59,10 @@ def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
 
 def independent_epsilon(steps: list[tuple[float, float, int]], delta: float) -> float:
     """Epsilon of (noise, sample rate, steps) segments through Google's dp-accounting RDP
-    accountant on the same orders: an implementation independent of ours and of Opacus."""
-    accountant = RdpAccountant(orders=list(RDP_ORDERS))
+    accountant on the same orders: an implementation independent of ours and of Opacus,
+    under the relation the product claims (zero-out, dp-accounting's REPLACE_SPECIAL)."""
+    zero_out = dp_accounting.NeighboringRelation.REPLACE_SPECIAL
+    accountant = RdpAccountant(orders=list(RDP_ORDERS), neighboring_relation=zero_out)
     for noise, rate, count in steps:
         accountant.compose(dp_accounting.PoissonSampledDpEvent(
             rate, dp_accounting.GaussianDpEvent(noise)), count)

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from fl_app.audit_cli import AUDITORS, audit_bounds
 from settings.task import (
     DpSgdSettings,
 )
@@ -66,18 +67,40 @@ def test_audit_guesses_take_the_most_and_least_confident():
     assert guess_and_bound([0.0] * 6, included, [3], 0.0)[0].correct <= 6
 
 
+def test_the_black_and_white_box_bounds_hold_together_at_the_confidence_asked():
+    """The report's two bounds are read together (its headline is the larger), so each is
+    computed at 1 - (1 - confidence) / 2, and within each at a further 1/k of that."""
+    m = 200
+    scores = [float(j) for j in range(m)]
+    included = [j >= m // 2 for j in range(m)]  # perfectly separated: every guess right
+    both = audit_bounds({a: scores for a in AUDITORS}, {a: included for a in AUDITORS},
+                        [50], 1e-5, 0.95)
+    assert set(AUDITORS) == {"white_box", "black_box"}
+    for mode in AUDITORS:
+        assert both[mode]["confidence"] == pytest.approx(0.975)
+        assert (both[mode]["guesses"], both[mode]["correct"]) == (100, 100)
+        assert both[mode]["epsilon_lower_bound"] == epsilon_lower_bound(m, 100, 100, 1e-5,
+                                                                        0.975)
+        assert both[mode]["epsilon_lower_bound"] < epsilon_lower_bound(m, 100, 100, 1e-5, 0.95)
+    # Two k values: Bonferroni over the auditors, then over the k (alpha / 4 each).
+    two_k = audit_bounds({a: scores for a in AUDITORS}, {a: included for a in AUDITORS},
+                         [25, 50], 1e-5, 0.9)
+    assert [t["epsilon_lower_bound"] for t in two_k["white_box"]["tried"]] == [
+        epsilon_lower_bound(m, r, r, 1e-5, 1 - 0.1 / 4) for r in (50, 100)]
+
+
 @pytest.fixture(scope="module")
 def canary_hospital(tiny_bert, tmp_path_factory):
     work = tmp_path_factory.mktemp("audit")
     canaries = make_canaries(12, len(SPECIALTIES))
     given = write_canaries([c for c in canaries if c.included], work / "given.jsonl")
-    # Canaries of norm 10 (the clipping norm): in a model this small (4k trainable
-    # parameters) real gradients project on a random direction with ~1/sqrt(4k) of their
-    # norm, enough to blur canaries of norm 1 in one short round.
+    # Canaries of norm 10 (audit.canary_norm; the private case clips at 10 too): in a model
+    # this small (4k trainable parameters) real gradients project on a random direction with
+    # ~1/sqrt(4k) of their norm, enough to blur canaries of norm 1 in one short round.
     settings = task(tiny_bert, "model.max_length=32", "data.notes_per_hospital=40",
                     "train.batch_size=8", "train.local_epochs=3", "train.optimizer=sgd",
                     "train.learning_rate=0.1", "train.head_learning_rate=null",
-                    f"audit.canaries_path={given}", "privacy.dp_sgd.max_grad_norm=10")
+                    f"audit.canaries_path={given}", "audit.canary_norm=10")
     return settings, canaries, work
 
 

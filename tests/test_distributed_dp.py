@@ -177,7 +177,8 @@ class ClientAppGrid(Grid):
         self.contexts = {100 + k: Context(run_id=5, node_id=100 + k, state=RecordDict(),
                                           run_config={}, node_config={
                                               "partition-id": k, "num-partitions": hospitals,
-                                              "state-dir": str(state / f"h{k}")})
+                                              "state-dir": str(state / f"h{k}"),
+                                              "deid": "allowed"})
                          for k in range(hospitals)}
         self.received: list[RecordDict | None] = []
 
@@ -219,7 +220,7 @@ def _distributed_task(model_path, mode="secagg_plus", **plan):
     settings = task(model_path, "privacy=distributed_dp", f"secure_aggregation={mode}",
                     "train.precision=fp32",
                     "privacy.distributed_dp.target_epsilon=null",
-                    "privacy.distributed_dp.noise_multiplier=0.0")
+                    "privacy.distributed_dp.noise_multiplier=1.0")
     settings.privacy.distributed_dp = replace(settings.privacy.distributed_dp, **plan)
     return settings
 
@@ -252,8 +253,11 @@ def test_distributed_dp_round_without_noise_is_one_sgd_step_on_the_union(
     members = [Hospital(task(tiny_bert, "train.precision=fp32"), list(SPECIALTIES), k, 2)
                for k in range(2)]
     total = sum(len(h.train_records) for h in members)
-    settings = _distributed_task(tiny_bert, mode, max_grad_norm=1e6, sample_rate=1.0,
-                                 threshold=2, target_delta=1e-5, expected_batch_size=total)
+    # A hospital refuses sigma = 0 (no noise is no privacy): 1e-12 adds nothing measurable
+    # at this clipping norm.
+    settings = _distributed_task(tiny_bert, mode, max_grad_norm=1e4, sample_rate=1.0,
+                                 noise_multiplier=1e-12, threshold=2, target_delta=1e-5,
+                                 expected_batch_size=total)
     # The process's cached model serves the handlers too: without dropout for this test, so
     # that both passes see the same function.
     model, tokenizer = members[0].model, members[0].tokenizer
@@ -295,7 +299,8 @@ def test_distributed_dp_round_without_noise_is_one_sgd_step_on_the_union(
     for k in range(2):
         ledger = LedgerStore(tmp_path / f"h{k}").load(k, Accountant.rdp)
         (run,) = ledger.runs.values()
-        assert run.history == [(0.0, 1.0, 1)] and run.rounds_trained == [1]
+        (step,) = run.history
+        assert 0 < step[0] <= 1e-12 and step[1:] == (1.0, 1) and run.rounds_trained == [1]
 
 
 def test_distributed_dp_hospitals_refuse_over_budget_and_in_the_clear(
@@ -306,8 +311,8 @@ def test_distributed_dp_hospitals_refuse_over_budget_and_in_the_clear(
     start = trainable_state(members.model)
     _, replies, arrays = _round(settings, tmp_path, start)
     assert arrays is None
-    assert {r.error.code for r in replies} == {m.PRIVACY_BUDGET_REFUSED}
-    assert "above its budget 0.1" in replies[0].error.reason
+    assert {r.error.reason for r in replies} == {"4031 privacy-budget-refused"}
+    assert "above its budget 0.1" in (tmp_path / "h0" / "hospital.log").read_text()
     # Without secure aggregation a hospital sends no noisy sum, whatever the server says.
     settings = _distributed_task(tiny_bert, noise_multiplier=0.5, sample_rate=0.5,
                                  threshold=2, target_delta=1e-5)
@@ -317,7 +322,9 @@ def test_distributed_dp_hospitals_refuse_over_budget_and_in_the_clear(
                            m.SECURE_AGGREGATION_ON: True})
     replies = list(grid.send_and_receive(strategy.configure_train(1, ArrayRecord(start),
                                                                   config, grid)))
-    assert all("only through secure aggregation" in r.error.reason for r in replies)
+    assert {r.error.reason for r in replies} == {"4011 stage-refused"}
+    assert "only through secure aggregation" in (tmp_path / "plain" / "h0" /
+                                                 "hospital.log").read_text()
 
 
 def test_distributed_dp_rounds_share_one_ledger_entry():

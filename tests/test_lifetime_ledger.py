@@ -5,6 +5,7 @@ dp-accounting, and is only ever archived on purpose, with a record."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from settings.task import (
     Accountant,
 )
 from tasks.privacy.accounting import epsilon_spent
-from tasks.privacy.ledger import LedgerError, LedgerStore, PrivacyLedger
+from tasks.privacy.ledger import LedgerError, LedgerStore, LifetimeLedger, PrivacyLedger
 from tests.flower_processes import ROOT
 from tests.hospital_process import hospital_train
 from tests.support import independent_epsilon, task
@@ -64,12 +65,14 @@ def test_lifetime_ledger_composes_runs_and_stops_the_second_when_spent(settings_
     assert second["can-train-next"] == 0, "the lifetime budget is spent"
 
     refused = hospital_train(settings_yaml, state, 202, 2, policy)
-    assert refused["code"] == 4031
-    assert "privacy policy max-epsilon" in refused["error"]
-    assert "lifetime epsilon from" in refused["error"]
+    assert refused["code"] == 4031  # the server learns the code; the hospital's log, why
+    local = (state / "hospital.log").read_text()
+    assert "privacy policy max-epsilon" in local and "lifetime epsilon from" in local
     # A third run is refused before its first step.
     third = hospital_train(settings_yaml, state, 303, 1, policy)
-    assert "noise is too low for the remaining lifetime budget" in third["error"]
+    assert third["code"] == 4007
+    assert "noise is too low for the remaining lifetime budget" in (
+        state / "hospital.log").read_text().rsplit("refused as", 1)[-1]
 
     ledger = LedgerStore(state).load(0, Accountant.rdp)
     assert sorted(ledger.runs) == [101, 202], "a refused run spent nothing and wrote nothing"
@@ -100,6 +103,113 @@ def test_a_damaged_ledger_is_never_silently_reset(tmp_path, text):
     (tmp_path / "privacy-ledger.json").write_text(text)
     with pytest.raises(LedgerError, match="unreadable.*refusing to train rather than forget"):
         LedgerStore(tmp_path).load(0, Accountant.rdp)
+
+
+BAD_STEPS = [(-1.0, 0.25, 4), (0.0, 0.25, 4), (math.nan, 0.25, 4), (math.inf, 0.25, 4),
+             (NOISE, 0.0, 4), (NOISE, 2.0, 4), (NOISE, math.nan, 4), (NOISE, 0.25, -1),
+             (NOISE, 0.25, 2.5)]
+
+
+@pytest.mark.parametrize("step", BAD_STEPS)
+def test_a_step_the_accountant_cannot_stand_on_is_never_booked(step):
+    """A hostile server must not make a hospital book sigma -1 (RDP sees sigma squared: it
+    would account as +1), a NaN (epsilon NaN compares false to every cap) or a rate > 1."""
+    ledger = PrivacyLedger(run_id=3, hospital=6)
+    ledger.add_step(ROUND)
+    with pytest.raises(LedgerError, match="hospital 6: privacy ledger of run 3: step: "
+                                          "(noise multiplier|sample rate|step count)"):
+        ledger.add_step(step)
+    assert ledger.history == [ROUND], "nothing booked"
+
+
+def _ledger_file(tmp_path, run: dict, hospital: int = 6) -> None:
+    data = {"format": 2, "hospital": hospital, "accountant": "rdp",
+            "neighbouring_relation": "zero_out", "runs": [run], "events": []}
+    (tmp_path / "privacy-ledger.json").write_text(json.dumps(data))
+
+
+def _run(**fields) -> dict:
+    return {"run_id": 3, "hospital": 6, "noise_multiplier": NOISE, "delta": DELTA,
+            "history": [list(ROUND)], "rounds_trained": [1]} | fields
+
+
+@pytest.mark.parametrize("step", BAD_STEPS + [(NOISE, 0.25, "4"), ("1.0", 0.25, 4)])
+def test_a_ledger_file_with_a_bad_entry_is_refused_naming_file_and_field(tmp_path, step):
+    _ledger_file(tmp_path, _run(history=[list(ROUND), list(step)]))
+    # A NaN or inf is refused by the JSON reader, any other by the entry check: both name
+    # the file and the field.
+    with pytest.raises(LedgerError, match=r"privacy ledger .*privacy-ledger.json is unreadable "
+                                          r"\(.*history\[1\]"):
+        LedgerStore(tmp_path).load(6, Accountant.rdp)
+    with pytest.raises(LedgerError, match=r"history\[1\]"):  # context.state's copy too
+        PrivacyLedger.from_dict(_run(history=[list(ROUND), list(step)]))
+
+
+@pytest.mark.parametrize("field,value", [("noise_multiplier", -1.0), ("noise_multiplier", 0.0),
+                                         ("noise_multiplier", math.inf), ("delta", 0.0),
+                                         ("delta", 1.0), ("delta", -1e-5)])
+def test_a_ledger_with_a_bad_committed_noise_or_delta_is_refused(tmp_path, field, value):
+    _ledger_file(tmp_path, _run(**{field: value}))
+    with pytest.raises(LedgerError, match=f"unreadable .*{field}"):
+        LedgerStore(tmp_path).load(6, Accountant.rdp)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_a_ledger_file_containing_nan_or_infinity_is_refused_on_load(tmp_path, constant):
+    _ledger_file(tmp_path, _run())
+    path = tmp_path / "privacy-ledger.json"
+    path.write_text(path.read_text().replace('"noise_multiplier": 1.0',
+                                             f'"noise_multiplier": {constant}'))
+    assert constant in path.read_text()
+    with pytest.raises(LedgerError, match=f"{path} is unreadable .*non-finite number "
+                                          f".*, at runs\\[0\\].noise_multiplier"):
+        LedgerStore(tmp_path).load(6, Accountant.rdp)
+    legacy = tmp_path / "privacy_ledger_run_3.json"  # the earlier per-run files too
+    path.unlink()
+    legacy.write_text(json.dumps(_run()).replace("[1.0, 0.25, 4]", f"[{constant}, 0.25, 4]"))
+    with pytest.raises(LedgerError, match=f"{legacy} is unreadable .*non-finite number"):
+        LedgerStore(tmp_path).load(6, Accountant.rdp)
+
+
+def test_a_ledger_the_product_writes_never_contains_nan(tmp_path):
+    store = LedgerStore(tmp_path)
+    ledger = LifetimeLedger(hospital=6, accountant=Accountant.rdp)
+    run = ledger.run(3)
+    run.noise_multiplier, run.delta = NOISE, DELTA
+    run.add_step(ROUND)
+    store.save(ledger)
+    good = store.path.read_text()
+    assert "NaN" not in good and "Infinity" not in good
+    assert json.loads(good, parse_constant=lambda c: pytest.fail(c))["format"] == 2
+    # What slipped past add_step (history edited in place, a NaN delta) is refused at writing,
+    # and the file on disk stays what it was.
+    for bad in ({"delta": math.nan}, {"history": [ROUND, (math.nan, 0.25, 4)]}):
+        broken = LifetimeLedger(hospital=6, accountant=Accountant.rdp)
+        broken.runs[3] = PrivacyLedger(run_id=3, hospital=6, noise_multiplier=NOISE,
+                                       delta=DELTA, history=[ROUND])
+        for key, value in bad.items():
+            setattr(broken.runs[3], key, value)
+        with pytest.raises(LedgerError, match="hospital 6: privacy ledger of run 3"):
+            store.save(broken)
+        with pytest.raises(LedgerError):
+            broken.runs[3].to_json()  # nor into Flower's context.state
+        assert store.path.read_text() == good
+    # Whatever else the file holds is written without NaN too (json's allow_nan=False).
+    ledger.events.append({"event": "note", "lifetime_epsilon": math.nan})
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        store.save(ledger)
+    assert store.path.read_text() == good
+    # Events are data too: an unbounded lifetime epsilon is written as "inf", never Infinity.
+    store.archive("test", lifetime_epsilon=math.inf)
+    archived = store.path.read_text()
+    assert "Infinity" not in archived and '"lifetime_epsilon": "inf"' in archived
+
+
+@pytest.mark.parametrize("delta", ["nan", "0", "1"])
+def test_ledger_command_refuses_a_delta_outside_zero_one(tmp_path, delta, capsys):
+    with pytest.raises(SystemExit):
+        ledger_cli.main([str(tmp_path), "--delta", delta])
+    assert "--delta must be a number in (0, 1)" in capsys.readouterr().err
 
 
 def test_ledgers_of_the_earlier_per_run_format_are_still_counted(tmp_path):

@@ -11,7 +11,7 @@ from settings.compose import ConfigError, compose_config
 from settings.task import DataFormat, DataSettings, DataSource, Partitioning
 from tasks.data.hospital_data import load_hospital_data, load_server_test_set, source_labels
 from tasks.data.loaders import load_records
-from tasks.errors import DataFileError
+from tasks.errors import DataFileError, UnknownLabelsError
 
 ROWS = [
     {"note": "chest pain on exertion", "dx": "cardiology", "site": "north", "split": "train"},
@@ -94,10 +94,13 @@ def test_missing_column_names_the_file_and_the_column(tmp_path):
 
 def test_unknown_label_names_file_row_and_column(tmp_path):
     path = write(tmp_path, "notes.csv", ROWS)
-    with pytest.raises(DataFileError,
-                       match=r"notes.csv, row 3, column 'dx': label 'pulmonology' is not in"):
+    with pytest.raises(UnknownLabelsError,
+                       match=r"notes.csv, row 3, column 'dx': label 'pulmonology' is not in") \
+            as raised:
         load_hospital_data(files_settings(path, labels=["cardiology", "neurology"]),
                            ["cardiology", "neurology"], 0, 2)
+    # What may leave the hospital: the key and how many records, never the label.
+    assert raised.value.key == "data.labels" and raised.value.counts == {"records": 1}
 
 
 def test_non_utf8_bytes_name_the_file_row_and_column(tmp_path):

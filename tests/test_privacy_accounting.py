@@ -3,18 +3,27 @@ implementation (Google's dp-accounting); the plan refuses settings a hospital ca
 
 from __future__ import annotations
 
+import json
+import math
+
 import dp_accounting
 import pytest
 from dp_accounting.pld import PLDAccountant
+from dp_accounting.rdp import RdpAccountant
 
 from settings.task import Accountant, DpSgdSettings
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.hospital import Hospital
 from tasks.model.build import trainable_state
-from tasks.privacy.accounting import calibrate_noise_multiplier, epsilon_spent
+from tasks.privacy.accounting import (
+    NEIGHBOURING_RELATION,
+    RDP_ORDERS,
+    calibrate_noise_multiplier,
+    epsilon_spent,
+)
 from tasks.privacy.ledger import LedgerError, LedgerStore, LifetimeLedger, PrivacyLedger, most_spent
-from tasks.privacy.plan import PrivacyBudgetError, plan_dp_sgd
-from tasks.privacy.policy import default_delta
+from tasks.privacy.plan import MAX_PLANNED_STEPS, PrivacyBudgetError, plan_dp_sgd
+from tasks.privacy.policy import HospitalPolicy, default_delta
 from tests.support import independent_epsilon, task
 
 
@@ -35,6 +44,67 @@ HISTORIES = [
 def test_rdp_epsilon_matches_dp_accounting(history, delta):
     ours = epsilon_spent(history, delta, Accountant.rdp)
     assert ours == pytest.approx(independent_epsilon(history, delta), rel=1e-6)
+
+
+ZERO_OUT_HISTORIES = [
+    [(0.7, 1 / 15, 180)],  # the example setting of docs/privacy-accounting.md
+    [(1.0, 0.25, 8)],
+    [(1.2, 1 / 15, 15), (1.2, 1 / 15, 30), (0.9, 1 / 30, 60)],
+    [(0.8, 0.01, 1000), (2.0, 0.2, 50), (5.0, 1.0, 3)],
+]
+
+
+@pytest.mark.parametrize("history", ZERO_OUT_HISTORIES)
+def test_epsilon_is_dp_accountings_under_the_zero_out_relation(history):
+    """The product claims its epsilon for zero-out neighbours (one record replaced by a null
+    record); dp-accounting computes that relation itself, so this is the claim checked."""
+    assert NEIGHBOURING_RELATION == "zero_out"
+    for delta in (1e-5, 1e-7):
+        assert epsilon_spent(history, delta, Accountant.rdp) == pytest.approx(
+            independent_epsilon(history, delta), rel=1e-6)
+
+
+def test_rdp_cannot_account_replace_one_for_this_mechanism():
+    """Why the product does not claim replace-one: the RDP accountant refuses it for the
+    Poisson-subsampled Gaussian (PLD accounting would be needed: a later change)."""
+    accountant = RdpAccountant(orders=list(RDP_ORDERS),
+                               neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    assert not accountant.supports(_event(0.7, 1 / 15))
+
+
+@pytest.mark.parametrize("step", [(-1.0, 0.1, 10), (0.0, 0.1, 10), (math.nan, 0.1, 10),
+                                  (math.inf, 0.1, 10), (1.0, 0.0, 10), (1.0, 2.0, 10),
+                                  (1.0, math.nan, 10), (1.0, 0.1, -1), (1.0, 0.1, 2.5)])
+def test_epsilon_refuses_an_entry_it_cannot_stand_on(step):
+    # sigma -1 would otherwise account exactly like +1 (RDP sees sigma squared).
+    with pytest.raises(ValueError, match="noise multiplier|sample rate|step count"):
+        epsilon_spent([(1.0, 0.1, 10), step], 1e-5, Accountant.rdp)
+
+
+@pytest.mark.parametrize("delta", [math.nan, math.inf, 0.0, 1.0, -1e-5])
+def test_epsilon_and_calibration_refuse_a_delta_outside_zero_one(delta):
+    with pytest.raises(ValueError, match="delta"):
+        epsilon_spent([(1.0, 0.1, 10)], delta, Accountant.rdp)
+    with pytest.raises(ValueError, match="delta"):
+        calibrate_noise_multiplier(3.0, delta, 0.1, 10, Accountant.rdp)
+
+
+@pytest.mark.parametrize("target,rate,steps", [(math.nan, 0.1, 10), (0.0, 0.1, 10),
+                                               (3.0, 0.0, 10), (3.0, math.nan, 10),
+                                               (3.0, 0.1, 0)])
+def test_calibration_refuses_what_it_cannot_calibrate_for(target, rate, steps):
+    with pytest.raises(ValueError):
+        calibrate_noise_multiplier(target, 1e-5, rate, steps, Accountant.rdp)
+
+
+def test_epsilon_is_never_nan_a_noise_too_small_to_compute_is_infinite():
+    # 1e-300 makes Opacus' series divide by zero; no noise to speak of is no guarantee.
+    assert epsilon_spent([(1e-300, 0.5, 1)], 1e-5, Accountant.rdp) == math.inf
+    assert epsilon_spent([(1e-300, 0.5, 0), (1.0, 0.1, 1)], 1e-5, Accountant.rdp) == (
+        pytest.approx(independent_epsilon([(1.0, 0.1, 1)], 1e-5), rel=1e-6))
+    # At a delta near 1 the RDP conversion goes negative; like dp-accounting, report 0.
+    assert epsilon_spent([(5.0, 0.01, 1)], 0.9, Accountant.rdp) == 0.0
+    assert independent_epsilon([(5.0, 0.01, 1)], 0.9) == 0.0
 
 
 def test_prv_epsilon_is_close_to_dp_accounting_pld_and_not_below_it():
@@ -81,6 +151,42 @@ def test_budget_too_small_for_one_round_is_refused_before_training():
         _plan(target_epsilon=None, noise_multiplier=0.8, max_epsilon=0.1)
 
 
+def test_a_plan_of_a_billion_steps_is_refused():
+    with pytest.raises(PrivacyBudgetError, match=r"hospital 3: .*1000000005 DP-SGD steps, "
+                                                 r"above the most this product plans"):
+        plan_dp_sgd(DpSgdSettings(enabled=True, noise_multiplier=1.0), hospital=3,
+                    train_records=240, batch_size=16, local_epochs=1,
+                    planned_rounds=66_666_667)  # x 15 steps a round
+    within = plan_dp_sgd(DpSgdSettings(enabled=True, noise_multiplier=1.0), 3, 240, 16, 1,
+                         planned_rounds=MAX_PLANNED_STEPS // 15)
+    assert within.steps_per_round == 15
+
+
+@pytest.mark.parametrize("noise", [-1.0, 0.0, math.nan, math.inf])
+def test_a_plan_refuses_a_noise_multiplier_it_cannot_account(noise):
+    with pytest.raises(PrivacyBudgetError, match="hospital 3: the noise multiplier its ledger "
+                                                 "committed to: noise multiplier"):
+        plan_dp_sgd(DpSgdSettings(enabled=True, target_epsilon=8.0), 3, 240, 16, 1, 4,
+                    committed_noise_multiplier=noise)
+
+
+def test_a_budget_check_that_meets_a_nan_epsilon_refuses(monkeypatch):
+    """NaN compares false against any cap: "after > cap" would let the round through."""
+    policy = HospitalPolicy(hospital=3, max_epsilon=50.0)
+    plan = plan_dp_sgd(DpSgdSettings(enabled=True, target_epsilon=8.0), 3, 240, 16, 1, 4,
+                       policy=policy)
+    assert plan.refusal([], 1) is None
+    monkeypatch.setattr("tasks.privacy.plan.epsilon_spent", lambda *args: math.nan)
+    assert "round 1 would raise epsilon from nan to nan" in plan.refusal([], 1)
+    lifetime_only = plan_dp_sgd(DpSgdSettings(enabled=True, noise_multiplier=1.0), 3, 240, 16,
+                                1, 4, policy=policy, committed_noise_multiplier=1.0)
+    assert lifetime_only.max_epsilon is None
+    assert "privacy policy max-epsilon" in lifetime_only.refusal([], 1)
+    with pytest.raises(PrivacyBudgetError, match="too small for even one round"):
+        plan_dp_sgd(DpSgdSettings(enabled=True, noise_multiplier=1.0, max_epsilon=50.0), 3,
+                    240, 16, 1, 4)
+
+
 def test_the_target_epsilon_is_also_a_cap():
     plan = plan_dp_sgd(DpSgdSettings(enabled=True, target_epsilon=3.0), 0, 240, 16, 1,
                        planned_rounds=4)
@@ -103,6 +209,46 @@ def test_ledger_round_trips_through_its_durable_store(tmp_path):
     store.path.write_text("{not json")
     with pytest.raises(LedgerError, match="unreadable"):
         store.load(1, Accountant.rdp)
+
+
+# Computed before the ledger recorded its neighbouring relation (format 1), with the product's
+# accountant: the same history must give the same epsilon now.
+FORMAT_1_EPSILON = 6.528418259356984  # [(1.0, 0.25, 8)] at delta 1e-5
+
+
+def test_a_format_1_ledger_still_loads_and_gives_the_same_epsilon(tmp_path):
+    format_1 = {"format": 1, "hospital": 0, "accountant": "rdp",
+                "runs": [{"run_id": 5, "hospital": 0, "noise_multiplier": 1.0, "delta": 1e-5,
+                          "history": [[1.0, 0.25, 8]], "rounds_trained": [1, 2]}],
+                "events": []}
+    (tmp_path / "privacy-ledger.json").write_text(json.dumps(format_1, indent=1))
+    store = LedgerStore(tmp_path)
+    ledger = store.load(0, Accountant.rdp)
+    assert ledger.runs[5].history == [(1.0, 0.25, 8)]
+    assert ledger.epsilon(1e-5) == pytest.approx(FORMAT_1_EPSILON, rel=1e-12)
+    assert ledger.epsilon(1e-5) == pytest.approx(independent_epsilon([(1.0, 0.25, 8)], 1e-5),
+                                                 rel=1e-6)
+    store.save(ledger)  # written again in the current format, naming the relation
+    written = json.loads(store.path.read_text())
+    assert written["format"] == 2 and written["neighbouring_relation"] == "zero_out"
+    assert store.load(0, Accountant.rdp).epsilon(1e-5) == pytest.approx(FORMAT_1_EPSILON)
+
+
+@pytest.mark.parametrize("relation", ["add_or_remove_one", "replace_one", None])
+def test_a_ledger_kept_for_another_neighbouring_relation_is_refused(tmp_path, relation):
+    data = {"format": 2, "hospital": 4, "accountant": "rdp", "runs": [], "events": []}
+    if relation is not None:
+        data["neighbouring_relation"] = relation
+    (tmp_path / "privacy-ledger.json").write_text(json.dumps(data))
+    expected = (f"hospital 4: privacy ledger .* key 'neighbouring_relation' is '{relation}'"
+                if relation else "unreadable .*neighbouring_relation")
+    with pytest.raises(LedgerError, match=expected):
+        LedgerStore(tmp_path).load(4, Accountant.rdp)
+    data["format"] = 1  # a format-1 file naming another relation is refused just the same
+    (tmp_path / "privacy-ledger.json").write_text(json.dumps(data))
+    if relation is not None:
+        with pytest.raises(LedgerError, match="neighbouring_relation"):
+            LedgerStore(tmp_path).load(4, Accountant.rdp)
 
 
 def test_of_two_copies_the_one_with_more_spending_wins():

@@ -6,6 +6,7 @@ test_deployment.py)."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -111,27 +112,32 @@ def _no_ledger_spent(state_dir):
 
 
 @pytest.mark.parametrize("where", ["node config", "policy file"])
-@pytest.mark.parametrize("case,dp,message", [
-    ("privacy=none", {}, "require-dp .*training with no DP-SGD; refused, nothing trained"),
-    ("target_epsilon=.inf", {"target_epsilon": math.inf},
+@pytest.mark.parametrize("case,dp,key,message", [
+    ("privacy=none", {}, "require-dp",
+     "require-dp .*training with no DP-SGD; refused, nothing trained"),
+    ("target_epsilon=.inf", {"target_epsilon": math.inf}, "require-dp",
      r"require-dp .*no DP-SGD \(privacy.dp_sgd.target_epsilon=\.inf.*; refused"),
-    ("delta above max-delta", {"target_epsilon": 3.0, "target_delta": 1e-3},
+    ("delta above max-delta", {"target_epsilon": 3.0, "target_delta": 1e-3}, "max-delta",
      r"max-delta .*target_delta=0.001, above the hospital's maximum 1e-05"),
     ("noise overruns the lifetime budget", {"noise_multiplier": 0.3, "target_epsilon": None},
-     r"max-epsilon .*above the hospital's lifetime budget 2"),
+     "max-epsilon", r"max-epsilon .*above the hospital's lifetime budget 2"),
 ])
-def test_policy_refuses_before_any_step(task, tmp_path, where, case, dp, message):
+def test_policy_refuses_before_any_step(task, tmp_path, where, case, dp, key, message):
+    """The server learns the refusal's code and the policy key; the hospital's own log keeps
+    the reason in words."""
     policy = {"max-epsilon": 2.0, "max-delta": 1e-5}
     node_config = policy if where == "node config" else {}
     if where == "policy file":
-        (tmp_path / POLICY_FILE).write_text("max-epsilon = 2.0\nmax-delta = 1e-5\n")
+        (tmp_path / POLICY_FILE).write_text(
+            'max-epsilon = 2.0\nmax-delta = 1e-5\ndeid = "allowed"\n')
     settings = task(**dp)
     status = hospital_preflight(settings, tmp_path, 5, node_config)
     assert status["ok"], status["problem"]
-    assert status["declined"] and __import__("re").search(message, status["declined"]), status
+    assert status["declined"] == f"4007 policy-refused key={key}", status
     reply = hospital_train(settings, tmp_path, 5, 1, node_config)
-    assert reply["code"] == 4031 and __import__("re").search(message, reply["error"]), reply
-    assert "hospital 0: privacy policy" in reply["error"]
+    assert reply == {"code": 4007, "error": f"4007 policy-refused key={key}"}, reply
+    local = (tmp_path / "hospital.log").read_text()
+    assert len(re.findall(message, local)) == 2, local  # preflight and train, in words
     assert _no_ledger_spent(tmp_path), "nothing trained"
 
 
@@ -147,8 +153,9 @@ def test_a_policy_within_limits_trains_and_reports_its_lifetime(task, tmp_path):
 def test_a_bad_policy_stops_preflight_naming_the_hospital_and_key(task, tmp_path):
     status = hospital_preflight(task(target_epsilon=3.0), tmp_path, 5, {"max-delta": 0.5})
     assert not status["ok"]
+    assert status["problem"] == "4008 policy-invalid key=max-delta"
     assert "hospital 0: privacy policy (node config) key 'max-delta' is 0.5, not below " \
-           "1/records" in status["problem"]
+           "1/records" in (tmp_path / "hospital.log").read_text()
 
 
 def test_under_dp_sgd_replies_carry_no_timing_and_no_per_class_counts(task, tmp_path):
@@ -166,3 +173,24 @@ def test_under_dp_sgd_replies_carry_no_timing_and_no_per_class_counts(task, tmp_
     assert none["num-examples"] == full["num-examples"] > 0
     plain = hospital_train(task(), tmp_path, 5, 1)
     assert "train-seconds" in plain, "non-private runs keep their timing"
+
+
+@pytest.mark.parametrize("typo,meant", [("max_epsilon", "max-epsilon"),
+                                        ("require_dp", "require-dp"),
+                                        ("Max-Epsilon", "max-epsilon"),
+                                        ("max-epsilom", "max-epsilon"),
+                                        ("label_column", "label-column"),
+                                        ("eval_fraction", "eval-fraction")])
+def test_hostile_server_cannot_exploit_a_policy_typo_in_the_node_config(task, tmp_path, typo,
+                                                                         meant):
+    """A node config key that is a policy key spelled another way would leave the hospital
+    without that limit (the TOML file already refuses unknown keys): it stops the hospital,
+    naming the key it meant."""
+    status = hospital_preflight(task(), tmp_path, 5, {typo: "3"})
+    assert not status["ok"] and status["problem"] == f"4008 policy-invalid key={meant}"
+    reply = hospital_train(task(), tmp_path, 5, 1, {typo: "3"})
+    assert reply == {"code": 4008, "error": f"4008 policy-invalid key={meant}"}
+    assert _no_ledger_spent(tmp_path)
+    # Flower's own node config keys and the hospital's other keys are not typos.
+    load_policy(tmp_path, {"partition-id": 0, "num-partitions": 2, "state-dir": "x",
+                           "ckks-context": "y", "fault-drill": "nan"}, 0)

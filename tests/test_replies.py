@@ -9,7 +9,6 @@ from fl_app.replies import (
     distributed_share_reply,
     evaluate_reply,
     preflight_reply,
-    refusal_reply,
     train_reply,
 )
 from protocol import messages as m
@@ -84,10 +83,16 @@ def test_a_private_train_reply_states_its_cumulative_privacy_and_weight_for_cent
     assert "train-seconds" not in metrics, "a round's duration follows its Poisson batches"
 
 
-def test_a_refusal_sends_no_update_only_the_reason():
-    reply = refusal_reply(_instruction("train"), "hospital 1: privacy budget: ...")
+def test_a_refusal_sends_no_update_only_its_code_key_and_counts():
+    from fl_app.hospital_edge import refusal_for, refusal_message
+    from tasks.privacy.plan import PrivacyBudgetError
+
+    err = PrivacyBudgetError("hospital 1: privacy budget: round 3 would raise epsilon from "
+                             "2.9 to 3.2 (/secret/path)", key="max-epsilon")
+    reply = refusal_message(_instruction("train"), refusal_for(err))
     assert reply.has_error() and not reply.has_content()
-    assert reply.error.code == 4031 and "privacy budget" in reply.error.reason
+    assert reply.error.code == 4031
+    assert reply.error.reason == "4031 privacy-budget-refused key=max-epsilon"
 
 
 def _private_outcome():

@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import (
 
 from fl_app.preflight import HospitalReport
 from fl_app.secure_aggregation_grid import SecureAggregationGrid, ciphertexts_of
-from fl_app.secure_aggregation_mod import ckks_context_path, secure_aggregation_mod
+from fl_app.secure_aggregation_mod import ckks_context_path
 from fl_app.server_app import Federation, check_ckks_keys, secure_aggregation_grid
 from protocol import messages as m
 from secure_aggregation import ckks
@@ -21,7 +21,15 @@ from settings.checks import ConfigError
 from settings.compose import compose_config, task_settings_to_yaml, to_run_settings
 from settings.secure_aggregation import SecureAggregationMode, SecureAggregationSettings
 from tests.hospital_process import hospital_preflight
-from tests.secure_hospitals import ADAPTER, HospitalsGrid, fedavg_of, records_of, step_of
+from tests.secure_hospitals import (
+    ADAPTER,
+    HospitalsGrid,
+    fedavg_of,
+    hospital_log,
+    records_of,
+    step_of,
+    through_hospital,
+)
 from tests.support import task
 
 NODES = [101, 202, 303, 404]
@@ -114,7 +122,8 @@ def test_secagg_plus_releases_nothing_when_a_secret_has_too_few_shares():
     _, replies, _, arrays = _round(hospitals, settings)
     assert arrays is None
     reasons = {r.metadata.src_node_id: (r.error.code, r.error.reason) for r in replies}
-    assert reasons[303] == (m.PRIVACY_BUDGET_REFUSED, "budget")  # its refusal, kept
+    # Its refusal, kept as it was sent.
+    assert reasons[303] == (m.PRIVACY_BUDGET_REFUSED, "4031 privacy-budget-refused")
     assert "1 shares of node 303's secret" in reasons[101][1]
 
 
@@ -209,26 +218,26 @@ def test_a_hospital_refuses_to_unmask_a_neighbour_listed_as_active_and_dropped()
     settings = SecureAggregationSettings(mode="secagg_plus")
     _round(hospitals, settings)  # a full round leaves the hospitals' state after unmask
     context = hospitals.contexts[101]
-    reply = secure_aggregation_mod(_stage_message(101, {
+    reply = through_hospital(_stage_message(101, {
         m.SECAGG_STAGE: m.STAGE_UNMASK, m.SECAGG_ROUND: 1, m.SECAGG_ACTIVE: [101, 202],
         m.SECAGG_DROPPED: [202]}), context, _never_called)
-    assert reply.error.code == m.SECURE_AGGREGATION_FAILED
-    assert "hospital 0" in reply.error.reason
+    assert reply.error.reason == "4011 stage-refused"
 
 
 def test_a_hospital_refuses_a_threshold_of_one_and_a_second_unmask():
     hospitals = HospitalsGrid(NODES)
     context = hospitals.contexts[101]
-    reply = secure_aggregation_mod(_stage_message(101, {
+    reply = through_hospital(_stage_message(101, {
         m.SECAGG_STAGE: m.STAGE_SETUP, m.SECAGG_ROUND: 1, m.SECAGG_THRESHOLD: 1,
         m.SECAGG_CLIPPING_RANGE: 4.0, m.SECAGG_QUANTIZATION_RANGE: 2**24,
         m.SECAGG_MAX_WEIGHT: 100.0}), context, _never_called)
-    assert "one share would reveal a secret" in reply.error.reason
+    assert reply.error.reason == "4011 stage-refused"
+    assert "one share would reveal a secret" in hospital_log(context)
     _round(hospitals, SecureAggregationSettings(mode="secagg_plus"))
-    reply = secure_aggregation_mod(_stage_message(101, {
+    reply = through_hospital(_stage_message(101, {
         m.SECAGG_STAGE: m.STAGE_UNMASK, m.SECAGG_ROUND: 1, m.SECAGG_ACTIVE: [101, 202],
         m.SECAGG_DROPPED: []}), context, _never_called)
-    assert "no keys" in reply.error.reason
+    assert reply.error.reason == "4011 stage-refused" and "no keys" in hospital_log(context)
 
 
 def test_a_hospital_decrypts_only_a_sum_it_is_part_of_once_a_round(ckks_home):
@@ -237,16 +246,19 @@ def test_a_hospital_decrypts_only_a_sum_it_is_part_of_once_a_round(ckks_home):
     context = hospitals.contexts[101]
 
     def ask(contributors, round_):
-        return secure_aggregation_mod(_stage_message(101, {
+        return through_hospital(_stage_message(101, {
             m.SECAGG_STAGE: m.STAGE_CKKS_DECRYPT, m.SECAGG_ROUND: round_,
             m.SECAGG_NODES: contributors, m.SECAGG_THRESHOLD: 2, m.SECAGG_LENGTH: 3}),
             context, _never_called)
 
-    assert "encrypted no update" in ask([101, 202], 2).error.reason
-    assert "did not contribute" in ask([202, 303], 1).error.reason
-    assert "fewer than 2" in ask([101], 1).error.reason
-    # Round 1 was decrypted by the lowest node id (101) during the round.
-    assert "already decrypted" in ask([101, 202], 1).error.reason
+    for contributors, round_, why in (
+            ([101, 202], 2, "encrypted no update"), ([202, 303], 1, "did not contribute"),
+            # Fewer than its own round's threshold (3 of 4), whatever the request says.
+            ([101], 1, "fewer than 3"),
+            # Round 1 was decrypted by the lowest node id (101) during the round.
+            ([101, 202, 303], 1, "already decrypted")):
+        assert ask(contributors, round_).error.reason == "4011 stage-refused"
+        assert why in hospital_log(context).rsplit("refused as", 1)[-1]  # the latest
 
 
 def test_a_hospital_masks_one_update_a_round():
@@ -261,7 +273,7 @@ def test_a_hospital_masks_one_update_a_round():
                                                         grid)))
     secrets = {m.SECAGG_STAGE: m.STAGE_SHARE_KEYS, m.SECAGG_ROUND: 1, m.SECAGG_NODES: [],
                m.SECAGG_PUBLIC_KEY_1: [], m.SECAGG_PUBLIC_KEY_2: []}
-    reply = secure_aggregation_mod(_stage_message(101, secrets), hospitals.contexts[101],
+    reply = through_hospital(_stage_message(101, secrets), hospitals.contexts[101],
                                    _never_called)
     assert reply.has_error()  # the round's secrets are gone after unmasking
     hospitals = HospitalsGrid(NODES, silent={n: m.STAGE_UNMASK for n in NODES})
@@ -270,9 +282,10 @@ def test_a_hospital_masks_one_update_a_round():
                                                         grid)))
     collect = {m.SECAGG_STAGE: m.STAGE_COLLECT, m.SECAGG_ROUND: 1, m.SECAGG_SOURCES: [],
                m.SECAGG_CIPHERTEXTS: []}
-    reply = secure_aggregation_mod(_stage_message(101, collect), hospitals.contexts[101],
-                                   _never_called)
-    assert "collect asked after stage 'collect'" in reply.error.reason
+    reply = through_hospital(_stage_message(101, collect), hospitals.contexts[101],
+                             _never_called)
+    assert reply.error.reason == "4011 stage-refused"
+    assert "collect asked after stage 'collect'" in hospital_log(hospitals.contexts[101])
 
 
 def test_a_deployed_hospital_without_key_material_is_told_how_to_make_it(tmp_path):
@@ -322,12 +335,14 @@ def test_a_hospital_without_ckks_key_material_stops_the_run_at_preflight(
         tiny_random_bert, tmp_path):
     status = _preflight(tiny_random_bert, tmp_path)
     assert not status[m.PREFLIGHT_OK]
-    assert "hospital 0" in status[m.PREFLIGHT_PROBLEM]
-    assert "ckks-context=" in status[m.PREFLIGHT_PROBLEM]
+    assert status[m.PREFLIGHT_PROBLEM] == "4012 key-material"  # the server learns what failed
+    log = tmp_path / "state" / "hospital.log"
+    assert "hospital 0" in log.read_text() and "ckks-context=" in log.read_text()  # how to fix
     # The public file is not a hospital's key: it holds no secret key.
     _, public = ckks.generate_key_material(tmp_path / "keys")
     status = _preflight(tiny_random_bert, tmp_path, {"ckks-context": str(public)})
-    assert not status[m.PREFLIGHT_OK] and str(public) in status[m.PREFLIGHT_PROBLEM]
+    assert status[m.PREFLIGHT_PROBLEM] == "4012 key-material"
+    assert str(public) in log.read_text().rsplit("refused as", 1)[-1]
 
 
 def _report(hospital, secret_path):
@@ -379,4 +394,55 @@ def test_fewer_hospitals_than_the_threshold_stop_the_run_before_training(tmp_pat
     federation = Federation(task=None, task_config=None, reports=reports)
     with pytest.raises(ConfigError, match="1 hospital.*fewer than the reconstruction "
                                           "threshold 2"):
-        secure_aggregation_grid(None, settings, federation)
+        secure_aggregation_grid(None, settings, federation, None)
+
+
+# --- CKKS: no sum of fewer hospitals than distributed DP's noise shares assume ---------------
+
+def test_hostile_server_honest_ckks_exclusion_stops_the_round_before_any_decryption(
+        ckks_home):
+    """Five hospitals planned t = 3 (each adds sigma/sqrt(3)); two ran out of budget, so the
+    round samples three, and the settings' threshold for three is 2; one more drops. The
+    server holds the round to the plan's t: 2 updates < 3, nothing is decrypted."""
+    nodes = [101, 202, 303]  # the three left after two were excluded
+    hospitals = HospitalsGrid(nodes, silent={303: m.STAGE_CKKS_COLLECT})
+    settings = SecureAggregationSettings(mode="ckks")
+    assert settings.threshold_for(3) == 2
+    aborted = []
+    grid = SecureAggregationGrid(hospitals, settings, max(map(records_of, nodes)),
+                                 _public_of(hospitals), noise_threshold=3,
+                                 on_abort=lambda round_, why: aborted.append((round_, why)))
+    strategy = FedAvg(weighted_by_key=m.WEIGHT_KEY, min_available_nodes=2, min_train_nodes=2)
+    start = ArrayRecord({k: Array(v) for k, v in ADAPTER.items()})
+    replies = list(grid.send_and_receive(strategy.configure_train(
+        1, start, ConfigRecord({"x": 1}), grid)))
+    assert all(r.has_error() for r in replies)
+    assert aborted == [(1, "updates received: 2 hospital(s), fewer than the reconstruction "
+                           "threshold 3")]
+    for node in nodes:  # no hospital was asked to decrypt
+        rounds = hospitals.contexts[node].state.config_records.get("ckks-rounds")
+        assert rounds is None or not list(rounds["decrypted"])
+    # Each contributor was told the round's threshold, 3, with its collect.
+    assert strategy.aggregate_train(1, replies) == (None, None)
+
+
+def test_hostile_server_decrypting_hospital_holds_its_own_threshold(ckks_home):
+    """A server that told the contributors t = 3 at collect, then asks one of them to
+    decrypt a sum of two saying t = 2, is refused: the hospital keeps the threshold its
+    update was encrypted under."""
+    hospitals = HospitalsGrid(NODES, silent={404: m.STAGE_CKKS_COLLECT, 303: "ckks-decrypt"})
+    settings = SecureAggregationSettings(mode="ckks", reconstruction_threshold=3)
+    grid = SecureAggregationGrid(hospitals, settings, max(map(records_of, NODES)),
+                                 _public_of(hospitals))
+    strategy = FedAvg(weighted_by_key=m.WEIGHT_KEY, min_available_nodes=2, min_train_nodes=2)
+    start = ArrayRecord({k: Array(v) for k, v in ADAPTER.items()})
+    # Hospitals 101, 202, 303 encrypt under threshold 3; 101 decrypts that round's sum.
+    list(grid.send_and_receive(strategy.configure_train(1, start, ConfigRecord({"x": 1}),
+                                                        grid)))
+    context = hospitals.contexts[202]
+    reply = through_hospital(_stage_message(202, {
+        m.SECAGG_STAGE: m.STAGE_CKKS_DECRYPT, m.SECAGG_ROUND: 1, m.SECAGG_NODES: [101, 202],
+        m.SECAGG_THRESHOLD: 2, m.SECAGG_LENGTH: 3}), context, _never_called)
+    assert reply.error.reason == "4011 stage-refused"
+    assert "a sum of 2 hospital(s), fewer than 3" in hospital_log(context).rsplit(
+        "refused as", 1)[-1]

@@ -20,8 +20,10 @@ pytestmark = pytest.mark.e2e
 def test_privacy_sweep_reports_accuracy_against_epsilon(superlink, tiny_bert, tmp_path):
     sweep_dir = tmp_path / "sweep"
     command = [
+        # Both series share only the target: a setting of one mechanism (distributed DP's
+        # expected_batch_size) would be refused in the other's jobs (settings/task.py).
         str(VENV_BIN / "clinical-fl"), "-m", "+sweep=epsilon", "privacy=dp_sgd,distributed_dp",
-        "privacy.dp_sgd.target_epsilon=8", "privacy.distributed_dp.expected_batch_size=32",
+        "privacy.dp_sgd.target_epsilon=8",
         f"model.name_or_path={tiny_bert}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
         "num_rounds=2", "data.notes_per_hospital=100", "data.server_test_notes=60",
         "model.max_length=96", "train.learning_rate=1e-2", NO_DEID, f"hydra.sweep.dir={sweep_dir}"]

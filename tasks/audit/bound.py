@@ -13,6 +13,11 @@ The lower bound at confidence 1 - alpha is the largest epsilon whose p-value is
 still below alpha: an algorithm that were (epsilon, delta)-DP would produce v or
 more correct guesses with probability under alpha. No bound from r guesses can
 exceed about ln(r / ln(1 / alpha)) (all r right), whatever the true epsilon.
+
+Several bounds from one run hold together only if their confidences are
+corrected for each other: ``guess_and_bound`` splits alpha over the k it tries,
+and an audit reporting several bounds (the black-box and the white-box one)
+splits it over them first (``per_bound_confidence``), Bonferroni both times.
 """
 
 from __future__ import annotations
@@ -54,6 +59,14 @@ def epsilon_lower_bound(m: int, r: int, v: int, delta: float,
     return low
 
 
+def per_bound_confidence(confidence: float, bounds: int) -> float:
+    """The confidence each of ``bounds`` bounds is computed at so that all of them hold
+    together at ``confidence`` (Bonferroni: alpha split evenly)."""
+    if not 0 < confidence < 1 or bounds < 1:
+        raise ValueError(f"need 0 < confidence ({confidence}) < 1 and bounds ({bounds}) >= 1")
+    return 1.0 - (1.0 - confidence) / bounds
+
+
 @dataclass
 class AuditGuess:
     guesses: int  # r: k guessed in + k guessed out
@@ -68,7 +81,7 @@ def guess_and_bound(scores: list[float], included: list[bool], k_values: list[in
     and the best of them."""
     m = len(scores)
     order = sorted(range(m), key=lambda j: scores[j])
-    per_k_confidence = 1.0 - (1.0 - confidence) / max(len(k_values), 1)
+    per_k_confidence = per_bound_confidence(confidence, max(len(k_values), 1))
     results = []
     for k in k_values:
         k = min(k, m // 2)

@@ -12,7 +12,7 @@ from tasks.data.deid import deidentify_records
 from tasks.data.loaders import LoadReport, Records, load_records
 from tasks.data.partitions import partition
 from tasks.data.synthetic_notes import SPECIALTIES, generate_hospital_notes, hospital_sizes
-from tasks.errors import DataFileError, HospitalDataError
+from tasks.errors import DataFileError, HospitalDataError, UnknownLabelsError
 
 # Synthetic hospitals whose notes the server keeps for centralized evaluation.
 # They lie outside any federation, so this measures transfer to unseen sites.
@@ -72,11 +72,13 @@ def _synthetic_corpus(settings: DataSettings, num_hospitals: int) -> datasets.Da
 def encode_labels(records: datasets.Dataset, labels: list[str], where: str) -> datasets.Dataset:
     """Map label names to global ids; fail on the first label outside the set."""
     label_ids = {name: i for i, name in enumerate(labels)}
-    for row, name in enumerate(records["label"]):
-        if name not in label_ids:
-            raise HospitalDataError(
-                f"{where}, row {row}: label '{name}' is not in the global label set "
-                f"{labels}; add it to data.labels or remove the record")
+    unknown = [(row, name) for row, name in enumerate(records["label"]) if name not in label_ids]
+    if unknown:
+        row, name = unknown[0]
+        raise UnknownLabelsError(
+            f"{where}, row {row}: label '{name}' is not in the global label set {labels} "
+            f"({len(unknown)} record(s) in all); add it to data.labels or remove the record",
+            key="data.labels", counts={"records": len(unknown)})
     return records.map(lambda r: {"label": label_ids[r["label"]]},
                        features=datasets.Features({**{k: v for k, v in records.features.items()
                                                       if k != "label"},

@@ -24,7 +24,7 @@ from pathlib import Path
 import datasets
 
 from settings.task import DataFormat, DataSettings, DataSource
-from tasks.errors import DataFileError
+from tasks.errors import DataFileError, UnknownLabelsError
 
 _SUFFIX_FORMATS = {".csv": DataFormat.csv, ".jsonl": DataFormat.jsonl,
                    ".ndjson": DataFormat.jsonl, ".parquet": DataFormat.parquet}
@@ -76,13 +76,17 @@ class Records:
                        origin=[self.origin[i] for i in chosen], report=self.report)
 
     def check_labels(self, labels: list[str], column: str) -> None:
-        """Fail on the first record whose label is outside the global label set."""
+        """Fail if any record's label is outside the global label set. The message (for the
+        hospital's log) names the first; what may leave is the count of such records."""
         known = set(labels)
-        for name, origin in zip(self.label, self.origin, strict=True):
-            if name not in known:
-                raise DataFileError(
-                    f"{origin}, column '{column}': label '{name}' is not in the global "
-                    f"label set {labels}; add it to data.labels or remove the record")
+        unknown = [(name, origin) for name, origin in zip(self.label, self.origin, strict=True)
+                   if name not in known]
+        if unknown:
+            name, origin = unknown[0]
+            raise UnknownLabelsError(
+                f"{origin}, column '{column}': label '{name}' is not in the global label set "
+                f"{labels} ({len(unknown)} record(s) in all); add it to data.labels or remove "
+                "the record", key="data.labels", counts={"records": len(unknown)})
 
 
 def resolve_files(path: str, data_format: DataFormat) -> list[Path]:
@@ -91,7 +95,8 @@ def resolve_files(path: str, data_format: DataFormat) -> list[Path]:
     if any(ch in expanded for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(expanded) if Path(p).is_file())
         if not files:
-            raise DataFileError(f"data.path='{path}': the pattern matches no files")
+            raise DataFileError(f"data.path='{path}': the pattern matches no files",
+                                key="data.path")
     elif Path(expanded).is_dir():
         files = sorted(p for p in Path(expanded).iterdir()
                        if p.is_file() and (p.suffix.lower() in _SUFFIX_FORMATS
@@ -99,11 +104,11 @@ def resolve_files(path: str, data_format: DataFormat) -> list[Path]:
                                            else _format_of(p, data_format) == data_format))
         if not files:
             raise DataFileError(f"data.path='{path}': the folder holds no CSV, JSONL or "
-                                "Parquet files")
+                                "Parquet files", key="data.path")
     elif Path(expanded).is_file():
         files = [Path(expanded)]
     else:
-        raise DataFileError(f"data.path='{path}': no such file or folder")
+        raise DataFileError(f"data.path='{path}': no such file or folder", key="data.path")
     for file in files:
         _format_of(file, data_format)  # fail on an unknown suffix before reading anything
     return files
@@ -271,9 +276,12 @@ def load_records(settings: DataSettings, path: str | None = None) -> Records:
         needed = [c for c in (*wanted.values(), *optional.values()) if c]
         missing = [c for c in needed if c not in header] if rows else []
         if missing:
+            setting = {column: f"data.{role}_column" for role, column in
+                       (*optional.items(), *wanted.items()) if column}
             raise DataFileError(f"{file}: no column {', '.join(repr(c) for c in missing)}; "
                                 f"the file has {header}. Set data.text_column / "
-                                "data.label_column / data.site_column / data.split_column")
+                                "data.label_column / data.site_column / data.split_column",
+                                key=setting[missing[0]])
         records.report.files.append(file)
         for row, record in rows:
             text = _value(record, wanted["text"], file, row)

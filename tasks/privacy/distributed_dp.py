@@ -122,7 +122,7 @@ def hospital_plan(settings: DistributedDpSettings, hospital: int, train_records:
                 settings.target_delta):
         raise TaskInputError(f"hospital {hospital}: the server's distributed DP plan is "
                              "incomplete (noise_multiplier, sample_rate, threshold, "
-                             "target_delta are set by the server)")
+                             "target_delta are set by the server)", key="privacy.distributed_dp")
     plan = DistributedDpPlan(
         sample_rate=settings.sample_rate, noise_multiplier=settings.noise_multiplier,
         max_grad_norm=settings.max_grad_norm, threshold=settings.threshold,
@@ -135,7 +135,8 @@ def hospital_plan(settings: DistributedDpSettings, hospital: int, train_records:
         steps_per_round=1, delta=policy_delta(settings, policy, train_records),
         noise_multiplier=plan.accounted_noise_multiplier, max_grad_norm=plan.max_grad_norm,
         accountant=settings.accountant, max_epsilon=min(budgets) if budgets else None,
-        policy=policy, prior_history=tuple(tuple(s) for s in prior_history))
+        policy=policy, prior_history=tuple(tuple(s) for s in prior_history),
+        section=settings.SECTION)
     return plan, as_steps
 
 

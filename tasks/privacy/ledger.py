@@ -5,12 +5,22 @@ history is kept under its run id, and the hospital's lifetime epsilon is the
 composition of all of them (its patients do not get a fresh budget with each
 run). The file is written atomically, with the directory synced, before an
 update leaves the hospital; an unreadable ledger, or one kept with another
-accountant, stops the hospital rather than start again from zero.
+accountant or for another neighbouring relation, stops the hospital rather than
+start again from zero.
+
+Every entry is checked when it is added and whenever a ledger is read (file,
+legacy file, Flower's ``context.state``): a noise multiplier that is not finite
+and > 0, a rate outside (0, 1], a step count that is not a non-negative integer,
+a delta outside (0, 1) are refused, naming the hospital, the file and the field.
+JSON is written without NaN or Infinity and read refusing them: a hostile
+server must not be able to make a hospital book a step the accountant would
+read as safe (RDP sees sigma squared only, and NaN compares false to every cap).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -20,10 +30,20 @@ from pathlib import Path
 
 from settings.task import Accountant
 from tasks.errors import TaskInputError
-from tasks.privacy.accounting import Step, epsilon_spent
+from tasks.privacy.accounting import (
+    NEIGHBOURING_RELATION,
+    Step,
+    check_delta,
+    check_step,
+    epsilon_spent,
+)
 
 LEDGER_FILE = "privacy-ledger.json"
-LEDGER_FORMAT = 1
+# 2: the file names the neighbouring relation its epsilons hold under. A format-1 file has
+# the same step history (a description of the mechanism, accounted the same way), so it is
+# still read, as zero-out.
+LEDGER_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 # Ledgers of earlier versions, one file per run; still read, so no spending is forgotten.
 LEGACY_PATTERN = "privacy_ledger_run_*.json"
 ARCHIVE_DIR = "ledger-archive"
@@ -31,6 +51,51 @@ ARCHIVE_DIR = "ledger-archive"
 
 class LedgerError(TaskInputError):
     """The ledger on disk cannot be trusted: unreadable, or kept under other rules."""
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> float:
+    raise _NonFinite(f"non-finite number {name} in a privacy ledger")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # "1e999" parses to inf without passing parse_constant
+        raise _NonFinite(f"non-finite number {text} in a privacy ledger")
+    return value
+
+
+def _non_finite_field(node: object, path: str = "") -> str | None:
+    """Where the first non-finite number of parsed JSON is (e.g. ``runs[0].history[1][0]``),
+    so that a refusal names the field."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return path.lstrip(".") or "the top level"
+    children = (node.items() if isinstance(node, dict) else
+                enumerate(node) if isinstance(node, list) else ())
+    for key, child in children:
+        found = _non_finite_field(child, f"{path}.{key}" if isinstance(key, str)
+                                  else f"{path}[{key}]")
+        if found:
+            return found
+    return None
+
+
+def loads_strict(text: str) -> object:
+    """JSON as a ledger is read: NaN, Infinity, -Infinity and overflowing numbers refused
+    (``ValueError`` naming the field)."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except _NonFinite as err:
+        # Parsed again leniently only to say where: nothing of that parse is used.
+        raise ValueError(f"{err}, at {_non_finite_field(json.loads(text))}") from None
+
+
+def dumps_strict(data: object, indent: int | None = None) -> str:
+    """JSON as a ledger is written: a non-finite number raises instead of writing NaN."""
+    return json.dumps(data, indent=indent, allow_nan=False)
 
 
 @dataclass
@@ -44,9 +109,39 @@ class PrivacyLedger:
     history: list[Step] = field(default_factory=list)
     rounds_trained: list[int] = field(default_factory=list)
 
+    def _refused(self, field_name: str, err: Exception) -> LedgerError:
+        return LedgerError(f"hospital {self.hospital}: privacy ledger of run {self.run_id}: "
+                           f"{field_name}: {err}; refused")
+
+    def check(self) -> None:
+        """Raise ``LedgerError`` (naming the hospital, run and field) unless every entry and
+        the committed noise multiplier and delta are ones the accountant can stand on."""
+        for index, step in enumerate(self.history):
+            try:
+                if len(step) != 3:
+                    raise ValueError(f"{step!r} is not (noise multiplier, sample rate, steps)")
+                check_step(tuple(step))
+            except (TypeError, ValueError) as err:
+                raise self._refused(f"history[{index}]", err) from err
+        if self.noise_multiplier is not None:
+            try:
+                check_step((self.noise_multiplier, 1.0, 0))
+            except ValueError as err:
+                raise self._refused("noise_multiplier", err) from err
+        if self.delta is not None:
+            try:
+                check_delta(self.delta)
+            except ValueError as err:
+                raise self._refused("delta", err) from err
+
     def add_step(self, step: Step) -> None:
         """One more step; consecutive steps at the same (noise, rate) share one entry, so the
-        accountant's work stays constant over hundreds of rounds (epsilon is the same)."""
+        accountant's work stays constant over hundreds of rounds (epsilon is the same).
+        A step the accountant cannot stand on raises ``LedgerError`` and is not booked."""
+        try:
+            check_step(tuple(step))
+        except (TypeError, ValueError) as err:
+            raise self._refused("step", err) from err
         noise, rate, count = step
         if self.history and tuple(self.history[-1][:2]) == (noise, rate):
             last = self.history[-1]
@@ -59,17 +154,27 @@ class PrivacyLedger:
         return sum(int(steps) for _, _, steps in self.history)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        self.check()
+        return dumps_strict(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict) -> PrivacyLedger:
+        """A run's ledger as stored; ``LedgerError`` on any entry ``check`` refuses. Values
+        are checked as stored (no int() of 2.7 steps, no float() of a string)."""
         data = dict(data)
-        data["history"] = [(float(z), float(q), int(n)) for z, q, n in data["history"]]
-        return cls(**data)
+        data["history"] = [tuple(step) for step in data["history"]]
+        ledger = cls(**data)
+        ledger.check()
+        ledger.history = [(float(z), float(q), int(n)) for z, q, n in ledger.history]
+        return ledger
 
     @classmethod
     def from_json(cls, text: str) -> PrivacyLedger:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = loads_strict(text)
+        except ValueError as err:
+            raise LedgerError(f"privacy ledger: {err}; refused") from err
+        return cls.from_dict(data)
 
 
 def most_spent(*ledgers: PrivacyLedger | None) -> PrivacyLedger | None:
@@ -107,10 +212,26 @@ class LifetimeLedger:
         return epsilon_spent(self.history(), delta, self.accountant)
 
     def to_json(self) -> str:
-        return json.dumps({"format": LEDGER_FORMAT, "hospital": self.hospital,
-                           "accountant": self.accountant.value,
-                           "runs": [asdict(r) for _, r in sorted(self.runs.items())],
-                           "events": self.events}, indent=1)
+        for run in self.runs.values():
+            run.check()  # never write what would be refused on reading
+        return dumps_strict({**_header(self.hospital, self.accountant.value),
+                             "runs": [asdict(r) for _, r in sorted(self.runs.items())],
+                             "events": self.events}, indent=1)
+
+
+def _header(hospital: int, accountant: str) -> dict:
+    """What every ledger file states first: its format, whose it is, and the rules its
+    epsilons are computed under."""
+    return {"format": LEDGER_FORMAT, "hospital": hospital, "accountant": accountant,
+            "neighbouring_relation": NEIGHBOURING_RELATION}
+
+
+def _relation(data: dict) -> str:
+    """The neighbouring relation a ledger file was kept for: format 1 predates the key and
+    its step history is accounted exactly as zero-out (the product's only relation)."""
+    if data["format"] == 1:
+        return data.get("neighbouring_relation", NEIGHBOURING_RELATION)
+    return data["neighbouring_relation"]
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -146,14 +267,23 @@ class LedgerStore:
         ledger = LifetimeLedger(hospital=hospital, accountant=accountant)
         if self.path.exists():
             try:
-                data = json.loads(self.path.read_text(encoding="utf-8"))
-                if data.get("format") != LEDGER_FORMAT:
-                    raise ValueError(f"format {data.get('format')!r}, expected {LEDGER_FORMAT}")
+                data = loads_strict(self.path.read_text(encoding="utf-8"))
+                if data.get("format") not in READABLE_FORMATS:
+                    raise ValueError(f"format {data.get('format')!r}, expected one of "
+                                     f"{READABLE_FORMATS}")
                 kept_with = Accountant(data["accountant"])
+                relation = _relation(data)
                 runs = [PrivacyLedger.from_dict(run) for run in data["runs"]]
                 events = list(data.get("events", []))
             except (ValueError, KeyError, TypeError, AttributeError) as err:
+                # LedgerError is a ValueError: a refused entry names the file here too.
                 raise self._unreadable(self.path, err) from err
+            if relation != NEIGHBOURING_RELATION:
+                raise LedgerError(
+                    f"hospital {hospital}: privacy ledger {self.path} key "
+                    f"'neighbouring_relation' is {relation!r} but this product's epsilons hold "
+                    f"under {NEIGHBOURING_RELATION!r}; its history cannot be composed here. "
+                    "Archive the ledger (clinical-fl-ledger --archive) to start a new one.")
             if kept_with != accountant:
                 raise LedgerError(
                     f"hospital {hospital}: privacy ledger {self.path} key 'accountant' is "
@@ -166,7 +296,7 @@ class LedgerStore:
         for legacy in sorted(self.directory.glob(LEGACY_PATTERN)):
             try:
                 run = PrivacyLedger.from_json(legacy.read_text(encoding="utf-8"))
-            except (ValueError, KeyError, TypeError) as err:
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
                 raise self._unreadable(legacy, err) from err
             ledger.runs[run.run_id] = most_spent(ledger.runs.get(run.run_id), run)
         return ledger
@@ -183,16 +313,23 @@ class LedgerStore:
         files = [p for p in [self.path, *self.directory.glob(LEGACY_PATTERN)] if p.exists()]
         if not files:
             raise LedgerError(f"no privacy ledger in {self.directory} to archive")
-        data = json.loads(self.path.read_text(encoding="utf-8")) if self.path.exists() else {}
+        try:
+            data = (loads_strict(self.path.read_text(encoding="utf-8")) if self.path.exists()
+                    else {})
+        except ValueError as err:
+            raise self._unreadable(self.path, err) from err
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         target = self.directory / ARCHIVE_DIR / stamp
         target.mkdir(parents=True, exist_ok=False)
         for path in files:
             shutil.move(str(path), target / path.name)
+        # Unbounded is written "inf" (JSON has no inf); a NaN would be unbounded too.
+        recorded = (lifetime_epsilon if lifetime_epsilon is None or math.isfinite(lifetime_epsilon)
+                    else "inf")
         event = {"event": "archived", "time": stamp, "reason": reason,
-                 "archived_to": str(target), "lifetime_epsilon": lifetime_epsilon}
-        fresh = {"format": LEDGER_FORMAT, "hospital": data.get("hospital", 0),
-                 "accountant": data.get("accountant", Accountant.rdp.value), "runs": [],
-                 "events": [*data.get("events", []), event]}
-        _atomic_write(self.path, json.dumps(fresh, indent=1))
+                 "archived_to": str(target), "lifetime_epsilon": recorded}
+        fresh = {**_header(data.get("hospital", 0),
+                           data.get("accountant", Accountant.rdp.value)),
+                 "runs": [], "events": [*data.get("events", []), event]}
+        _atomic_write(self.path, dumps_strict(fresh, indent=1))
         return target

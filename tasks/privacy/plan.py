@@ -3,6 +3,10 @@
 Everything here is fixed before the first private step and checked before
 training: a delta too large for the hospital's record count, or a budget too
 small for even one round, fails with the hospital's name before any work.
+
+Every budget comparison is written ``not (after <= cap)``: a figure that is not
+clearly within its cap (NaN included, which compares false to everything) is a
+refusal, never a pass.
 """
 
 from __future__ import annotations
@@ -15,9 +19,16 @@ from tasks.errors import TaskInputError
 from tasks.privacy.accounting import (
     Step,
     calibrate_noise_multiplier,
+    check_step,
     epsilon_spent,
 )
 from tasks.privacy.policy import HospitalPolicy
+
+# The most DP-SGD steps a plan may promise (planned rounds x steps a round). Far above any
+# real run (the default is 180); a server asking for 10^9 steps is refused rather than
+# accounted: nothing useful trains that long, and calibration would be asked for a noise
+# beyond any sense.
+MAX_PLANNED_STEPS = 10_000_000
 
 
 class PrivacyBudgetError(TaskInputError):
@@ -37,7 +48,8 @@ def refuse_without_dp(settings: DpSgdSettings, policy: HospitalPolicy) -> None:
         implied = ", implied by max-epsilon" if policy.require_dp_setting is None else ""
         raise PolicyRefusal(
             f"hospital {policy.hospital}: privacy policy require-dp ({policy.source}{implied}): "
-            f"the server asked for training with {asked}; refused, nothing trained")
+            f"the server asked for training with {asked}; refused, nothing trained",
+            key="require-dp")
 
 
 def steps_per_epoch(train_records: int, batch_size: int) -> tuple[float, int]:
@@ -62,6 +74,7 @@ class DpSgdPlan:
     # The hospital's own policy: its lifetime budget at its own delta, over every run.
     policy: HospitalPolicy = field(default_factory=lambda: HospitalPolicy(hospital=-1))
     prior_history: tuple[Step, ...] = ()  # steps of the hospital's earlier runs
+    section: str = "privacy.dp_sgd"  # the settings it was planned from, for refusals' keys
 
     @property
     def hospital_delta(self) -> float:
@@ -88,7 +101,7 @@ class DpSgdPlan:
         where = f"hospital {self.hospital}"
         if self.max_epsilon is not None:
             now, after = self.epsilon(history), self.epsilon_after_round(history)
-            if after > self.max_epsilon:
+            if not after <= self.max_epsilon:
                 return (f"{where}: privacy budget: round {server_round} would raise epsilon "
                         f"from {now:.4g} to {after:.4g}, above its budget {self.max_epsilon:g} "
                         f"(delta {self.delta:.3g}); no update sent")
@@ -96,13 +109,26 @@ class DpSgdPlan:
         if cap is not None:
             now = self.lifetime_epsilon(history)
             after = self.lifetime_epsilon(list(history) + [self.round_steps()])
-            if after > cap:
+            if not after <= cap:
                 return (f"{where}: privacy policy max-epsilon ({self.policy.source}): round "
                         f"{server_round} would raise the lifetime epsilon from {now:.4g} to "
                         f"{after:.4g}, above the hospital's lifetime budget {cap:g} (delta "
                         f"{self.hospital_delta:.3g}, noise multiplier "
                         f"{self.noise_multiplier:.3g}); no update sent")
         return None
+
+    def refusal_key(self, history: list[Step]) -> str:
+        """The setting or policy key a refusal of the next round concerns: the run's cap, or
+        the hospital's lifetime budget."""
+        if self.max_epsilon is not None and not self.epsilon_after_round(history) \
+                <= self.max_epsilon:
+            return f"{self.section}.max_epsilon"
+        return "max-epsilon"
+
+    def budget_error(self, history: list[Step], server_round: int) -> PrivacyBudgetError | None:
+        """The refusal of the next round as an error that names its key, or None."""
+        why = self.refusal(history, server_round)
+        return PrivacyBudgetError(why, key=self.refusal_key(history)) if why else None
 
 
 def policy_delta(settings: DpSgdSettings | DistributedDpSettings, policy: HospitalPolicy,
@@ -119,13 +145,32 @@ def policy_delta(settings: DpSgdSettings | DistributedDpSettings, policy: Hospit
         raise PrivacyBudgetError(
             f"{where}: {section}.target_delta={delta:g} is not below 1/records = "
             f"1/{train_records} = {1 / train_records:.3g}; a delta that large permits "
-            "revealing a whole record. Use a smaller delta (or leave it null).")
+            "revealing a whole record. Use a smaller delta (or leave it null).",
+            key=f"{section}.target_delta")
     if delta > hospital_delta:
         raise PolicyRefusal(
             f"{where}: privacy policy max-delta ({policy.source}): the server asked for "
             f"{section}.target_delta={delta:g}, above the hospital's maximum "
-            f"{hospital_delta:g}; refused, nothing trained")
+            f"{hospital_delta:g}; refused, nothing trained", key="max-delta")
     return delta
+
+
+def _check_noise(where: str, noise: float, source: str) -> None:
+    """The noise this plan will use is finite and > 0, wherever it came from (the server's
+    setting, this run's ledger, the calibration): RDP would read -1 as +1."""
+    try:
+        check_step((noise, 1.0, 0))
+    except (TypeError, ValueError) as err:
+        raise PrivacyBudgetError(f"{where}: {source}: {err}; refused, nothing trained") from err
+
+
+def _check_planned_steps(where: str, planned_rounds: int, steps_per_round: int) -> None:
+    total = planned_rounds * steps_per_round
+    if total > MAX_PLANNED_STEPS:
+        raise PrivacyBudgetError(
+            f"{where}: the plan asks for {planned_rounds} rounds x {steps_per_round} steps = "
+            f"{total} DP-SGD steps, above the most this product plans ({MAX_PLANNED_STEPS}); "
+            "refused, nothing trained")
 
 
 def plan_dp_sgd(settings: DpSgdSettings, hospital: int, train_records: int, batch_size: int,
@@ -142,6 +187,7 @@ def plan_dp_sgd(settings: DpSgdSettings, hospital: int, train_records: int, batc
         raise PrivacyBudgetError(f"{where}: no training records, nothing to train privately")
     sample_rate, batches_per_epoch = steps_per_epoch(train_records, batch_size)
     steps_per_round = local_epochs * batches_per_epoch
+    _check_planned_steps(where, planned_rounds, steps_per_round)
     delta = policy_delta(settings, policy, train_records)
 
     # The target is a promise too: a hospital sampled more often than planned (fraction_train
@@ -151,16 +197,18 @@ def plan_dp_sgd(settings: DpSgdSettings, hospital: int, train_records: int, batc
     max_epsilon = min(budgets) if budgets else None
 
     if committed_noise_multiplier is not None:
-        noise = committed_noise_multiplier
+        noise, source = committed_noise_multiplier, "the noise multiplier its ledger committed to"
     elif settings.noise_multiplier is not None:
-        noise = settings.noise_multiplier
+        noise, source = settings.noise_multiplier, "privacy.dp_sgd.noise_multiplier"
     else:
+        source = "the calibrated noise multiplier"
         total_steps = planned_rounds * steps_per_round
         try:
             noise = calibrate_noise_multiplier(settings.target_epsilon, delta, sample_rate,
                                                total_steps, settings.accountant)
         except ValueError as err:
             raise PrivacyBudgetError(f"{where}: {err}") from err
+    _check_noise(where, noise, source)
 
     plan = DpSgdPlan(hospital=hospital, train_records=train_records, sample_rate=sample_rate,
                      steps_per_round=steps_per_round, delta=delta, noise_multiplier=noise,
@@ -169,7 +217,7 @@ def plan_dp_sgd(settings: DpSgdSettings, hospital: int, train_records: int, batc
                      prior_history=tuple(tuple(s) for s in prior_history))
     if committed_noise_multiplier is None:
         first = plan.epsilon([plan.round_steps()])
-        if max_epsilon is not None and first > max_epsilon:
+        if max_epsilon is not None and not first <= max_epsilon:
             raise PrivacyBudgetError(
                 f"{where}: max_epsilon {max_epsilon:g} is too small for even one round: one "
                 f"round ({steps_per_round} steps at sample rate {sample_rate:.3g}, noise "
@@ -177,5 +225,5 @@ def plan_dp_sgd(settings: DpSgdSettings, hospital: int, train_records: int, batc
         refusal = plan.refusal([], 1)
         if refusal and policy.max_epsilon is not None:
             raise PolicyRefusal(f"{refusal} (the noise is too low for the remaining lifetime "
-                                "budget)")
+                                "budget)", key="max-epsilon")
     return plan
