@@ -63,6 +63,9 @@ def test_the_default_config_ships_in_the_flower_bundle_and_results_do_not():
     ("where is a crashed run resumed", "fl_app/resume.py"),
     ("where are updates checked before aggregation", "strategies/update_check.py"),
     ("what does the server checkpoint", "strategies/checkpoint.py"),
+    ("what may a hospital say when it refuses", "protocol/refusals.py"),
+    ("what does a hospital check in a message", "fl_app/received.py"),
+    ("whose data mapping holds", "tasks/data/mapping.py"),
 ])
 def test_a_newcomer_finds_things_by_their_names(question, answer):
     assert (ROOT / answer).is_file(), question
