@@ -85,6 +85,6 @@ def test_a_delta_too_large_for_a_hospital_is_named_by_its_preflight_reply(tiny_b
     settings = task(tiny_bert, "data.notes_per_hospital=150", "privacy=dp_sgd",
                     "privacy.dp_sgd.target_delta=0.01", planned_rounds=2)
     status = hospital_preflight(task_settings_to_yaml(settings), tmp_path, 1)
-    assert not status["ok"]
-    assert "hospital 0: privacy.dp_sgd.target_delta=0.01 is not below 1/records" in \
-        status["problem"]
+    assert status["problem"] == "4031 privacy-budget-refused key=privacy.dp_sgd.target_delta"
+    assert "hospital 0: privacy.dp_sgd.target_delta=0.01 is not below 1/records" in (
+        tmp_path / "hospital.log").read_text()

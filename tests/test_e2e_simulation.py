@@ -109,30 +109,28 @@ def test_a_federated_run_on_a_csv_export_tracks_every_round_and_ships_a_working_
     assert table["label"].tolist() == predicted[:8]
 
 
-@pytest.mark.e2e
-def test_an_unknown_label_in_an_export_fails_the_run_naming_file_row_and_column(
-        superlink, tiny_bert, tmp_path):
-    """A failed run, end to end: the hospital's own message reaches the user and MLflow."""
-    path = _export(tmp_path, bad_label_row=5)
-    labels = ",".join(SPECIALTIES)
-    status, _, output = superlink.flwr_run(run_overrides(
-        tiny_bert, tmp_path, *_export_settings(path), f"data.labels=[{labels}]"))
-    assert status == "finished:failed"
-    message = f"{path}, row 7, column 'specialty': label 'dermatology' is not in"
-    assert message in output
-    client, run = only_run(tmp_path)
-    assert run.info.status == "FAILED" and message in run.data.tags["failure"]
-    assert not client.get_metric_history(run.info.run_id, "train/loss"), "nothing trained"
-
-
 # -- before anything starts: in-process -----------------------------------------------------
+
+
+def test_an_unknown_label_in_an_export_is_counted_to_the_server_and_named_at_home(
+        tiny_bert, tmp_path):
+    """The server learns the refusal's code and how many records carry a label outside its
+    set; the hospital's own log names the file, row, column and label. (A failed `flwr run`
+    whose refusal reaches the user and MLflow: tests/test_hostile_server_run.py.)"""
+    path = _export(tmp_path, bad_label_row=5)
+    settings = task(tiny_bert, *_export_settings(path), labels=list(SPECIALTIES))
+    status = hospital_preflight(task_settings_to_yaml(settings), tmp_path / "state", 1)
+    assert status["problem"] == "4005 labels-unknown key=data.labels records=1"
+    assert f"{path}, row 7, column 'specialty': label 'dermatology' is not in" in (
+        tmp_path / "state" / "hospital.log").read_text()
 
 
 def test_an_empty_hospital_is_named_by_its_preflight_reply(tiny_bert, tmp_path):
     settings = task_settings_to_yaml(task(tiny_bert, "data.notes_per_hospital=0"))
     status = hospital_preflight(settings, tmp_path, 1)
-    assert not status["ok"]
-    assert "hospital 0 (partition-id=0 of 2): the partition is empty" in status["problem"]
+    assert status["problem"] == "4006 data-too-small"
+    assert "hospital 0 (partition-id=0 of 2): the partition is empty" in (
+        tmp_path / "hospital.log").read_text()
 
 
 def test_an_unknown_config_key_fails_before_any_store_or_hospital_is_touched(tmp_path):
