@@ -120,7 +120,7 @@ def preflight(msg: Message, context: Context) -> Message:
                         committed_noise_multiplier=run.noise_multiplier,
                         prior_history=lifetime.history(except_run=run_id))
     except PolicyRefusal as refusal:
-        return _declined(msg, context, refusal, data.hospital)
+        return _declined(msg, context, refusal, data.hospital, len(data.train), len(data.eval))
     # Under record-level DP the per-label counts of training records stay home: they are exact
     # statistics of the private records.
     withheld = private or policy.require_dp
@@ -136,13 +136,16 @@ def preflight(msg: Message, context: Context) -> Message:
 
 
 def _declined(msg: Message, context: Context, refusal: PolicyRefusal,
-              hospital: int | None = None) -> Message:
-    """This hospital's policy keeps it out of the run: a refusal code, details kept here."""
+              hospital: int | None = None, train_records: int = 0,
+              eval_records: int = 0) -> Message:
+    """This hospital's policy keeps it out of the run: a refusal code (and its record counts,
+    where it read its data), the details kept here."""
     line = refusal_for(refusal)
     write_hospital_log(context, f"preflight declined as {line.wire()}: {refusal}")
     number = hospital if hospital is not None else int(context.node_config.get("partition-id",
                                                                                 -1))
-    return preflight_reply(msg, number, None, 0, 0, declined=line.wire())
+    return preflight_reply(msg, number, None, train_records, eval_records,
+                           declined=line.wire())
 
 
 def _ckks_public(context: Context, mode: SecureAggregationMode) -> ConfigRecord | None:

@@ -78,7 +78,9 @@ def test_cuda_on_a_machine_without_it_is_refused_before_the_model_loads(tiny_ber
 def test_preflight_reports_the_hospital_that_lacks_the_device(tiny_bert, tmp_path):
     settings = task_settings_to_yaml(task(tiny_bert, "train.device=cuda"))
     status = hospital_preflight(settings, tmp_path, 1, {"partition-id": 1, "num-partitions": 2})
-    assert not status["ok"] and "train.device=cuda" in status["problem"], status
+    assert status["problem"] == "4014 compute-unavailable key=train.device", status
+    assert "train.device=cuda, but this machine has no CUDA device" in (
+        tmp_path / "hospital.log").read_text()
 
 
 def test_unknown_precision_and_device_name_the_key_and_the_choices():

@@ -138,7 +138,10 @@ def test_a_private_run_survives_a_lost_and_a_restarted_hospital_and_a_refusing_o
     assert sum(history(client, run_id, "round/error_replies").values()) >= 1
 
     # The refusing hospital: its own policy, named in MLflow; it trained nothing.
-    assert "privacy policy max-epsilon (node config)" in record.data.tags["refused/hospital_3"]
+    assert record.data.tags["refused/hospital_3"].startswith("hospital 3: policy-refused "
+                                                             "(max-epsilon)")
+    assert "privacy policy max-epsilon (node config)" in (
+        deployment.root / "hospitals" / "hospital-3" / "hospital.log").read_text()
     assert "refused/hospital_0" not in record.data.tags
     assert not history(client, run_id, "hospital_3/epsilon")
 

@@ -311,7 +311,8 @@ def test_distributed_dp_hospitals_refuse_over_budget_and_in_the_clear(
     start = trainable_state(members.model)
     _, replies, arrays = _round(settings, tmp_path, start)
     assert arrays is None
-    assert {r.error.reason for r in replies} == {"4031 privacy-budget-refused"}
+    assert {r.error.reason for r in replies} == {
+        "4031 privacy-budget-refused key=privacy.distributed_dp.max_epsilon"}
     assert "above its budget 0.1" in (tmp_path / "h0" / "hospital.log").read_text()
     # Without secure aggregation a hospital sends no noisy sum, whatever the server says.
     settings = _distributed_task(tiny_bert, noise_multiplier=0.5, sample_rate=0.5,

@@ -99,8 +99,9 @@ def test_unknown_label_names_file_row_and_column(tmp_path):
             as raised:
         load_hospital_data(files_settings(path, labels=["cardiology", "neurology"]),
                            ["cardiology", "neurology"], 0, 2)
-    # What may leave the hospital: the key and how many records, never the label.
-    assert raised.value.key == "data.labels" and raised.value.counts == {"records": 1}
+    # What may leave the hospital: the key and how many records (both pulmonology notes),
+    # never the label.
+    assert raised.value.key == "data.labels" and raised.value.counts == {"records": 2}
 
 
 def test_non_utf8_bytes_name_the_file_row_and_column(tmp_path):

@@ -89,7 +89,7 @@ def _device(setting: Device) -> tuple[torch.device, str]:
             raise ComputeUnavailableError(
                 "train.device=cuda, but this machine has no CUDA device (torch "
                 f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use "
-                "train.device=cpu or auto")
+                "train.device=cpu or auto", key="train.device")
         return torch.device("cuda"), f"train.device=cuda: {torch.cuda.get_device_name()}"
     if setting == Device.auto and cuda_available():
         return torch.device("cuda"), f"auto: CUDA device {torch.cuda.get_device_name()}"
@@ -125,7 +125,7 @@ def resolve_compute(settings: TrainSettings) -> Compute:
     if settings.precision == Precision.bf16 and not native:
         raise ComputeUnavailableError(
             f"train.precision=bf16, but {why} (on {device.type}); use train.precision=fp32 "
-            "or auto")
+            "or auto", key="train.precision")
     label = "train.precision=bf16" if settings.precision == Precision.bf16 else "auto"
     return Compute(device, native, f"{device_reason}; {label}: {why}")
 
