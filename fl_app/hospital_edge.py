@@ -11,8 +11,11 @@ refusal line is replaced by ``internal-error`` before it leaves.
 
 from __future__ import annotations
 
+import logging
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from logging import WARNING
 
@@ -44,6 +47,7 @@ REFUSAL_OF_CLASS = {
     "SecAggError": "stage-refused",
     "InvalidToken": "stage-refused",
     "PrivacyPlanError": "privacy-plan-invalid",
+    "ClippingRefused": "privacy-plan-invalid",
     "SettingsUnreadable": "settings-unreadable",
     "EvaluationsExhausted": "evaluations-exhausted",
     "ConfigError": "settings-invalid",
@@ -93,12 +97,41 @@ def write_hospital_log(context: Context, text: str) -> None:
     never sends them."""
     path = state_dir(context) / HOSPITAL_LOG
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    # Only an entry's first line starts with a time: text from the server (a value quoted in
+    # an error) cannot forge an entry of its own.
+    body = "\n    ".join(text.rstrip().splitlines())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as handle:
-            handle.write(f"{stamp} {text.rstrip()}\n")
+            handle.write(f"{stamp} {body}\n")
     except OSError:
         pass
+
+
+class _ToHospitalLog(logging.Handler):
+    """What ``tasks`` logs while a message is handled (e.g. how many notes are longer than
+    the windows read) goes to the hospital's own log, not to Flower's: it is a statistic of
+    the records."""
+
+    def __init__(self, context: Context) -> None:
+        super().__init__()
+        self.context = context
+
+    def emit(self, record: logging.LogRecord) -> None:
+        write_hospital_log(self.context, f"{record.name}: {record.getMessage()}")
+
+
+@contextmanager
+def _task_logs_kept_home(context: Context) -> Iterator[None]:
+    logger = logging.getLogger("tasks")
+    handler, propagated = _ToHospitalLog(context), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagated
 
 
 def _who(context: Context) -> str:
@@ -107,7 +140,7 @@ def _who(context: Context) -> str:
 
 def _record(context: Context, msg: Message, refusal: Refusal, detail: str) -> None:
     """Details to the hospital's log; the one refusal line to Flower's log."""
-    write_hospital_log(context, f"{msg.metadata.message_type} message (round {_round(msg)}): "
+    write_hospital_log(context, f"{msg.metadata.message_type} message (round {_round(msg)!r}): "
                                 f"refused as {refusal.wire()}\n{detail}")
     log(WARNING, "%s: %s refused: %s (details in its %s)", _who(context),
         msg.metadata.message_type, refusal.wire(), HOSPITAL_LOG)
@@ -146,7 +179,8 @@ def _checked(msg: Message, reply: Message, context: Context) -> Message:
 def hospital_edge_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Outermost around every handler: any exception becomes a refusal line."""
     try:
-        reply = call_next(msg, context)
+        with _task_logs_kept_home(context):
+            reply = call_next(msg, context)
     except Exception as err:  # noqa: BLE001 - nothing may leave as exception text
         refusal = refusal_for(err)
         _record(context, msg, refusal, "".join(traceback.format_exception(err)))

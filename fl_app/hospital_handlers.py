@@ -6,6 +6,8 @@ message needs it (see there why).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from logging import INFO
 
@@ -20,6 +22,7 @@ from fl_app.hospital_state import (
     ledger_run,
     load_ledger,
     save_ledger,
+    state_locked,
 )
 from fl_app.received import check_distributed_round, received_settings
 from fl_app.replies import (
@@ -34,6 +37,7 @@ from secure_aggregation import ckks
 from settings.secure_aggregation import SecureAggregationMode
 from settings.task import TaskSettings
 from tasks.data.hospital_data import load_hospital_data
+from tasks.errors import UnknownLabelsError
 from tasks.hospital import Hospital, refuse_audit_in_deployment
 from tasks.model.compute import resolve_compute
 from tasks.privacy.plan import (
@@ -82,8 +86,25 @@ def _received(msg: Message, context: Context) -> Received:
 
 
 def _hospital(received: Received) -> Hospital:
-    return Hospital(received.settings, received.settings.data.labels, received.partition_id,
-                    received.num_partitions, received.policy.data_path)
+    with _exact_counts_withheld(received):
+        return Hospital(received.settings, received.settings.data.labels,
+                        received.partition_id, received.num_partitions,
+                        received.policy.data_path)
+
+
+@contextmanager
+def _exact_counts_withheld(received: Received) -> Iterator[None]:
+    """Under DP (or a policy that requires it) a refusal over unknown labels says so without
+    the number of records: probed label by label, the counts would give the server the exact
+    label histogram that preflight withholds."""
+    try:
+        yield
+    except UnknownLabelsError as err:
+        privacy = received.settings.privacy
+        if privacy.dp_sgd.enabled or privacy.distributed_dp.enabled \
+                or received.policy.require_dp:
+            err.counts = {}
+        raise
 
 
 def preflight(msg: Message, context: Context) -> Message:
@@ -102,8 +123,9 @@ def preflight(msg: Message, context: Context) -> Message:
     # No key material, or a key that is not a CKKS secret context, stops the run here.
     key = _ckks_public(context, settings.secure_aggregation.mode)
     refuse_audit_in_deployment(settings, received.partition_id, policy.data_path)
-    data = load_hospital_data(settings.data, settings.data.labels, received.partition_id,
-                              received.num_partitions, policy.data_path)
+    with _exact_counts_withheld(received):
+        data = load_hospital_data(settings.data, settings.data.labels, received.partition_id,
+                                  received.num_partitions, policy.data_path)
     policy.check_records(len(data.train))
     dp = settings.privacy.dp_sgd
     distributed = settings.privacy.distributed_dp.enabled
@@ -176,21 +198,23 @@ def train(msg: Message, context: Context) -> Message:
     global_state = msg.content[m.ARRAYS_RECORD].to_torch_state_dict()
     lifetime = ledger = None
     run_id = ledger_run(settings, context)
-    if hospital.is_private:
-        accountant = (privacy.distributed_dp if distributed else privacy.dp_sgd).accountant
-        lifetime, ledger = load_ledger(context, hospital.data.hospital, accountant, run_id)
-    prior = lifetime.history(except_run=run_id) if lifetime else ()
-    # A refusal (PrivacyBudgetError) leaves through the hospital's edge as a code.
-    if distributed:
-        share, outcome = hospital.distributed_step(global_state, server_round, ledger,
-                                                   policy, prior)
-    else:
-        state, outcome = hospital.train(
-            global_state, server_round, proximal_mu=float(config.get(m.PROXIMAL_MU_KEY, 0.0)),
-            ledger=ledger, policy=policy, prior_history=prior)
-    if lifetime is not None:
-        # Before the update leaves: spending is never forgotten.
-        save_ledger(context, lifetime, run_id)
+    with state_locked(context) if hospital.is_private else nullcontext():
+        if hospital.is_private:
+            accountant = (privacy.distributed_dp if distributed else privacy.dp_sgd).accountant
+            lifetime, ledger = load_ledger(context, hospital.data.hospital, accountant, run_id)
+        prior = lifetime.history(except_run=run_id) if lifetime else ()
+        # A refusal (PrivacyBudgetError) leaves through the hospital's edge as a code.
+        if distributed:
+            share, outcome = hospital.distributed_step(global_state, server_round, ledger,
+                                                       policy, prior)
+        else:
+            state, outcome = hospital.train(
+                global_state, server_round,
+                proximal_mu=float(config.get(m.PROXIMAL_MU_KEY, 0.0)), ledger=ledger,
+                policy=policy, prior_history=prior)
+        if lifetime is not None:
+            # Before the update leaves: spending is never forgotten.
+            save_ledger(context, lifetime, run_id)
     if distributed:  # summed, not averaged: every hospital weighs 1
         return distributed_share_reply(msg, share, outcome, hospital.data.hospital,
                                        hospital.share_lattice, privacy.distributed_dp.threshold)

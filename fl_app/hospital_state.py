@@ -10,9 +10,12 @@ copies of this run's ledger the one recording more spending wins.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
@@ -29,6 +32,24 @@ EVALUATIONS_FILE = "evaluations.json"
 
 class EvaluationsExhausted(TaskInputError):
     """The hospital has answered as many evaluations in this run as it allows."""
+
+
+LOCK_FILE = ".state.lock"
+
+
+@contextmanager
+def state_locked(context: Context) -> Iterator[None]:
+    """One message at a time reads and writes this hospital's ledger and evaluation counts:
+    two runs served at once would each load the ledger, train and save it, and the second
+    save would drop the first run's spending. Held from the ledger's load to its save."""
+    directory = state_dir(context)
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / LOCK_FILE).open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def hospital_policy(context: Context, hospital: int) -> HospitalPolicy:
@@ -49,6 +70,11 @@ def evaluation_bound(settings: TaskSettings, policy: HospitalPolicy) -> int:
 def count_evaluation(context: Context, settings: TaskSettings, policy: HospitalPolicy) -> int:
     """Count one more evaluation of this run, durably, before it is scored; refuse past the
     bound (scores of held-out records are released without noise, so each one counts)."""
+    with state_locked(context):
+        return _count_evaluation(context, settings, policy)
+
+
+def _count_evaluation(context: Context, settings: TaskSettings, policy: HospitalPolicy) -> int:
     bound = evaluation_bound(settings, policy)
     path = state_dir(context) / EVALUATIONS_FILE
     try:

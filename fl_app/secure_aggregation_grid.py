@@ -250,9 +250,11 @@ class SecureAggregationGrid(GridWrapper):
                 shares.setdefault(int(owner), []).append(bytes(share))
         started = time.perf_counter()
         try:
+            digest = secagg_plus.round_digest(round_, threshold, settings.clipping_range,
+                                              settings.quantization_range, self.max_weight)
             total = secagg_plus.unmasked_sum(masked, shares, neighbours,
                                              {n: pk[0] for n, pk in public.items()}, dropped,
-                                             threshold)
+                                             threshold, digest)
             released = secagg_plus.dequantized_sum(
                 total, len(masked), settings.clipping_range, settings.quantization_range)
             aggregate = self._combine(released, start)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 
 import numpy as np
@@ -225,9 +225,13 @@ def _secagg_collect(msg: Message, context: Context, call_next: ClientAppCallable
         masked, clipped = secagg_plus.masked_update(secrets, update[:-1], levels)
     _keep(context, secrets)
     if clipped:
-        # Logged here only: the count is a statistic of this hospital's update.
-        log(WARNING, "%s: %d update values beyond secure_aggregation.clipping_range=%s were "
-            "clipped; raise it", _who(context), clipped, secrets.clipping_range)
+        # The hospital's own log only: the count is a statistic of this hospital's update (and
+        # Flower's log is the server's console in simulation).
+        from fl_app.hospital_edge import write_hospital_log
+
+        write_hospital_log(context, f"{_who(context)}: {clipped} update values beyond "
+                                    f"secure_aggregation.clipping_range="
+                                    f"{secrets.clipping_range} were clipped; raise it")
     return Message(RecordDict({m.SECAGG_RECORD: vector_record(masked),
                                m.METRICS_RECORD: _metrics(reply,
                                                           time.perf_counter() - started)}),

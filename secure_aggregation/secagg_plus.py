@@ -24,7 +24,10 @@ One round, for the hospitals U the strategy sampled:
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -68,6 +71,23 @@ def ring_neighbours(nodes: list[int], num_shares: int) -> dict[int, list[int]]:
     return out
 
 
+def round_digest(round_: int, threshold: int, clipping_range: float, quantization_range: int,
+                 max_weight: float) -> bytes:
+    """What every hospital of a round must have been told alike, hashed. Pairwise masks are
+    keyed by it: a server that gives hospitals different lattices, weights or thresholds (to
+    make one hospital's levels readable in the low bits of a sum of two, or its weight round to
+    zero) gets masks that do not cancel, and a sum that is noise."""
+    text = json.dumps([int(round_), int(threshold), float(clipping_range),
+                       int(quantization_range), float(max_weight)])
+    return hashlib.sha256(b"clinical-fl secagg+ round v1|" + text.encode()).digest()
+
+
+def pairwise_mask(shared_key: bytes, digest: bytes, length: int) -> np.ndarray:
+    """The mask two hospitals agree on: their ECDH key, bound to the round's digest."""
+    raw = shared_key if len(shared_key) == 32 else base64.urlsafe_b64decode(shared_key)
+    return mask(hmac.new(raw, digest, hashlib.sha256).digest(), length)
+
+
 def _pairwise_sign(own: int, other: int) -> int:
     # Node pairs agree on one mask; the larger id adds it, the smaller subtracts it.
     return 1 if own > other else -1
@@ -94,6 +114,11 @@ class HospitalSecrets:
     rd_seed_shares: dict[int, bytes] = field(default_factory=dict)
     sk1_shares: dict[int, bytes] = field(default_factory=dict)
     mask_partners: list[int] = field(default_factory=list)
+
+    @property
+    def digest(self) -> bytes:
+        return round_digest(self.round, self.threshold, self.clipping_range,
+                            self.quantization_range, self.max_weight)
 
     def to_json(self) -> str:
         def enc(value: object) -> object:
@@ -129,6 +154,11 @@ def setup(round_: int, node_id: int, threshold: int, clipping_range: float,
     if threshold < 2:
         raise SecAggError(f"a reconstruction threshold of {threshold}: one share would reveal "
                           "a secret (at least 2)")
+    if not (math.isfinite(clipping_range) and clipping_range > 0
+            and math.isfinite(max_weight) and max_weight > 0
+            and 2 <= quantization_range <= 2**30):
+        raise SecAggError(f"a lattice (clipping range {clipping_range}, {quantization_range} "
+                          f"levels) or max weight {max_weight} out of range")
     sk1, pk1 = generate_key_pairs()
     sk2, pk2 = generate_key_pairs()
     return HospitalSecrets(round_, node_id, threshold, clipping_range, quantization_range,
@@ -217,8 +247,9 @@ def masked_levels(secrets: HospitalSecrets, levels: np.ndarray,
     vector += mask(secrets.rd_seed, vector.size)  # uint32 arithmetic wraps modulo 2^32
     own_sk1 = bytes_to_private_key(secrets.sk1)
     for node in secrets.mask_partners:
-        pairwise = mask(generate_shared_key(own_sk1, bytes_to_public_key(secrets.pk1_of[node])),
-                        vector.size)
+        pairwise = pairwise_mask(
+            generate_shared_key(own_sk1, bytes_to_public_key(secrets.pk1_of[node])),
+            secrets.digest, vector.size)
         if _pairwise_sign(secrets.node_id, node) > 0:
             vector += pairwise
         else:
@@ -252,11 +283,11 @@ def unmask_shares(secrets: HospitalSecrets, active: list[int],
 
 def unmasked_sum(masked: dict[int, np.ndarray], shares: dict[int, list[bytes]],
                  neighbours: dict[int, list[int]], pk1_of: dict[int, bytes],
-                 dropped: list[int], threshold: int) -> np.ndarray:
+                 dropped: list[int], threshold: int, digest: bytes) -> np.ndarray:
     """The uint32 sum of the active hospitals' quantised vectors. ``masked``: each active
     hospital's masked vector; ``shares``: the shares collected per owner; ``neighbours`` and
     ``pk1_of``: the round's graph and first public keys; ``dropped``: hospitals that shared
-    keys but sent no update."""
+    keys but sent no update; ``digest``: ``round_digest`` of what the setup stage said."""
     total = np.zeros_like(next(iter(masked.values())))
     for vector in masked.values():
         total += vector
@@ -273,8 +304,8 @@ def unmasked_sum(masked: dict[int, np.ndarray], shares: dict[int, list[bytes]],
         for node in neighbours[owner]:
             if node == owner or node not in masked:
                 continue
-            pairwise = mask(generate_shared_key(sk1, bytes_to_public_key(pk1_of[node])),
-                            total.size)
+            pairwise = pairwise_mask(generate_shared_key(sk1, bytes_to_public_key(pk1_of[node])),
+                                     digest, total.size)
             # The active node applied the sign seen from its side; undo it.
             if _pairwise_sign(node, owner) > 0:
                 total -= pairwise

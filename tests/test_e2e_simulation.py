@@ -119,7 +119,10 @@ def test_an_unknown_label_in_an_export_is_counted_to_the_server_and_named_at_hom
     whose refusal reaches the user and MLflow: tests/test_hostile_server_run.py.)"""
     path = _export(tmp_path, bad_label_row=5)
     settings = task(tiny_bert, *_export_settings(path), labels=list(SPECIALTIES))
-    status = hospital_preflight(task_settings_to_yaml(settings), tmp_path / "state", 1)
+    # A deployed hospital reads its own export, with its own columns (the server's agree).
+    own = {"data-path": str(path), "text-column": "note_text", "label-column": "specialty",
+           "site-column": "hospital", "split-column": "split"}
+    status = hospital_preflight(task_settings_to_yaml(settings), tmp_path / "state", 1, own)
     assert status["problem"] == "4005 labels-unknown key=data.labels records=1"
     assert f"{path}, row 7, column 'specialty': label 'dermatology' is not in" in (
         tmp_path / "state" / "hospital.log").read_text()

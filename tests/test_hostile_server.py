@@ -70,9 +70,9 @@ def _context(hospital, run_id, **node_config):
                    node_config={**hospital["node_config"], **node_config})
 
 
-def _message(hospital, kind, task_yaml, record=None, content=None):
-    config = ConfigRecord({m.SERVER_ROUND_KEY: 1} if task_yaml is None else
-                          {m.TASK_KEY: task_yaml, m.SERVER_ROUND_KEY: 1})
+def _message(hospital, kind, task_yaml, record=None, content=None, extra=None):
+    config = ConfigRecord({m.SERVER_ROUND_KEY: 1, **(extra or {})} if task_yaml is None else
+                          {m.TASK_KEY: task_yaml, m.SERVER_ROUND_KEY: 1, **(extra or {})})
     parts = {m.CONFIG_RECORD: config}
     if kind in ("train", "evaluate"):
         parts[m.ARRAYS_RECORD] = hospital["arrays"]
@@ -226,6 +226,16 @@ CASES = [
     ("collect-without-hospitals", "train", DIST, {}, {
         m.SECAGG_STAGE: m.STAGE_CKKS_COLLECT, m.SECAGG_ROUND: 1, m.SECAGG_MAX_WEIGHT: 1.0},
      {}, "stage-refused", None),
+    # -- found by attacking it: de-identification weakened, a file the server names, the
+    # held-out split's seed, client-level clipping of a distributed share --------------
+    ("deid-threshold-1", "train", TRAIN, {"data.deid.score_threshold": 1.0}, None,
+     {"deid": "required"}, "policy-refused", "data.deid.score_threshold"),
+    ("deid-spacy-model-path", "train", TRAIN, {"data.deid.spacy_model": "/etc"}, None,
+     {"deid": "required"}, "policy-refused", "data.deid.spacy_model"),
+    ("server-names-the-file", "train", TRAIN, {"data.path": "/etc/hosts"}, None,
+     {"data-path": "", "num-partitions": 2}, "data-mapping-refused", "data.path"),
+    ("held-out-split-seed", "train", TRAIN, {"data.seed": 7}, None, {},
+     "data-mapping-refused", "data.seed"),
     # -- the settings themselves ---------------------------------------------------------
     ("yaml-malformed", "train", "{{{ not: yaml", None, None, {}, "settings-unreadable", None),
     ("yaml-oversized", "train", _oversized, None, None, {}, "settings-unreadable", None),
@@ -268,6 +278,54 @@ def test_hostile_server_message_is_refused_with_a_code_and_nothing_leaves(
     assert len(LedgerStore(hospital["state"]).load(0, Accountant.rdp).runs) == 2
     captured = capfd.readouterr()
     assert not holds_canary(reply.error.reason, captured.out, captured.err, caplog.text)
+
+
+@pytest.mark.parametrize("base,norm,record", [(DIST, 0.0, _collect()), (DIST, 1.0, _collect()),
+                                              (TRAIN, math.nan, None), (TRAIN, -1.0, None)])
+def test_hostile_server_client_level_clipping_is_checked(hospital, honest_ledger, spy, base,
+                                                         norm, record):
+    """Client-level clipping scales a distributed DP share, and its noise with it (a norm of
+    0 leaves none, while the ledger books the planned noise): refused under distributed DP
+    whatever the norm; a norm that is not finite and > 0 is refused everywhere."""
+    run = DISTRIBUTED_RUN if base == DIST else DP_RUN
+    reply = app(_message(hospital, "train", hospital[base], record,
+                         extra={m.CLIPPING_NORM_KEY: norm}), _context(hospital, run))
+    assert reply.error.reason.startswith("4009 privacy-plan-invalid"), reply.error.reason
+    assert not spy.calls
+    assert (hospital["state"] / LEDGER_FILE).read_bytes() == honest_ledger
+
+
+def test_hostile_server_learns_no_label_histogram_from_refusals(hospital, honest_ledger):
+    """Under DP (or a policy that requires it) an unknown-label refusal carries no count:
+    probing one label at a time would give the exact label histogram."""
+    for dropped in LABELS:
+        text = tampered(hospital["dp"], {"data.labels": [x for x in LABELS if x != dropped]
+                                         + ["zzz"]})
+        for kind in ("train", "preflight"):
+            reply = app(_message(hospital, kind, text), _context(hospital, DP_RUN))
+            assert reply.error.reason == "4005 labels-unknown key=data.labels", reply
+
+
+def test_hostile_server_note_lengths_stay_in_the_hospitals_log(hospital, honest_ledger,
+                                                               capfd, caplog):
+    """How many notes are longer than the windows read is a statistic of the records: it is
+    written to the hospital's log, not to Flower's (the server's console in simulation)."""
+    text = tampered(hospital["dp"], {"model.max_chunks": 1, "model.chunk_stride": 0})
+    app(_message(hospital, "preflight", text), _context(hospital, DP_RUN))
+    app(_message(hospital, "evaluate", tampered(text, {"planned_evaluations": 99})),
+        _context(hospital, 555))
+    captured = capfd.readouterr()
+    assert "longer than" not in captured.out + captured.err + caplog.text
+    assert "notes are longer than 1 windows" in (hospital["state"] / "hospital.log").read_text()
+
+
+def test_hostile_server_cannot_forge_entries_in_the_hospitals_log(hospital, tmp_path):
+    from fl_app.hospital_edge import write_hospital_log
+
+    context = _context(hospital, 1, **{"state-dir": str(tmp_path)})
+    write_hospital_log(context, "refused: 'x\n2026-01-01 00:00:00 ledger archived, epsilon reset'")
+    lines = (tmp_path / "hospital.log").read_text().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("    2026-01-01"), lines
 
 
 def test_hostile_server_details_stay_in_the_hospitals_own_log(hospital, honest_ledger):
@@ -331,3 +389,27 @@ def test_hostile_server_evaluations_beyond_the_plan_are_refused(hospital, honest
     app(_message(hospital, "evaluate", text), lower)
     reply = app(_message(hospital, "evaluate", text), lower)
     assert reply.error.reason == "4010 evaluations-exhausted key=max-evaluations evaluations=1"
+
+
+def test_hostile_server_two_runs_at_once_keep_both_runs_in_the_ledger(hospital, honest_ledger,
+                                                                     tmp_path):
+    """Two runs served at the same time by one hospital: the second waits for the first to
+    save its ledger (a lock on the state directory), so neither run's spending is lost."""
+    import threading
+
+    from fl_app.hospital_state import state_locked
+
+    state = {"state-dir": str(tmp_path / "state")}
+    first, second = _context(hospital, 901, **state), _context(hospital, 902, **state)
+    replies = {}
+    with state_locked(first):
+        thread = threading.Thread(target=lambda: replies.setdefault(
+            901, app(_message(hospital, "train", hospital["dp"]), first)))
+        thread.start()
+        thread.join(timeout=3)
+        assert thread.is_alive(), "training waits for the ledger's lock"
+    thread.join(timeout=120)
+    replies[902] = app(_message(hospital, "train", hospital["dp"]), second)
+    assert not any(r.has_error() for r in replies.values())
+    runs = LedgerStore(tmp_path / "state").load(0, Accountant.rdp).runs
+    assert set(runs) == {901, 902} and all(run.steps > 0 for run in runs.values())

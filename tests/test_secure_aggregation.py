@@ -446,3 +446,29 @@ def test_hostile_server_decrypting_hospital_holds_its_own_threshold(ckks_home):
     assert reply.error.reason == "4011 stage-refused"
     assert "a sum of 2 hospital(s), fewer than 3" in hospital_log(context).rsplit(
         "refused as", 1)[-1]
+
+
+@pytest.mark.parametrize("other_view", [
+    {}, {"clipping_range": 1e-9, "quantization_range": 2**30}, {"max_weight": 1e12},
+    {"quantization_range": 2**20}])
+def test_hostile_server_per_hospital_parameters_leave_the_sum_masked(other_view):
+    """Pairwise masks are keyed by the round's parameters: a server that tells one hospital a
+    lattice (or weight, or threshold) of its own, to read the other's levels in the low bits
+    of a sum of two, gets masks that do not cancel. Told alike, they cancel exactly."""
+    from secure_aggregation import secagg_plus
+    from secure_aggregation.masking import mask
+
+    honest = {"threshold": 2, "clipping_range": 4.0, "quantization_range": 2**24,
+              "max_weight": 100.0}
+    views = {1: honest, 2: {**honest, **other_view}}
+    secrets = {n: secagg_plus.setup(1, n, **views[n]) for n in (1, 2)}
+    public = {n: (s.pk1, s.pk2) for n, s in secrets.items()}
+    sent = {n: secagg_plus.share_keys(s, public) for n, s in secrets.items()}
+    for node, own in secrets.items():
+        other = 3 - node
+        secagg_plus.receive_shares(own, [other], [sent[other][1][0]])
+    levels = np.zeros(64, dtype=np.uint32)
+    masked = {n: secagg_plus.masked_levels(s, levels, 0) for n, s in secrets.items()}
+    pairwise = masked[1] + masked[2] - mask(secrets[1].rd_seed, 65) - mask(secrets[2].rd_seed,
+                                                                             65)
+    assert (not pairwise.any()) == (other_view == {})

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 
-from settings.task import DataSettings
+from settings.task import DataSettings, DataSource, DeidSettings
 from tasks.errors import TaskInputError
 from tasks.privacy.plan import PolicyRefusal
 from tasks.privacy.policy import MAPPING_KEYS, HospitalPolicy
 
-_DEFAULTS = {f.name: f.default for f in fields(DataSettings) if isinstance(f.default,
-                                                                          str | float | None)}
+_DEFAULTS = {f.name: f.default for f in fields(DataSettings)
+             if isinstance(f.default, str | int | float | None)}
+_DEID_DEFAULTS = DeidSettings()
 
 
 def _owned(policy: HospitalPolicy) -> list[str]:
@@ -30,8 +31,27 @@ def _owned(policy: HospitalPolicy) -> list[str]:
     partition of the server's corpus reads it with the server's columns, unless its policy
     names them)."""
     if policy.data_path:
-        return list(MAPPING_KEYS.values())
+        # The seed too: it draws which of its records are held out and scored without noise.
+        return [*MAPPING_KEYS.values(), "seed"]
     return sorted({"eval_fraction", *policy.data_mapping})
+
+
+def _check_deid(server: DataSettings, policy: HospitalPolicy) -> None:
+    """Required de-identification cannot be weakened either: a higher confidence threshold
+    than the default drops findings (at 1.0, all of them), and a spaCy model path is the
+    server's probe of the hospital's file system."""
+    deid = server.deid
+    if deid.score_threshold > _DEID_DEFAULTS.score_threshold:
+        raise PolicyRefusal(
+            f"hospital {policy.hospital}: data.deid.score_threshold={deid.score_threshold} is "
+            f"above the default {_DEID_DEFAULTS.score_threshold}; the hospital's policy "
+            "requires de-identification, which it would weaken",
+            key="data.deid.score_threshold")
+    if deid.spacy_model is not None:
+        raise PolicyRefusal(
+            f"hospital {policy.hospital}: data.deid.spacy_model={deid.spacy_model!r}: the "
+            "server does not choose the hospital's de-identification model",
+            key="data.deid.spacy_model")
 
 
 class DataMappingRefused(TaskInputError):
@@ -43,6 +63,13 @@ def hospital_data_settings(server: DataSettings, policy: HospitalPolicy) -> Data
     hospital's mapping in place; raises when the server set a value that differs."""
     if not policy.owns_data:
         return server  # a simulated hospital without a policy file: the server's mapping
+    if not policy.data_path and server.source != DataSource.synthetic:
+        # Reading a file the server names: which files and columns exist, and how many
+        # rows hold a value, would be the server's to probe.
+        raise DataMappingRefused(
+            f"hospital {policy.hospital}: the server names the data (data.source="
+            f"{server.source.value}, data.path={server.path!r}); this hospital reads only its "
+            "own data-path (node config or policy file), and has none", key="data.path")
     mapped = {}
     for setting in _owned(policy):
         mine = policy.data_mapping.get(setting, _DEFAULTS[setting])
@@ -53,6 +80,8 @@ def hospital_data_settings(server: DataSettings, policy: HospitalPolicy) -> Data
                 f"hospital's mapping ({policy.source}) says {mine!r}; refused",
                 key=f"data.{setting}")
         mapped[setting] = mine
+    if policy.deid_required:
+        _check_deid(server, policy)
     if policy.deid_required and not server.deid.enabled:
         raise PolicyRefusal(
             f"hospital {policy.hospital}: the server asked for data.deid.enabled=false; the "
