@@ -404,7 +404,9 @@ def test_hostile_server_honest_ckks_exclusion_stops_the_round_before_any_decrypt
     """Five hospitals planned t = 3 (each adds sigma/sqrt(3)); two ran out of budget, so the
     round samples three, and the settings' threshold for three is 2; one more drops. The
     server holds the round to the plan's t: 2 updates < 3, nothing is decrypted."""
-    nodes = [101, 202, 303]  # the three left after two were excluded
+    from strategies.privacy_budget import PrivacyBudgetGate
+
+    nodes = [101, 202, 303, 404, 505]
     hospitals = HospitalsGrid(nodes, silent={303: m.STAGE_CKKS_COLLECT})
     settings = SecureAggregationSettings(mode="ckks")
     assert settings.threshold_for(3) == 2
@@ -412,10 +414,14 @@ def test_hostile_server_honest_ckks_exclusion_stops_the_round_before_any_decrypt
     grid = SecureAggregationGrid(hospitals, settings, max(map(records_of, nodes)),
                                  _public_of(hospitals), noise_threshold=3,
                                  on_abort=lambda round_, why: aborted.append((round_, why)))
-    strategy = FedAvg(weighted_by_key=m.WEIGHT_KEY, min_available_nodes=2, min_train_nodes=2)
+    strategy = PrivacyBudgetGate(FedAvg(weighted_by_key=m.WEIGHT_KEY, min_available_nodes=2,
+                                        min_train_nodes=2))
+    for spent in (404, 505):  # out of budget: the gate sends them no more work
+        strategy.exclude(spent, "privacy-budget-refused")
     start = ArrayRecord({k: Array(v) for k, v in ADAPTER.items()})
-    replies = list(grid.send_and_receive(strategy.configure_train(
-        1, start, ConfigRecord({"x": 1}), grid)))
+    messages = list(strategy.configure_train(1, start, ConfigRecord({"x": 1}), grid))
+    assert sorted(msg.metadata.dst_node_id for msg in messages) == [101, 202, 303]
+    replies = list(grid.send_and_receive(messages))
     assert all(r.has_error() for r in replies)
     assert aborted == [(1, "updates received: 2 hospital(s), fewer than the reconstruction "
                            "threshold 3")]
