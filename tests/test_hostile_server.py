@@ -339,34 +339,27 @@ def test_hostile_server_details_stay_in_the_hospitals_own_log(hospital, honest_l
 
 
 def test_hostile_server_without_a_hospital_policy_leaks_no_cell_either(
-        hospital, honest_ledger, tmp_path, capfd):
+        hospital, honest_ledger, tmp_path, capfd, monkeypatch):
     """A simulated hospital without a policy takes the server's mapping (as before), so the
     server can point the label column at any column: it learns how many records carry a
     label outside its set, never one of them, nor the header of a column it guessed wrong."""
     export = hospital["node_config"]["data-path"]
     context = Context(run_id=3, node_id=NODE, state=RecordDict(), run_config={},
                       node_config={"partition-id": 0, "num-partitions": 1})
-    import os
-
-    os.environ["FLWR_HOME"] = str(tmp_path)  # its own state directory, under FLWR_HOME
-    try:
-        for column, expected in (("text", "4005 labels-unknown key=data.labels records=40"),
-                                 ("patient_name", "4005 labels-unknown key=data.labels "
-                                                  "records=40"),
-                                 (CANARY_COLUMN, "4005 labels-unknown key=data.labels "
-                                                 "records=40"),
-                                 ("zzz", "4004 data-unreadable key=data.label_column")):
-            text = tampered(hospital["dp"], {"data.path": export, "data.label_column": column,
-                                             "privacy.dp_sgd.enabled": False,
-                                             "privacy.dp_sgd.target_epsilon": None})
-            reply = app(_message(hospital, "train", text), context)
-            assert reply.error.reason == expected, (column, reply.error.reason)
-        captured = capfd.readouterr()
-        assert not holds_canary(captured.out, captured.err)
-        assert CANARY in (tmp_path / "clinical-fl" / "hospital-state" / "partition-0" /
-                          "hospital.log").read_text(), "the details are kept at home"
-    finally:
-        del os.environ["FLWR_HOME"]
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))  # its own state directory, under FLWR_HOME
+    for column, expected in (("text", "4005 labels-unknown key=data.labels records=40"),
+                             ("patient_name", "4005 labels-unknown key=data.labels records=40"),
+                             (CANARY_COLUMN, "4005 labels-unknown key=data.labels records=40"),
+                             ("zzz", "4004 data-unreadable key=data.label_column")):
+        text = tampered(hospital["dp"], {"data.path": export, "data.label_column": column,
+                                         "privacy.dp_sgd.enabled": False,
+                                         "privacy.dp_sgd.target_epsilon": None})
+        reply = app(_message(hospital, "train", text), context)
+        assert reply.error.reason == expected, (column, reply.error.reason)
+    captured = capfd.readouterr()
+    assert not holds_canary(captured.out, captured.err)
+    assert CANARY in (tmp_path / "clinical-fl" / "hospital-state" / "partition-0" /
+                      "hospital.log").read_text(), "the details are kept at home"
 
 
 def test_hostile_server_evaluations_beyond_the_plan_are_refused(hospital, honest_ledger, spy):
