@@ -20,7 +20,7 @@ def asks_for_clipping(msg: Message) -> bool:
     return any(CLIPPING_NORM_KEY in config for config in msg.content.config_records.values())
 
 
-def _clipping_norm(msg: Message) -> float:
+def _check_clipping_norm(msg: Message) -> None:
     norms = [config[CLIPPING_NORM_KEY] for config in msg.content.config_records.values()
              if CLIPPING_NORM_KEY in config]
     norm = norms[0]
@@ -28,7 +28,6 @@ def _clipping_norm(msg: Message) -> float:
             or not math.isfinite(norm) or norm <= 0:
         raise ClippingRefused(f"client-level DP's clipping norm {norm!r} is not a finite number "
                               "> 0")
-    return float(norm)
 
 
 def clip_update_for_client_level_dp(msg: Message, context: Context,
@@ -42,7 +41,7 @@ def clip_update_for_client_level_dp(msg: Message, context: Context,
     """
     if not asks_for_clipping(msg):
         return call_next(msg, context)
-    _clipping_norm(msg)
+    _check_clipping_norm(msg)
     if _distributed(msg):
         raise ClippingRefused("client-level clipping of a distributed DP share: refused",
                               key="privacy.distributed_dp")

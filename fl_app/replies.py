@@ -108,15 +108,16 @@ def evaluate_reply(msg: Message, outcome: EvalOutcome, hospital: int,
 
 
 def preflight_reply(msg: Message, hospital: int, label_counts: list[int] | None,
-                    train_records: int, eval_records: int, problem: str = "",
+                    train_records: int, eval_records: int,
                     empty_texts_dropped: int = 0, declined: str = "",
                     ckks_public: ConfigRecord | None = None) -> Message:
     """Whether this hospital can take part, and how many records of each label it holds
-    (``label_counts`` None: not shared, as under DP-SGD). ``problem`` stops the run;
-    ``declined`` (its privacy policy refuses the run) only keeps this hospital out; both are
-    refusal lines (``protocol/refusals.py``), never free text (the hospital's edge checks).
+    (``label_counts`` None: not shared, as under DP-SGD). A problem that stops the run leaves
+    as an error reply through the hospital's edge; ``declined`` (its privacy policy refuses the
+    run) only keeps this hospital out, and is a refusal line (``protocol/refusals.py``), never
+    free text (the edge checks; it sets ``problem`` itself if a reply holds anything else).
     ``ckks_public``: the public half of its CKKS key material (secure_aggregation=ckks)."""
-    status = ConfigRecord({m.PREFLIGHT_OK: not problem, m.PREFLIGHT_PROBLEM: problem,
+    status = ConfigRecord({m.PREFLIGHT_OK: True, m.PREFLIGHT_PROBLEM: "",
                            m.PREFLIGHT_HOSPITAL: hospital, m.PREFLIGHT_DECLINED: declined})
     counts = MetricRecord({m.TRAIN_RECORDS: train_records, m.EVAL_RECORDS: eval_records,
                            m.EMPTY_TEXTS_DROPPED: empty_texts_dropped})

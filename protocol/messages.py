@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
+from protocol.refusals import BY_NAME
+
 # --- Records and keys of the messages -------------------------------------------------
 
 # ConfigRecord key of every server message: the task settings (YAML) a hospital validates.
@@ -47,7 +49,7 @@ CKKS_PARAMETERS = "parameters"
 
 # Error codes are those of protocol/refusals.py: what a hospital may say when it refuses.
 # A train reply when the hospital's privacy budget refuses the round:
-PRIVACY_BUDGET_REFUSED = 4031
+PRIVACY_BUDGET_REFUSED = BY_NAME["privacy-budget-refused"].code
 
 # Secure aggregation (secure_aggregation/): every stage is a train message carrying this
 # ConfigRecord; the hospital's mod answers the protocol's stages itself and hands only the
@@ -91,7 +93,7 @@ SECURE_AGGREGATION_ON = "secure-aggregation-on"
 SECURE_AGGREGATION_THRESHOLD = "secure-aggregation-threshold"
 SECURE_AGGREGATION_HOSPITALS = "secure-aggregation-hospitals"
 # Error code of a secure-aggregation stage a hospital cannot complete (the reason says why).
-SECURE_AGGREGATION_FAILED = 4032
+SECURE_AGGREGATION_FAILED = BY_NAME["secure-aggregation-failed"].code
 
 
 # --- Metrics ----------------------------------------------------------------------------

@@ -140,7 +140,9 @@ def parse_refusal(text: str) -> Refusal | None:
 
 
 def is_refusal_line(text: str) -> bool:
-    return parse_refusal(text) is not None and parse_refusal(text).wire() == text
+    """Exactly a line the table allows (nothing dropped by ``make_refusal`` on the way)."""
+    refusal = parse_refusal(text)
+    return refusal is not None and refusal.wire() == text
 
 
 def explain_reason(text: str) -> str:
