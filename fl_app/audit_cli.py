@@ -40,13 +40,13 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from fl_app.cli import _stream, flwr_run_command, write_run_config
+from fl_app.data_check import checked_labels
 from fl_app.flower_env import flower_env
 from fl_app.flower_runs import COMPLETED, run_status, started_run_id
 from settings.compose import ConfigError, compose_config, to_run_settings
 from tasks.audit.bound import guess_and_bound, per_bound_confidence
 from tasks.audit.canaries import GRADIENT, NOTE, make_canaries, write_canaries
 from tasks.audit.scores import black_box_scores, white_box_scores
-from tasks.data.hospital_data import source_labels
 from tasks.model.build import load_adapter
 from tracking.paths import project_root
 from tracking.run_tracker import resolve_store
@@ -102,7 +102,8 @@ def run_audit(overrides: list[str], canaries_per_kind: int, guesses: list[int],
     overrides = AUDIT_SETTINGS + overrides
     cfg = compose_config(overrides)  # fails here, before any training, on a bad override
     settings = to_run_settings(cfg)
-    labels = source_labels(settings.data)
+    # The audit's hospitals are simulated here: every data check holds before training.
+    labels = checked_labels(settings.data, hospitals_read_here=True)
     canaries = make_canaries(canaries_per_kind, len(labels))
     key = write_canaries(canaries, work / "auditor-key.jsonl")  # never sent
     given = write_canaries([c for c in canaries if c.included], work / "hospital-0.jsonl")
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report = run_audit(args.overrides, args.canaries, guesses, args.confidence, work,
                                os.environ.get("CLINICAL_FL_FEDERATION_CONFIG"))
-        except (ConfigError, RuntimeError) as err:
+        except (ConfigError, RuntimeError, FileNotFoundError) as err:
             print(f"clinical-fl-audit: {err}", file=sys.stderr)
             return 1
     args.out.write_text(json.dumps(report, indent=1), encoding="utf-8")

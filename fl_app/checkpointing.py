@@ -68,4 +68,4 @@ class RoundCheckpointer:
         path = save_checkpoint(checkpoint, self.directory)
         if self.log_artifact:
             self.tracker.log_artifact(path, ARTIFACT_PATH)
-        log.info("round %d checkpointed to %s", server_round, path)
+        log.debug("round %d checkpointed to %s", server_round, path)

@@ -6,11 +6,18 @@
     CLINICAL_FL_FEDERATION_CONFIG="num-supernodes=8" clinical-fl ...   # 8 hospitals
 
 Hydra parses the overrides here and they are checked as ``compose_config`` checks them
-(every key in the schema, no ``+key`` additions or ``~key`` deletions but of config groups,
-every value valid; in a sweep, every job's), so a bad one fails at once, before any Flower
-or Ray process starts; then they go to ``flwr run`` through the Flower run config, where the
-ServerApp composes the same configuration again. ``flwr run`` exits 0 even when the run
-failed, so the run's final status is asked from the SuperLink afterwards.
+(every key in the schema, every group option a preset, no ``+key`` additions or ``~key``
+deletions but of config groups, every value valid; in a sweep, every job's), and the data as
+the server will read it (``fl_app/data_check.py``: path, columns, labels; with no
+``CLINICAL_FL_CONNECTION`` the hospitals read ``data.path`` here too, so all of it), so a bad
+one fails in seconds with ``error: ...``, before any Flower or Ray process starts; then they
+go to ``flwr run`` through the Flower run config's ``overrides`` key, where the ServerApp
+composes the same configuration again. ``flwr`` is the one next to this Python (the venv's),
+else PATH's. ``flwr run`` exits 0 even when the run failed, so the run's final status is
+asked from the SuperLink afterwards.
+
+Hydra writes nothing here (``conf/config.yaml``'s ``hydra:`` block: no ``outputs/`` folder,
+no log file); a sweep (``-m``) keeps its report folder under ``multirun/``.
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from fl_app.flower_env import flower_env
+from fl_app import local_superlink
+from fl_app.data_check import check_data
+from fl_app.flower_env import flower_env, flower_executable
 from fl_app.flower_runs import COMPLETED, run_status, started_run_id
 from fl_app.sweep import FAILED_JOBS, PARENT_RUN_ENV, SWEEP_NAME_ENV
 from settings.compose import (
@@ -44,9 +53,12 @@ from settings.compose import (
     ConfigError,
     check_override_keys,
     compose_config,
+    to_run_settings,
     validate_config,
 )
 from tracking.paths import project_root
+
+CONNECTION_ENV = "CLINICAL_FL_CONNECTION"  # a SuperLink from $FLWR_HOME/config.toml
 
 
 def write_run_config(overrides: list[str], path: Path) -> Path:
@@ -68,7 +80,7 @@ def flwr_run_command(run_config: Path, connection: str | None = None,
 
     ``federation_config`` is Flower's simulation setting, e.g. ``num-supernodes=8``.
     """
-    command = ["flwr", "run", str(project_root())]
+    command = [flower_executable("flwr"), "run", str(project_root())]
     if connection:
         command.append(connection)
     command += ["--stream", "--run-config", str(run_config)]
@@ -104,29 +116,39 @@ def _stream(command: list[str], env: dict[str, str]) -> str:
     return "".join(lines)
 
 
+def check_data_of(cfg: DictConfig) -> None:
+    """The data checks the server would make (all of them when the hospitals read
+    ``data.path`` on this machine: a local simulation, no ``CLINICAL_FL_CONNECTION``)."""
+    check_data(to_run_settings(cfg).data,
+               hospitals_read_here=not os.environ.get(CONNECTION_ENV))
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
 def _run(cfg: DictConfig) -> None:
     overrides = list(HydraConfig.get().overrides.task)
     try:
         # What compose_config checks, in the same order: the keys (Hydra would add a +key
-        # the settings then drop), then every value. All before flwr run starts anything.
+        # the settings then drop), then every value; then the data as the server reads it.
+        # All before flwr run starts anything.
         check_override_keys(overrides)
-        validate_config(cfg)
+        check_data_of(validate_config(cfg))
     except ConfigError as err:
         sys.exit(f"error: {err}")
     overrides += _sweep_overrides(overrides)
     env = flower_env()
-    connection = os.environ.get("CLINICAL_FL_CONNECTION")  # a SuperLink from config.toml
+    connection = os.environ.get(CONNECTION_ENV)
     # Simulation only, e.g. "num-supernodes=8": how many hospitals Flower starts.
     federation_config = os.environ.get("CLINICAL_FL_FEDERATION_CONFIG")
-    with tempfile.TemporaryDirectory() as tmp:
-        run_config = write_run_config(overrides, Path(tmp) / "run_config.toml")
-        output = _stream(flwr_run_command(run_config, connection, federation_config), env)
-    run_id = started_run_id(output)
-    status, details = run_status(run_id, connection, env) if run_id else ("not started", "")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            run_config = write_run_config(overrides, Path(tmp) / "run_config.toml")
+            output = _stream(flwr_run_command(run_config, connection, federation_config), env)
+        run_id = started_run_id(output)
+        status, details = run_status(run_id, connection, env) if run_id else ("not started", "")
+    except FileNotFoundError as err:
+        sys.exit(f"error: {err}")
     if status == COMPLETED:
-        print(f"flwr run {run_id}: {status}")
-        return
+        return  # the run's own summary (MLflow run id, scores, what next) was the last word
     problem = f"flwr run {run_id or '-'} ({' '.join(overrides)}): {status} {details}".strip()
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         FAILED_JOBS.append(problem)  # the sweep goes on; its report names the failures
@@ -161,10 +183,11 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 
 
 def check_command_line(argv: list[str]) -> None:
-    """Everything ``compose_config`` refuses, refused before Hydra starts a job: the keys (an
-    unknown key fails naming the valid ones of its section; Hydra would only say it cannot
-    override it), and for a sweep every job's configuration, so that no job's ``flwr run``
-    starts when a later one cannot. (A single run's values are checked in ``_run``.)"""
+    """Everything ``compose_config`` refuses, refused before Hydra starts a job: the keys and
+    group options (an unknown one fails naming the valid ones and the near misses; Hydra
+    would only say it cannot override it), and for a sweep every job's configuration and
+    data, so that no job's ``flwr run`` starts when a later one cannot. (A single run's
+    values and data are checked in ``_run``.)"""
     overrides, multirun = command_line(argv)
     check_override_keys(overrides)
     if not multirun:
@@ -173,8 +196,13 @@ def check_command_line(argv: list[str]) -> None:
         jobs = sweep_jobs(overrides)
     except HydraException:
         return  # a sweep Hydra cannot expand: Hydra reports it; each job is checked in _run
+    checked = set()
     for job in jobs:
-        compose_config(job)
+        cfg = compose_config(job)
+        data = repr(cfg.data)
+        if data not in checked:  # the jobs of a sweep mostly share their data: read it once
+            check_data_of(cfg)
+            checked.add(data)
 
 
 def main() -> None:
@@ -182,7 +210,20 @@ def main() -> None:
         check_command_line(sys.argv[1:])
     except ConfigError as err:
         sys.exit(f"error: {err}")
-    _run()
+    # The same Flower home as scripts/run.sh: one local SuperLink, one set of hospital
+    # ledgers (.flwr/clinical-fl/hospital-state/) whichever command started the run.
+    os.environ.setdefault("FLWR_HOME", str(project_root() / ".flwr"))
+    # flwr run starts a local SuperLink when none runs and leaves it behind; one this
+    # command started (for one run or a whole sweep) is stopped by its PID at the end.
+    started_here = not os.environ.get(CONNECTION_ENV) and not local_superlink.running()
+    try:
+        _run()
+    finally:
+        if started_here and local_superlink.running():
+            pids = local_superlink.stop(Path(os.environ["FLWR_HOME"]))
+            if pids:
+                print(f"stopped the local SuperLink this command started (PID "
+                      f"{', '.join(map(str, pids))})")
 
 
 if __name__ == "__main__":

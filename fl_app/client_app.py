@@ -13,10 +13,13 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fl_app.client_mods import clip_update_for_client_level_dp
+from fl_app.console import quiet_third_party
 from fl_app.fault_drill import fault_drill_mod
 from fl_app.hospital_edge import hospital_edge_mod
 from fl_app.secure_aggregation_mod import secure_aggregation_mod
 from protocol import messages as m
+
+quiet_third_party()  # before the handlers import Opacus, which configures logging on import
 
 # The hospital's edge wraps every handler and mod: whatever fails leaves as a refusal code,
 # never as exception text (which Flower would otherwise send to the server).

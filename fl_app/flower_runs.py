@@ -11,6 +11,8 @@ import re
 import subprocess
 import sys
 
+from fl_app.flower_env import flower_executable
+
 _STARTED = re.compile(r"Successfully started run (\d+)")
 COMPLETED = "finished:completed"
 
@@ -24,7 +26,7 @@ def started_run_id(output: str) -> str | None:
 def run_status(run_id: str, connection: str | None = None,
                env: dict[str, str] | None = None) -> tuple[str, str]:
     """(status, details) of a run, e.g. ("finished:failed", "Simulation failed with ...")."""
-    command = ["flwr", "ls"] + ([connection] if connection else []) + [
+    command = [flower_executable("flwr"), "ls"] + ([connection] if connection else []) + [
         "--run-id", run_id, "--format", "json"]
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     try:

@@ -124,14 +124,16 @@ class _ToHospitalLog(logging.Handler):
 @contextmanager
 def _task_logs_kept_home(context: Context) -> Iterator[None]:
     logger = logging.getLogger("tasks")
-    handler, propagated = _ToHospitalLog(context), logger.propagate
+    handler, propagated, level = _ToHospitalLog(context), logger.propagate, logger.level
     logger.addHandler(handler)
     logger.propagate = False
+    logger.setLevel(logging.INFO)  # training progress is INFO (tasks/learning/progress.py)
     try:
         yield
     finally:
         logger.removeHandler(handler)
         logger.propagate = propagated
+        logger.setLevel(level)
 
 
 def _who(context: Context) -> str:

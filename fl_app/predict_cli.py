@@ -1,7 +1,10 @@
-"""``clinical-fl-predict``: classify notes with the adapter of a run (MLflow run id) or a folder,
-here or through the prediction service. Notes are de-identified as in training first.
+"""``clinical-fl-predict``: classify notes with the adapter of a run (MLflow run id, registered
+model, or a folder), here or through the prediction service. Notes are de-identified as in
+training first.
 
     clinical-fl-predict --run-id 3f2a... --text "CC: chest pain ..."
+    clinical-fl-predict --model models:/clinical-fl-note-classifier@current --json --top-k 3 \\
+        notes/*.txt
     clinical-fl-predict --adapter ./adapter notes/*.txt
     clinical-fl-predict --server https://coordinator:8443 --token-file token.txt \\
         --ca-cert certs/ca.crt notes/*.txt                      # the service reads the notes
@@ -12,11 +15,33 @@ here or through the prediction service. Notes are de-identified as in training f
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from serving.run_artifacts import adapter_from, add_adapter_arguments
+from serving.run_artifacts import adapter_folder, add_adapter_arguments
 from tasks.errors import TaskInputError
+
+
+@dataclass
+class Row:
+    """One note's answer, from whichever path computed it."""
+
+    label: str
+    probability: float
+    probabilities: dict[str, float]
+
+    def top(self, k: int) -> list[tuple[str, float]]:
+        """The k most probable labels, most probable first (ties: the model's label order)."""
+        return sorted(self.probabilities.items(), key=lambda item: -item[1])[:k]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected at least 1")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ca-cert", help="CA certificate that signed the service's (PEM)")
     parser.add_argument("--client-cert", nargs=2, metavar=("CERT", "KEY"),
                         help="client certificate and key, for a service with --client-ca")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per line and note (note, label, probability; "
+                             "with --top-k also top) instead of a table")
+    parser.add_argument("--top-k", type=_positive, metavar="K",
+                        help="also give the K most probable labels with their probabilities")
     parser.add_argument("--text", action="append", default=[], help="a note (repeatable)")
     parser.add_argument("files", nargs="*", help="text files, one note per file")
     return parser
@@ -72,11 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.encrypted and not args.server:
         parser.error("--encrypted needs --server URL")
-    if not args.server and not (args.adapter or args.run_id):
-        parser.error("give --adapter or --run-id (or --server to ask a service)")
-    if args.encrypted and not (args.adapter or args.run_id):
-        parser.error("--encrypted encodes notes here: give the global adapter with --adapter "
-                     "or --run-id")
+    local = args.adapter or args.run_id or args.model
+    if not args.server and not local:
+        parser.error("give --adapter, --run-id or --model (or --server to ask a service)")
+    if args.encrypted and not local:
+        parser.error("--encrypted encodes notes here: give the global adapter with --adapter, "
+                     "--run-id or --model")
     texts, names = _read_notes(args, parser)
     try:
         rows = _predict(args, texts)
@@ -90,25 +121,57 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for name, (label, probability) in zip(names, rows, strict=True):
-        print(f"{name}\t{label}\t{probability:.3f}")
+    lines = _json_lines(names, rows, args.top_k) if args.json else _table(names, rows,
+                                                                          args.top_k)
+    print("\n".join(lines))
     return 0
 
 
-def _predict(args: argparse.Namespace, texts: list[str]) -> list[tuple[str, float]]:
+def _table(names: list[str], rows: list[Row], top_k: int | None) -> list[str]:
+    """Tab-separated, a header line first; with --top-k K, the 2nd to Kth labels follow."""
+    ranks = range(2, (top_k or 1) + 1)
+    header = ["note", "label", "probability"]
+    header += [f"{column}_{rank}" for rank in ranks for column in ("label", "probability")]
+    lines = ["\t".join(header)]
+    for name, row in zip(names, rows, strict=True):
+        cells = [name, row.label, f"{row.probability:.3f}"]
+        for label, probability in row.top(top_k or 1)[1:]:
+            cells += [label, f"{probability:.3f}"]
+        lines.append("\t".join(cells))
+    return lines
+
+
+def _json_lines(names: list[str], rows: list[Row], top_k: int | None) -> list[str]:
+    """JSON Lines: one object per note, in the order given."""
+    lines = []
+    for name, row in zip(names, rows, strict=True):
+        record: dict = {"note": name, "label": row.label,
+                        "probability": round(row.probability, 6)}
+        if top_k:
+            record["top"] = [{"label": label, "probability": round(p, 6)}
+                             for label, p in row.top(top_k)]
+        lines.append(json.dumps(record))
+    return lines
+
+
+def _predict(args: argparse.Namespace, texts: list[str]) -> list[Row]:
     if args.server and not args.encrypted:
         with _service(args) as client:
-            return [(p["label"], p["probability"]) for p in client.predict(texts)]
+            return [Row(p["label"], p["probability"], p["probabilities"])
+                    for p in client.predict(texts)]
     from tasks.model.predict import NoteClassifier
 
-    adapter = adapter_from(args)
-    local = NoteClassifier(adapter, args.base_model)
+    # The model is in memory once loaded: a downloaded adapter's folder goes right away.
+    with adapter_folder(args) as adapter:
+        local = NoteClassifier(adapter, args.base_model)
     if not args.encrypted:
-        return [(p.label, p.probability) for p in local.predict(texts)]
-    from serving.client import EncryptedPredictor
+        predictions = local.predict(texts)
+    else:
+        from serving.client import EncryptedPredictor
 
-    with _service(args) as client:
-        return [(p.label, p.probability) for p in EncryptedPredictor(local, client).predict(texts)]
+        with _service(args) as client:
+            predictions = EncryptedPredictor(local, client).predict(texts)
+    return [Row(p.label, p.probability, p.probabilities) for p in predictions]
 
 
 if __name__ == "__main__":

@@ -22,22 +22,25 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fl_app.checkpointing import RoundCheckpointer, state_root
+from fl_app.console import RoundConsole, speak_for_the_server
+from fl_app.data_check import server_labels
 from fl_app.preflight import HospitalReport, run_preflight, wait_for_hospitals
+from fl_app.progress_grid import ProgressGrid
 from fl_app.resume import Resume, config_tree, prepare_resume
+from fl_app.run_summary import finished_run, summary
 from fl_app.secure_aggregation_grid import SecureAggregationGrid
 from protocol.messages import TASK_KEY
 from secure_aggregation import ckks
 from serving.pyfunc import log_note_model
 from settings.checks import ConfigError
 from settings.compose import (
-    compose_config,
-    parse_overrides,
     task_settings,
     task_settings_from_yaml,
     task_settings_to_yaml,
     to_run_settings,
 )
 from settings.run import RunSettings
+from settings.run_config import compose_run_config
 from settings.secure_aggregation import SecureAggregationMode, SecureAggregationSettings
 from settings.task import Device, Precision, TaskSettings, TrainSettings
 from strategies.central_dp import with_client_level_dp
@@ -50,7 +53,7 @@ from strategies.round_offset import AfterRound
 from strategies.strategy_state import restore_strategy_state
 from strategies.update_check import UpdateCheck
 from strategies.update_recorder import UpdateRecorder
-from tasks.data.hospital_data import load_server_test_set, source_labels
+from tasks.data.hospital_data import load_server_test_set
 from tasks.learning.batches import chunking_for
 from tasks.learning.central_evaluation import CentralEvaluator
 from tasks.model.build import (
@@ -65,6 +68,7 @@ from tasks.privacy.distributed_dp import plan_distributed_dp
 from tasks.privacy.lattice import Lattice
 from tracking.metered_grid import MeteredGrid
 from tracking.paths import project_root
+from tracking.provenance import FlowerRun
 from tracking.round_log import CentralEvaluate, ClientLevelPrivacy, RoundLogger
 from tracking.run_tracker import RunTracker
 
@@ -123,14 +127,15 @@ class Federation:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    overrides = parse_overrides(str(context.run_config.get("overrides", "")))
-    cfg = compose_config(overrides)
+    speak_for_the_server()  # one line per event on the run's console (fl_app/console.py)
+    # The typed run-config keys, then the ``overrides`` string (settings/run_config.py).
+    overrides, cfg = compose_run_config(context.run_config)
     settings = to_run_settings(cfg)
     resume = None
     if settings.resume:  # everything wrong with the resume is found before any message
         resume = prepare_resume(settings, overrides, project_root())
         cfg, overrides, settings = resume.cfg, resume.overrides, to_run_settings(resume.cfg)
-    labels = source_labels(settings.data)
+    labels = server_labels(settings.data)  # path, columns, labels: before any hospital
     if resume:  # the planned rounds, DP plans and ledger entry the hospitals already have
         task = task_settings_from_yaml(resume.checkpoint.task_yaml)
         task.drill = settings.drill  # the one section of theirs a resume may change
@@ -142,15 +147,19 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(task.model, labels, task.seed, tokenizer)
 
     with RunTracker(settings.tracking, project_root(),
-                    resume.checkpoint.mlflow_run_id if resume else None) as tracker:
+                    resume.checkpoint.mlflow_run_id if resume else None, run_settings=settings,
+                    overrides=overrides, flower=FlowerRun.of(context, grid)) as tracker:
         if resume:
             record_resume(tracker, resume, context.run_id)
-        else:
-            tracker.log_params(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
-            tracker.log_text(OmegaConf.to_yaml(cfg), "config/resolved_config.yaml")
-        grid = MeteredGrid(grid)
+        else:  # the settings that take effect as params; config/resolved_config.yaml
+            tracker.log_config(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+                               OmegaConf.to_yaml(cfg))
+        metered = MeteredGrid(grid)
+        hospital_names: dict[int, int] = {}  # node id -> hospital number, once checked
+        grid = ProgressGrid(metered, lambda node: hospital_names.get(node, f"node {node}"))
         central = central_evaluation(settings, model, tokenizer, labels)
         federation = check_hospitals(grid, settings, task, tracker, plan_rounds=not resume)
+        hospital_names.update({r.node_id: r.hospital for r in federation.reports})
         if settings.privacy.distributed_dp.enabled and not resume:
             plan_distributed_dp_for(settings, federation, tracker,
                                     sum(t.numel() for t in trainable_state(model).values()))
@@ -169,15 +178,16 @@ def main(grid: Grid, context: Context) -> None:
             state_root(settings.checkpoint, settings.tracking, project_root()) / tracker.run_id,
             tracker, template, strategy, chain.gate, chain.check, chain.hospital_of,
             settings.checkpoint.log_artifact)
-        round_logger = RoundLogger(tracker, grid, train_rules, evaluate_rules, central,
+        round_logger = RoundLogger(tracker, metered, train_rules, evaluate_rules, central,
                                    settings.tracking.log_per_hospital, chain.client_level_privacy,
                                    secure_grid.take_round_stats if secure_grid else None,
                                    schedule.due, chain.check.take_round, checkpointer)
         if resume:
             initial = restore_server_state(resume.checkpoint, chain, federation, tracker)
             round_logger.latest_arrays = initial
+        round_console = RoundConsole(round_logger, lambda: tracker.history, settings.num_rounds)
         train_federation(strategy, secure_grid or grid, initial, settings,
-                         federation.task_config, round_logger, tracker,
+                         federation.task_config, round_console, tracker,
                          done=resume.checkpoint.round if resume else 0)
         tracker.log_round_plot()
         if settings.tracking.save_adapter:
@@ -185,6 +195,8 @@ def main(grid: Grid, context: Context) -> None:
             final = round_logger.latest_arrays
             save_final_adapter(model, final if final is not None else initial, task, labels,
                                tracker)
+    # After the MLflow run is closed (and its model's alias moved): what to do next.
+    print(summary(finished_run(tracker, settings), project_root()), flush=True)
 
 
 def record_resume(tracker: RunTracker, resume: Resume, flower_run_id: int) -> None:
@@ -260,6 +272,16 @@ def check_hospitals(grid: Grid, settings: RunSettings, task: TaskSettings,
     tracker.set_tags({"hospitals": str(len(reports)), "labels": ",".join(task.data.labels),
                       "privacy": privacy_tag(settings),
                       "secure_aggregation": settings.secure_aggregation.mode.value})
+
+    def server_test_records() -> tuple[list[str], list[str]]:
+        """The server's test rows of data.path, read again for their count and digest."""
+        from tasks.data.loaders import load_records
+
+        rows = load_records(settings.data).where_split(settings.data.test_split, keep=True)
+        return rows.text, rows.label
+
+    # Counts and digests only: each hospital taking part, and the server's test set.
+    tracker.log_run_datasets(reports, task.data.labels, settings.data, server_test_records)
     return Federation(task, task_config, reports)
 
 
@@ -433,7 +455,7 @@ def server_strategy(settings: RunSettings, federation: Federation, tracker: RunT
 
 def train_federation(strategy: Strategy, grid: Grid, initial: ArrayRecord,
                      settings: RunSettings, task_config: ConfigRecord,
-                     round_logger: RoundLogger, tracker: RunTracker, done: int = 0) -> None:
+                     round_logger: RoundConsole, tracker: RunTracker, done: int = 0) -> None:
     """Round 0 (the untrained adapter), then Flower's own loop; a spent budget ends the run
     cleanly with the last global adapter. ``done``: the rounds a resumed run completed
     before (its adapter is ``initial``); Flower's loop runs the rest."""
@@ -461,5 +483,6 @@ def save_final_adapter(model: PeftModel, arrays: ArrayRecord, task: TaskSettings
     with tempfile.TemporaryDirectory() as tmp:
         save_adapter(model, Path(tmp), task.model, labels, task.data.deid)
         tracker.log_artifacts(Path(tmp), "adapter")
-        # The same adapter as an MLflow Model: mlflow.pyfunc.load_model("runs:/<id>/model").
-        log_note_model(Path(tmp), labels)
+        # The same adapter as an MLflow Model: mlflow.pyfunc.load_model("runs:/<id>/model"),
+        # registered when the run finishes (tracking.registered_model).
+        tracker.model_logged(log_note_model(Path(tmp), labels))

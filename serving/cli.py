@@ -2,6 +2,8 @@
 
     clinical-fl-serve --run-id 3f2a... --tls-cert certs/superlink.pem \\
         --tls-key certs/superlink.key --token-file service-tokens.txt
+    clinical-fl-serve --model models:/clinical-fl-note-classifier@current --tls-cert ... \\
+        --tls-key ... --token-file service-tokens.txt --access-log service-access.log
     clinical-fl-serve --adapter ./adapter --insecure          # local use: plain HTTP
 
 Secure by default: TLS and client authentication (bearer tokens from --token-file, and/or
@@ -16,8 +18,9 @@ import logging
 import sys
 from pathlib import Path
 
+from serving.access_log import ACCESS_LOGGER
 from serving.app import MiB, ServiceSettings, create_app
-from serving.run_artifacts import adapter_from, add_adapter_arguments
+from serving.run_artifacts import adapter_folder, add_adapter_arguments, describe_source
 from tasks.errors import TaskInputError
 
 log = logging.getLogger("clinical-fl-serve")
@@ -71,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="open connections at once; more are answered 503")
     parser.add_argument("--rate-limit", type=int, default=0,
                         help="notes per client and minute (0: unlimited)")
+    parser.add_argument("--access-log", metavar="FILE",
+                        help="also append the access log (one line per request, no note text) "
+                             "to FILE")
+    parser.add_argument("--metrics", action="store_true",
+                        help="serve GET /metrics (request counts and latencies; needs a token "
+                             "like every data endpoint)")
     return parser
 
 
@@ -94,6 +103,20 @@ def _check_security(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             parser.error(f"--{flag.replace('_', '-')} {value}: no such file")
 
 
+def add_access_log_file(path: Path) -> logging.Handler:
+    """Append the access log to ``path`` too: the hospital's audit trail of who asked what
+    (never the note), with a timestamp per line."""
+    try:
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as err:
+        raise TaskInputError(f"--access-log {path}: cannot open it ({err})") from err
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    access = logging.getLogger(ACCESS_LOGGER)
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -101,15 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         tokens = read_tokens(Path(args.token_file)) if args.token_file else frozenset()
+        if args.access_log:
+            add_access_log_file(Path(args.access_log))
         from tasks.model.predict import NoteClassifier
 
-        adapter = adapter_from(args)
-        classifier = NoteClassifier(adapter, args.base_model)
+        # The model is in memory once loaded: a downloaded adapter's folder goes right away.
+        with adapter_folder(args) as adapter:
+            classifier = NoteClassifier(adapter, args.base_model)
         settings = ServiceSettings(
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_notes=args.max_notes,
             max_request_bytes=int(args.max_request_mb * MiB),
             max_encrypted_bytes=int(args.max_encrypted_mb * MiB),
-            rate_limit_per_minute=args.rate_limit, tokens=tokens)
+            rate_limit_per_minute=args.rate_limit, tokens=tokens, metrics=args.metrics)
         app = create_app(classifier, settings)
     except (TaskInputError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -118,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    log.info("serving %s (model %s, labels %s) on %s://%s:%d", adapter,
+    log.info("serving %s (model %s, labels %s) on %s://%s:%d", describe_source(args),
              classifier.fingerprint[:12], ",".join(classifier.labels),
              "http" if args.insecure else "https", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",

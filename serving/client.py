@@ -24,11 +24,13 @@ from tasks.model.predict import NoteClassifier, Prediction
 
 
 class ServiceError(RuntimeError):
-    """The service answered with an error (status and its message)."""
+    """The service answered with an error: its status, message and short code (the one error
+    shape of serving/api_errors.py; ``code`` is None where something else answered, e.g. a
+    proxy)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
         super().__init__(f"service answered {status}: {message}")
-        self.status = status
+        self.status, self.code = status, code
 
 
 class ServiceClient:
@@ -59,14 +61,21 @@ class ServiceClient:
         self.bytes_received += len(response.content)
         if response.status_code >= 400:
             try:
-                message = response.json().get("detail", response.text)
+                body = response.json()
             except ValueError:
-                message = response.text
-            raise ServiceError(response.status_code, str(message))
+                body = None
+            if not isinstance(body, dict):
+                raise ServiceError(response.status_code, response.text)
+            raise ServiceError(response.status_code, str(body.get("detail", response.text)),
+                               body.get("code"))
         return response
 
     def health(self) -> dict:
         return self._call("GET", "/health").json()
+
+    def ready(self) -> dict:
+        """{"status": "ready"}; a ServiceError 503 (code not_ready) while it warms up."""
+        return self._call("GET", "/ready").json()
 
     def model(self) -> dict:
         return self._call("GET", "/model").json()

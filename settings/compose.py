@@ -13,14 +13,18 @@ API on ``conf/`` with the overrides carried in the Flower run config.
 
 from __future__ import annotations
 
+import difflib
 import shlex
+from collections.abc import Iterable
 from dataclasses import fields, replace
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from settings.checks import ConfigError
 from settings.run import RunSettings
@@ -28,7 +32,7 @@ from settings.task import PrivacySettings, SharedSettings, TaskSettings
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-__all__ = ["ConfigError", "RunSettings", "compose_config", "task_settings"]
+__all__ = ["ConfigError", "RunSettings", "compose_config", "did_you_mean", "task_settings"]
 
 
 def parse_overrides(text: str) -> list[str]:
@@ -45,10 +49,83 @@ def config_groups() -> frozenset[str]:
     return frozenset(path.name for path in CONF_DIR.iterdir() if path.is_dir())
 
 
+def group_options(group: str) -> list[str]:
+    """The options of a config group: its presets in ``conf/<group>/``, sorted."""
+    return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
+
+
+def did_you_mean(word: str, candidates: Iterable[str], cutoff: float = 0.6) -> str:
+    """``" did you mean 'x'?"`` for the near misses of ``word`` among ``candidates`` (up to
+    three, closest first), else ``""``."""
+    close = difflib.get_close_matches(word, list(candidates), n=3, cutoff=cutoff)
+    return f" did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def schema_keys(node: DictConfig | None = None, parent: str = "") -> list[str]:
+    """Every full key of the schema, sections and settings (``train``, ``train.local_epochs``)."""
+    node = OmegaConf.structured(RunSettings) if node is None else node
+    keys = []
+    for name in node.keys():
+        key = f"{parent}.{name}" if parent else str(name)
+        keys.append(key)
+        child = node._get_node(name)
+        if isinstance(child, DictConfig):
+            keys += schema_keys(child, key)
+    return keys
+
+
+def _near_misses(key: str, section: DictConfig, parent: str) -> str:
+    """Near misses of an unknown key: in its own section first, else a setting of that name
+    (or nearly) in another section (``train.target_epsilon`` -> the privacy targets)."""
+    leaf = key.rpartition(".")[2]
+    here = difflib.get_close_matches(leaf, [str(k) for k in section.keys()], n=3, cutoff=0.6)
+    found = [f"{parent}.{name}" if parent else name for name in here]
+    if not found:
+        by_leaf: dict[str, list[str]] = {}
+        for full in schema_keys():
+            by_leaf.setdefault(full.rpartition(".")[2], []).append(full)
+        close = difflib.get_close_matches(leaf, list(by_leaf), n=2, cutoff=0.8)
+        found = [full for name in close for full in by_leaf[name]][:3]
+    return "; did you mean " + " or ".join(repr(f) for f in found) + "?" if found else ""
+
+
 def _unknown_key(key: str, section: DictConfig, parent: str, why: str = "") -> ConfigError:
     where = f"in '{parent}'" if parent else "at the top level"
     return ConfigError(f"invalid configuration: unknown key '{key}'{why}; valid keys {where} "
-                       f"are {sorted(section.keys())}", key=key)
+                       f"are {sorted(section.keys())}{_near_misses(key, section, parent)}",
+                       key=key)
+
+
+def _unknown_option(group: str, option: str, written: str) -> ConfigError:
+    """A group choice Hydra has no preset for (``privacy=dpsgd``)."""
+    options = group_options(group)
+    return ConfigError(
+        f"invalid configuration: '{written}' chooses '{option}', which is not an option of "
+        f"the config group '{group}' (no conf/{group}/{option}.yaml);"
+        f"{did_you_mean(option, options)} valid options are {options}", key=group)
+
+
+def _check_group_choice(override: str, group: str) -> None:
+    """``group=option`` (also ``+group=``, a sweep's ``group=a,b``) names existing presets;
+    ``model/nope=1`` names an existing group. Anything Hydra's parser cannot read, or a
+    glob, is Hydra's to report."""
+    groups = sorted(config_groups())
+    if group not in groups:
+        raise ConfigError(f"invalid configuration: '{override}' names the config group "
+                          f"'{group}', which does not exist;{did_you_mean(group, groups)} the "
+                          f"config groups are {groups}", key=group)
+    try:
+        parsed = OverridesParser.create().parse_override(override)
+    except OverrideParseException:
+        return
+    if parsed.is_delete():
+        return
+    value = parsed.value()
+    choices = value.list if isinstance(value, ChoiceSweep) else [value]
+    options = group_options(group)
+    for choice in choices:
+        if isinstance(choice, str) and choice not in options:
+            raise _unknown_option(group, choice, override)
 
 
 def _schema_has(schema: DictConfig, key: str) -> None:
@@ -78,9 +155,12 @@ def check_override_keys(overrides: list[str]) -> None:
         key = written.lstrip("+~")
         prefix = written[:len(written) - len(key)]
         path = key.split("@", 1)[0]  # a group may name its package: group@package=option
-        if key.split(".", 1)[0] == "hydra" or (
-                "." not in path and path.split("/", 1)[0] in {*groups, "hydra"}):
-            continue  # a group choice, addition or deletion, or Hydra's own: Hydra checks it
+        if key.split(".", 1)[0] == "hydra" or path.split("/", 1)[0] == "hydra":
+            continue  # Hydra's own settings: Hydra checks them
+        if "." not in path and (path in groups or "/" in path):
+            if not prefix.startswith("~"):
+                _check_group_choice(override, path)
+            continue  # a group choice, addition or deletion
         if prefix.startswith("~"):
             raise ConfigError(
                 f"invalid configuration: '{written}' would delete '{key}', which is not a "
@@ -128,6 +208,13 @@ def validate_config(composed: DictConfig) -> DictConfig:
         settings = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
+        if isinstance(err, ConfigKeyError) and key:
+            # A key the schema lacks (in a preset, or a config built by hand): name the valid
+            # keys of its section and the near misses, as for an override.
+            try:
+                _schema_has(OmegaConf.structured(RunSettings), str(key))
+            except ConfigError as unknown:
+                raise unknown from err
         detail = getattr(err, "msg", None) or str(err)
         raise ConfigError(f"invalid configuration at '{key}': {detail}",
                           key=str(key or "")) from err
@@ -161,6 +248,14 @@ def task_settings_from_yaml(text: str) -> TaskSettings:
         # left missing (???) fails here too.
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
+        key = str(getattr(err, "full_key", None) or "")
+        if isinstance(err, ConfigKeyError) and key:
+            # A key this hospital's schema lacks (a server of another version): the valid
+            # keys of its section and the near misses, for the hospital's own log.
+            try:
+                _schema_has(OmegaConf.structured(TaskSettings), key)
+            except ConfigError as unknown:
+                raise ConfigError(f"settings from the server are invalid: {unknown}",
+                                  key=key) from err
         # The key only: a hospital refusing these settings sends back ConfigError.key.
-        raise ConfigError(f"settings from the server are invalid: {err}",
-                          key=str(getattr(err, "full_key", None) or "")) from err
+        raise ConfigError(f"settings from the server are invalid: {err}", key=key) from err

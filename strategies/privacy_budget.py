@@ -55,7 +55,7 @@ class PrivacyBudgetGate(StrategyWrapper):
                 self.on_refusal(node, reason)
 
     def summary(self) -> None:
-        log.info("PrivacyBudgetGate around:")
+        log.debug("PrivacyBudgetGate around:")
         self.strategy.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

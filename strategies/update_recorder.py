@@ -37,7 +37,7 @@ class UpdateRecorder(StrategyWrapper):
         self._sent: dict[int, dict[str, np.ndarray]] = {}
 
     def summary(self) -> None:
-        log.info("UpdateRecorder (hospital %s -> %s) around:", self.hospital, self.directory)
+        log.debug("UpdateRecorder (hospital %s -> %s) around:", self.hospital, self.directory)
         self.strategy.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from settings.compose import (
     ConfigError,
@@ -14,6 +15,7 @@ from settings.compose import (
     task_settings_from_yaml,
     task_settings_to_yaml,
     to_run_settings,
+    validate_config,
 )
 from settings.run import RunSettings
 from settings.secure_aggregation import SecureAggregationSettings
@@ -53,6 +55,43 @@ def test_every_strategy_option_composes(name):
 def test_unknown_key_names_the_key_and_the_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown key 'train\.epochs'.*local_epochs"):
         compose_config(["train.epochs=3"])
+    with pytest.raises(ConfigError, match=r"valid keys in 'train' are .*; did you mean "
+                                          r"'train\.local_epochs'\?$"):
+        compose_config(["train.epochs=3"])
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.nope'; valid keys in 'model' "
+                                          r"are \['chunk_stride', .*'window_pooling'\]$"):
+        compose_config(["model=custom", "model.nope=1"])
+
+
+def test_a_key_the_schema_lacks_in_a_composed_config_is_named_with_its_near_misses():
+    """A preset (or a config built by hand) with a key the schema lacks: the same message as
+    for an override, not OmegaConf's 'Key not in ModelSettings'."""
+    cfg = OmegaConf.create(OmegaConf.to_container(compose_config([])))
+    cfg.model.max_lenght = 128
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.max_lenght'; valid keys in "
+                                          r"'model' are .*did you mean 'model\.max_length'\?"):
+        validate_config(cfg)
+    # A hospital given a key its schema lacks (a server of another version) logs the same.
+    yaml = task_settings_to_yaml(task_settings(compose_config([]), ["a", "b"]))
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.local_epoch';.*did you mean "
+                                          r"'train\.local_epochs'\?") as err:
+        task_settings_from_yaml(yaml.replace("local_epochs: 1", "local_epochs: 1\n  "
+                                                                "local_epoch: 2"))
+    assert err.value.key == "train.local_epoch"
+
+
+@pytest.mark.parametrize("override,message,key", [
+    ("privacy=dpsgd", r"did you mean 'dp_sgd'\? valid options are \['central_dp'", "privacy"),
+    ("secure_aggregation=secagg", r"did you mean 'secagg_plus'\?", "secure_aggregation"),
+    ("data=file", r"did you mean 'files'\? valid options are \['files', 'synthetic'",
+     "data"),
+    ("+sweep=eps", r"valid options are \['epsilon'\]", "sweep"),
+    ("privacy=dp_sgd,nope", r"chooses 'nope'", "privacy"),
+])
+def test_an_unknown_group_option_names_the_near_misses_and_the_options(override, message, key):
+    with pytest.raises(ConfigError, match=message) as err:
+        compose_config([override])
+    assert err.value.key == key
 
 
 def test_wrong_type_names_the_key():

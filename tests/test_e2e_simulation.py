@@ -10,6 +10,7 @@ ServerApp code, without starting processes.
 from __future__ import annotations
 
 import io
+import re
 from contextlib import redirect_stdout
 
 import mlflow
@@ -62,6 +63,7 @@ def test_a_federated_run_on_a_csv_export_tracks_every_round_and_ships_a_working_
     client, run = only_run(tmp_path)
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
+    _check_console(output, run_id, superlink.log_file.parent.parent)
     params = run.data.params
     assert params["strategy.name"] == "fedavg" and params["num_rounds"] == "2"
     assert params["data.partitioning"] == "auto", "natural: the export names its sites"
@@ -98,7 +100,9 @@ def test_a_federated_run_on_a_csv_export_tracks_every_round_and_ships_a_working_
                                  f"sqlite:///{tmp_path}/mlflow.db"]
                                 + [arg for n in notes for arg in ("--text", n.text)])
     assert code == 0
-    predicted = [line.split("\t")[1] for line in buffer.getvalue().splitlines()]
+    header, *lines = buffer.getvalue().splitlines()
+    assert header.split("\t")[:3] == ["note", "label", "probability"]
+    predicted = [line.split("\t")[1] for line in lines]
     hits = sum(p == n.label for p, n in zip(predicted, notes, strict=True))
     assert hits / len(notes) > 1 / 6 + 0.15
 
@@ -107,6 +111,29 @@ def test_a_federated_run_on_a_csv_export_tracks_every_round_and_ships_a_working_
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     table = model.predict(pd.DataFrame({"text": [n.text for n in notes[:8]]}))
     assert table["label"].tolist() == predicted[:8]
+
+
+def _check_console(output: str, run_id: str, flwr_home) -> None:
+    """What the run printed: each event once, no settings dump, a line per round, the
+    summary with the MLflow run id; each hospital's progress in its own log."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", output)
+    events = [re.sub(r"^(\(ClientAppActor pid=\d+\) )?(INFO|WARNING|DEBUG|ERROR) *:\s*", "",
+                     line).strip() for line in text.splitlines()]
+    events = [e for e in events if e]
+    repeated = {e for e in events if events.count(e) > 1}
+    assert not repeated, repeated
+    assert "name_or_path" not in text and "ConfigRecord" not in text, "a settings dump"
+    assert not re.search(r"^\d\d/\d\d/\d{4} ", text, re.M), "a second, dated copy"
+    for server_round in (0, 1, 2):
+        assert f"round {server_round}/2 | " in text
+    summary = text[text.rindex("MLflow run "):]
+    assert run_id in summary.splitlines()[0]
+    assert "--model models:/" in summary or f"--run-id {run_id}" in summary
+    assert f"resume={run_id}" in summary
+    for hospital in (0, 1):
+        log = (flwr_home / "clinical-fl" / "hospital-state" / f"partition-{hospital}"
+               / "hospital.log").read_text()
+        assert "local training: done, " in log, log[-2000:]
 
 
 # -- before anything starts: in-process -----------------------------------------------------

@@ -3,14 +3,19 @@ with TLS (certificates from deploy/certs.sh) and a bearer token, started and sto
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,12 +25,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import uvicorn
 from fastapi.testclient import TestClient
 from tenseal import sealapi
 
 from fl_app import predict_cli
 from serving import cli as serve_cli
-from serving import wire
+from serving import run_artifacts, wire
+from serving.access_log import ACCESS_LOGGER
 from serving.app import ServiceSettings, create_app
 from serving.ckks_head import ClientKeys, HeadLayout
 from serving.client import EncryptedPredictor, ServiceClient, ServiceError
@@ -161,9 +168,14 @@ def test_a_note_with_a_name_and_a_date_is_read_like_the_same_note_with_placehold
     np.testing.assert_allclose(*local.logits([NAMED, PLACEHOLDERS]), atol=1e-6)
 
 
-def test_without_the_token_or_tls_nothing_but_health_answers(service):
+def test_without_the_token_or_tls_only_health_ready_and_the_docs_answer(service):
     url, ca = service
     assert httpx.get(f"{url}/health", verify=_trust(ca)).json() == {"status": "ok"}
+    with ServiceClient(url, ca_cert=ca) as anonymous:
+        wait_until(lambda: httpx.get(f"{url}/ready", verify=_trust(ca)).status_code == 200, 60,
+                   "the service is ready")
+        assert anonymous.ready() == {"status": "ready"}
+        assert "/predict" in anonymous._call("GET", "/openapi.json").json()["paths"]
     for headers in ({}, {"Authorization": "Bearer not-the-token"}):
         for method, path in (("POST", "/predict"), ("GET", "/model"),
                              ("GET", "/encrypted/spec"), ("POST", "/encrypted/keys"),
@@ -171,6 +183,7 @@ def test_without_the_token_or_tls_nothing_but_health_answers(service):
             response = httpx.request(method, f"{url}{path}", json={"notes": ["chest pain"]},
                                      headers=headers, verify=_trust(ca))
             assert response.status_code == 401, (method, path, response.text)
+            assert response.json()["code"] == "unauthorized"
             assert "bearer token" in response.json()["detail"]
     with pytest.raises(httpx.HTTPError):  # plain HTTP to the TLS port
         httpx.get(url.replace("https", "http") + "/health", timeout=5)
@@ -248,6 +261,8 @@ def test_bad_input_is_a_4xx_with_a_message_and_the_next_request_succeeds(client,
         response = send()
         assert response.status_code == status, f"{what}: {response.text[:300]}"
         assert message in json.dumps(response.json()), f"{what}: {response.text[:300]}"
+        body = response.json()  # one shape for every error
+        assert set(body) == {"detail", "code"} and isinstance(body["detail"], str), what
         assert client.predict(["chest pain on exertion"])[0]["label"] in LABELS, what
     good = encrypted({}, keys.encrypt(vectors))
     _, blobs = wire.unpack(good.content)
@@ -289,7 +304,8 @@ def test_predict_cli_asks_the_service_in_plain_and_encrypted(service, adapter, t
     texts = [arg for note in notes for arg in ("--text", note)]
     for extra in ([], ["--encrypted", "--adapter", str(adapter)]):
         assert predict_cli.main(common + extra + texts) == 0
-        lines = capsys.readouterr().out.splitlines()
+        header, *lines = capsys.readouterr().out.splitlines()
+        assert header == "note\tlabel\tprobability"
         assert [line.split("\t")[1] for line in lines] == expected, extra
     assert predict_cli.main(["--server", url, "--ca-cert", str(ca), "--text", "x"]) == 2
     assert "401" in capsys.readouterr().err
@@ -391,3 +407,235 @@ def test_a_decoder_adapter_predicts_in_plain_and_refuses_encryption_clearly(tiny
     assert len(predictions) == 2 and all(p.label in LABELS for p in predictions)
     with pytest.raises(TaskInputError, match="applies its head to every token"):
         decoder.vectors(["chest pain"])
+
+
+# -- conventions: OpenAPI, readiness, access log, error shape, metrics (in process) ----------
+
+DISTINCT = "Zanzibar quokka xylophonist reports vertigo"  # words no log line may hold
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def http(local):
+    """The service in process (TestClient): one token, /metrics on, ready."""
+    app = create_app(local, ServiceSettings(tokens=frozenset({TOKEN}), metrics=True))
+    with TestClient(app) as client:
+        wait_until(lambda: client.get("/ready").status_code == 200, 60, "the service is ready")
+        yield client
+
+
+def test_openapi_and_docs_answer_without_a_token_and_name_the_bearer_scheme(http):
+    schema = http.get("/openapi.json").json()
+    bearer = schema["components"]["securitySchemes"]["HTTPBearer"]
+    assert (bearer["type"], bearer["scheme"]) == ("http", "bearer") and bearer["description"]
+    assert schema["paths"]["/predict"]["post"]["security"] == [{"HTTPBearer": []}]
+    assert "security" not in schema["paths"]["/health"]["get"]
+    invalid = schema["paths"]["/predict"]["post"]["responses"]["422"]
+    assert invalid["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    assert set(schema["components"]["schemas"]["ErrorBody"]["properties"]) == {"detail", "code"}
+    docs = http.get("/docs")
+    assert docs.status_code == 200 and "swagger-ui" in docs.text and "/openapi.json" in docs.text
+
+
+def _error(response: httpx.Response, status: int, code: str) -> str:
+    """The one error shape; its detail."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"detail", "code"} and isinstance(body["detail"], str), body
+    assert body["code"] == code, body
+    return body["detail"]
+
+
+def test_every_error_has_one_shape_and_a_422_names_fields_not_values(http):
+    _error(http.post("/predict", json={"notes": [DISTINCT]}), 401, "unauthorized")
+    _error(http.get("/no-such-endpoint", headers=AUTH), 404, "not_found")
+    _error(http.get("/predict", headers=AUTH), 405, "method_not_allowed")
+    for body in ({"notes": DISTINCT}, {"notes": ["chest pain", {"text": DISTINCT}]},
+                 {"note": [DISTINCT]}):
+        response = http.post("/predict", json=body, headers=AUTH)
+        detail = _error(response, 422, "invalid_request")
+        assert "body.note" in detail, detail  # the field is named...
+        assert "quokka" not in response.text  # ...the note is not echoed
+    detail = _error(http.post("/predict", json={"notes": ["  "]}, headers=AUTH), 422,
+                    "invalid_input")
+    assert "note 0 is empty" in detail
+    _error(http.post("/predict", json={"notes": ["a"] * 257}, headers=AUTH), 413, "too_large")
+    _error(http.post("/encrypted/predict", content=b"CFL1", headers=AUTH), 422,
+           "invalid_input")
+
+
+def test_one_access_log_line_per_request_with_its_fields_and_no_note(http, caplog):
+    caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
+    requests = [  # (method, path, json, headers) -> expected fields
+        (("POST", "/predict", {"notes": [DISTINCT, "knee pain"]}, AUTH),
+         {"endpoint": "/predict", "notes": "2", "status": "200"}),
+        (("POST", "/predict", {"notes": [DISTINCT]}, {}),
+         {"client": "-", "endpoint": "/predict", "status": "401"}),
+        (("POST", "/predict", {"notes": DISTINCT}, AUTH),
+         {"endpoint": "/predict", "notes": "0", "status": "422"}),
+        (("GET", "/quokka-xylophonist", None, AUTH),
+         {"client": "-", "endpoint": "unknown", "status": "404"}),
+        (("GET", "/health", None, {}), {"client": "-", "endpoint": "/health", "status": "200"}),
+    ]
+    for (method, path, body, headers), _fields in requests:
+        http.request(method, path, json=body, headers=headers)
+    lines = [r.getMessage() for r in caplog.records if r.name == ACCESS_LOGGER]
+    assert len(lines) == len(requests), lines
+    fingerprint = f"token:{hashlib.sha256(TOKEN.encode()).hexdigest()[:16]}"
+    for line, (_request, fields) in zip(lines, requests, strict=True):
+        parsed = dict(item.split("=", 1) for item in line.split(" "))
+        assert list(parsed) == ["client", "method", "endpoint", "notes", "status", "ms"], line
+        assert float(parsed["ms"]) >= 0
+        assert {k: parsed[k] for k in fields} == fields, line
+    assert lines[0].startswith(f"client={fingerprint} method=POST ")
+    for word in ("Zanzibar", "quokka", "xylophonist", TOKEN):  # nowhere in any log line
+        assert word not in caplog.text
+
+
+def test_metrics_count_requests_and_need_the_token(http):
+    http.post("/predict", json={"notes": ["chest pain", "cough"]}, headers=AUTH)
+    _error(http.get("/metrics"), 401, "unauthorized")
+    text = http.get("/metrics", headers=AUTH).text
+    counts = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+              for line in text.splitlines() if not line.startswith("#")}
+    assert counts['clinical_fl_requests_total{endpoint="/predict",status="200"}'] >= 1
+    assert counts['clinical_fl_notes_total{endpoint="/predict"}'] >= 2
+    assert counts['clinical_fl_request_seconds_count{endpoint="/predict"}'] >= 1
+    assert counts['clinical_fl_requests_total{endpoint="/metrics",status="401"}'] >= 1
+
+
+def test_a_model_that_cannot_answer_is_not_ready_and_a_crash_is_a_500_without_the_note(
+        local, caplog):
+    caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
+    app = create_app(local)  # no /metrics unless asked for
+
+    def broken(notes: list[str]) -> list:
+        raise RuntimeError(f"tensor trouble while reading {notes}")
+
+    app.state.batcher._run = broken
+    with TestClient(app) as client:
+        wait_until(lambda: "failed" in client.get("/ready").text, 30, "the warm-up failed")
+        assert "warming up" not in _error(client.get("/ready"), 503, "not_ready")
+        assert client.get("/health").json() == {"status": "ok"}
+        detail = _error(client.post("/predict", json={"notes": [DISTINCT]}), 500,
+                        "internal_error")
+        _error(client.get("/metrics"), 404, "not_found")
+    assert "quokka" not in detail and "tensor trouble" not in detail
+    assert "RuntimeError at" in caplog.text  # where it failed is logged, the message is not
+    assert "quokka" not in caplog.text and "tensor trouble" not in caplog.text
+    assert "endpoint=/predict notes=1 status=500" in caplog.text
+
+
+# -- clinical-fl-predict: --json, --top-k, the table's header --------------------------------
+
+
+def test_predict_cli_json_lines_and_top_k(adapter, local, capsys):
+    notes = _notes(3)
+    expected = local.predict(notes)
+    texts = [arg for note in notes for arg in ("--text", note)]
+    assert predict_cli.main(["--adapter", str(adapter), "--json", "--top-k", "2", *texts]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["note"] for r in records] == ["text 1", "text 2", "text 3"]
+    for record, prediction in zip(records, expected, strict=True):
+        assert record["label"] == prediction.label
+        assert record["probability"] == pytest.approx(prediction.probability, abs=1e-5)
+        ranked = sorted(prediction.probabilities.items(), key=lambda item: -item[1])[:2]
+        assert [(t["label"], pytest.approx(t["probability"], abs=1e-5))
+                for t in record["top"]] == ranked
+    assert predict_cli.main(["--adapter", str(adapter), "--top-k", "3", *texts[:2]]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split("\t") == ["note", "label", "probability", "label_2", "probability_2",
+                                  "label_3", "probability_3"]
+    cells = row.split("\t")
+    assert cells[:2] == ["text 1", expected[0].label] and len(cells) == 7
+    assert float(cells[2]) >= float(cells[4]) >= float(cells[6])
+    with pytest.raises(SystemExit):
+        predict_cli.main(["--adapter", str(adapter), "--top-k", "0", "--text", "x"])
+
+
+# -- model URIs: runs:/, models:/NAME@ALIAS, models:/NAME/VERSION -----------------------------
+
+MODEL_NAME = "clinical-fl-note-classifier"
+
+
+@pytest.fixture(scope="module")
+def registry(adapter, tmp_path_factory) -> tuple[str, str, str]:
+    """(tracking URI, first run id, second run id): a SQLite MLflow store where version 1 of
+    MODEL_NAME (alias 'current') comes from a run holding the adapter and version 2 from
+    another run (MLflow's reserved alias 'latest': the newest version)."""
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.create_experiment("serving", artifact_location=(root / "a").as_uri())
+    runs = [client.create_run(experiment).info for _ in range(2)]
+    client.log_artifacts(runs[0].run_id, str(adapter), "adapter")
+    client.create_registered_model(MODEL_NAME)
+    for run in runs:
+        client.set_terminated(run.run_id)
+        client.create_model_version(MODEL_NAME, f"{run.artifact_uri}/adapter", run_id=run.run_id)
+    client.set_registered_model_alias(MODEL_NAME, "current", "1")
+    return uri, runs[0].run_id, runs[1].run_id
+
+
+def test_model_uris_resolve_to_the_run_and_unknown_ones_are_named(registry):
+    uri, first, second = registry
+    for text, run_id in ((f"models:/{MODEL_NAME}@current", first),
+                         (f"models:/{MODEL_NAME}/1", first), (f"models:/{MODEL_NAME}/2", second),
+                         (f"models:/{MODEL_NAME}@latest", second),
+                         (f"models:/{MODEL_NAME}/latest", second),
+                         (f"runs:/{first}", first), (f"runs:/{first}/model", first)):
+        resolved = run_artifacts.run_of_model(run_artifacts.parse_model_uri(text), uri)
+        assert resolved == run_id, text
+    for text, named in ((f"models:/{MODEL_NAME}@staging", "no alias 'staging'"),
+                        (f"models:/{MODEL_NAME}/7", "no version 7"),
+                        ("models:/other-model@current", f"named 'other-model' in the MLflow "
+                                                         f"store {uri}; it has {MODEL_NAME}")):
+        with pytest.raises(TaskInputError, match=re.escape(named)) as raised:
+            run_artifacts.run_of_model(run_artifacts.parse_model_uri(text), uri)
+        assert uri in str(raised.value)
+    for text in ("models:/x", "models:/x/newest", "runs:/", "file:///tmp/adapter", "x@y"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            run_artifacts.parse_model_uri(text)
+
+
+def test_predict_cli_with_a_registered_model_leaves_no_temporary_copy(registry, local,
+                                                                     tmp_path, monkeypatch,
+                                                                     capsys):
+    uri = registry[0]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the download goes
+    notes = _notes(2)
+    texts = [arg for note in notes for arg in ("--text", note)]
+    args = ["--model", f"models:/{MODEL_NAME}@current", "--tracking-uri", uri, "--json", *texts]
+    assert predict_cli.main(args) == 0
+    labels = [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines()]
+    assert labels == [p.label for p in local.predict(notes)]
+    assert list(tmp_path.iterdir()) == []
+    assert predict_cli.main(["--model", f"models:/{MODEL_NAME}@nope", "--tracking-uri", uri,
+                             "--text", "x"]) == 2
+    assert "no alias 'nope'" in capsys.readouterr().err
+
+
+def test_serve_with_a_registered_model_and_an_access_log_file(registry, local, tmp_path,
+                                                             monkeypatch):
+    """clinical-fl-serve --model models:/NAME@ALIAS: the app it would run, asked in process."""
+    uri = registry[0]
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(app=app))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    access = logging.getLogger(ACCESS_LOGGER)
+    before = list(access.handlers)
+    try:
+        assert serve_cli.main(["--model", f"models:/{MODEL_NAME}@current", "--tracking-uri", uri,
+                               "--insecure", "--access-log", str(tmp_path / "access.log")]) == 0
+        with TestClient(served["app"]) as client:
+            answer = client.post("/predict", json={"notes": [DISTINCT]}).json()
+    finally:
+        for handler in set(access.handlers) - set(before):
+            access.removeHandler(handler)
+            handler.close()
+    assert answer["predictions"][0]["label"] == local.predict([DISTINCT])[0].label
+    assert list((tmp_path / "tmp").iterdir()) == []  # the download is gone once loaded
+    logged = (tmp_path / "access.log").read_text()
+    assert "client=addr:testclient method=POST endpoint=/predict notes=1 status=200" in logged
+    assert "quokka" not in logged

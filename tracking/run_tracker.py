@@ -1,21 +1,56 @@
-"""MLflow tracking of a federated run: one MLflow run per federated run, one step per round."""
+"""MLflow tracking of a federated run: one MLflow run per federated run, one step per round.
+
+What a run gets beside its rounds' metrics: a name from its settings when none is given
+(tracking/run_names.py), the git commit of the checkout and the Flower run and app bundle as
+tags (tracking/provenance.py), the settings that take effect as params (tracking/params.py),
+the hospitals' and the server's data as dataset inputs (tracking/datasets.py), system metrics
+where psutil is installed, and, when it finishes, its MLflow Model registered with the alias
+moved to it. ``RunTracker.summary`` is all a closing report needs.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from settings.tracking import TrackingSettings
+from tracking.datasets import HospitalCounts, Records, run_datasets
+from tracking.params import run_params
 from tracking.plots import plot_rounds
+from tracking.provenance import FlowerRun, git_tags
+from tracking.run_names import default_run_name, sweep_job_name
+
+if TYPE_CHECKING:
+    from mlflow.data.dataset import Dataset
+    from mlflow.models.model import ModelInfo
+
+    from settings.run import RunSettings
+    from settings.task import DataSettings
 
 log = logging.getLogger(__name__)
 
 STORE_DIR = "mlruns"
+CONFIG_ARTIFACT = "config/resolved_config.yaml"
+# Tags of a finished run whose model was registered: models:/<name>/<version> (this run's
+# version, for good), the name, the version, and the alias it was given (which moves on to
+# later runs' versions); or why the registry refused. On a sweep's parent run: the keys the
+# sweep varies.
+REGISTERED_MODEL_TAG = "registered_model"
+MODEL_NAME_TAG = "registered_model.name"
+MODEL_VERSION_TAG = "registered_model.version"
+MODEL_ALIAS_TAG = "registered_model.alias"
+REGISTERED_MODEL_ERROR_TAG = "registered_model.error"
+SWEEP_VARIES_TAG = "sweep.varies"
 DB_FILE = "mlflow.db"
 ARTIFACT_DIR = "artifacts"
 
@@ -64,41 +99,220 @@ def experiment_id(settings: TrackingSettings, project_root: Path) -> str:
             mlflow.create_experiment(settings.experiment, artifact_location=artifact_location))
 
 
+@dataclass(frozen=True)
+class RunSummary:
+    """What a closing report prints about a run (``RunTracker.summary``)."""
+
+    run_id: str
+    run_name: str
+    experiment_name: str
+    experiment_id: str
+    tracking_uri: str
+    status: str  # RUNNING while the run is open, then FINISHED or FAILED
+    registered_model: str | None = None  # None: not registered (not finished, or switched off)
+    model_version: str | None = None
+    model_alias: str | None = None
+
+    @property
+    def model_uri(self) -> str | None:
+        """``models:/<name>@<alias>``: the latest finished run's model (None: not registered)."""
+        if self.registered_model is None or self.model_alias is None:
+            return None
+        return f"models:/{self.registered_model}@{self.model_alias}"
+
+
 class RunTracker:
     """Opens the MLflow run on enter and always closes it: FINISHED, or FAILED on a crash."""
 
     def __init__(self, settings: TrackingSettings, project_root: Path,
-                 resume_run_id: str | None = None) -> None:
-        """``resume_run_id``: continue this run (a resumed federated run) instead of a new one."""
+                 resume_run_id: str | None = None, *, run_settings: RunSettings | None = None,
+                 overrides: Sequence[str] = (), flower: FlowerRun | None = None) -> None:
+        """``resume_run_id``: continue this run (a resumed federated run) instead of a new one.
+        ``run_settings`` and ``overrides``: what names a run without ``tracking.run_name``.
+        ``flower``: the Flower run and app bundle, for the tags that join MLflow and Flower."""
         self.settings = settings
+        self.project_root = project_root
         self.experiment_id = experiment_id(settings, project_root)
         self.uri = mlflow.get_tracking_uri()
         self.history: dict[int, dict[str, float]] = {}
         self.run_id: str | None = resume_run_id
+        self.run_settings = run_settings
+        self.overrides = list(overrides)
+        self.flower = flower
+        self.status = "RUNNING"
+        self.model_version: str | None = None  # set when the finished run's model is registered
+        self._run_name: str | None = None
+        self._model_uri: str | None = None  # the MLflow Model this run logged
+        self._monitor = None  # mlflow's SystemMetricsMonitor, while the run is open
+        self._provenance: dict[str, str] = {}  # git and Flower tags, found on enter
         self._logged_params: dict[str, str] | None = None  # a resumed run's, before resuming
 
+    # What a summary needs; every name stays valid after the run is closed.
+    @property
+    def run_name(self) -> str | None:
+        return self._run_name
+
+    @property
+    def experiment_name(self) -> str:
+        return self.settings.experiment
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.uri
+
+    @property
+    def registered_model(self) -> str | None:
+        """The registry name this run's model was registered under (None: not registered)."""
+        return self.settings.registered_model if self.model_version else None
+
+    @property
+    def model_alias(self) -> str | None:
+        return self.settings.model_alias if self.model_version else None
+
+    @property
+    def summary(self) -> RunSummary:
+        return RunSummary(run_id=self.run_id or "", run_name=self._run_name or "",
+                          experiment_name=self.experiment_name,
+                          experiment_id=self.experiment_id, tracking_uri=self.uri,
+                          status=self.status, registered_model=self.registered_model,
+                          model_version=self.model_version, model_alias=self.model_alias)
+
     def __enter__(self) -> RunTracker:
+        client = MlflowClient(self.uri)
+        self._provenance = self._provenance_tags()
         if self.run_id:
             run = mlflow.start_run(run_id=self.run_id)
             self._logged_params = dict(run.data.params)
+            self._run_name = run.info.run_name
+            # A resumed run keeps the tags of its first Flower run; runs from before these
+            # tags existed get them now.
+            missing = {k: v for k, v in self._provenance.items() if k not in run.data.tags}
+            if missing:
+                mlflow.set_tags(missing)
+            self._start_system_metrics(resumed=True)
             log.info("MLflow run %s in %s, resumed", self.run_id, self.uri)
             return self
-        # A run started by a sweep is nested under the sweep's parent run in the MLflow UI.
-        tags = {"mlflow.parentRunId": self.settings.parent_run_id,
-                "sweep": self.settings.sweep} if self.settings.parent_run_id else None
-        run = mlflow.start_run(experiment_id=self.experiment_id,
-                               run_name=self.settings.run_name, tags=tags)
-        self.run_id = run.info.run_id
-        log.info("MLflow run %s in %s", self.run_id, self.uri)
+        tags = dict(self._provenance)
+        if self.settings.parent_run_id:
+            # A run started by a sweep is nested under the sweep's parent run in the MLflow UI.
+            tags.update({"mlflow.parentRunId": self.settings.parent_run_id,
+                         "sweep": self.settings.sweep or ""})
+        run = mlflow.start_run(experiment_id=self.experiment_id, run_name=self._name(client),
+                               tags=tags)
+        self.run_id, self._run_name = run.info.run_id, run.info.run_name
+        self._start_system_metrics(resumed=False)
+        log.info("MLflow run %s (%s) in %s", self.run_id, self._run_name, self.uri)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        self._stop_system_metrics()
         if exc is not None:
             mlflow.set_tag("failure", f"{exc_type.__name__}: {exc}"[:5000])
             mlflow.end_run(status="FAILED")
-        else:
+            self.status = "FAILED"
+            return
+        try:
+            self._register_model()
+        finally:
             mlflow.end_run(status="FINISHED")
+            self.status = "FINISHED"
+
+    def _name(self, client: MlflowClient) -> str | None:
+        """``tracking.run_name``, else one made from the settings (None: MLflow picks one)."""
+        if self.settings.run_name:
+            return self.settings.run_name
+        if self.run_settings is None:
+            return None
+        varied: list[str] = []
+        if self.settings.parent_run_id:
+            try:
+                parent = client.get_run(self.settings.parent_run_id)
+                varied = [k for k in parent.data.tags.get(SWEEP_VARIES_TAG, "").split(",") if k]
+            except MlflowException as err:
+                log.warning("sweep parent run %s: %s", self.settings.parent_run_id, err)
+        if varied:
+            return sweep_job_name(self.run_settings, self.overrides, varied)
+        return default_run_name(self.run_settings)
+
+    def _provenance_tags(self) -> dict[str, str]:
+        tags = git_tags(self.project_root)
+        if self.flower is not None:
+            tags.update(self.flower.tags())
+        return tags
+
+    def _start_system_metrics(self, resumed: bool) -> None:
+        """CPU, memory, disk and network as system/* metrics, every
+        ``tracking.system_metrics_interval_s`` (MLflow's monitor, on its own thread)."""
+        interval = self.settings.system_metrics_interval_s
+        if interval is None or importlib.util.find_spec("psutil") is None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        try:
+            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval,
+                                           resume_logging=resumed, tracking_uri=self.uri)
+            monitor.start()
+        except Exception as err:  # monitoring is never a reason to fail a run
+            log.warning("system metrics are not logged: %s", err)
+            return
+        self._monitor = monitor
+
+    def _stop_system_metrics(self) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+
+    def model_logged(self, model: ModelInfo) -> None:
+        """The run's MLflow Model (serving/pyfunc.py::log_note_model's answer): registered
+        when the run finishes."""
+        self._model_uri = model.model_uri
+
+    def _register_model(self) -> None:
+        """Register this run's model and move the alias to its version. A registry that
+        refuses (a tracking server without one) leaves the run FINISHED, the reason in the tag
+        ``registered_model.error``."""
+        name, alias = self.settings.registered_model, self.settings.model_alias
+        if not name or not self._model_uri:
+            return
+        client = MlflowClient(self.uri)
+        try:
+            # The version carries the run's commit and Flower run too.
+            version = mlflow.register_model(self._model_uri, name, tags=self._provenance)
+            client.set_registered_model_alias(name, alias, version.version)
+        except Exception as err:  # the training finished: that stands
+            log.warning("model not registered as %s: %s: %s", name, type(err).__name__, err)
+            mlflow.set_tag(REGISTERED_MODEL_ERROR_TAG, f"{type(err).__name__}: {err}"[:5000])
+            return
+        self.model_version = str(version.version)
+        mlflow.set_tags({REGISTERED_MODEL_TAG: f"models:/{name}/{self.model_version}",
+                         MODEL_NAME_TAG: name, MODEL_VERSION_TAG: self.model_version,
+                         MODEL_ALIAS_TAG: alias})
+        log.info("model registered: models:/%s/%s, alias %s", name, self.model_version, alias)
+
+    def log_config(self, config: Mapping, yaml_text: str) -> None:
+        """The settings that take effect as params (tracking/params.py), from the resolved
+        configuration as a nested dict; the whole of it, as YAML, as the artifact
+        ``config/resolved_config.yaml``."""
+        self.log_params(run_params(config))
+        self.log_text(yaml_text, CONFIG_ARTIFACT)
+
+    def log_datasets(self, datasets: Sequence[tuple[Dataset, str]]) -> None:
+        """Dataset inputs, each with its context (``training``, ``evaluation``)."""
+        if datasets:
+            mlflow.log_inputs(datasets=[d for d, _ in datasets],
+                              contexts=[c for _, c in datasets], tags_list=[None] * len(datasets))
+
+    def log_run_datasets(self, reports: Iterable[HospitalCounts], labels: Sequence[str],
+                         data: DataSettings,
+                         read_test_records: Callable[[], Records] | None = None) -> None:
+        """Each hospital taking part (its preflight report's counts) and the server's test
+        set as dataset inputs (tracking/datasets.py). Metadata only: a failure is logged, and
+        the run goes on."""
+        try:
+            self.log_datasets(run_datasets(reports, labels, data, read_test_records))
+        except Exception as err:  # never a reason to stop a federated run
+            log.warning("datasets not logged to MLflow: %s: %s", type(err).__name__, err)
 
     def log_params(self, params: Mapping) -> None:
         """In a resumed run, only params not logged before: MLflow refuses to change one (a

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from settings.task import OptimizerName, TrainSettings
 from tasks.audit.canaries import CANARY_COLUMN, NOT_A_CANARY, GradientCanaries
 from tasks.learning.passes import split_passes
+from tasks.learning.progress import TrainingProgress
 from tasks.model.compute import CPU_FP32, Compute
 
 
@@ -81,7 +82,8 @@ def train_locally(model: torch.nn.Module, loader: DataLoader, settings: TrainSet
     optimizer = make_optimizer(model, settings)
     total_loss, seen, steps = 0.0, 0, 0
     cap = settings.pass_cap(compute.device.type)
-    for _ in range(settings.local_epochs):
+    progress = TrainingProgress(settings.local_epochs, len(loader))
+    for epoch in range(settings.local_epochs):
         for batch in compute.batches(loader):
             optimizer.zero_grad(set_to_none=True)
             canary_ids = batch.get(CANARY_COLUMN)
@@ -110,5 +112,7 @@ def train_locally(model: torch.nn.Module, loader: DataLoader, settings: TrainSet
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             optimizer.step()
             steps += 1
+            progress.step(epoch)
+    progress.finish()
     return TrainOutcome(loss=float(total_loss) / max(seen, 1), num_examples=len(loader.dataset),
                         num_steps=steps, seconds=time.perf_counter() - start)

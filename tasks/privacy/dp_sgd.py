@@ -33,6 +33,7 @@ from settings.task import GradSampleMode, TrainSettings
 from tasks.audit.canaries import CANARY_COLUMN, GradientCanaries
 from tasks.errors import TaskInputError
 from tasks.learning.passes import split_passes
+from tasks.learning.progress import TrainingProgress
 from tasks.learning.training import TrainOutcome, make_optimizer
 from tasks.model.compute import CPU_FP32, Compute
 from tasks.model.windows import WINDOW_NOTE, merge_window_gradients
@@ -166,14 +167,16 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
     total_loss, seen, steps = 0.0, 0, 0
     # Token ids never require grad, so torch notes that backward hooks see outputs only.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    progress = TrainingProgress(settings.local_epochs, len(dp_loader), "DP-SGD")
     try:
-        for _ in range(settings.local_epochs):
+        for epoch in range(settings.local_epochs):
             for batch in compute.batches(dp_loader):
                 dp_optimizer.zero_grad(set_to_none=True)
                 batch_size = int(batch["labels"].shape[0])
                 if batch_size == 0:
                     _noise_only_step(dp_optimizer)
                     steps += 1
+                    progress.step(epoch)
                     continue
                 _several_windows(batch, grad_sample_mode)  # ghost: refused before the forward
                 # Passes of whole notes (tasks/learning/passes.py): each pass's per-note rows
@@ -200,6 +203,8 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
                 dp_optimizer.step()  # clip per record, add noise, record the step
                 steps += 1
                 seen += batch_size
+                progress.step(epoch)
+        progress.finish()
     finally:
         # The model object is reused for evaluation and the next round: drop Opacus' hooks.
         grad_hooks.cleanup()
