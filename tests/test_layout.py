@@ -44,6 +44,18 @@ def test_the_default_config_ships_in_the_flower_bundle_and_results_do_not():
     assert (ROOT / "conf" / "config.yaml").is_file()
 
 
+def test_the_flower_bundle_holds_the_app_and_not_its_tests_benchmarks_or_docs():
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT))).namelist()
+    top = {name.split("/")[0] for name in names}
+    assert {"fl_app", "tasks", "conf", "settings", "pyproject.toml"} <= top
+    assert not top & {"tests", "benchmarks", "docs", "mlruns", ".flwr"}, top
+
+
 @pytest.mark.parametrize("question,answer", [
     ("where is epsilon computed", "tasks/privacy/accounting.py"),
     ("where is DP-SGD run", "tasks/privacy/dp_sgd.py"),
