@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -90,19 +89,13 @@ def flwr_run_command(run_config: Path, connection: str | None = None,
 
 
 def _sweep_overrides(overrides: list[str]) -> list[str]:
-    """Nest this job's run under the sweep's MLflow parent run, named by what it varies."""
+    """Nest this job's run under the sweep's MLflow parent run; the run tracker names it by
+    its settings and what the sweep varies (tracking/run_names.py)."""
     parent = os.environ.get(PARENT_RUN_ENV)
     if not parent:
         return []
-    extra = [f"tracking.parent_run_id={parent}",
-             f"tracking.sweep={os.environ.get(SWEEP_NAME_ENV, '')}"]
-    if not any(o.startswith("tracking.run_name=") for o in overrides):
-        # e.g. "target_epsilon-8": plain characters, so nothing needs quoting on the way
-        varied = [o.split("=", 1) for o in overrides if o.startswith("privacy.")]
-        name = "_".join(f"{key.rsplit('.', 1)[-1]}-{value}" for key, value in varied)
-        name = re.sub(r"[^A-Za-z0-9_.-]", "-", name) or f"job-{HydraConfig.get().job.num}"
-        extra.append(f"tracking.run_name={name}")
-    return extra
+    return [f"tracking.parent_run_id={parent}",
+            f"tracking.sweep={os.environ.get(SWEEP_NAME_ENV, '')}"]
 
 
 def _stream(command: list[str], env: dict[str, str]) -> str:

@@ -37,7 +37,11 @@ log = logging.getLogger(__name__)
 # hospital's privacy budget (hospitals keep the first run's planned rounds and DP plan); the
 # fault drill is a rehearsal, ended or changed at will.
 MAY_CHANGE = ("num_rounds", "evaluate_every", "strategy.round_timeout_s", "checkpoint.dir",
-              "checkpoint.log_artifact", "drill.faults", "resume")
+              "checkpoint.log_artifact", "drill.faults", "resume",
+              # what MLflow registers and samples, not what trains (new keys in runs
+              # checkpointed before they existed)
+              "tracking.registered_model", "tracking.model_alias",
+              "tracking.system_metrics_interval_s")
 
 
 @dataclass

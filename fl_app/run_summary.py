@@ -13,13 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlflow.tracking import MlflowClient
-
 from settings.run import RunSettings
 from tracking.run_tracker import RunTracker
-
-# The tag the run tracker sets to the registered model's URI (models:/<name>@<alias>).
-REGISTERED_MODEL_TAG = "registered_model"
 
 # A note the default run's model gets right (cardiology), in the synthetic notes' words.
 EXAMPLE_NOTE = ("Chest pain on exertion with pressure-like discomfort radiating to the left arm, "
@@ -102,11 +97,10 @@ def summary(run: FinishedRun, root: Path) -> str:
 
 
 def finished_run(tracker: RunTracker, settings: RunSettings) -> FinishedRun:
-    """What the summary says, read back from the closed MLflow run."""
-    run = MlflowClient(tracker.uri).get_run(tracker.run_id)
+    """What the summary says, from the closed MLflow run."""
+    closed = tracker.summary
     return FinishedRun(
-        run_id=tracker.run_id, run_name=run.info.run_name or "", experiment=
-        settings.tracking.experiment, tracking_uri=tracker.uri, num_rounds=settings.num_rounds,
+        run_id=closed.run_id, run_name=closed.run_name, experiment=closed.experiment_name,
+        tracking_uri=closed.tracking_uri, num_rounds=settings.num_rounds,
         history=tracker.history, adapter_logged=settings.tracking.save_adapter,
-        registered_model=run.data.tags.get(REGISTERED_MODEL_TAG),
-        stopped_early=run.data.tags.get("stopped_early"))
+        registered_model=closed.model_uri, stopped_early=tracker.tag("stopped_early"))
