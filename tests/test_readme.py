@@ -31,10 +31,10 @@ README = (ROOT / "README.md").read_text()
 BIN = Path(sys.executable).parent
 
 
-def commands() -> list[str]:
-    """Every command line of the README's bash blocks, continuation lines joined."""
+def commands(text: str = README) -> list[str]:
+    """Every command line of the bash blocks of ``text``, continuation lines joined."""
     lines = []
-    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split("  #", 1)[0].strip()  # a trailing comment
             if line and not line.startswith("#"):
@@ -42,11 +42,11 @@ def commands() -> list[str]:
     return lines
 
 
-def invocations(program: str) -> list[list[str]]:
-    """The arguments of every README line that runs ``program`` (a line of ``a && b`` is
-    two commands)."""
+def invocations(program: str, text: str = README) -> list[list[str]]:
+    """The arguments of every line of ``text`` that runs ``program`` (a line of ``a && b``
+    is two commands)."""
     found = []
-    for line in commands():
+    for line in commands(text):
         for command in line.split("&&"):
             words = shlex.split(command)
             if words and Path(words[0]).name == program or words[:2] == ["bash", program]:
@@ -86,8 +86,9 @@ def test_clinical_fl_help_introduces_the_app_and_its_groups():
 
 
 def test_every_run_sh_line_passes_the_check_run_sh_makes_first():
-    lines = invocations("scripts/run.sh")
-    assert len(lines) >= 5
+    lines = [args for doc in [README, *(p.read_text() for p in (ROOT / "docs").glob("*.md"))]
+             for args in invocations("scripts/run.sh", doc)]
+    assert len(lines) >= 15
     for args in lines:
         assert run_config_check.check(args) == [], args
 
