@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import time
 from collections import OrderedDict, deque
@@ -174,6 +175,17 @@ _bearer = HTTPBearer(auto_error=False, description=(
     "/openapi.json when the service has tokens."))
 
 
+def _address(request: Request) -> str:
+    """The peer's IP address as the access log and the rate limit name a client without a
+    token; anything that is not an address (a forged forwarding header behind a proxy
+    that trusts it) is ``invalid``, never its text."""
+    host = request.client.host if request.client else ""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return "invalid" if host else "unknown"
+
+
 def _authenticator(tokens: frozenset[str]) -> Callable:
     """The dependency naming the caller: its token's fingerprint when the service has tokens
     (401 without a known one), else its address (TLS client certificates were checked by then)."""
@@ -182,7 +194,7 @@ def _authenticator(tokens: frozenset[str]) -> Callable:
     async def client_of(request: Request, credentials: Annotated[
             HTTPAuthorizationCredentials | None, Security(_bearer)]) -> str:
         if not known:
-            client = "addr:" + (request.client.host if request.client else "unknown")
+            client = "addr:" + _address(request)
         else:
             presented = credentials.credentials.encode() if credentials else b""
             # Every token compared, each in constant time: how long the answer takes says
@@ -348,18 +360,19 @@ def _encrypted_routes(app: FastAPI, classifier: NoteClassifier, settings: Servic
         layout = head.layout
         notes = header.get("notes")
         if type(notes) is not int or not 1 <= notes <= settings.max_notes:
+            # what was expected, never the value sent (errors name fields, not values)
             raise ApiError(422, f"header 'notes' must be a count from 1 to "
-                                f"{settings.max_notes}; got {notes!r}")
+                                f"{settings.max_notes}; got a {type(notes).__name__}"
+                                + (" out of range" if type(notes) is int else ""))
         setattr(request.state, NOTES, notes)
         if header.get("fingerprint") != classifier.fingerprint:
-            raise ApiError(409, "the vectors were encoded with another adapter "
-                                f"({str(header.get('fingerprint'))[:12]}...); this service "
+            raise ApiError(409, "the vectors were encoded with another adapter; this service "
                                 f"serves {classifier.fingerprint[:12]}...: use its adapter",
                            "wrong_adapter")
         if header.get("dimension") != layout.dimension or header.get("classes") != layout.classes:
             raise ApiError(422, f"the head reads {layout.dimension} values per note for "
-                                f"{layout.classes} classes; the request declares "
-                                f"{header.get('dimension')} and {header.get('classes')}")
+                                f"{layout.classes} classes; the request's header 'dimension' "
+                                "or 'classes' differs")
         if len(blobs) != layout.ciphertexts_for(notes):
             raise ApiError(422, f"{notes} notes pack into {layout.ciphertexts_for(notes)} "
                                 f"ciphertexts; the request has {len(blobs)}")

@@ -151,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                 ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
                 ssl_ca_certs=args.client_ca,
                 ssl_cert_reqs=ssl.CERT_REQUIRED if args.client_ca else ssl.CERT_NONE,
-                limit_concurrency=args.max_connections)
+                limit_concurrency=args.max_connections,
+                # X-Forwarded-For from a local client would otherwise choose the client id
+                # (the access log's, the rate limit's); the service is reached directly.
+                proxy_headers=False)
     return 0
 
 

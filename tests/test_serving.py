@@ -637,5 +637,6 @@ def test_serve_with_a_registered_model_and_an_access_log_file(registry, local, t
     assert answer["predictions"][0]["label"] == local.predict([DISTINCT])[0].label
     assert list((tmp_path / "tmp").iterdir()) == []  # the download is gone once loaded
     logged = (tmp_path / "access.log").read_text()
-    assert "client=addr:testclient method=POST endpoint=/predict notes=1 status=200" in logged
+    # the in-process client calls itself "testclient", not an IP address: logged as invalid
+    assert "client=addr:invalid method=POST endpoint=/predict notes=1 status=200" in logged
     assert "quokka" not in logged

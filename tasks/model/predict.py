@@ -63,6 +63,10 @@ class NoteClassifier:
             if len(text) > MAX_NOTE_CHARS:
                 raise TaskInputError(f"note {i} has {len(text)} characters; at most "
                                      f"{MAX_NOTE_CHARS} are accepted")
+            try:  # JSON can carry a lone surrogate, which no tokenizer or spaCy can read
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise TaskInputError(f"note {i} is not valid Unicode text") from None
 
     def deidentify(self, texts: list[str]) -> list[str]:
         """Checked notes with their PHI replaced by placeholders, as in training."""
