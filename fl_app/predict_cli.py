@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,8 @@ def _service(args: argparse.Namespace):  # noqa: ANN202 - serving.client importe
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    # MLflow draws a progress bar per artifact download: noise around a table of answers.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if args.encrypted and not args.server:
         parser.error("--encrypted needs --server URL")
     local = args.adapter or args.run_id or args.model

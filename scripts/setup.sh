@@ -17,5 +17,8 @@ fi
 # one resolution. Byte-compiling at install stays on: where PYTHONDONTWRITEBYTECODE is set (as
 # on CI), modules not compiled here are compiled again by every process that imports them
 # (measured: the suite took 16 min instead of 9 with --no-compile).
-.venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[dev]"
+# (A pip configured with find-links folders that do not exist warns once per package and
+# folder: those lines are left out; every other message of pip's stays.)
+.venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[dev]" \
+  2> >(grep -v "^WARNING: Location '.*' is ignored: it is neither a file nor a directory\.$" >&2)
 echo "$wanted" > "$stamp"

@@ -10,7 +10,9 @@ moved to it. ``RunTracker.summary`` is all a closing report needs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import logging
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -278,7 +280,9 @@ class RunTracker:
         client = MlflowClient(self.uri)
         try:
             # The version carries the run's commit and Flower run too.
-            version = mlflow.register_model(self._model_uri, name, tags=self._provenance)
+            # MLflow prints two lines of its own to stderr here; the log line below says it
+            with contextlib.redirect_stderr(io.StringIO()):
+                version = mlflow.register_model(self._model_uri, name, tags=self._provenance)
             client.set_registered_model_alias(name, alias, version.version)
         except Exception as err:  # the training finished: that stands
             log.warning("model not registered as %s: %s: %s", name, type(err).__name__, err)
