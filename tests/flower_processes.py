@@ -61,13 +61,14 @@ class LocalSimulationSuperLink:
         raise RuntimeError("flower-superlink did not become healthy within 60 s")
 
     def flwr_run(self, overrides: str, timeout: float = 600,
-                 hospitals: int | None = None) -> tuple[str, str, str]:
-        """Run the app (with ``hospitals`` simulated SuperNodes, else Flower's default);
-        returns (status, details, output)."""
+                 hospitals: int | None = None, run_config: str = "") -> tuple[str, str, str]:
+        """Run the app (with ``hospitals`` simulated SuperNodes, else Flower's default;
+        ``run_config``: typed run-config keys beside the overrides, ``k=v ...``); returns
+        (status, details, output)."""
         from fl_app.flower_runs import run_status, started_run_id
 
         out = subprocess.run(
-            flwr_run_command(overrides, hospitals),
+            flwr_run_command(overrides, hospitals, run_config),
             env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
         output = out.stdout + out.stderr
         run_id = started_run_id(output)
@@ -91,8 +92,10 @@ class LocalSimulationSuperLink:
                 pass
 
 
-def flwr_run_command(overrides: str, hospitals: int | None = None) -> list[str]:
-    command = ["flwr", "run", str(ROOT), "--stream", "--run-config", f"overrides='{overrides}'"]
+def flwr_run_command(overrides: str, hospitals: int | None = None,
+                     run_config: str = "") -> list[str]:
+    command = ["flwr", "run", str(ROOT), "--stream", "--run-config",
+               f"{run_config} overrides='{overrides}'".strip()]
     return command + (["--federation-config", f"num-supernodes={hospitals}"] if hospitals else [])
 
 

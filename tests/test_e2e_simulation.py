@@ -54,10 +54,11 @@ def _export_settings(path) -> tuple[str, ...]:
 def test_a_federated_run_on_a_csv_export_tracks_every_round_and_ships_a_working_adapter(
         superlink, tiny_bert, tmp_path):
     path = _export(tmp_path)
-    overrides = run_overrides(tiny_bert, tmp_path, *_export_settings(path), "num_rounds=2",
-                              "model.max_length=128", "train.learning_rate=1e-2",
-                              "train.local_epochs=2", deid=True)
-    status, details, output = superlink.flwr_run(overrides)
+    overrides = run_overrides(tiny_bert, tmp_path, *_export_settings(path),
+                              "model.max_length=128", "train.learning_rate=1e-2", deid=True)
+    # Flower's typed run-config keys beside the overrides, as a user would write them
+    status, details, output = superlink.flwr_run(
+        overrides, run_config="num-server-rounds=2 local-epochs=2")
     assert status == "finished:completed", f"{details}\n{output[-4000:]}"
 
     client, run = only_run(tmp_path)
@@ -66,6 +67,7 @@ def test_a_federated_run_on_a_csv_export_tracks_every_round_and_ships_a_working_
     _check_console(output, run_id, superlink.log_file.parent.parent)
     params = run.data.params
     assert params["strategy.name"] == "fedavg" and params["num_rounds"] == "2"
+    assert params["train.local_epochs"] == "2"
     assert params["data.partitioning"] == "auto", "natural: the export names its sites"
     for k in (0, 1):  # dealt by site; the split column's test rows never reach a hospital
         assert params[f"hospital_{k}.train_records"] == "120"
