@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from settings.run import RunSettings
+from tracking.per_class import zero_recall
 from tracking.run_tracker import RunTracker
 
 # A note the default run's model gets right (cardiology), in the synthetic notes' words.
@@ -66,6 +67,19 @@ def _scores(history: Mapping[int, Mapping[str, float]], prefix: str, where: str)
     return text + f" (round {accuracy[0]}, {where})"
 
 
+def _never_found(history: Mapping[int, Mapping[str, float]], prefix: str) -> str | None:
+    """A warning naming the classes the last round with per-class figures never found."""
+    scored = [r for r in sorted(history) if any(k.startswith(f"{prefix}/recall/")
+                                                  for k in history[r])]
+    if not scored:
+        return None
+    missed = zero_recall(history[scored[-1]], prefix)
+    if not missed:
+        return None
+    return (f"  WARNING    {prefix}: {len(missed)} class(es) never found in round "
+            f"{scored[-1]} (recall 0): {', '.join(missed)}")
+
+
 def ui_command(tracking_uri: str, root: Path) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri}"
@@ -79,6 +93,8 @@ def summary(run: FinishedRun, root: Path) -> str:
              + (f"; stopped early: {run.stopped_early}" if run.stopped_early else ""),
              _scores(run.history, "federated", "the hospitals' held-out notes"),
              _scores(run.history, "central", "the server's test notes")]
+    lines += [line for line in (_never_found(run.history, "federated"),
+                                _never_found(run.history, "central")) if line]
     model = f"--model {run.registered_model}" if run.registered_model else \
         f"--run-id {run.run_id}"
     if run.adapter_logged:

@@ -15,6 +15,7 @@ from typing import ClassVar
 from settings.bounds import (
     MAX_HOSPITALS,
     is_finite,
+    is_real,
     require_count,
     require_defaults_while_off,
     require_non_negative,
@@ -38,6 +39,7 @@ MAX_BATCH = 100_000
 MAX_EXPECTED_BATCH = 10**6
 # The most rounds a hospital plans for in one run (distributed DP runs take hundreds).
 MAX_PLANNED_ROUNDS = 100_000
+MAX_CLASS_WEIGHT = 1e4  # a class of one record among 10,000 in two classes weighs 5,000
 
 
 class DataSource(Enum):
@@ -254,6 +256,14 @@ class OptimizerName(Enum):
     sgd = "sgd"
 
 
+class ClassWeighting(Enum):
+    """How the training loss weighs the classes. Real label sets are imbalanced: with plain
+    cross-entropy a specialty of 40 notes among 800 is barely learned."""
+
+    none = "none"  # plain cross-entropy: every record weighs the same
+    balanced = "balanced"  # class c weighs N / (K x n_c): every class weighs the same in all
+
+
 class Precision(Enum):
     """The arithmetic of forward and backward passes. Master weights, optimizer state and
     everything exchanged with the server stay float32 whatever is chosen."""
@@ -297,6 +307,14 @@ class TrainSettings:
     # in small passes). None: 8 on a CPU, the whole batch on a GPU. Evaluation's passes hold at
     # most eval_batch_size windows.
     windows_per_pass: int | None = None
+    # "balanced": the server computes one weight per label from the label counts hospitals
+    # report in preflight (N / (K x n_c), the mean weight of a record stays 1) and sends them
+    # as class_weights. Hospitals under DP-SGD withhold their label counts, so private runs
+    # train unweighted unless class_weights are given (fl_app/class_weights.py).
+    class_weighting: ClassWeighting = ClassWeighting.balanced
+    # One weight per label, in data.labels' order: set by the server under "balanced", or
+    # given. None: unweighted.
+    class_weights: list[float] | None = None
 
     def pass_cap(self, device: str) -> int | None:
         """The windows one training pass may hold on ``device`` (None: no cap)."""
@@ -322,6 +340,16 @@ class TrainSettings:
         require(self.windows_per_pass is None or self.windows_per_pass >= 1,
                 "train.windows_per_pass", self.windows_per_pass,
                 "at least 1, or null (8 on a CPU, the whole batch on a GPU)")
+        self.class_weighting = as_enum(ClassWeighting, self.class_weighting,
+                                       "train.class_weighting")
+        if self.class_weights is not None:
+            require(self.class_weighting == ClassWeighting.balanced, "train.class_weights",
+                    "a list", "null with train.class_weighting=none (weights of a switched-off "
+                    "weighting would be ignored)")
+            self.class_weights = [float(w) if is_real(w) else w for w in self.class_weights]
+            require(len(self.class_weights) > 0 and all(
+                is_finite(w) and 0 < w <= MAX_CLASS_WEIGHT for w in self.class_weights),
+                "train.class_weights", "a list", f"finite weights in (0, {MAX_CLASS_WEIGHT:g}]")
 
 
 def check_privacy_values(section: DpSgdSettings | DistributedDpSettings, mechanism: str,
@@ -542,6 +570,19 @@ class TaskSettings(SharedSettings):
                 "planned_evaluations", self.planned_evaluations,
                 f"from 1 to {MAX_PLANNED_ROUNDS + 1}, or null")
         check_precision_fits_dp_sgd(self.train, self.privacy.dp_sgd)
+        weights = self.train.class_weights
+        require(weights is None or not self.data.labels
+                or len(weights) == len(self.data.labels), "train.class_weights",
+                f"{len(weights or [])} weights", f"one weight per label of data.labels "
+                f"({len(self.data.labels)})")
+        # Distributed DP's step computes its own clipped sum (tasks/privacy/distributed_dp.py).
+        require(not (weights and self.privacy.distributed_dp.enabled), "train.class_weights",
+                "a list", "null with privacy=distributed_dp (its step is unweighted)")
+        # Ghost clipping wraps the loss itself (Opacus' DPLossFastGradientClipping).
+        require(not (weights and self.privacy.dp_sgd.enabled
+                     and self.privacy.dp_sgd.grad_sample_mode == GradSampleMode.ghost),
+                "train.class_weights", "a list", "null with privacy.dp_sgd.grad_sample_mode="
+                "ghost (weighted losses need hooks or functorch)")
         # Ghost clipping computes norms per layer from activations, i.e. per window: it
         # cannot clip a note of several windows once (tasks/model/windows.py).
         require(not (self.privacy.dp_sgd.enabled

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
 from flwr.app import ArrayRecord, MetricRecord
@@ -20,9 +20,12 @@ from protocol import messages as m
 from strategies.metric_rules import MetricRules
 from strategies.update_check import Rejection
 from tracking.metered_grid import MeteredGrid
+from tracking.per_class import per_class_metrics
 from tracking.run_tracker import RunTracker
 
-CentralEvaluate = Callable[[ArrayRecord], dict[str, float]]
+CentralEvaluate = Callable[[ArrayRecord], dict[str, float | list[int]]]
+# Per-class counts a central evaluation may add (consumed here, not logged as such).
+CENTRAL_COUNTS = ("true_positives", "false_positives", "false_negatives")
 ClientLevelPrivacy = Callable[[], PrivacySpent | None]
 Checkpoint = Callable[[int, ArrayRecord, dict[str, float]], None]
 
@@ -51,13 +54,15 @@ class RoundLogger:
                  round_extras: Callable[[], dict[str, float]] | None = None,
                  evaluate_due: Callable[[int], bool] = lambda _: True,
                  checks: Callable[[], tuple[list[Rejection], float | None]] | None = None,
-                 checkpoint: Checkpoint | None = None) -> None:
+                 checkpoint: Checkpoint | None = None,
+                 labels: Sequence[str] | None = None) -> None:
         """``round_extras``: more of the round's figures (secure aggregation's bytes and
         times), taken once per round. ``evaluate_due``: whether a round is evaluated (federated
         and central); the others log their training figures only. ``checks``: the
         update checks' round (replies left out, largest accepted update norm).
         ``checkpoint``: called with the round's arrays and figures before they are logged
-        (fl_app/checkpointing.py)."""
+        (fl_app/checkpointing.py). ``labels``: the label set, for per-class recall and F1
+        (tracking/per_class.py)."""
         self.tracker = tracker
         self.grid = grid
         self.train_rules = train_rules
@@ -69,6 +74,7 @@ class RoundLogger:
         self.evaluate_due = evaluate_due
         self.checks = checks
         self.checkpoint = checkpoint
+        self.labels = list(labels or [])
         self.latest_arrays: ArrayRecord | None = None  # the global adapter last evaluated
         self._round_started = time.perf_counter()
 
@@ -79,6 +85,9 @@ class RoundLogger:
                              (self.evaluate_rules, _EVAL_NAMES)):
             combined, per_hospital = rules.take()
             metrics.update(mlflow_metrics(combined, names))
+            if self.labels and all(key in combined for key in m.COUNT_KEYS):
+                metrics.update(per_class_metrics(
+                    "federated", self.labels, *(combined[key] for key in m.COUNT_KEYS)))
             evaluated = names is _TRAIN_NAMES or self.evaluate_due(server_round)
             if server_round > 0 and not combined and evaluated:
                 metrics[names[m.REPLIES]] = 0  # every hospital failed or none replied
@@ -103,8 +112,11 @@ class RoundLogger:
             metrics["round/update_norm_max"] = largest
         central = {}
         if self.central_evaluate is not None and self.evaluate_due(server_round):
-            central = self.central_evaluate(arrays)
+            central = dict(self.central_evaluate(arrays))
+            counts = [central.pop(key, None) for key in CENTRAL_COUNTS]
             metrics.update({f"central/{k}": v for k, v in central.items()})
+            if self.labels and all(c is not None for c in counts):
+                metrics.update(per_class_metrics("central", self.labels, *counts))
         now = time.perf_counter()
         metrics["round/seconds"] = now - self._round_started
         self._round_started = now

@@ -27,8 +27,12 @@ class CentralEvaluator:
         self.loader = make_loader(tokenize(records, tokenizer, max_length, chunking), tokenizer,
                                   batch_size, shuffle=False, group_by_length=group_by_length)
 
-    def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
+    def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, float | list[int]]:
         load_trainable_state(self.model, state)
         outcome = evaluate(self.model, self.loader, self.num_labels, self.compute)
         return {"accuracy": outcome.accuracy, "macro_f1": outcome.macro_f1,
-                "loss": outcome.loss, "records": outcome.num_examples}
+                "loss": outcome.loss, "records": outcome.num_examples,
+                # per class, for recall and F1 per label (tracking/per_class.py)
+                "true_positives": outcome.true_positives,
+                "false_positives": outcome.false_positives,
+                "false_negatives": outcome.false_negatives}

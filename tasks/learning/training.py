@@ -44,6 +44,21 @@ class TrainOutcome:
     privacy: PrivacyReport | None = None
 
 
+def class_weight_tensor(settings: TrainSettings, device: torch.device | str
+                        ) -> torch.Tensor | None:
+    """``train.class_weights`` on the model's device (None: unweighted)."""
+    if not settings.class_weights:
+        return None
+    return torch.tensor(settings.class_weights, dtype=torch.float32, device=device)
+
+
+def per_record_loss(logits: torch.Tensor, labels: torch.Tensor,
+                    weights: torch.Tensor | None) -> torch.Tensor:
+    """Each record's cross-entropy (in float32), times its class's weight when given."""
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+    return loss if weights is None else loss * weights[labels]
+
+
 def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
     """The optimizer over ``model``'s trainable parameters.
 
@@ -83,6 +98,7 @@ def train_locally(model: torch.nn.Module, loader: DataLoader, settings: TrainSet
     total_loss, seen, steps = 0.0, 0, 0
     cap = settings.pass_cap(compute.device.type)
     progress = TrainingProgress(settings.local_epochs, len(loader))
+    weights = class_weight_tensor(settings, compute.device)
     for epoch in range(settings.local_epochs):
         for batch in compute.batches(loader):
             optimizer.zero_grad(set_to_none=True)
@@ -93,13 +109,15 @@ def train_locally(model: torch.nn.Module, loader: DataLoader, settings: TrainSet
             for part, notes in split_passes(batch, cap):
                 part_canaries = part.pop(CANARY_COLUMN, None)
                 with compute.autocast():  # the loss itself is computed in float32 either way
-                    if canaries is None or part_canaries is None:
+                    if weights is None and (canaries is None or part_canaries is None):
                         loss = model(**part).loss * (notes / batch_size)
-                    else:  # a gradient canary's own loss does not count: set below
+                    else:
                         logits = model(**{k: v for k, v in part.items() if k != "labels"}).logits
-                        per_record = torch.nn.functional.cross_entropy(
-                            logits.float(), part["labels"], reduction="none")
-                        loss = (per_record * (part_canaries == NOT_A_CANARY)).sum() / batch_size
+                        per_record = per_record_loss(logits, part["labels"], weights)
+                        if canaries is not None and part_canaries is not None:
+                            # a gradient canary's own loss does not count: set below
+                            per_record = per_record * (part_canaries == NOT_A_CANARY)
+                        loss = per_record.sum() / batch_size
                 total_loss += loss.detach().float() * batch_size  # no device sync per step
                 loss.backward()
             seen += batch_size

@@ -34,7 +34,12 @@ from tasks.audit.canaries import CANARY_COLUMN, GradientCanaries
 from tasks.errors import TaskInputError
 from tasks.learning.passes import split_passes
 from tasks.learning.progress import TrainingProgress
-from tasks.learning.training import TrainOutcome, make_optimizer
+from tasks.learning.training import (
+    TrainOutcome,
+    class_weight_tensor,
+    make_optimizer,
+    per_record_loss,
+)
 from tasks.model.compute import CPU_FP32, Compute
 from tasks.model.windows import WINDOW_NOTE, merge_window_gradients
 from tasks.privacy.accounting import Step
@@ -156,11 +161,16 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
             max_grad_norm=max_grad_norm, poisson_sampling=poisson_sampling,
             grad_sample_mode=grad_sample_mode.value, noise_generator=generator,
             wrap_model=False)  # hooks on our own model object, removed after training
-    if grad_sample_mode == GradSampleMode.ghost:
+    if grad_sample_mode == GradSampleMode.ghost:  # weights refused with ghost (settings)
         grad_hooks, dp_optimizer, criterion, dp_loader = parts
     else:
         grad_hooks, dp_optimizer, dp_loader = parts
-        criterion = torch.nn.CrossEntropyLoss()
+        weights = class_weight_tensor(settings, compute.device)
+
+        def criterion(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            # the mean over the pass's records, as Opacus' loss_reduction="mean" expects;
+            # a record's weight scales its gradient before it is clipped
+            return per_record_loss(logits, labels, weights).mean()
 
     if poisson_sampling:
         _shape_empty_batches_like_a_record(dp_loader)

@@ -1,0 +1,56 @@
+"""Class weights for an imbalanced federation, from the label counts hospitals report.
+
+Under ``train.class_weighting=balanced`` the server sums the training label counts every
+hospital sent in its preflight reply and gives class c the weight N / (K x n_c) (N records, K
+classes that have any; scikit-learn's "balanced"), so a record's mean weight stays 1 and every
+class weighs the same in the loss. A class no hospital holds weighs 1 (it is never a target).
+The weights travel in the task settings like the label set; each hospital checks them
+(settings/task.py) before training.
+
+Hospitals under DP-SGD do not release their label counts (a histogram of their records), so
+a private run without given ``train.class_weights`` trains unweighted and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from settings.task import ClassWeighting, TaskSettings
+
+log = logging.getLogger(__name__)
+
+
+def balanced_weights(counts: Sequence[int]) -> list[float]:
+    """N / (K x n_c) per class from the federation's summed counts (1.0 where n_c is 0)."""
+    total, present = sum(counts), sum(1 for c in counts if c > 0)
+    return [total / (present * c) if c > 0 else 1.0 for c in counts]
+
+
+def federation_counts(label_counts: Sequence[Sequence[int]], labels: int) -> list[int] | None:
+    """The summed training label counts, or None when a hospital taking part withheld its
+    counts (an empty list) or sent a list of the wrong length."""
+    if not label_counts or any(len(counts) != labels for counts in label_counts):
+        return None
+    return [sum(column) for column in zip(*label_counts, strict=True)]
+
+
+def plan_class_weights(task: TaskSettings, label_counts: Sequence[Sequence[int]]) -> str:
+    """Set ``task.train.class_weights`` when the weighting is balanced and the weights are not
+    given; what was decided, in words (for the log and MLflow)."""
+    train = task.train
+    if train.class_weighting != ClassWeighting.balanced:
+        return "none"
+    if train.class_weights is not None:
+        return "given"
+    counts = federation_counts(label_counts, len(task.data.labels))
+    if counts is None:
+        log.info("class weights: none (the hospitals' label counts are withheld under "
+                 "DP-SGD); training is unweighted")
+        return "unweighted: label counts withheld"
+    train.class_weights = balanced_weights(counts)
+    rare = min(range(len(counts)), key=lambda c: counts[c] if counts[c] else float("inf"))
+    log.info("class weights from %d training records: %.2f to %.2f (%s, %d records)",
+             sum(counts), min(train.class_weights), max(train.class_weights),
+             task.data.labels[rare], counts[rare])
+    return "balanced"
