@@ -3,6 +3,8 @@
 Called by the round logger after a round's figures are computed and before they go to
 MLflow: the checkpoint holds the figures too, so a crash between the two steps is healed
 on resume (the figures are logged from the checkpoint), and every round is logged once.
+Early stopping sees the round first (``RoundCheckpointer.early_stopping``), so the checkpoint
+carries its decision: the best round, its adapter and the evaluations since it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
@@ -22,6 +25,9 @@ from strategies.privacy_budget import PrivacyBudgetGate
 from strategies.strategy_state import strategy_state
 from strategies.update_check import UpdateCheck
 from tracking.run_tracker import RunTracker, resolve_store
+
+if TYPE_CHECKING:
+    from fl_app.early_stopping import EarlyStopping
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +60,15 @@ class RoundCheckpointer:
         self.check = check
         self.hospital_of = hospital_of
         self.log_artifact = log_artifact
+        # Set by the ServerApp when early stopping is on: shown every round before it is
+        # checkpointed (fl_app/early_stopping.py).
+        self.early_stopping: EarlyStopping | None = None
 
     def __call__(self, server_round: int, arrays: ArrayRecord,
                  metrics: dict[str, float]) -> None:
+        stopping = self.early_stopping
+        if stopping is not None:
+            stopping.observe(server_round, arrays, metrics)
         strategy_arrays, state = strategy_state(self.strategy)
         checkpoint = replace(
             self.template, round=server_round,
@@ -64,7 +76,9 @@ class RoundCheckpointer:
             strategy_arrays=strategy_arrays, strategy_state=state,
             excluded={self.hospital_of(node): why for node, why in self.gate.exhausted.items()},
             rejections=dict(self.check.rejected_total), metrics=dict(metrics),
-            history={**self.tracker.history, server_round: dict(metrics)})
+            history={**self.tracker.history, server_round: dict(metrics)},
+            early_stopping=stopping.state() if stopping is not None else {},
+            best_arrays=stopping.best_arrays(server_round) if stopping is not None else {})
         path = save_checkpoint(checkpoint, self.directory)
         if self.log_artifact:
             self.tracker.log_artifact(path, ARTIFACT_PATH)

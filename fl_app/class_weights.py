@@ -1,11 +1,11 @@
 """Class weights for an imbalanced federation, from the label counts hospitals report.
 
-Under ``train.class_weighting=balanced`` the server sums the training label counts every
-hospital sent in its preflight reply and gives class c the weight N / (K x n_c) (N records, K
-classes that have any; scikit-learn's "balanced"), so a record's mean weight stays 1 and every
-class weighs the same in the loss. A class no hospital holds weighs 1 (it is never a target).
-The weights travel in the task settings like the label set; each hospital checks them
-(settings/task.py) before training.
+Under ``train.class_weighting=balanced`` the server sums the label counts (of training and
+held-out records) every hospital sent in its preflight reply and gives class c the weight
+N / (K x n_c) (N records, K classes that have any; scikit-learn's "balanced"), so a record's
+mean weight stays 1 and every class weighs the same in the loss. A class no hospital holds
+weighs 1 (it is never a target). The weights travel in the task settings like the label
+set; each hospital checks them (settings/task.py) before training.
 
 Hospitals under DP-SGD do not release their label counts (a histogram of their records), so
 a private run without given ``train.class_weights`` trains unweighted and says so.
@@ -28,7 +28,7 @@ def balanced_weights(counts: Sequence[int]) -> list[float]:
 
 
 def federation_counts(label_counts: Sequence[Sequence[int]], labels: int) -> list[int] | None:
-    """The summed training label counts, or None when a hospital taking part withheld its
+    """The summed label counts, or None when a hospital taking part withheld its
     counts (an empty list) or sent a list of the wrong length."""
     if not label_counts or any(len(counts) != labels for counts in label_counts):
         return None
@@ -50,7 +50,8 @@ def plan_class_weights(task: TaskSettings, label_counts: Sequence[Sequence[int]]
         return "unweighted: label counts withheld"
     train.class_weights = balanced_weights(counts)
     rare = min(range(len(counts)), key=lambda c: counts[c] if counts[c] else float("inf"))
-    log.info("class weights from %d training records: %.2f to %.2f (%s, %d records)",
+    log.info("class weights from the label counts of %d records: %.2f to %.2f (%s, %d "
+             "records)",
              sum(counts), min(train.class_weights), max(train.class_weights),
              task.data.labels[rare], counts[rare])
     return "balanced"

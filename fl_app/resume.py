@@ -3,9 +3,9 @@ and refuse, before any round, whatever would make the resumed run not the same r
 
 The configuration is the first run's (its overrides are in the checkpoint) plus the
 overrides given with ``resume=``; only the keys in ``MAY_CHANGE`` may end up different
-(more rounds, a longer timeout, evaluation spacing, where checkpoints go). Anything else,
-including a changed default in ``conf/`` after an upgrade, is refused, naming each key with
-the value it had and the one it would get.
+(more rounds, a longer timeout, evaluation spacing, where checkpoints go, early stopping).
+Anything else, including a changed default in ``conf/`` after an upgrade, is refused, naming
+each key with the value it had and the one it would get.
 """
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ MAY_CHANGE = ("num_rounds", "evaluate_every", "strategy.round_timeout_s", "check
               # what MLflow registers and samples, not what trains (new keys in runs
               # checkpointed before they existed)
               "tracking.registered_model", "tracking.model_alias",
-              "tracking.system_metrics_interval_s")
+              "tracking.system_metrics_interval_s",
+              # when a non-private run stops and which of its adapters it keeps, not what a
+              # round computes (never on in a private run; fl_app/early_stopping.py)
+              "early_stopping")
 
 
 @dataclass

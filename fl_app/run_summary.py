@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from fl_app.early_stopping import BEST_ROUND_TAG
 from settings.run import RunSettings
 from tracking.per_class import zero_recall
 from tracking.run_tracker import RunTracker
@@ -34,6 +35,7 @@ class FinishedRun:
     adapter_logged: bool
     registered_model: str | None = None  # "models:/<name>@<alias>" when registered
     stopped_early: str | None = None
+    best_round: int | None = None  # early stopping kept this round's adapter
 
 
 def executable(name: str, root: Path) -> str:
@@ -54,10 +56,15 @@ def _last(history: Mapping[int, Mapping[str, float]], key: str) -> tuple[int, fl
     return None
 
 
-def _scores(history: Mapping[int, Mapping[str, float]], prefix: str, where: str) -> str:
-    """The latest round that measured ``prefix``'s accuracy, with its macro-F1 when that
-    round has one (never another round's)."""
-    accuracy = _last(history, f"{prefix}/accuracy")
+def _scores(history: Mapping[int, Mapping[str, float]], prefix: str, where: str,
+            at_round: int | None = None) -> str:
+    """The scores of the adapter the run ships: round ``at_round`` (early stopping's best),
+    else the latest round that measured ``prefix``'s accuracy; its macro-F1 when that round
+    has one (never another round's)."""
+    if at_round is not None and f"{prefix}/accuracy" in history.get(at_round, {}):
+        accuracy = at_round, history[at_round][f"{prefix}/accuracy"]
+    else:
+        accuracy = _last(history, f"{prefix}/accuracy")
     if accuracy is None:
         return f"  {prefix:<10} not measured"
     text = f"  {prefix:<10} accuracy {accuracy[1]:.3f}"
@@ -91,14 +98,17 @@ def summary(run: FinishedRun, root: Path) -> str:
     """The lines printed at the end of a run."""
     lines = [f"MLflow run {run.run_name} ({run.run_id}), experiment {run.experiment}"
              + (f"; stopped early: {run.stopped_early}" if run.stopped_early else ""),
-             _scores(run.history, "federated", "the hospitals' held-out notes"),
-             _scores(run.history, "central", "the server's test notes")]
+             _scores(run.history, "federated", "the hospitals' held-out notes",
+                     run.best_round),
+             _scores(run.history, "central", "the server's test notes", run.best_round)]
     lines += [line for line in (_never_found(run.history, "federated"),
                                 _never_found(run.history, "central")) if line]
     model = f"--model {run.registered_model}" if run.registered_model else \
         f"--run-id {run.run_id}"
     if run.adapter_logged:
         lines.append(f"  adapter    MLflow artifact runs:/{run.run_id}/adapter"
+                     + (f" (round {run.best_round}, the best)" if run.best_round is not None
+                        else "")
                      + (f", registered as {run.registered_model}" if run.registered_model
                         else ""))
     lines += ["Next:", f"  MLflow UI  {ui_command(run.tracking_uri, root)}"]
@@ -119,4 +129,5 @@ def finished_run(tracker: RunTracker, settings: RunSettings) -> FinishedRun:
         run_id=closed.run_id, run_name=closed.run_name, experiment=closed.experiment_name,
         tracking_uri=closed.tracking_uri, num_rounds=settings.num_rounds,
         history=tracker.history, adapter_logged=settings.tracking.save_adapter,
-        registered_model=closed.model_uri, stopped_early=tracker.tag("stopped_early"))
+        registered_model=closed.model_uri, stopped_early=tracker.tag("stopped_early"),
+        best_round=int(best) if (best := tracker.tag(BEST_ROUND_TAG)) else None)

@@ -22,8 +22,10 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fl_app.checkpointing import RoundCheckpointer, state_root
+from fl_app.class_weights import plan_class_weights
 from fl_app.console import RoundConsole, speak_for_the_server
 from fl_app.data_check import server_labels
+from fl_app.early_stopping import EarlyStopping
 from fl_app.preflight import HospitalReport, run_preflight, wait_for_hospitals
 from fl_app.progress_grid import ProgressGrid
 from fl_app.resume import Resume, config_tree, prepare_resume
@@ -160,6 +162,8 @@ def main(grid: Grid, context: Context) -> None:
         central = central_evaluation(settings, model, tokenizer, labels)
         federation = check_hospitals(grid, settings, task, tracker, plan_rounds=not resume)
         hospital_names.update({r.node_id: r.hospital for r in federation.reports})
+        if not resume:  # a resumed run keeps the weights its hospitals trained with
+            weigh_classes(federation, tracker)
         if settings.privacy.distributed_dp.enabled and not resume:
             plan_distributed_dp_for(settings, federation, tracker,
                                     sum(t.numel() for t in trainable_state(model).values()))
@@ -181,20 +185,26 @@ def main(grid: Grid, context: Context) -> None:
         round_logger = RoundLogger(tracker, metered, train_rules, evaluate_rules, central,
                                    settings.tracking.log_per_hospital, chain.client_level_privacy,
                                    secure_grid.take_round_stats if secure_grid else None,
-                                   schedule.due, chain.check.take_round, checkpointer)
+                                   schedule.due, chain.check.take_round, checkpointer,
+                                   labels=labels)
         if resume:
             initial = restore_server_state(resume.checkpoint, chain, federation, tracker)
             round_logger.latest_arrays = initial
         round_console = RoundConsole(round_logger, lambda: tracker.history, settings.num_rounds)
+        # Early stopping (non-private runs): sees each round before its checkpoint.
+        stopping = EarlyStopping.for_run(settings, resume.checkpoint if resume else None)
+        checkpointer.early_stopping = stopping
         train_federation(strategy, secure_grid or grid, initial, settings,
                          federation.task_config, round_console, tracker,
-                         done=resume.checkpoint.round if resume else 0)
+                         done=resume.checkpoint.round if resume else 0, early_stopping=stopping)
         tracker.log_round_plot()
         if settings.tracking.save_adapter:
-            # The global adapter after the last round that was evaluated (round 0: initial).
+            # The global adapter after the last round that was evaluated (round 0: initial);
+            # under early stopping, the best round's.
             final = round_logger.latest_arrays
-            save_final_adapter(model, final if final is not None else initial, task, labels,
-                               tracker)
+            final = final if final is not None else initial
+            save_final_adapter(model, stopping.final_arrays(final) if stopping else final, task,
+                               labels, tracker)
     # After the MLflow run is closed (and its model's alias moved): what to do next.
     print(summary(finished_run(tracker, settings), project_root()), flush=True)
 
@@ -283,6 +293,21 @@ def check_hospitals(grid: Grid, settings: RunSettings, task: TaskSettings,
     # Counts and digests only: each hospital taking part, and the server's test set.
     tracker.log_run_datasets(reports, task.data.labels, settings.data, server_test_records)
     return Federation(task, task_config, reports)
+
+
+def weigh_classes(federation: Federation, tracker: RunTracker) -> None:
+    """train.class_weighting=balanced: the class weights from the label counts the hospitals
+    taking part reported (fl_app/class_weights.py), into the settings every train message
+    carries; what was decided goes to MLflow."""
+    taking_part = [r.label_counts for r in federation.reports if not r.declined]
+    decision = plan_class_weights(federation.task, taking_part)
+    weights = federation.task.train.class_weights
+    if decision == "balanced":
+        federation.task_config = ConfigRecord({TASK_KEY: task_settings_to_yaml(federation.task)})
+    tracker.log_params({"class_weights": {
+        "source": decision,
+        **({label: round(w, 4) for label, w in zip(federation.task.data.labels, weights,
+                                                   strict=True)} if weights else {})}})
 
 
 def hospitals_per_round(settings: RunSettings, taking_part: int) -> int:
@@ -455,10 +480,12 @@ def server_strategy(settings: RunSettings, federation: Federation, tracker: RunT
 
 def train_federation(strategy: Strategy, grid: Grid, initial: ArrayRecord,
                      settings: RunSettings, task_config: ConfigRecord,
-                     round_logger: RoundConsole, tracker: RunTracker, done: int = 0) -> None:
-    """Round 0 (the untrained adapter), then Flower's own loop; a spent budget ends the run
-    cleanly with the last global adapter. ``done``: the rounds a resumed run completed
-    before (its adapter is ``initial``); Flower's loop runs the rest."""
+                     round_logger: RoundConsole, tracker: RunTracker, done: int = 0,
+                     early_stopping: EarlyStopping | None = None) -> None:
+    """Round 0 (the untrained adapter), then Flower's own loop; a spent budget, or a
+    validation score that stopped improving (``early_stopping``), ends the run cleanly after
+    the round. ``done``: the rounds a resumed run completed before (its adapter is
+    ``initial``); Flower's loop runs the rest."""
     timeout = settings.strategy.round_timeout_s
     evaluate_fn = round_logger
     if done:
@@ -466,6 +493,8 @@ def train_federation(strategy: Strategy, grid: Grid, initial: ArrayRecord,
         evaluate_fn = strategy.evaluate_fn(round_logger)
     else:
         evaluate_before_training(strategy, grid, initial, task_config, timeout)
+    if early_stopping is not None:
+        evaluate_fn = early_stopping.stop_after(evaluate_fn)
     try:
         strategy.start(grid=grid, initial_arrays=initial, num_rounds=settings.num_rounds - done,
                        timeout=timeout, train_config=task_config, evaluate_config=task_config,
@@ -474,6 +503,8 @@ def train_federation(strategy: Strategy, grid: Grid, initial: ArrayRecord,
         reason = str(stop) or type(stop).__name__
         log.warning("training stopped early: %s", reason)
         tracker.set_tags({"stopped_early": reason[:5000]})
+    if early_stopping is not None:  # the tag best_round, the metric best/<metric>
+        early_stopping.record(tracker)
 
 
 def save_final_adapter(model: PeftModel, arrays: ArrayRecord, task: TaskSettings,

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
-from settings.checks import require
+from settings.bounds import field_default
+from settings.checks import ConfigError, require
+from settings.early_stopping import EarlyStoppingSettings
 from settings.recovery import CheckpointSettings, UpdateCheckSettings
 from settings.secure_aggregation import SecureAggregationMode
 from settings.strategy import CentralDpSettings, StrategyName, StrategySettings
@@ -42,6 +44,9 @@ class RunSettings(SharedSettings):
     evaluate_every: int = 1
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     update_checks: UpdateCheckSettings = field(default_factory=UpdateCheckSettings)
+    # num_rounds as a ceiling: a non-private run stops when the federated validation score
+    # stops improving and keeps its best round's adapter (settings/early_stopping.py).
+    early_stopping: EarlyStoppingSettings = field(default_factory=EarlyStoppingSettings)
     # The MLflow run id of a run to continue from its last checkpoint (its configuration,
     # except the keys in fl_app/resume.py::MAY_CHANGE; metrics go on in the same MLflow run).
     resume: str | None = None
@@ -57,6 +62,7 @@ class RunSettings(SharedSettings):
                     "FedProx's proximal term is not part of the DP-SGD analysis")
         self._check_secure_aggregation()
         self._check_distributed_dp()
+        self._resolve_early_stopping()
         if self.privacy.central_dp.enabled:
             require(strategy.name == StrategyName.fedavg, "strategy.name", strategy.name.value,
                     "fedavg with privacy.central_dp: Flower's DP accountant requires FedAvg's "
@@ -65,6 +71,41 @@ class RunSettings(SharedSettings):
                     strategy.fraction_train, "1.0 with privacy.central_dp: its noise is "
                     "calibrated to every hospital in every round")
 
+    def private_mechanism(self) -> str | None:
+        """The switch of a DP mechanism that is on (None: a non-private run)."""
+        privacy = self.privacy
+        for name in ("dp_sgd", "distributed_dp", "central_dp"):
+            if getattr(privacy, name).enabled:
+                return f"privacy.{name}.enabled"
+        return None
+
+    def _resolve_early_stopping(self) -> None:
+        """``early_stopping.enabled``: null becomes on for a non-private run, off for a
+        private one and for a privacy sweep's non-private level (it is compared with private
+        levels that train every round); true in a private run is refused. Off that way, a
+        value given for another early-stopping setting is refused as for any switched-off
+        mechanism."""
+        section, private = self.early_stopping, self.private_mechanism()
+        key = section.SECTION
+        if private:
+            require(section.enabled is not True, f"{key}.enabled", True,
+                    f"false or null with {private}=true: the noise is calibrated for "
+                    f"num_rounds={self.num_rounds}, and a private run trains every round")
+        sweep_level = any(getattr(self.privacy, name).non_private_level
+                          for name in ("dp_sgd", "distributed_dp"))
+        if section.enabled is None:
+            section.enabled = not (private or sweep_level)
+            if not section.enabled:
+                why = (f"{private}=true: a private run trains every planned round" if private
+                       else "a privacy sweep's non-private level (target_epsilon=inf): it "
+                            "trains every round, as the private levels it is compared with")
+                for name in ("patience", "min_delta", "metric"):
+                    value, default = getattr(section, name), field_default(section, name)
+                    if value != default:
+                        raise ConfigError(
+                            f"invalid configuration at '{key}.{name}': got {value!r} while "
+                            f"early stopping is off for {why}. Leave '{key}.{name}' at its "
+                            f"default ({default!r})", f"{key}.{name}")
 
     def _check_distributed_dp(self) -> None:
         if not self.privacy.distributed_dp.enabled:

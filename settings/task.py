@@ -574,7 +574,7 @@ class TaskSettings(SharedSettings):
         require(weights is None or not self.data.labels
                 or len(weights) == len(self.data.labels), "train.class_weights",
                 f"{len(weights or [])} weights", f"one weight per label of data.labels "
-                f"({len(self.data.labels)})")
+                f"({len(self.data.labels or [])})")
         # Distributed DP's step computes its own clipped sum (tasks/privacy/distributed_dp.py).
         require(not (weights and self.privacy.distributed_dp.enabled), "train.class_weights",
                 "a list", "null with privacy=distributed_dp (its step is unweighted)")

@@ -5,8 +5,10 @@ completed round: written to a temporary file in the same directory, synced, rena
 the old one and the directory synced, so a crash at any moment leaves either the previous
 round's checkpoint or this one, never a torn file. A NumPy archive (a zip of ``.npy``
 arrays, each with its CRC) read with ``allow_pickle=False``: loading a checkpoint runs no
-code from it. The arrays are the global adapter and the strategy's own arrays (server
-optimiser moments, momentum); the rest is one JSON document.
+code from it. The arrays are the global adapter, the strategy's own arrays (server
+optimiser moments, momentum) and, under early stopping, the best round's adapter when it is
+not this round's; the rest is one JSON document. Checkpoints written before early stopping
+existed read with its state empty.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ FORMAT = 1
 _META = "meta"
 _GLOBAL = "global/"
 _STRATEGY = "strategy/"
+_BEST = "best/"
 
 
 class CheckpointError(ValueError):
@@ -47,10 +50,14 @@ class ServerCheckpoint:
     rejections: dict[int, int] = field(default_factory=dict)  # hospital -> rejected updates
     metrics: dict[str, float] = field(default_factory=dict)  # this round's logged metrics
     history: dict[int, dict[str, float]] = field(default_factory=dict)  # for the plot
+    # Early stopping (fl_app/early_stopping.py): metric, best_round, best_value, stale; empty
+    # when it is off. best_arrays: the best round's adapter, empty when it is ``arrays``.
+    early_stopping: dict = field(default_factory=dict)
+    best_arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     def meta(self) -> dict:
         meta = asdict(self)
-        del meta["arrays"], meta["strategy_arrays"]
+        del meta["arrays"], meta["strategy_arrays"], meta["best_arrays"]
         meta["format"] = FORMAT
         return meta
 
@@ -62,6 +69,7 @@ def save_checkpoint(checkpoint: ServerCheckpoint, directory: Path) -> Path:
     entries.update({_GLOBAL + k: np.ascontiguousarray(v) for k, v in checkpoint.arrays.items()})
     entries.update({_STRATEGY + k: np.ascontiguousarray(v)
                     for k, v in checkpoint.strategy_arrays.items()})
+    entries.update({_BEST + k: np.ascontiguousarray(v) for k, v in checkpoint.best_arrays.items()})
     target = directory / CHECKPOINT_FILE
     handle, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=directory)
     try:
@@ -99,10 +107,12 @@ def load_checkpoint(path: Path) -> ServerCheckpoint:
     arrays = {k.removeprefix(_GLOBAL): v for k, v in entries.items() if k.startswith(_GLOBAL)}
     strategy_arrays = {k.removeprefix(_STRATEGY): v for k, v in entries.items()
                        if k.startswith(_STRATEGY)}
+    best_arrays = {k.removeprefix(_BEST): v for k, v in entries.items() if k.startswith(_BEST)}
     if not arrays:
         raise CheckpointError(f"checkpoint {path} holds no global adapter arrays")
     try:
-        checkpoint = ServerCheckpoint(arrays=arrays, strategy_arrays=strategy_arrays, **meta)
+        checkpoint = ServerCheckpoint(arrays=arrays, strategy_arrays=strategy_arrays,
+                                      best_arrays=best_arrays, **meta)
     except TypeError as err:
         raise CheckpointError(f"checkpoint {path} does not hold a server checkpoint: {err}") \
             from err

@@ -145,3 +145,11 @@ def test_the_local_superlink_is_found_by_its_pid_under_its_own_flwr_home(superli
 
 def test_not_a_number_is_never_a_score():
     assert console._score({"federated/accuracy": math.nan}, "federated") is None
+
+
+def test_the_summary_reports_the_round_whose_adapter_the_run_ships():
+    history = {1: {"federated/accuracy": 0.8, "federated/macro_f1": 0.7},
+               2: {"federated/accuracy": 0.7, "federated/macro_f1": 0.6}}
+    text = summary(_finished(history=history, best_round=1), Path("/x"))
+    assert "federated  accuracy 0.800, macro-F1 0.700 (round 1" in text
+    assert "runs:/abc123/adapter (round 1, the best)" in text

@@ -26,6 +26,7 @@ SWITCHED: dict[str, tuple[Callable[[Mapping], bool], tuple[str, ...]]] = {
     "audit": (lambda s: bool(s.get("canaries_path") or s.get("updates_dir")), ()),
     "drill": (lambda s: bool(s.get("faults")), ()),
     "data.deid": (lambda s: bool(s.get("enabled")), ("enabled",)),
+    "early_stopping": (lambda s: bool(s.get("enabled")), ("enabled",)),
 }
 
 # strategies/registry.py: each strategy reads only its own parameters.
