@@ -57,6 +57,9 @@ AUDIT_SETTINGS = [
     "num_rounds=2", "train.local_epochs=1", "train.optimizer=sgd", "train.learning_rate=0.1",
     "train.head_learning_rate=null", "train.batch_size=16", "model.max_length=64",
     "data.server_test_notes=0", "tracking.experiment=clinical-fl-audit",
+    # The same objective and rounds at every privacy level: private runs train unweighted
+    # (label counts withheld) and every planned round, so the non-private level does too.
+    "train.class_weighting=none", "early_stopping.enabled=false",
 ]
 DEFAULT_DELTA = 1e-5  # for the bound of a run that claims no epsilon
 AUDITORS = ("white_box", "black_box")  # the bounds reported together, under one confidence
