@@ -6,6 +6,14 @@
     .venv/bin/python benchmarks/ohsumed_benchmark.py --report          # table only
     .venv/bin/python benchmarks/ohsumed_benchmark.py --variant head3e-2 \
         --set train.head_learning_rate=3e-2 --only dp_eps8             # a variant of a part
+    .venv/bin/python benchmarks/ohsumed_tfidf.py --view single23 --prepare-only
+    .venv/bin/python benchmarks/ohsumed_benchmark.py --view single23   # the 23-class view
+
+``--view single23`` runs the same parts on the single-label 23-class view
+(``label_single23``, same eight case-mix hospitals; its table is written by
+ohsumed_tfidf.py) and logs them to the MLflow experiment
+``ohsumed-benchmark-single23``, so they never meet the 5-class runs of the
+same names.
 
 Each part is one real ``clinical-fl`` run (a Flower simulation) logged to the
 MLflow experiment ``ohsumed-benchmark`` under the part's name. A part whose
@@ -38,11 +46,18 @@ from tracking.run_tracker import resolve_store
 
 EXPERIMENT = "ohsumed-benchmark"
 DEFAULT_TABLE = Path("~/.cache/clinical-fl/ohsumed_ma5.parquet")
+# view -> (MLflow experiment, default table, how the table is made)
+VIEWS = {
+    "ma5": (EXPERIMENT, DEFAULT_TABLE, "benchmarks/ohsumed_prepare.py"),
+    "single23": ("ohsumed-benchmark-single23",
+                 Path("~/.cache/clinical-fl/ohsumed_single23.parquet"),
+                 "benchmarks/ohsumed_tfidf.py --view single23 --prepare-only"),
+}
 
 
 def parts(table: Path, rounds: int, max_length: int, extra: list[str] | None = None,
-          variant: str = "", distributed_rounds: int = 100, evaluate_every: int = 25
-          ) -> dict[str, tuple[list[str], int]]:
+          variant: str = "", distributed_rounds: int = 100, evaluate_every: int = 25,
+          experiment: str = EXPERIMENT) -> dict[str, tuple[list[str], int]]:
     """name -> (Hydra overrides, hospitals). A variant adds overrides and names its parts
     ``<part>+<variant>``, so they sit beside the plain parts in MLflow and the table."""
     # Pinned to the settings the recorded table was measured with (notes cut at max_length,
@@ -50,7 +65,7 @@ def parts(table: Path, rounds: int, max_length: int, extra: list[str] | None = N
     common = ["train.head_learning_rate=null", "model.long_notes=truncate", *(extra or []),
         "data=files", f"data.path={table}", "data.site_column=site", "data.split_column=split",
         "data.test_split=test", "train.local_epochs=1",
-        f"model.max_length={max_length}", f"tracking.experiment={EXPERIMENT}",
+        f"model.max_length={max_length}", f"tracking.experiment={experiment}",
     ]
     natural = [*common, "data.partitioning=natural", "strategy.min_hospitals=8"]
     federated = [*natural, f"num_rounds={rounds}"]
@@ -70,8 +85,8 @@ def parts(table: Path, rounds: int, max_length: int, extra: list[str] | None = N
     return {name: ([*o, f"tracking.run_name={name}"], n) for name, (o, n) in named.items()}
 
 
-def finished(client: MlflowClient, name: str) -> str | None:
-    experiment = client.get_experiment_by_name(EXPERIMENT)
+def finished(client: MlflowClient, name: str, experiment_name: str = EXPERIMENT) -> str | None:
+    experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         return None
     runs = client.search_runs([experiment.experiment_id],
@@ -97,12 +112,12 @@ def _total(client: MlflowClient, run_id: str, key: str) -> float:
     return sum(m.value for m in client.get_metric_history(run_id, key))
 
 
-def report(client: MlflowClient, names: list[str]) -> str:
+def report(client: MlflowClient, names: list[str], experiment: str = EXPERIMENT) -> str:
     lines = ["| run | test accuracy | test macro-F1 | epsilon spent (max over hospitals) | "
              "rounds | wall minutes | MB sent | MB received | MLflow run |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name in names:
-        run_id = finished(client, name)
+        run_id = finished(client, name, experiment)
         if run_id is None:
             lines.append(f"| {name} | not run yet | | | | | | | |")
             continue
@@ -123,7 +138,11 @@ def report(client: MlflowClient, names: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table", type=Path, default=DEFAULT_TABLE)
+    parser.add_argument("--view", choices=sorted(VIEWS), default="ma5",
+                        help="ma5: the 5-class view; single23: the 23-class single-label view "
+                             "(its own MLflow experiment and table)")
+    parser.add_argument("--table", type=Path, default=None,
+                        help="the prepared table (default: the view's, under ~/.cache)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--distributed-rounds", type=int, default=100,
@@ -136,13 +155,14 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="Hydra overrides of the variant (needs --variant)")
     args = parser.parse_args()
-    table = args.table.expanduser()
+    experiment, default_table, how = VIEWS[args.view]
+    table = (args.table or default_table).expanduser()
     if not table.is_file():
-        sys.exit(f"{table}: not found; run benchmarks/ohsumed_prepare.py first")
+        sys.exit(f"{table}: not found; run {how} first")
     if args.set and not args.variant:
         parser.error("--set changes the runs: name them with --variant")
     plan = parts(table, args.rounds, args.max_length, args.set, args.variant,
-                 args.distributed_rounds, args.evaluate_every)
+                 args.distributed_rounds, args.evaluate_every, experiment)
     client = MlflowClient(tracking_uri=resolve_store(TrackingSettings(), project_root())[0])
     if not args.report:
         # Most informative first, so an interrupted sitting still yields the key comparisons.
@@ -152,7 +172,7 @@ def main() -> None:
             overrides, hospitals = plan[name]
             if args.only and name.split("+")[0] not in args.only:
                 continue
-            if finished(client, name):
+            if finished(client, name, experiment):
                 print(f"{name}: already finished in MLflow, skipped")
                 continue
             if run_part(overrides, hospitals) != 0:
@@ -160,7 +180,7 @@ def main() -> None:
     print(report(client, [*parts(table, args.rounds, args.max_length,
                                  distributed_rounds=args.distributed_rounds), *(
         [n for n in plan if not args.only or n.split("+")[0] in args.only]
-        if args.variant else [])]))
+        if args.variant else [])], experiment))
 
 
 if __name__ == "__main__":

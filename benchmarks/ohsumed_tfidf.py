@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/ohsumed_tfidf.py --view single23   # 23 classes, imbalanced
     .venv/bin/python benchmarks/ohsumed_tfidf.py --view ma5        # the 5-class view
+    .venv/bin/python benchmarks/ohsumed_tfidf.py --view single23 --prepare-only  # table only
 
 Reads ../shared/data/ohsumed where it lies and writes the view's table outside
 the repository (``~/.cache/clinical-fl/ohsumed_<view>.parquet``, only if it is
@@ -107,13 +108,18 @@ def main() -> None:
                              "~/.cache/clinical-fl/ohsumed_<view>.parquet, written if missing)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--c-grid", type=c_grid_option, metavar="C,C,...",
-                        default=c_grid_option("0.1,0.3,1,3,10,30,100,300,1000"),
+                        default=c_grid_option("0.1,0.3,1,3,10,30,100,300,1000,3000,10000"),
                         help="C is chosen on validation from these")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="write the view's table if missing, fit nothing")
     parser.add_argument("--hospital", default=None,
                         help="the hospital trained alone, by site name (default: the largest)")
     args = parser.parse_args()
     table = table_for(args.view, args.source, args.seed,
                       args.table or CACHE / f"ohsumed_{args.view}.parquet")
+    if args.prepare_only:
+        print(f"{table}: ready")
+        return
     settings = DataSettings(source=DataSource.files, path=str(table), site_column="site",
                             split_column="split", seed=args.seed)
     frame = pd.read_parquet(table, columns=["label", "site", "split"])
