@@ -61,8 +61,11 @@ def parts(table: Path, rounds: int, max_length: int, extra: list[str] | None = N
     """name -> (Hydra overrides, hospitals). A variant adds overrides and names its parts
     ``<part>+<variant>``, so they sit beside the plain parts in MLflow and the table."""
     # Pinned to the settings the recorded table was measured with (notes cut at max_length,
-    # before long notes were read whole); a variant's --set wins (later overrides win).
-    common = ["train.head_learning_rate=null", "model.long_notes=truncate", *(extra or []),
+    # before long notes were read whole, unweighted, every round); a variant's --set wins
+    # (later overrides win): --set train.class_weighting=balanced early_stopping.enabled=null
+    # gives the product's defaults since issue 31.
+    common = ["train.head_learning_rate=null", "model.long_notes=truncate",
+              "train.class_weighting=none", "early_stopping.enabled=false", *(extra or []),
         "data=files", f"data.path={table}", "data.site_column=site", "data.split_column=split",
         "data.test_split=test", "train.local_epochs=1",
         f"model.max_length={max_length}", f"tracking.experiment={experiment}",
