@@ -13,6 +13,7 @@ another user's or another checkout's SuperLink is never touched.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -26,6 +27,8 @@ from flwr.supercore.utils import get_flwr_home
 
 def running() -> bool:
     """Whether a local SuperLink answers its health check."""
+    # httpx logs every request at INFO, which a CLI with logging configured would print
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return httpx.get(f"http://127.0.0.1:{LOCAL_SUPERLINK_HTTP_API_PORT}/health",
                          timeout=2).is_success
