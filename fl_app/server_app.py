@@ -70,6 +70,7 @@ from tasks.privacy.distributed_dp import plan_distributed_dp
 from tasks.privacy.lattice import Lattice
 from tracking.metered_grid import MeteredGrid
 from tracking.paths import project_root
+from tracking.per_class import safe_name
 from tracking.provenance import FlowerRun
 from tracking.round_log import CentralEvaluate, ClientLevelPrivacy, RoundLogger
 from tracking.run_tracker import RunTracker
@@ -306,8 +307,10 @@ def weigh_classes(federation: Federation, tracker: RunTracker) -> None:
         federation.task_config = ConfigRecord({TASK_KEY: task_settings_to_yaml(federation.task)})
     tracker.log_params({"class_weights": {
         "source": decision,
-        **({label: round(w, 4) for label, w in zip(federation.task.data.labels, weights,
-                                                   strict=True)} if weights else {})}})
+        # a label as MLflow names it (a param name takes no "/" or "(")
+        **({safe_name(label): round(w, 4) for label, w in zip(federation.task.data.labels,
+                                                              weights, strict=True)}
+           if weights else {})}})
 
 
 def hospitals_per_round(settings: RunSettings, taking_part: int) -> int:
