@@ -107,6 +107,7 @@ class WindowPooling(Enum):
     """How a note's window vectors become the note's vector (model.long_notes=chunk)."""
 
     mean = "mean"  # every window alike
+    max = "max"  # each feature's largest value over the windows: a deciding window stands out
     attention = "attention"  # a learned score per window, softmax over the note's windows
 
 

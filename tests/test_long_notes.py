@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import datasets
+import numpy as np
 import pytest
 import torch
 
@@ -43,7 +44,7 @@ LONG = ("Patient reports crushing chest pain radiating to the left arm for two d
 SHORT = "Knee pain after a fall."
 
 
-@pytest.fixture(params=[WindowPooling.mean, WindowPooling.attention])
+@pytest.fixture(params=[WindowPooling.mean, WindowPooling.max, WindowPooling.attention])
 def pooled(tiny_bert, request):
     """The chunked model below, with each way of pooling windows."""
     return _chunked(tiny_bert, request.param)
@@ -282,3 +283,66 @@ def test_attention_pooling_starts_as_the_mean_learns_window_weights_and_is_saved
         torch.testing.assert_close(loaded(**batch).logits, weighed)
     with pytest.raises(ConfigError, match="model.window_pooling"):
         compose_config(["model.window_pooling=attention", "model.long_notes=truncate"])
+
+
+@pytest.mark.parametrize("reading", ["mean", "max", "attention", "first-window"])
+def test_each_pooling_of_windows_trains_evaluates_predicts_and_runs_the_encrypted_head(
+        tiny_bert, tmp_path, reading):
+    """Every way of making one vector of a note's windows (and the first window alone, which
+    is model.long_notes=truncate) goes through the whole path: a training step moves the
+    adapter, evaluation scores the notes, the saved adapter predicts what the trained model
+    predicts, and the CKKS head gives the plaintext head's logits on the vectors it pools."""
+    from serving.ckks_head import ClientKeys, EncryptedHead
+    from tasks.model.predict import NoteClassifier
+
+    first = reading == "first-window"
+    settings = ModelSettings(
+        name_or_path=str(tiny_bert), max_length=WINDOW, chunk_stride=4,
+        long_notes=LongNotes.truncate if first else LongNotes.chunk,
+        window_pooling=WindowPooling.mean if first else WindowPooling(reading))
+    model = build_model(settings, LABELS, seed=0)
+    tokenizer = load_tokenizer(settings)
+    texts = [LONG, SHORT, LONG[:150], SHORT + " " + LONG[100:]]
+    records = _records(tokenizer, settings, texts)
+    assert first or len(records[0]["input_ids"]) >= 5
+    start = trainable_state(model)
+    train_locally(model, make_loader(records, tokenizer, 2, shuffle=True),
+                  TrainSettings(learning_rate=5e-2, batch_size=2))
+    assert _update(model, start).norm() > 1e-3
+    _, predicted, loss = predict_labels(model.eval(), make_loader(records, tokenizer, 4,
+                                                                  shuffle=False))
+    assert len(predicted) == len(texts) and loss > 0
+    save_adapter(model, tmp_path / "adapter", settings, LABELS)
+    classifier = NoteClassifier(tmp_path / "adapter")
+    logits = classifier.logits(texts)
+    assert logits.argmax(-1).tolist() == predicted
+    vectors = classifier.vectors(texts)
+    weight, bias = classifier.head()
+    np.testing.assert_allclose(vectors @ weight + bias, logits, atol=1e-4)
+    head = EncryptedHead(weight, bias)
+    keys = ClientKeys(head.layout)
+    answer = head.evaluate(keys.encrypt(vectors), head.load_keys(keys.evaluation_keys))
+    np.testing.assert_allclose(keys.decrypt(answer, len(texts)), logits, atol=1e-3)
+
+
+def test_max_pooling_takes_each_features_largest_window_value(chunked, tiny_bert):
+    """The head reads, feature by feature, the largest value over the note's windows."""
+    settings, _, tokenizer = chunked
+    maxed = ModelSettings(name_or_path=str(tiny_bert), max_length=WINDOW, chunk_stride=4,
+                          window_pooling=WindowPooling.max)
+    model = build_model(maxed, LABELS, seed=0).eval()
+    batch = next(iter(make_loader(_records(tokenizer, maxed, [LONG, SHORT]), tokenizer, 2,
+                                  shuffle=False)))
+    seen = {}
+    head = model.base_model.model.classifier.modules_to_save["default"]
+    handle = head.register_forward_hook(lambda _m, args, _o: seen.update(pooled=args[0]))
+    windows = {}
+    encoder_pooler = model.base_model.model.bert.pooler
+    hook = encoder_pooler.register_forward_hook(lambda _m, _a, out: windows.update(v=out))
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    hook.remove()
+    owner = batch[WINDOW_NOTE]
+    expected = torch.stack([windows["v"][owner == note].max(dim=0).values for note in (0, 1)])
+    torch.testing.assert_close(seen["pooled"], expected)

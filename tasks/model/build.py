@@ -155,7 +155,7 @@ def build_model(settings: ModelSettings, labels: list[str], seed: int,
                          if settings.window_pooling == WindowPooling.attention else None),
     )
     model = get_peft_model(base, lora)
-    enable_window_pooling(model, len(labels))  # model(**batch) takes window_note
+    enable_window_pooling(model, len(labels), settings.window_pooling)  # takes window_note
     return model
 
 
@@ -240,6 +240,6 @@ def load_adapter(directory: str | Path, base_model: str | None = None
     base = _classifier(resolve_model_path(settings.name_or_path), labels, tokenizer,
                        settings.pooling, settings.max_length, settings.window_pooling)
     model = PeftModel.from_pretrained(base, directory)
-    enable_window_pooling(model, len(labels))
+    enable_window_pooling(model, len(labels), settings.window_pooling)
     model.eval()
     return model, tokenizer, labels, settings.max_length

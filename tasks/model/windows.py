@@ -5,10 +5,13 @@ encoder reads the windows as if they were separate records; the head must read o
 per note. ``enable_window_pooling`` adds two hooks to the model, so that every caller keeps
 calling ``model(**batch)``: the model's own pre-hook takes the batch's ``window_note`` (the
 note each window belongs to, 0..N-1 in order), and a pre-hook on the classification head
-replaces its input, one vector per window, by a weighted mean over each note's windows. Logits
-and the loss are then per note. The weights are equal (``model.window_pooling=mean``) or learned
-(``attention``: a linear score per window, softmax over the note's windows; the scorer starts
-at zero, so training starts from the mean, and PEFT saves it with the adapter).
+replaces its input, one vector per window, by one vector per note. Logits and the loss are
+then per note. ``model.window_pooling`` says how: ``mean`` weighs every window alike; ``max``
+keeps each feature's largest value over the note's windows (one deciding window is not diluted
+by the boilerplate around it; its gradient flows to the window that holds the maximum);
+``attention`` learns a linear score per window, softmax over the note's windows (the scorer
+starts at zero, so training starts from the mean, and PEFT saves it with the adapter). Reading
+the first window only is ``model.long_notes=truncate``.
 
 Under DP-SGD the privacy unit stays the note: Opacus computes per-sample gradients per layer
 from that layer's activations, so the encoder's layers give one gradient per window and the
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from settings.task import WindowPooling
 from tasks.errors import TaskInputError
 
 WINDOW_NOTE = "window_note"
@@ -57,8 +61,13 @@ def classification_head(model: torch.nn.Module, classes: int) -> torch.nn.Linear
 
 
 class _WindowPooling:
-    def __init__(self, attention: torch.nn.Module | None) -> None:
+    def __init__(self, mode: WindowPooling, attention: torch.nn.Module | None) -> None:
+        if (mode == WindowPooling.attention) != (attention is not None):
+            raise TaskInputError(f"model.window_pooling={mode.value} does not match the "
+                                 "model: the attention scorer is "
+                                 f"{'missing' if attention is None else 'present'}")
         self.window_note: torch.Tensor | None = None
+        self.mode = mode
         self.attention = attention
 
     def take(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -83,6 +92,12 @@ class _WindowPooling:
                 "family encoders); this model applies its head to every token: use "
                 "model.long_notes=truncate")
         index = window_note.to(vectors.device)
+        if self.mode == WindowPooling.max:
+            # Include_self=False: the -inf start never wins, so every feature comes from a
+            # real window (and its gradient goes back to that window).
+            return (vectors.new_full((notes, vectors.shape[1]), float("-inf")).scatter_reduce(
+                0, index.unsqueeze(1).expand_as(vectors), vectors, reduce="amax",
+                include_self=False), *args[1:])
         if self.attention is None:
             sums = vectors.new_zeros((notes, vectors.shape[1])).index_add(0, index, vectors)
             counts = torch.bincount(index, minlength=notes).to(vectors.dtype).unsqueeze(1)
@@ -99,11 +114,12 @@ class _WindowPooling:
                 *args[1:])
 
 
-def enable_window_pooling(model: torch.nn.Module, classes: int) -> None:
+def enable_window_pooling(model: torch.nn.Module, classes: int,
+                          mode: WindowPooling = WindowPooling.mean) -> None:
     """Let ``model(**batch)`` take a ``window_note`` tensor (see the module docstring)."""
     if getattr(model, "_window_pooling", None) is not None:
         return
-    pooling = _WindowPooling(window_attention(model))
+    pooling = _WindowPooling(mode, window_attention(model))
     model.register_forward_pre_hook(pooling.take, with_kwargs=True)
     classification_head(model, classes).register_forward_pre_hook(pooling.pool)
     model._window_pooling = pooling
