@@ -35,11 +35,13 @@ from fl_app.secure_aggregation_mod import StageRefused, load_ckks_context
 from protocol import messages as m
 from secure_aggregation import ckks
 from settings.secure_aggregation import SecureAggregationMode
-from settings.task import TaskSettings
-from tasks.data.hospital_data import load_hospital_data
+from settings.task import ClassWeighting, TaskSettings
+from tasks.data.hospital_data import HospitalData, load_hospital_data
 from tasks.errors import UnknownLabelsError
 from tasks.hospital import Hospital, refuse_audit_in_deployment
 from tasks.model.compute import resolve_compute
+from tasks.privacy.label_counts import noisy_counts, release_step, training_label_counts
+from tasks.privacy.ledger import LedgerError
 from tasks.privacy.plan import (
     PolicyRefusal,
     plan_dp_sgd,
@@ -130,23 +132,19 @@ def preflight(msg: Message, context: Context) -> Message:
     dp = settings.privacy.dp_sgd
     distributed = settings.privacy.distributed_dp.enabled
     private = dp.enabled or distributed
+    released = None
     try:
         if not distributed:  # distributed DP-SGD is record-level DP too
             refuse_without_dp(dp, policy)
         if dp.enabled:
-            # An unreadable ledger, or one kept with another accountant, stops the run.
-            run_id = ledger_run(settings, context)
-            lifetime, run = load_ledger(context, data.hospital, dp.accountant, run_id)
-            plan_dp_sgd(dp, data.hospital, len(data.train), settings.train.batch_size,
-                        settings.train.local_epochs, settings.planned_rounds, policy,
-                        committed_noise_multiplier=run.noise_multiplier,
-                        prior_history=lifetime.history(except_run=run_id))
+            with state_locked(context):
+                released = _plan_and_release_counts(context, settings, policy, data)
     except PolicyRefusal as refusal:
         return _declined(msg, context, refusal, data.hospital, len(data.train), len(data.eval))
-    # Under record-level DP the per-label counts of training records stay home: they are exact
-    # statistics of the private records.
+    # Under record-level DP the exact per-label counts stay home: they are statistics of the
+    # private records. Only their noisy release, booked in the ledger, may leave.
     withheld = private or policy.require_dp
-    counts = None if withheld else data.label_counts(settings.data.labels)
+    counts = released if withheld else data.label_counts(settings.data.labels)
     # Like label counts, an exact count of the hospital's records: withheld under DP-SGD.
     dropped = data.report.empty_texts_dropped if data.report and not withheld else 0
     if data.report:
@@ -155,6 +153,40 @@ def preflight(msg: Message, context: Context) -> Message:
     log(INFO, "hospital %s computes on %s", received.partition_id, compute.describe())
     return preflight_reply(msg, received.partition_id, counts, len(data.train), len(data.eval),
                            empty_texts_dropped=dropped, ckks_public=key)
+
+
+def _plan_and_release_counts(context: Context, settings: TaskSettings,
+                             policy: HospitalPolicy, data: HospitalData) -> list[int] | None:
+    """Check that this hospital can keep the DP-SGD plan (a refusal raises) and, where the
+    server asks for noisy label counts to weigh classes, release them: booked in the ledger,
+    saved, then returned (tasks/privacy/label_counts.py). The same run's counts are sent
+    again as they were, never drawn twice. None: no counts leave."""
+    dp = settings.privacy.dp_sgd
+    # An unreadable ledger, or one kept with another accountant, stops the run.
+    run_id = ledger_run(settings, context)
+    lifetime, run = load_ledger(context, data.hospital, dp.accountant, run_id)
+    labels = len(settings.data.labels)
+    wanted = (dp.label_count_noise is not None and settings.train.class_weights is None
+              and settings.train.class_weighting == ClassWeighting.balanced)
+    if wanted and run.released_label_counts is not None:
+        if len(run.released_label_counts) != labels:
+            raise LedgerError(f"hospital {data.hospital}: this run released counts of "
+                              f"{len(run.released_label_counts)} labels, the settings have "
+                              f"{labels}; refused")
+        wanted = False
+    pending = [release_step(dp.label_count_noise)] if wanted else []
+    # The release comes before any training: the plan must hold with it.
+    plan_dp_sgd(dp, data.hospital, len(data.train), settings.train.batch_size,
+                settings.train.local_epochs, settings.planned_rounds, policy,
+                committed_noise_multiplier=run.noise_multiplier,
+                prior_history=lifetime.history(except_run=run_id),
+                run_history=[*run.history, *pending])
+    if wanted:
+        exact = training_label_counts(list(data.train["label"]), labels)
+        run.add_step(pending[0])
+        run.released_label_counts = noisy_counts(exact, dp.label_count_noise)
+        save_ledger(context, lifetime, run_id)  # booked before the counts leave
+    return run.released_label_counts if dp.label_count_noise is not None else None
 
 
 def _declined(msg: Message, context: Context, refusal: PolicyRefusal,

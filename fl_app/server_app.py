@@ -303,7 +303,7 @@ def weigh_classes(federation: Federation, tracker: RunTracker) -> None:
     taking_part = [r.label_counts for r in federation.reports if not r.declined]
     decision = plan_class_weights(federation.task, taking_part)
     weights = federation.task.train.class_weights
-    if decision == "balanced":
+    if decision.startswith("balanced"):  # computed here, from exact or noisy counts
         federation.task_config = ConfigRecord({TASK_KEY: task_settings_to_yaml(federation.task)})
     tracker.log_params({"class_weights": {
         "source": decision,

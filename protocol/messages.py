@@ -39,7 +39,9 @@ PREFLIGHT_HOSPITAL = "hospital"
 TRAIN_RECORDS = "train-records"
 EVAL_RECORDS = "eval-records"
 EMPTY_TEXTS_DROPPED = "empty-texts-dropped"
-LABEL_COUNTS = "label-counts"  # absent under DP-SGD: exact statistics of private records
+# Absent under DP-SGD (exact statistics of private records) unless the server asked for noisy
+# counts (privacy.dp_sgd.label_count_noise), which each hospital books in its privacy ledger.
+LABEL_COUNTS = "label-counts"
 # With secure_aggregation=ckks: the public half of the hospital's key material (no secret key),
 # its fingerprint and parameters, so the server checks every hospital holds the same key.
 PREFLIGHT_CKKS_RECORD = "ckks"

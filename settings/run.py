@@ -60,6 +60,10 @@ class RunSettings(SharedSettings):
             require(strategy.name != StrategyName.fedprox or strategy.proximal_mu == 0,
                     "strategy.proximal_mu", strategy.proximal_mu, "0 with privacy.dp_sgd: "
                     "FedProx's proximal term is not part of the DP-SGD analysis")
+        # Given weights need no counts: a release would spend privacy budget for nothing.
+        require(self.privacy.dp_sgd.label_count_noise is None or self.train.class_weights is None,
+                "privacy.dp_sgd.label_count_noise", self.privacy.dp_sgd.label_count_noise,
+                "null with train.class_weights given (the counts would not be used)")
         self._check_secure_aggregation()
         self._check_distributed_dp()
         self._resolve_early_stopping()

@@ -40,6 +40,7 @@ MAX_EXPECTED_BATCH = 10**6
 # The most rounds a hospital plans for in one run (distributed DP runs take hundreds).
 MAX_PLANNED_ROUNDS = 100_000
 MAX_CLASS_WEIGHT = 1e4  # a class of one record among 10,000 in two classes weighs 5,000
+MAX_LABEL_COUNT_NOISE = 1e6  # standard deviation of the noise on a released label count
 
 
 class DataSource(Enum):
@@ -311,7 +312,8 @@ class TrainSettings:
     # "balanced": the server computes one weight per label from the label counts hospitals
     # report in preflight (N / (K x n_c), the mean weight of a record stays 1) and sends them
     # as class_weights. Hospitals under DP-SGD withhold their label counts, so private runs
-    # train unweighted unless class_weights are given (fl_app/class_weights.py).
+    # train unweighted unless class_weights are given or the hospitals release noisy counts
+    # (privacy.dp_sgd.label_count_noise; fl_app/class_weights.py).
     class_weighting: ClassWeighting = ClassWeighting.balanced
     # One weight per label, in data.labels' order: set by the server under "balanced", or
     # given. None: unweighted.
@@ -411,6 +413,11 @@ class DpSgdSettings:
     max_epsilon: float | None = None
     accountant: Accountant = Accountant.rdp
     grad_sample_mode: GradSampleMode = GradSampleMode.hooks
+    # With train.class_weighting=balanced: each hospital releases its training records' label
+    # counts with Gaussian noise of this standard deviation (one record moves one count by 1)
+    # and books the release in its privacy ledger (tasks/privacy/label_counts.py). null: the
+    # counts stay home and training is unweighted.
+    label_count_noise: float | None = None
 
     def __post_init__(self) -> None:
         key = self.SECTION
@@ -426,6 +433,11 @@ class DpSgdSettings:
                 "the noise is either calibrated or fixed", key)
         check_privacy_values(self, "DP-SGD", self.NOTES_WHILE_OFF)
         require_positive(self.max_grad_norm, f"{key}.max_grad_norm")
+        if self.label_count_noise is not None:
+            require(is_finite(self.label_count_noise)
+                    and 0 < self.label_count_noise <= MAX_LABEL_COUNT_NOISE,
+                    f"{key}.label_count_noise", self.label_count_noise,
+                    f"a standard deviation in (0, {MAX_LABEL_COUNT_NOISE:g}], or null")
 
     @property
     def non_private_level(self) -> bool:
@@ -579,6 +591,16 @@ class TaskSettings(SharedSettings):
         # Distributed DP's step computes its own clipped sum (tasks/privacy/distributed_dp.py).
         require(not (weights and self.privacy.distributed_dp.enabled), "train.class_weights",
                 "a list", "null with privacy=distributed_dp (its step is unweighted)")
+        # Noisy counts are released only to weigh the classes.
+        require(self.privacy.dp_sgd.label_count_noise is None
+                or self.train.class_weighting == ClassWeighting.balanced,
+                "privacy.dp_sgd.label_count_noise", self.privacy.dp_sgd.label_count_noise,
+                "null with train.class_weighting=none (counts for weights that are off)")
+        require(self.privacy.dp_sgd.label_count_noise is None
+                or self.privacy.dp_sgd.grad_sample_mode != GradSampleMode.ghost,
+                "privacy.dp_sgd.label_count_noise", self.privacy.dp_sgd.label_count_noise,
+                "null with privacy.dp_sgd.grad_sample_mode=ghost (weighted losses need hooks "
+                "or functorch)")
         # Ghost clipping wraps the loss itself (Opacus' DPLossFastGradientClipping).
         require(not (weights and self.privacy.dp_sgd.enabled
                      and self.privacy.dp_sgd.grad_sample_mode == GradSampleMode.ghost),

@@ -162,7 +162,7 @@ class Hospital:
             self.settings.train.batch_size, self.settings.train.local_epochs,
             self.settings.planned_rounds, policy,
             committed_noise_multiplier=ledger.noise_multiplier if ledger else None,
-            prior_history=prior_history)
+            prior_history=prior_history, run_history=ledger.history if ledger else ())
 
     def train(self, global_state: dict[str, torch.Tensor], server_round: int,
               proximal_mu: float = 0.0, ledger: PrivacyLedger | None = None,

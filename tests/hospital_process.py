@@ -89,6 +89,20 @@ def hospital_preflight(settings_yaml: str, state_dir: str | Path, run_id: int,
     return dict(reply.content[m.PREFLIGHT_STATUS_RECORD])
 
 
+def hospital_preflight_counts(settings_yaml: str, state_dir: str | Path, run_id: int,
+                              node_config: dict | None = None) -> tuple[dict, list[int] | None]:
+    """(the preflight reply's status, the label counts it sent; None: none sent)."""
+    context = _context(run_id, state_dir, node_config)
+    msg = Message(RecordDict({m.CONFIG_RECORD: ConfigRecord({m.TASK_KEY: settings_yaml})}),
+                  dst_node_id=NODE, message_type=f"query.{m.PREFLIGHT_QUERY}")
+    reply = app(msg, context)
+    if reply.has_error():
+        return {"ok": False, "problem": reply.error.reason, "declined": ""}, None
+    counts = reply.content[m.PREFLIGHT_COUNTS_RECORD]
+    return (dict(reply.content[m.PREFLIGHT_STATUS_RECORD]),
+            [int(c) for c in counts[m.LABEL_COUNTS]] if m.LABEL_COUNTS in counts else None)
+
+
 def main(settings_file: str, state_dir: str, run_id: str, server_round: str,
          node_config: str = "{}") -> None:
     print(json.dumps(hospital_train(Path(settings_file).read_text(), state_dir, int(run_id),

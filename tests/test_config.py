@@ -336,7 +336,8 @@ SWITCHED_OFF = {
         "privacy.dp_sgd.target_epsilon=3", "privacy.dp_sgd.target_delta=1e-6",
         "privacy.dp_sgd.noise_multiplier=1.0", "privacy.dp_sgd.max_grad_norm=2",
         "privacy.dp_sgd.max_epsilon=5", "privacy.dp_sgd.accountant=prv",
-        "privacy.dp_sgd.grad_sample_mode=functorch", "privacy.dp_sgd.target_epsilon=nan"],
+        "privacy.dp_sgd.grad_sample_mode=functorch", "privacy.dp_sgd.target_epsilon=nan",
+        "privacy.dp_sgd.label_count_noise=5"],
     "privacy=distributed_dp": [
         "privacy.distributed_dp.target_epsilon=3", "privacy.distributed_dp.noise_multiplier=1.0",
         "privacy.distributed_dp.target_delta=1e-6", "privacy.distributed_dp.max_grad_norm=2",
@@ -366,7 +367,7 @@ def test_a_setting_of_a_switched_off_mechanism_is_refused(override, switch):
     assert err.value.key == key
     # The same value with its mechanism on is accepted (nan excepted).
     if "nan" not in override:
-        on = {"privacy=dp_sgd": DP_SGD_BY_NOISE if "noise" in key else DP_SGD,
+        on = {"privacy=dp_sgd": DP_SGD_BY_NOISE if "noise_multiplier" in key else DP_SGD,
               "privacy=distributed_dp": DISTRIBUTED, "privacy=central_dp": CENTRAL}.get(
                   switch, ["secure_aggregation=ckks"] if "ckks" in key else SECAGG)
         compose_config([*on, override, "strategy.min_hospitals=3"])

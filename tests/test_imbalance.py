@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_app.class_weights import balanced_weights, federation_counts, plan_class_weights
+from fl_app.class_weights import (
+    balanced_weights,
+    federation_counts,
+    noisy_balanced_weights,
+    plan_class_weights,
+)
 from fl_app.run_summary import FinishedRun, summary
 from settings.checks import ConfigError
 from settings.compose import task_settings_to_yaml
@@ -27,7 +32,7 @@ from tasks.learning.batches import make_loader, tokenize
 from tasks.learning.training import per_record_loss, train_locally
 from tasks.model.build import build_model, load_tokenizer, load_trainable_state, trainable_state
 from tasks.privacy.dp_sgd import train_with_dp_sgd
-from tests.hospital_process import hospital_train_reply, initial_arrays
+from tests.hospital_process import hospital_preflight_counts, hospital_train_reply, initial_arrays
 from tests.support import task
 from tracking.per_class import per_class_metrics, safe_name, zero_recall
 
@@ -154,3 +159,114 @@ def test_imbalance_the_run_summary_warns_of_a_class_never_found():
     assert "WARNING    federated: 1 class(es) never found in round 4 (recall 0): rare" in text
     assert "central: " not in text
     assert not math.isnan(history[4]["federated/accuracy"])
+
+
+# -- noisy label counts under DP-SGD (tasks/privacy/label_counts.py) ---------------------------
+
+def test_imbalance_weights_from_noisy_counts_match_a_hand_computation(tiny_bert):
+    # Summed noisy counts of 4 hospitals at sigma 2: each sum floored at 2 x sqrt(4) = 4, and
+    # every label counts in K (noise hides which are absent): N = 30 + 4 + 4 + 8 = 46.
+    assert noisy_balanced_weights([30, 0, 2, 8], noise=2.0, hospitals=4) == pytest.approx(
+        [46 / 120, 46 / 16, 46 / 16, 46 / 32])
+    # A small noise still floors at 1 record.
+    assert noisy_balanced_weights([9, 0], noise=0.1, hospitals=1) == pytest.approx(
+        [10 / 18, 10 / 2])
+    settings = task(tiny_bert, "privacy=dp_sgd", "privacy.dp_sgd.label_count_noise=2",
+                    labels=["a", "b", "c"])
+    assert plan_class_weights(settings, [[8, 0, 1], [2, 3, 1]]) == "balanced: noisy counts"
+    # Sums 10, 3, 2; floor 2 x sqrt(2) = 2.83: 10, 3, 2.83 (N = 15.83).
+    floor = 2 * math.sqrt(2)
+    total = 10 + 3 + floor
+    assert settings.train.class_weights == pytest.approx(
+        [total / 30, total / 9, total / (3 * floor)])
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (("privacy.dp_sgd.label_count_noise=5",), "privacy=dp_sgd"),  # DP-SGD off
+    (("privacy=dp_sgd", "privacy.dp_sgd.label_count_noise=5", "train.class_weighting=none"),
+     "class_weighting=none"),
+    (("privacy=dp_sgd", "privacy.dp_sgd.label_count_noise=0"), "standard deviation"),
+    (("privacy=dp_sgd", "privacy.dp_sgd.label_count_noise=nan"), "standard deviation"),
+    (("privacy=dp_sgd", "privacy.dp_sgd.label_count_noise=-1"), "standard deviation"),
+])
+def test_imbalance_noisy_counts_a_run_could_not_use_are_refused(tiny_bert, overrides,
+                                                                 expected):
+    with pytest.raises(ConfigError, match=expected) as refused:
+        task(tiny_bert, *overrides)
+    assert refused.value.key == "privacy.dp_sgd.label_count_noise"
+
+
+def test_imbalance_noisy_counts_with_given_weights_are_refused_before_the_run():
+    from settings.compose import compose_config, to_run_settings
+
+    with pytest.raises(ConfigError, match="would not be used") as refused:
+        to_run_settings(compose_config(["privacy=dp_sgd", "privacy.dp_sgd.label_count_noise=5",
+                                        "train.class_weights=[1,1,1,1,1,1]"]))
+    assert refused.value.key == "privacy.dp_sgd.label_count_noise"
+
+
+def test_imbalance_a_private_hospital_releases_noisy_counts_once_and_books_them(tiny_bert,
+                                                                               tmp_path):
+    """Through the real handlers: the noisy counts leave only after the release is in the
+    ledger as (sigma, 1.0, 1); a second preflight of the run sends the same counts and books
+    nothing more; the first round's noise is calibrated so that release and training together
+    stay within the target, and the epsilon reported is Opacus' own over that history."""
+    import json
+
+    from opacus.accountants import RDPAccountant
+
+    from settings.task import Accountant
+    from tasks.privacy.accounting import calibrate_noise_multiplier
+
+    sigma, target = 4.0, 3.0
+    settings = task(tiny_bert, "privacy=dp_sgd", f"privacy.dp_sgd.target_epsilon={target}",
+                    f"privacy.dp_sgd.label_count_noise={sigma}", "data.notes_per_hospital=40",
+                    "train.batch_size=8", planned_rounds=2)
+    yaml = task_settings_to_yaml(settings)
+    status, counts = hospital_preflight_counts(yaml, tmp_path, 5)
+    assert status["ok"] and not status["declined"], status
+    assert len(counts) == len(SPECIALTIES) and all(isinstance(c, int) and c >= 0
+                                                   for c in counts)
+
+    def ledger_run() -> dict:
+        return json.loads((tmp_path / "privacy-ledger.json").read_text())["runs"][0]
+
+    booked = ledger_run()
+    assert booked["history"] == [[sigma, 1.0, 1]] and booked["released_label_counts"] == counts
+    again, counts_again = hospital_preflight_counts(yaml, tmp_path, 5)
+    assert again["ok"] and counts_again == counts and ledger_run()["history"] == [[sigma, 1.0, 1]]
+    exact = load_hospital_data(settings.data, settings.data.labels, 0, 2).train
+    exact_counts = [list(exact["label"]).count(i) for i in range(len(SPECIALTIES))]
+    assert counts != exact_counts, "noise was added (all six equal by chance: p < 1e-4)"
+
+    reply, _ = hospital_train_reply(yaml, tmp_path, run_id=5, server_round=1,
+                                    arrays=initial_arrays(yaml))
+    assert "error" not in reply, reply
+    run = ledger_run()
+    assert run["history"][0] == [sigma, 1.0, 1] and len(run["history"]) == 2
+    noise, rate, steps = run["history"][1]
+    accountant = RDPAccountant()
+    accountant.history = [(sigma, 1.0, 1), (noise, rate, steps)]
+    # Opacus' accountant on the product's orders (integers 2-256) gives the same epsilon; on
+    # its own finer orders slightly less: the product never claims less than Opacus.
+    orders = list(range(2, 257))
+    assert reply["epsilon"] == pytest.approx(
+        accountant.get_epsilon(run["delta"], alphas=orders), rel=1e-6)
+    assert reply["epsilon"] >= accountant.get_epsilon(run["delta"])
+    # Two planned rounds: the calibration left room for the release and both rounds.
+    both = RDPAccountant()
+    both.history = [(sigma, 1.0, 1), (noise, rate, 2 * steps)]
+    assert both.get_epsilon(run["delta"], alphas=orders) <= target
+    without = calibrate_noise_multiplier(target, run["delta"], rate, 2 * steps, Accountant.rdp)
+    assert noise > without, "the release costs budget: more noise than without it"
+
+
+def test_imbalance_without_label_count_noise_a_private_hospital_sends_no_counts(tiny_bert,
+                                                                               tmp_path):
+    settings = task(tiny_bert, "privacy=dp_sgd", "privacy.dp_sgd.target_epsilon=3",
+                    "data.notes_per_hospital=40", "train.batch_size=8")
+    status, counts = hospital_preflight_counts(task_settings_to_yaml(settings), tmp_path, 5)
+    assert status["ok"] and counts is None
+    assert not (tmp_path / "privacy-ledger.json").exists() or all(
+        not run["history"] for run in __import__("json").loads(
+            (tmp_path / "privacy-ledger.json").read_text())["runs"])

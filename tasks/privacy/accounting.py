@@ -128,8 +128,10 @@ def epsilon_spent(history: list[Step], delta: float, accountant: Accountant) -> 
 
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float,
                                steps: int, accountant: Accountant,
-                               relative_tolerance: float = 1e-3) -> float:
+                               relative_tolerance: float = 1e-3,
+                               preceding: list[Step] | tuple[Step, ...] = ()) -> float:
     """The smallest noise multiplier (to ``relative_tolerance``) whose epsilon after
+    ``preceding`` (what the run already spent, e.g. a release of noisy label counts) and
     ``steps`` steps at ``sample_rate`` stays at or below ``target_epsilon``. Raises
     ``ValueError`` on a target that is not finite and > 0, an invalid delta or rate, or
     fewer than one step (nothing to calibrate for)."""
@@ -140,8 +142,11 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
     if steps < 1:
         raise ValueError(f"cannot calibrate a noise multiplier for {steps} steps")
 
+    for step in preceding:
+        check_step(tuple(step))
+
     def eps(sigma: float) -> float:
-        return epsilon_spent([(sigma, sample_rate, steps)], delta, accountant)
+        return epsilon_spent([*preceding, (sigma, sample_rate, steps)], delta, accountant)
 
     # Written as "not (eps <= target)" so that anything not clearly within the target
     # counts as over it and raises the noise.

@@ -108,6 +108,9 @@ class PrivacyLedger:
     delta: float | None = None
     history: list[Step] = field(default_factory=list)
     rounds_trained: list[int] = field(default_factory=list)
+    # The noisy label counts this run released (booked in history; tasks/privacy/
+    # label_counts.py), sent again as they are on a second preflight of the run.
+    released_label_counts: list[int] | None = None
 
     def _refused(self, field_name: str, err: Exception) -> LedgerError:
         return LedgerError(f"hospital {self.hospital}: privacy ledger of run {self.run_id}: "
@@ -133,6 +136,11 @@ class PrivacyLedger:
                 check_delta(self.delta)
             except ValueError as err:
                 raise self._refused("delta", err) from err
+        counts = self.released_label_counts
+        if counts is not None and not (isinstance(counts, list) and all(
+                type(c) is int and c >= 0 for c in counts)):
+            raise self._refused("released_label_counts",
+                                ValueError("not a list of counts (integers >= 0)"))
 
     def add_step(self, step: Step) -> None:
         """One more step; consecutive steps at the same (noise, rate) share one entry, so the

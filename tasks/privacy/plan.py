@@ -177,10 +177,13 @@ def plan_dp_sgd(settings: DpSgdSettings, hospital: int, train_records: int, batc
                 local_epochs: int, planned_rounds: int,
                 policy: HospitalPolicy | None = None,
                 committed_noise_multiplier: float | None = None,
-                prior_history: list[Step] | tuple[Step, ...] = ()) -> DpSgdPlan:
+                prior_history: list[Step] | tuple[Step, ...] = (),
+                run_history: list[Step] | tuple[Step, ...] = ()) -> DpSgdPlan:
     """The plan for one hospital. ``committed_noise_multiplier`` is the noise its ledger
     already uses in this run: the calibration happens once and is never redone mid-run.
-    ``prior_history``: the hospital's steps in earlier runs, for its lifetime budget."""
+    ``prior_history``: the hospital's steps in earlier runs, for its lifetime budget.
+    ``run_history``: what this run spent before its first round (a release of noisy label
+    counts, tasks/privacy/label_counts.py), which the calibration leaves room for."""
     where = f"hospital {hospital}"
     policy = policy or HospitalPolicy(hospital)
     if train_records < 1:
@@ -205,7 +208,8 @@ def plan_dp_sgd(settings: DpSgdSettings, hospital: int, train_records: int, batc
         total_steps = planned_rounds * steps_per_round
         try:
             noise = calibrate_noise_multiplier(settings.target_epsilon, delta, sample_rate,
-                                               total_steps, settings.accountant)
+                                               total_steps, settings.accountant,
+                                               preceding=tuple(run_history))
         except ValueError as err:
             raise PrivacyBudgetError(f"{where}: {err}") from err
     _check_noise(where, noise, source)
@@ -216,13 +220,15 @@ def plan_dp_sgd(settings: DpSgdSettings, hospital: int, train_records: int, batc
                      max_epsilon=max_epsilon, policy=policy,
                      prior_history=tuple(tuple(s) for s in prior_history))
     if committed_noise_multiplier is None:
-        first = plan.epsilon([plan.round_steps()])
+        spent = list(run_history)
+        first = plan.epsilon([*spent, plan.round_steps()])
         if max_epsilon is not None and not first <= max_epsilon:
             raise PrivacyBudgetError(
                 f"{where}: max_epsilon {max_epsilon:g} is too small for even one round: one "
                 f"round ({steps_per_round} steps at sample rate {sample_rate:.3g}, noise "
-                f"multiplier {noise:.3g}) spends epsilon {first:.3g} at delta {delta:.3g}")
-        refusal = plan.refusal([], 1)
+                f"multiplier {noise:.3g}) spends epsilon {first:.3g} at delta {delta:.3g}"
+                + (" after this run's label-count release" if spent else ""))
+        refusal = plan.refusal(spent, 1)
         if refusal and policy.max_epsilon is not None:
             raise PolicyRefusal(f"{refusal} (the noise is too low for the remaining lifetime "
                                 "budget)", key="max-epsilon")
