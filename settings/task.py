@@ -318,6 +318,12 @@ class TrainSettings:
     # One weight per label, in data.labels' order: set by the server under "balanced", or
     # given. None: unweighted.
     class_weights: list[float] | None = None
+    # Restricted softmax (FedRS, Li & Zhan, KDD 2021): in a hospital's training loss the
+    # logits of the classes it holds no training record of are multiplied by this, so that
+    # hospitals with few of the federation's classes do not push the others' logits down.
+    # 1: the full softmax. Non-private runs only: the restriction depends on which labels
+    # the hospital's records carry, which DP-SGD's per-record analysis does not cover.
+    absent_class_scale: float = 1.0
 
     def pass_cap(self, device: str) -> int | None:
         """The windows one training pass may hold on ``device`` (None: no cap)."""
@@ -353,6 +359,9 @@ class TrainSettings:
             require(len(self.class_weights) > 0 and all(
                 is_finite(w) and 0 < w <= MAX_CLASS_WEIGHT for w in self.class_weights),
                 "train.class_weights", "a list", f"finite weights in (0, {MAX_CLASS_WEIGHT:g}]")
+        require(is_finite(self.absent_class_scale) and 0 <= self.absent_class_scale <= 1,
+                "train.absent_class_scale", self.absent_class_scale,
+                "a number in [0, 1] (1: the full softmax)")
 
 
 def check_privacy_values(section: DpSgdSettings | DistributedDpSettings, mechanism: str,
@@ -591,6 +600,11 @@ class TaskSettings(SharedSettings):
         # Distributed DP's step computes its own clipped sum (tasks/privacy/distributed_dp.py).
         require(not (weights and self.privacy.distributed_dp.enabled), "train.class_weights",
                 "a list", "null with privacy=distributed_dp (its step is unweighted)")
+        require(self.train.absent_class_scale == 1.0 or not (
+            self.privacy.dp_sgd.enabled or self.privacy.distributed_dp.enabled),
+            "train.absent_class_scale", self.train.absent_class_scale,
+            "1 with record-level DP (the classes a hospital holds are a statistic of its "
+            "records, outside DP-SGD's per-record analysis)")
         # Noisy counts are released only to weigh the classes.
         require(self.privacy.dp_sgd.label_count_noise is None
                 or self.train.class_weighting == ClassWeighting.balanced,

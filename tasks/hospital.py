@@ -189,8 +189,11 @@ class Hospital:
                              group_by_length=self.settings.train.group_by_length
                              and not self.uses_dp_sgd)
         if not self.uses_dp_sgd:
+            held = set(self.data.train["label"])  # for the restricted softmax
             outcome = train_locally(self.model, loader, self.settings.train, proximal_mu,
-                                    canaries=self.canaries, compute=self.compute)
+                                    canaries=self.canaries, compute=self.compute,
+                                    classes_held=[c in held for c in range(
+                                        len(self.settings.data.labels))])
             return trainable_state(self.model), outcome
         if ledger is None:
             raise ValueError("DP-SGD training needs the hospital's privacy ledger")

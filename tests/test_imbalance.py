@@ -24,12 +24,13 @@ from settings.task import (
     DataSettings,
     GradSampleMode,
     ModelSettings,
+    OptimizerName,
     TrainSettings,
 )
 from tasks.data.hospital_data import load_hospital_data
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.learning.batches import make_loader, tokenize
-from tasks.learning.training import per_record_loss, train_locally
+from tasks.learning.training import logit_scale_tensor, per_record_loss, train_locally
 from tasks.model.build import build_model, load_tokenizer, load_trainable_state, trainable_state
 from tasks.privacy.dp_sgd import train_with_dp_sgd
 from tests.hospital_process import hospital_preflight_counts, hospital_train_reply, initial_arrays
@@ -270,3 +271,57 @@ def test_imbalance_without_label_count_noise_a_private_hospital_sends_no_counts(
     assert not (tmp_path / "privacy-ledger.json").exists() or all(
         not run["history"] for run in __import__("json").loads(
             (tmp_path / "privacy-ledger.json").read_text())["runs"])
+
+
+# -- restricted softmax: train.absent_class_scale ---------------------------------------------
+
+def test_imbalance_restricted_softmax_scales_only_the_absent_classes_logits():
+    logits = torch.tensor([[2.0, 1.0, 3.0], [0.5, -1.0, 4.0]])
+    labels = torch.tensor([0, 1])
+    scale = logit_scale_tensor(TrainSettings(absent_class_scale=0.5), [True, True, False],
+                               "cpu")
+    assert scale.tolist() == [1.0, 1.0, 0.5]
+    expected = torch.nn.functional.cross_entropy(
+        torch.tensor([[2.0, 1.0, 1.5], [0.5, -1.0, 2.0]]), labels, reduction="none")
+    assert torch.allclose(per_record_loss(logits, labels, None, scale), expected)
+    assert logit_scale_tensor(TrainSettings(absent_class_scale=0.5), [True] * 3, "cpu") is None
+    assert logit_scale_tensor(TrainSettings(), [True, False, False], "cpu") is None
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0])
+def test_imbalance_restricted_softmax_leaves_the_absent_classes_head_rows_alone(still_model,
+                                                                                 scale):
+    """At scale 0 a hospital's training never moves the head's rows of classes it holds no
+    record of (plain SGD, no weight decay); at 1 (the full softmax) it pushes them down."""
+    model, tokenizer, records, start = still_model
+    held = sorted(set(records["labels"]))[:2]
+    mine = records.filter(lambda r: r["labels"] in held)
+    load_trainable_state(model, start)
+    settings = TrainSettings(optimizer=OptimizerName.sgd, learning_rate=0.5,
+                             head_learning_rate=None, weight_decay=0.0, max_grad_norm=0.0,
+                             absent_class_scale=scale)
+    train_locally(model, make_loader(mine, tokenizer, 8, shuffle=False), settings,
+                  classes_held=[c in held for c in range(len(SPECIALTIES))])
+    head = [k for k in start if "modules_to_save" in k and k.endswith("classifier.modules_to_save"
+                                                                           ".default.weight")]
+    assert len(head) == 1, list(start)
+    moved = (trainable_state(model)[head[0]] - start[head[0]]).abs().sum(dim=1)
+    absent = [c for c in range(len(SPECIALTIES)) if c not in held]
+    assert all(moved[c] > 0 for c in held)
+    if scale == 0.0:
+        assert all(moved[c] == 0 for c in absent), moved
+    else:
+        assert all(moved[c] > 0 for c in absent), moved
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (("privacy=dp_sgd", "train.absent_class_scale=0.5"), "record-level DP"),
+    (("train.absent_class_scale=1.5",), r"\[0, 1\]"),
+    (("train.absent_class_scale=nan",), r"\[0, 1\]"),
+    (("train.absent_class_scale=-0.1",), r"\[0, 1\]"),
+])
+def test_imbalance_restricted_softmax_values_a_run_could_not_use_are_refused(tiny_bert,
+                                                                            overrides, expected):
+    with pytest.raises(ConfigError, match=expected) as refused:
+        task(tiny_bert, *overrides)
+    assert refused.value.key == "train.absent_class_scale"

@@ -52,10 +52,24 @@ def class_weight_tensor(settings: TrainSettings, device: torch.device | str
     return torch.tensor(settings.class_weights, dtype=torch.float32, device=device)
 
 
+def logit_scale_tensor(settings: TrainSettings, present: list[bool],
+                       device: torch.device | str) -> torch.Tensor | None:
+    """The restricted softmax's factor per class (``train.absent_class_scale`` for the
+    classes this hospital holds no training record of, 1 for the others); None: the full
+    softmax."""
+    if settings.absent_class_scale == 1.0 or all(present):
+        return None
+    return torch.tensor([1.0 if held else settings.absent_class_scale for held in present],
+                        dtype=torch.float32, device=device)
+
+
 def per_record_loss(logits: torch.Tensor, labels: torch.Tensor,
-                    weights: torch.Tensor | None) -> torch.Tensor:
-    """Each record's cross-entropy (in float32), times its class's weight when given."""
-    loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+                    weights: torch.Tensor | None,
+                    logit_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Each record's cross-entropy (in float32), times its class's weight when given;
+    with ``logit_scale`` the logits are scaled per class first (restricted softmax)."""
+    logits = logits.float() if logit_scale is None else logits.float() * logit_scale
+    loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     return loss if weights is None else loss * weights[labels]
 
 
@@ -82,13 +96,16 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.opt
 def train_locally(model: torch.nn.Module, loader: DataLoader, settings: TrainSettings,
                   proximal_mu: float = 0.0,
                   canaries: GradientCanaries | None = None,
-                  compute: Compute = CPU_FP32) -> TrainOutcome:
+                  compute: Compute = CPU_FP32,
+                  classes_held: list[bool] | None = None) -> TrainOutcome:
     """Run ``settings.local_epochs`` passes of the optimizer over the trainable parameters.
 
     ``proximal_mu`` > 0 adds FedProx's term (mu/2)·||w - w_global||², which keeps
     a hospital with skewed data from drifting far from the global adapter.
     ``canaries``: the privacy audit's gradient canaries (tasks/audit/canaries.py).
     ``compute``: the device the model is on and the forward pass's precision.
+    ``classes_held``: per class, whether this hospital's training records hold it (for
+    ``train.absent_class_scale``).
     """
     start = time.perf_counter()
     model.train()
@@ -99,6 +116,8 @@ def train_locally(model: torch.nn.Module, loader: DataLoader, settings: TrainSet
     cap = settings.pass_cap(compute.device.type)
     progress = TrainingProgress(settings.local_epochs, len(loader))
     weights = class_weight_tensor(settings, compute.device)
+    scale = (logit_scale_tensor(settings, classes_held, compute.device)
+             if classes_held is not None else None)
     for epoch in range(settings.local_epochs):
         for batch in compute.batches(loader):
             optimizer.zero_grad(set_to_none=True)
@@ -109,11 +128,12 @@ def train_locally(model: torch.nn.Module, loader: DataLoader, settings: TrainSet
             for part, notes in split_passes(batch, cap):
                 part_canaries = part.pop(CANARY_COLUMN, None)
                 with compute.autocast():  # the loss itself is computed in float32 either way
-                    if weights is None and (canaries is None or part_canaries is None):
+                    if weights is None and scale is None and (canaries is None
+                                                              or part_canaries is None):
                         loss = model(**part).loss * (notes / batch_size)
                     else:
                         logits = model(**{k: v for k, v in part.items() if k != "labels"}).logits
-                        per_record = per_record_loss(logits, part["labels"], weights)
+                        per_record = per_record_loss(logits, part["labels"], weights, scale)
                         if canaries is not None and part_canaries is not None:
                             # a gradient canary's own loss does not count: set below
                             per_record = per_record * (part_canaries == NOT_A_CANARY)
