@@ -41,9 +41,10 @@ from tasks.errors import UnknownLabelsError
 from tasks.hospital import Hospital, refuse_audit_in_deployment
 from tasks.model.compute import resolve_compute
 from tasks.privacy.label_counts import noisy_counts, release_step, training_label_counts
-from tasks.privacy.ledger import LedgerError
+from tasks.privacy.ledger import LedgerError, PrivacyLedger
 from tasks.privacy.plan import (
     PolicyRefusal,
+    PrivacyBudgetError,
     plan_dp_sgd,
     refuse_without_dp,
 )
@@ -165,15 +166,19 @@ def _plan_and_release_counts(context: Context, settings: TaskSettings,
     # An unreadable ledger, or one kept with another accountant, stops the run.
     run_id = ledger_run(settings, context)
     lifetime, run = load_ledger(context, data.hospital, dp.accountant, run_id)
-    labels = len(settings.data.labels)
+    labels = list(settings.data.labels)
     wanted = (dp.label_count_noise is not None and settings.train.class_weights is None
               and settings.train.class_weighting == ClassWeighting.balanced)
-    if wanted and run.released_label_counts is not None:
-        if len(run.released_label_counts) != labels:
-            raise LedgerError(f"hospital {data.hospital}: this run released counts of "
-                              f"{len(run.released_label_counts)} labels, the settings have "
-                              f"{labels}; refused")
-        wanted = False
+    stored = _stored_counts(run, labels, data.hospital)
+    if wanted and stored is not None:
+        wanted = False  # sent again as released: nothing new leaves
+    elif wanted and (run.history or run.noise_multiplier is not None):
+        # A release comes before the run's first step, where the plan below checks it with
+        # the training against every budget; after that the noise is committed and nothing
+        # would check it.
+        raise PrivacyBudgetError(
+            f"hospital {data.hospital}: label counts asked for after this run's training "
+            "started; refused, nothing released", key="privacy.dp_sgd.label_count_noise")
     pending = [release_step(dp.label_count_noise)] if wanted else []
     # The release comes before any training: the plan must hold with it.
     plan_dp_sgd(dp, data.hospital, len(data.train), settings.train.batch_size,
@@ -182,11 +187,26 @@ def _plan_and_release_counts(context: Context, settings: TaskSettings,
                 prior_history=lifetime.history(except_run=run_id),
                 run_history=[*run.history, *pending])
     if wanted:
-        exact = training_label_counts(list(data.train["label"]), labels)
+        exact = training_label_counts(list(data.train["label"]), len(labels))
         run.add_step(pending[0])
         run.released_label_counts = noisy_counts(exact, dp.label_count_noise)
+        run.released_labels = labels
         save_ledger(context, lifetime, run_id)  # booked before the counts leave
-    return run.released_label_counts if dp.label_count_noise is not None else None
+        stored = run.released_label_counts
+    return stored if dp.label_count_noise is not None else None
+
+
+def _stored_counts(run: PrivacyLedger, labels: list[str], hospital: int) -> list[int] | None:
+    """The counts this run already released, in the order of ``labels``; a different label
+    set is refused (a new release for it would be a second draw of the same run)."""
+    if run.released_label_counts is None:
+        return None
+    by_label = dict(zip(run.released_labels or [], run.released_label_counts, strict=True))
+    if sorted(by_label) != sorted(labels):
+        raise LedgerError(f"hospital {hospital}: this run released counts of other labels "
+                          f"({len(by_label)}) than the settings name ({len(labels)}); refused",
+                          key="data.labels")
+    return [by_label[label] for label in labels]
 
 
 def _declined(msg: Message, context: Context, refusal: PolicyRefusal,

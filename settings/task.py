@@ -600,6 +600,10 @@ class TaskSettings(SharedSettings):
         # Distributed DP's step computes its own clipped sum (tasks/privacy/distributed_dp.py).
         require(not (weights and self.privacy.distributed_dp.enabled), "train.class_weights",
                 "a list", "null with privacy=distributed_dp (its step is unweighted)")
+        # The server refuses this too (settings/run.py); a hospital checks what it receives.
+        require(not (self.privacy.dp_sgd.enabled and self.privacy.distributed_dp.enabled),
+                "privacy.distributed_dp.enabled", True,
+                "false with privacy.dp_sgd: choose one record-level DP")
         require(self.train.absent_class_scale == 1.0 or not (
             self.privacy.dp_sgd.enabled or self.privacy.distributed_dp.enabled),
             "train.absent_class_scale", self.train.absent_class_scale,

@@ -29,6 +29,7 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from settings.task import Accountant
 
 RDP_ORDERS: tuple[int, ...] = tuple(range(2, 257))
+PRV_MIN_NOISE = 0.2  # below it the PRV accountant reports no guarantee (inf): see epsilon_spent
 
 NEIGHBOURING_RELATION = "zero_out"
 """The neighbouring datasets every epsilon of this product is stated for: zero-out, one
@@ -118,11 +119,15 @@ def epsilon_spent(history: list[Step], delta: float, accountant: Accountant) -> 
         return 0.0
     if accountant == Accountant.rdp:
         return _safe(_rdp_epsilon(history, delta))
+    # Below this noise PRV's discretisation asks for gigabytes (a hostile noise of 1e-3 at
+    # rate 1 tried ~8 GiB) or fails; such noise gives no meaningful guarantee anyway.
+    if any(steps and noise < PRV_MIN_NOISE for noise, _, steps in history):
+        return math.inf
     prv = PRVAccountant()
     prv.history = [tuple(step) for step in history]
     try:
         return _safe(prv.get_epsilon(delta))  # the upper bound of PRV's estimate
-    except ArithmeticError:
+    except (ArithmeticError, RuntimeError, MemoryError):
         return math.inf
 
 

@@ -111,6 +111,7 @@ class PrivacyLedger:
     # The noisy label counts this run released (booked in history; tasks/privacy/
     # label_counts.py), sent again as they are on a second preflight of the run.
     released_label_counts: list[int] | None = None
+    released_labels: list[str] | None = None  # the labels of those counts, in their order
 
     def _refused(self, field_name: str, err: Exception) -> LedgerError:
         return LedgerError(f"hospital {self.hospital}: privacy ledger of run {self.run_id}: "
@@ -141,6 +142,16 @@ class PrivacyLedger:
                 type(c) is int and c >= 0 for c in counts)):
             raise self._refused("released_label_counts",
                                 ValueError("not a list of counts (integers >= 0)"))
+        if counts is not None and not any(rate == 1.0 and steps >= 1
+                                          for _, rate, steps in self.history):
+            raise self._refused("released_label_counts",
+                                ValueError("counts without their release in the history"))
+        labels = self.released_labels
+        if (counts is None) != (labels is None) or labels is not None and not (
+                isinstance(labels, list) and len(labels) == len(counts)
+                and all(isinstance(label, str) for label in labels)):
+            raise self._refused("released_labels",
+                                ValueError("not one label name per released count"))
 
     def add_step(self, step: Step) -> None:
         """One more step; consecutive steps at the same (noise, rate) share one entry, so the
