@@ -65,7 +65,7 @@ def parts(table: Path, rounds: int, max_length: int, extra: list[str] | None = N
     # (later overrides win): --set train.class_weighting=balanced early_stopping.enabled=null
     # gives the product's defaults since issue 31.
     common = ["train.head_learning_rate=null", "model.long_notes=truncate",
-              "train.class_weighting=none", "early_stopping.enabled=false", *(extra or []),
+              "train.class_weighting=none", "early_stopping.enabled=false",
         "data=files", f"data.path={table}", "data.site_column=site", "data.split_column=split",
         "data.test_split=test", "train.local_epochs=1",
         f"model.max_length={max_length}", f"tracking.experiment={experiment}",
@@ -85,7 +85,10 @@ def parts(table: Path, rounds: int, max_length: int, extra: list[str] | None = N
         runs[f"dp_eps{epsilon}"] = (
             [*federated, "privacy=dp_sgd", f"privacy.dp_sgd.target_epsilon={epsilon}"], 8)
     named = {(f"{name}+{variant}" if variant else name): spec for name, spec in runs.items()}
-    return {name: ([*o, f"tracking.run_name={name}"], n) for name, (o, n) in named.items()}
+    # The variant's overrides last: they win over every pin above (local epochs and the
+    # window too).
+    return {name: ([*o, *(extra or []), f"tracking.run_name={name}"], n)
+            for name, (o, n) in named.items()}
 
 
 def finished(client: MlflowClient, name: str, experiment_name: str = EXPERIMENT) -> str | None:

@@ -202,7 +202,7 @@ def test_sigma_with_dp_sgd_and_distributed_dp_both_on_is_refused(tiny_bert,
     """Settings the server's own compose refuses ("choose one record-level DP") are accepted
     by the hospital: preflight skips refuse_without_dp (distributed) and releases counts under
     the DP-SGD plan. The release is booked, so no budget is lost, but the hospital takes an
-    incoherent privacy configuration; TaskSettings should refuse both switches on."""
+    incoherent privacy configuration; TaskSettings refuses both switches on."""
     text = _edited(tiny_bert, lambda t: t["privacy"]["distributed_dp"].update(enabled=True))
     status, counts = hospital_preflight_counts(text, tmp_path, RUN)
     _refused_nothing_booked(status, counts, tmp_path, code="settings-invalid")
@@ -361,7 +361,7 @@ def test_a_ledger_with_bad_released_counts_is_refused_without_counts(tiny_bert, 
 def test_stored_counts_without_their_booked_release_are_refused(tiny_bert, tmp_path):
     """A ledger whose run holds released counts but no (sigma, 1.0, 1) step (edited, or
     written by a faulty version): the hospital sends counts its ledger does not account for.
-    ``PrivacyLedger.check`` should refuse counts without a release step."""
+    ``PrivacyLedger.check`` refuses counts without a release step."""
     text = _yaml(tiny_bert, "privacy.dp_sgd.target_epsilon=3",
                  "privacy.dp_sgd.label_count_noise=4")
     status, counts = hospital_preflight_counts(text, tmp_path, RUN)
