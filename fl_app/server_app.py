@@ -44,9 +44,11 @@ from settings.compose import (
 from settings.run import RunSettings
 from settings.run_config import compose_run_config
 from settings.secure_aggregation import SecureAggregationMode, SecureAggregationSettings
+from settings.strategy import HeadAggregation
 from settings.task import Device, Precision, TaskSettings, TrainSettings
 from strategies.central_dp import with_client_level_dp
 from strategies.checkpoint import ServerCheckpoint
+from strategies.class_wise_head import ClassWiseHead
 from strategies.evaluation_schedule import EvaluateOnSchedule, EvaluationSchedule
 from strategies.metric_rules import MetricRules, evaluate_metrics_rules, train_metrics_rules
 from strategies.privacy_budget import PrivacyBudgetGate, TrainingStopped
@@ -66,6 +68,7 @@ from tasks.model.build import (
     trainable_state,
 )
 from tasks.model.compute import resolve_compute
+from tasks.model.windows import head_parameter_names
 from tasks.privacy.distributed_dp import plan_distributed_dp
 from tasks.privacy.lattice import Lattice
 from tracking.metered_grid import MeteredGrid
@@ -170,7 +173,8 @@ def main(grid: Grid, context: Context) -> None:
                                     sum(t.numel() for t in trainable_state(model).values()))
         secure_grid = secure_aggregation_grid(grid, settings, federation, tracker)
         train_rules, evaluate_rules = train_metrics_rules(), evaluate_metrics_rules()
-        chain = server_strategy(settings, federation, tracker, train_rules, evaluate_rules)
+        chain = server_strategy(settings, federation, tracker, train_rules, evaluate_rules,
+                                head_parameter_names(model, len(labels)))
         schedule = EvaluationSchedule(settings.evaluate_every, settings.num_rounds)
         strategy = EvaluateOnSchedule(chain.strategy, schedule)
         initial = ArrayRecord(trainable_state(model))
@@ -451,12 +455,17 @@ class StrategyChain:
 
 
 def server_strategy(settings: RunSettings, federation: Federation, tracker: RunTracker,
-                    train_rules: MetricRules, evaluate_rules: MetricRules) -> StrategyChain:
+                    train_rules: MetricRules, evaluate_rules: MetricRules,
+                    head_keys: list[str] | None = None) -> StrategyChain:
     """Flower's strategy, wrapped: client-level DP (if configured), the budget gate (always:
     hospitals enforce their own budgets and policies; the gate stops sending work to one that
     refused or was dropped, and records why), the audit's update recorder, and the update
     checks (outermost: nothing else sees a reply that fails them)."""
     strategy = build_strategy(settings.strategy, train_rules, evaluate_rules)
+    if settings.strategy.head_aggregation == HeadAggregation.class_counts:
+        strategy = ClassWiseHead(strategy, head_keys or [], {
+            r.node_id: r.label_counts for r in federation.reports
+            if not r.declined and r.label_counts})
     client_level_privacy = None
     if settings.privacy.central_dp.enabled:
         strategy = with_client_level_dp(strategy, settings.privacy.central_dp,

@@ -12,7 +12,12 @@ from settings.checks import ConfigError, require
 from settings.early_stopping import EarlyStoppingSettings
 from settings.recovery import CheckpointSettings, UpdateCheckSettings
 from settings.secure_aggregation import SecureAggregationMode
-from settings.strategy import CentralDpSettings, StrategyName, StrategySettings
+from settings.strategy import (
+    CentralDpSettings,
+    HeadAggregation,
+    StrategyName,
+    StrategySettings,
+)
 from settings.task import PrivacySettings, SharedSettings, check_precision_fits_dp_sgd
 from settings.tracking import TrackingSettings
 
@@ -64,6 +69,7 @@ class RunSettings(SharedSettings):
         require(self.privacy.dp_sgd.label_count_noise is None or self.train.class_weights is None,
                 "privacy.dp_sgd.label_count_noise", self.privacy.dp_sgd.label_count_noise,
                 "null with train.class_weights given (the counts would not be used)")
+        self._check_head_aggregation()
         self._check_secure_aggregation()
         self._check_distributed_dp()
         self._resolve_early_stopping()
@@ -110,6 +116,21 @@ class RunSettings(SharedSettings):
                             f"invalid configuration at '{key}.{name}': got {value!r} while "
                             f"early stopping is off for {why}. Leave '{key}.{name}' at its "
                             f"default ({default!r})", f"{key}.{name}")
+
+    def _check_head_aggregation(self) -> None:
+        """Class-wise head rows need each hospital's update and exact label counts."""
+        if self.strategy.head_aggregation != HeadAggregation.class_counts:
+            return
+        key = "strategy.head_aggregation"
+        require(self.strategy.name in (StrategyName.fedavg, StrategyName.fedprox), key,
+                "class_counts", "examples with strategy.name="
+                f"{self.strategy.name.value} (class_counts averages rows as FedAvg does)")
+        private = self.private_mechanism()
+        require(private is None, key, "class_counts",
+                f"examples with {private}=true (hospitals withhold their exact label counts, "
+                "and the rows would bypass the noise)")
+        require(not self.secure_aggregation.enabled, key, "class_counts",
+                "examples with secure aggregation (the server sees only the sum)")
 
     def _check_distributed_dp(self) -> None:
         if not self.privacy.distributed_dp.enabled:

@@ -14,6 +14,13 @@ from settings.bounds import require_defaults_while_off, require_open_unit, requi
 from settings.checks import as_enum, require
 
 
+class HeadAggregation(Enum):
+    """How the classification head's rows are averaged (strategies/class_wise_head.py)."""
+
+    examples = "examples"  # like every other parameter: weighted by training records
+    class_counts = "class_counts"  # row c over the hospitals holding class c, by their count
+
+
 class StrategyName(Enum):
     fedavg = "fedavg"
     fedprox = "fedprox"
@@ -46,9 +53,16 @@ class StrategySettings:
     tau: float = 1e-3
     trim_beta: float = 0.2  # fedtrimmedavg
     num_malicious_nodes: int = 0  # krum
+    # class_counts: each class's head row is the average over the hospitals that hold the
+    # class, weighted by their records of it (from preflight's label counts), so a class held
+    # by one small hospital is not diluted by the hospitals that never see it. fedavg and
+    # fedprox, non-private runs without secure aggregation only (it reads each update).
+    head_aggregation: HeadAggregation = HeadAggregation.examples
 
     def __post_init__(self) -> None:
         self.name = as_enum(StrategyName, self.name, "strategy.name")
+        self.head_aggregation = as_enum(HeadAggregation, self.head_aggregation,
+                                        "strategy.head_aggregation")
         require(self.min_hospitals >= 1, "strategy.min_hospitals", self.min_hospitals,
                 "at least 1")
         require(0 < self.fraction_train <= 1, "strategy.fraction_train", self.fraction_train,

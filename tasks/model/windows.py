@@ -60,6 +60,14 @@ def classification_head(model: torch.nn.Module, classes: int) -> torch.nn.Linear
     return found[-1]
 
 
+def head_parameter_names(model: torch.nn.Module, classes: int) -> list[str]:
+    """The names of the trained head's parameters (its weight and bias), as in
+    ``trainable_state``: rows indexed by class."""
+    head = classification_head(model, classes)
+    prefix = next(name for name, module in model.named_modules() if module is head)
+    return [f"{prefix}.{name}" for name, _ in head.named_parameters()]
+
+
 class _WindowPooling:
     def __init__(self, mode: WindowPooling, attention: torch.nn.Module | None) -> None:
         if (mode == WindowPooling.attention) != (attention is not None):
