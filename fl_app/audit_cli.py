@@ -59,7 +59,7 @@ AUDIT_SETTINGS = [
     "data.server_test_notes=0", "tracking.experiment=clinical-fl-audit",
     # The same objective and rounds at every privacy level: private runs train unweighted
     # (label counts withheld) and every planned round, so the non-private level does too.
-    "train.class_weighting=none", "early_stopping.enabled=false",
+    "train.class_weighting=none", "early_stopping.enabled=false", "train.absent_class_scale=1",
 ]
 DEFAULT_DELTA = 1e-5  # for the bound of a run that claims no epsilon
 AUDITORS = ("white_box", "black_box")  # the bounds reported together, under one confidence

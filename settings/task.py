@@ -40,6 +40,7 @@ MAX_EXPECTED_BATCH = 10**6
 # The most rounds a hospital plans for in one run (distributed DP runs take hundreds).
 MAX_PLANNED_ROUNDS = 100_000
 MAX_CLASS_WEIGHT = 1e4  # a class of one record among 10,000 in two classes weighs 5,000
+DEFAULT_ABSENT_CLASS_SCALE = 0.5  # FedRS' suggestion; measured on OHSUMED 23 (benchmarks.md)
 MAX_LABEL_COUNT_NOISE = 1e6  # standard deviation of the noise on a released label count
 
 
@@ -323,7 +324,8 @@ class TrainSettings:
     # hospitals with few of the federation's classes do not push the others' logits down.
     # 1: the full softmax. Non-private runs only: the restriction depends on which labels
     # the hospital's records carry, which DP-SGD's per-record analysis does not cover.
-    absent_class_scale: float = 1.0
+    # None: 0.5 without record-level DP (a no-op where a hospital holds every class), 1 with.
+    absent_class_scale: float | None = None
 
     def pass_cap(self, device: str) -> int | None:
         """The windows one training pass may hold on ``device`` (None: no cap)."""
@@ -359,9 +361,9 @@ class TrainSettings:
             require(len(self.class_weights) > 0 and all(
                 is_finite(w) and 0 < w <= MAX_CLASS_WEIGHT for w in self.class_weights),
                 "train.class_weights", "a list", f"finite weights in (0, {MAX_CLASS_WEIGHT:g}]")
-        require(is_finite(self.absent_class_scale) and 0 <= self.absent_class_scale <= 1,
-                "train.absent_class_scale", self.absent_class_scale,
-                "a number in [0, 1] (1: the full softmax)")
+        require(self.absent_class_scale is None or is_finite(self.absent_class_scale)
+                and 0 <= self.absent_class_scale <= 1, "train.absent_class_scale",
+                self.absent_class_scale, "a number in [0, 1] (1: the full softmax), or null")
 
 
 def check_privacy_values(section: DpSgdSettings | DistributedDpSettings, mechanism: str,
@@ -604,6 +606,11 @@ class TaskSettings(SharedSettings):
         require(not (self.privacy.dp_sgd.enabled and self.privacy.distributed_dp.enabled),
                 "privacy.distributed_dp.enabled", True,
                 "false with privacy.dp_sgd: choose one record-level DP")
+        record_level = (self.privacy.dp_sgd.enabled or self.privacy.distributed_dp.enabled
+                        or self.privacy.dp_sgd.non_private_level
+                        or self.privacy.distributed_dp.non_private_level)
+        if self.train.absent_class_scale is None:  # a sweep's non-private level as its others
+            self.train.absent_class_scale = 1.0 if record_level else DEFAULT_ABSENT_CLASS_SCALE
         require(self.train.absent_class_scale == 1.0 or not (
             self.privacy.dp_sgd.enabled or self.privacy.distributed_dp.enabled),
             "train.absent_class_scale", self.train.absent_class_scale,

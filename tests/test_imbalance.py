@@ -325,3 +325,14 @@ def test_imbalance_restricted_softmax_values_a_run_could_not_use_are_refused(tin
     with pytest.raises(ConfigError, match=expected) as refused:
         task(tiny_bert, *overrides)
     assert refused.value.key == "train.absent_class_scale"
+
+
+def test_imbalance_restricted_softmax_is_on_by_default_only_without_record_level_dp(tiny_bert):
+    assert task(tiny_bert).train.absent_class_scale == 0.5
+    assert task(tiny_bert, "privacy=dp_sgd").train.absent_class_scale == 1.0
+    assert task(tiny_bert, "privacy=distributed_dp", "secure_aggregation=secagg_plus",
+                "strategy.min_hospitals=3").train.absent_class_scale == 1.0
+    # A privacy sweep's non-private level trains as its private levels do.
+    assert task(tiny_bert, "+sweep=epsilon", "privacy.dp_sgd.target_epsilon=inf"
+                ).train.absent_class_scale == 1.0
+    assert task(tiny_bert, "train.absent_class_scale=0").train.absent_class_scale == 0.0

@@ -57,7 +57,7 @@ def logit_scale_tensor(settings: TrainSettings, present: list[bool],
     """The restricted softmax's factor per class (``train.absent_class_scale`` for the
     classes this hospital holds no training record of, 1 for the others); None: the full
     softmax."""
-    if settings.absent_class_scale == 1.0 or all(present):
+    if settings.absent_class_scale in (None, 1.0) or all(present):
         return None
     return torch.tensor([1.0 if held else settings.absent_class_scale for held in present],
                         dtype=torch.float32, device=device)
