@@ -585,6 +585,18 @@ class TaskSettings(SharedSettings):
     # max-evaluations says so). None: planned_rounds + 1.
     planned_evaluations: int | None = None
 
+    def restricted_softmax_scale(self) -> float:
+        """``train.absent_class_scale`` resolved: null is 0.5 without record-level DP and 1
+        with it, and at a privacy sweep's non-private level (it trains as its private
+        levels do)."""
+        if self.train.absent_class_scale is not None:
+            return self.train.absent_class_scale
+        privacy = self.privacy
+        record_level = (privacy.dp_sgd.enabled or privacy.distributed_dp.enabled
+                        or privacy.dp_sgd.non_private_level
+                        or privacy.distributed_dp.non_private_level)
+        return 1.0 if record_level else DEFAULT_ABSENT_CLASS_SCALE
+
     def __post_init__(self) -> None:
         # Bounded: a hospital calibrates its noise and sizes its work from these.
         require(1 <= self.planned_rounds <= MAX_PLANNED_ROUNDS, "planned_rounds",
@@ -606,12 +618,7 @@ class TaskSettings(SharedSettings):
         require(not (self.privacy.dp_sgd.enabled and self.privacy.distributed_dp.enabled),
                 "privacy.distributed_dp.enabled", True,
                 "false with privacy.dp_sgd: choose one record-level DP")
-        record_level = (self.privacy.dp_sgd.enabled or self.privacy.distributed_dp.enabled
-                        or self.privacy.dp_sgd.non_private_level
-                        or self.privacy.distributed_dp.non_private_level)
-        if self.train.absent_class_scale is None:  # a sweep's non-private level as its others
-            self.train.absent_class_scale = 1.0 if record_level else DEFAULT_ABSENT_CLASS_SCALE
-        require(self.train.absent_class_scale == 1.0 or not (
+        require(self.train.absent_class_scale in (None, 1.0) or not (
             self.privacy.dp_sgd.enabled or self.privacy.distributed_dp.enabled),
             "train.absent_class_scale", self.train.absent_class_scale,
             "1 with record-level DP (the classes a hospital holds are a statistic of its "

@@ -193,7 +193,8 @@ class Hospital:
             outcome = train_locally(self.model, loader, self.settings.train, proximal_mu,
                                     canaries=self.canaries, compute=self.compute,
                                     classes_held=[c in held for c in range(
-                                        len(self.settings.data.labels))])
+                                        len(self.settings.data.labels))],
+                                    absent_class_scale=self.settings.restricted_softmax_scale())
             return trainable_state(self.model), outcome
         if ledger is None:
             raise ValueError("DP-SGD training needs the hospital's privacy ledger")

@@ -278,14 +278,13 @@ def test_imbalance_without_label_count_noise_a_private_hospital_sends_no_counts(
 def test_imbalance_restricted_softmax_scales_only_the_absent_classes_logits():
     logits = torch.tensor([[2.0, 1.0, 3.0], [0.5, -1.0, 4.0]])
     labels = torch.tensor([0, 1])
-    scale = logit_scale_tensor(TrainSettings(absent_class_scale=0.5), [True, True, False],
-                               "cpu")
+    scale = logit_scale_tensor(0.5, [True, True, False], "cpu")
     assert scale.tolist() == [1.0, 1.0, 0.5]
     expected = torch.nn.functional.cross_entropy(
         torch.tensor([[2.0, 1.0, 1.5], [0.5, -1.0, 2.0]]), labels, reduction="none")
     assert torch.allclose(per_record_loss(logits, labels, None, scale), expected)
-    assert logit_scale_tensor(TrainSettings(absent_class_scale=0.5), [True] * 3, "cpu") is None
-    assert logit_scale_tensor(TrainSettings(), [True, False, False], "cpu") is None
+    assert logit_scale_tensor(0.5, [True] * 3, "cpu") is None
+    assert logit_scale_tensor(1.0, [True, False, False], "cpu") is None
 
 
 @pytest.mark.parametrize("scale", [0.0, 1.0])
@@ -298,10 +297,10 @@ def test_imbalance_restricted_softmax_leaves_the_absent_classes_head_rows_alone(
     mine = records.filter(lambda r: r["labels"] in held)
     load_trainable_state(model, start)
     settings = TrainSettings(optimizer=OptimizerName.sgd, learning_rate=0.5,
-                             head_learning_rate=None, weight_decay=0.0, max_grad_norm=0.0,
-                             absent_class_scale=scale)
+                             head_learning_rate=None, weight_decay=0.0, max_grad_norm=0.0)
     train_locally(model, make_loader(mine, tokenizer, 8, shuffle=False), settings,
-                  classes_held=[c in held for c in range(len(SPECIALTIES))])
+                  classes_held=[c in held for c in range(len(SPECIALTIES))],
+                  absent_class_scale=scale)
     head = [k for k in start if "modules_to_save" in k and k.endswith("classifier.modules_to_save"
                                                                            ".default.weight")]
     assert len(head) == 1, list(start)
@@ -328,11 +327,13 @@ def test_imbalance_restricted_softmax_values_a_run_could_not_use_are_refused(tin
 
 
 def test_imbalance_restricted_softmax_is_on_by_default_only_without_record_level_dp(tiny_bert):
-    assert task(tiny_bert).train.absent_class_scale == 0.5
-    assert task(tiny_bert, "privacy=dp_sgd").train.absent_class_scale == 1.0
+    assert task(tiny_bert).restricted_softmax_scale() == 0.5
+    assert task(tiny_bert, "privacy=dp_sgd").restricted_softmax_scale() == 1.0
     assert task(tiny_bert, "privacy=distributed_dp", "secure_aggregation=secagg_plus",
-                "strategy.min_hospitals=3").train.absent_class_scale == 1.0
+                "strategy.min_hospitals=3").restricted_softmax_scale() == 1.0
     # A privacy sweep's non-private level trains as its private levels do.
     assert task(tiny_bert, "+sweep=epsilon", "privacy.dp_sgd.target_epsilon=inf"
-                ).train.absent_class_scale == 1.0
-    assert task(tiny_bert, "train.absent_class_scale=0").train.absent_class_scale == 0.0
+                ).restricted_softmax_scale() == 1.0
+    assert task(tiny_bert, "train.absent_class_scale=0").restricted_softmax_scale() == 0.0
+    # A setting left null stays null in what the hospitals receive: each resolves it itself.
+    assert task(tiny_bert).train.absent_class_scale is None

@@ -52,14 +52,13 @@ def class_weight_tensor(settings: TrainSettings, device: torch.device | str
     return torch.tensor(settings.class_weights, dtype=torch.float32, device=device)
 
 
-def logit_scale_tensor(settings: TrainSettings, present: list[bool],
-                       device: torch.device | str) -> torch.Tensor | None:
-    """The restricted softmax's factor per class (``train.absent_class_scale`` for the
-    classes this hospital holds no training record of, 1 for the others); None: the full
-    softmax."""
-    if settings.absent_class_scale in (None, 1.0) or all(present):
+def logit_scale_tensor(scale: float, present: list[bool], device: torch.device | str
+                       ) -> torch.Tensor | None:
+    """The restricted softmax's factor per class (``scale`` for the classes this hospital
+    holds no training record of, 1 for the others); None: the full softmax."""
+    if scale == 1.0 or all(present):
         return None
-    return torch.tensor([1.0 if held else settings.absent_class_scale for held in present],
+    return torch.tensor([1.0 if held else scale for held in present],
                         dtype=torch.float32, device=device)
 
 
@@ -97,15 +96,16 @@ def train_locally(model: torch.nn.Module, loader: DataLoader, settings: TrainSet
                   proximal_mu: float = 0.0,
                   canaries: GradientCanaries | None = None,
                   compute: Compute = CPU_FP32,
-                  classes_held: list[bool] | None = None) -> TrainOutcome:
+                  classes_held: list[bool] | None = None,
+                  absent_class_scale: float = 1.0) -> TrainOutcome:
     """Run ``settings.local_epochs`` passes of the optimizer over the trainable parameters.
 
     ``proximal_mu`` > 0 adds FedProx's term (mu/2)·||w - w_global||², which keeps
     a hospital with skewed data from drifting far from the global adapter.
     ``canaries``: the privacy audit's gradient canaries (tasks/audit/canaries.py).
     ``compute``: the device the model is on and the forward pass's precision.
-    ``classes_held``: per class, whether this hospital's training records hold it (for
-    ``train.absent_class_scale``).
+    ``classes_held``: per class, whether this hospital's training records hold it, and
+    ``absent_class_scale`` the factor of the others' logits (the restricted softmax).
     """
     start = time.perf_counter()
     model.train()
@@ -116,7 +116,7 @@ def train_locally(model: torch.nn.Module, loader: DataLoader, settings: TrainSet
     cap = settings.pass_cap(compute.device.type)
     progress = TrainingProgress(settings.local_epochs, len(loader))
     weights = class_weight_tensor(settings, compute.device)
-    scale = (logit_scale_tensor(settings, classes_held, compute.device)
+    scale = (logit_scale_tensor(absent_class_scale, classes_held, compute.device)
              if classes_held is not None else None)
     for epoch in range(settings.local_epochs):
         for batch in compute.batches(loader):
