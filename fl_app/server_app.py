@@ -6,6 +6,7 @@ or a hospital's data is found before the first round trains anything.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import tempfile
@@ -26,6 +27,7 @@ from fl_app.class_weights import plan_class_weights
 from fl_app.console import RoundConsole, speak_for_the_server
 from fl_app.data_check import server_labels
 from fl_app.early_stopping import EarlyStopping
+from fl_app.head_aggregation import resolve_head_aggregation
 from fl_app.preflight import HospitalReport, run_preflight, wait_for_hospitals
 from fl_app.progress_grid import ProgressGrid
 from fl_app.resume import Resume, config_tree, prepare_resume
@@ -168,6 +170,7 @@ def main(grid: Grid, context: Context) -> None:
         hospital_names.update({r.node_id: r.hospital for r in federation.reports})
         if not resume:  # a resumed run keeps the weights its hospitals trained with
             weigh_classes(federation, tracker)
+        choose_head_aggregation(settings, federation, tracker, resumed=resume is not None)
         if settings.privacy.distributed_dp.enabled and not resume:
             plan_distributed_dp_for(settings, federation, tracker,
                                     sum(t.numel() for t in trainable_state(model).values()))
@@ -315,6 +318,22 @@ def weigh_classes(federation: Federation, tracker: RunTracker) -> None:
         **({safe_name(label): round(w, 4) for label, w in zip(federation.task.data.labels,
                                                               weights, strict=True)}
            if weights else {})}})
+
+
+def choose_head_aggregation(settings: RunSettings, federation: Federation, tracker: RunTracker,
+                            resumed: bool) -> None:
+    """strategy.head_aggregation resolved from the hospitals' label counts
+    (fl_app/head_aggregation.py); a new run sends the hospitals the task with its restricted
+    softmax, a resumed one keeps the task its hospitals trained with."""
+    task = copy.deepcopy(federation.task) if resumed else federation.task
+    before = task.train.absent_class_scale
+    chosen = resolve_head_aggregation(
+        settings, task, [r.label_counts for r in federation.reports if not r.declined])
+    if resumed:
+        return
+    if task.train.absent_class_scale != before:
+        federation.task_config = ConfigRecord({TASK_KEY: task_settings_to_yaml(task)})
+    tracker.log_params({"head_aggregation": {"resolved": chosen.value}})
 
 
 def hospitals_per_round(settings: RunSettings, taking_part: int) -> int:

@@ -117,6 +117,11 @@ class RunSettings(SharedSettings):
                             f"early stopping is off for {why}. Leave '{key}.{name}' at its "
                             f"default ({default!r})", f"{key}.{name}")
 
+    def class_wise_head_possible(self) -> bool:
+        """Whether strategy.head_aggregation=class_counts can hold in this run."""
+        return (self.strategy.name in (StrategyName.fedavg, StrategyName.fedprox)
+                and self.private_mechanism() is None and not self.secure_aggregation.enabled)
+
     def _check_head_aggregation(self) -> None:
         """Class-wise head rows need each hospital's update and exact label counts."""
         if self.strategy.head_aggregation != HeadAggregation.class_counts:

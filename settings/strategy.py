@@ -19,6 +19,9 @@ class HeadAggregation(Enum):
 
     examples = "examples"  # like every other parameter: weighted by training records
     class_counts = "class_counts"  # row c over the hospitals holding class c, by their count
+    # class_counts where it can hold and some hospital lacks a class the others hold (from
+    # preflight's label counts), else examples (fl_app/head_aggregation.py)
+    auto = "auto"
 
 
 class StrategyName(Enum):
@@ -57,7 +60,7 @@ class StrategySettings:
     # class, weighted by their records of it (from preflight's label counts), so a class held
     # by one small hospital is not diluted by the hospitals that never see it. fedavg and
     # fedprox, non-private runs without secure aggregation only (it reads each update).
-    head_aggregation: HeadAggregation = HeadAggregation.examples
+    head_aggregation: HeadAggregation = HeadAggregation.auto
 
     def __post_init__(self) -> None:
         self.name = as_enum(StrategyName, self.name, "strategy.name")

@@ -9,6 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common import MessageType
 from flwr.serverapp.strategy import FedAvg
 
+from fl_app.head_aggregation import label_skewed, resolve_head_aggregation
 from protocol import messages as m
 from settings.checks import ConfigError
 from settings.compose import compose_config, to_run_settings
@@ -76,3 +77,30 @@ def test_imbalance_class_wise_head_is_refused_where_it_cannot_hold(overrides, ex
         to_run_settings(compose_config([*overrides,
                                         "strategy.head_aggregation=class_counts"]))
     assert refused.value.key == "strategy.head_aggregation"
+
+
+def test_imbalance_label_skew_is_a_class_some_hospital_lacks_and_another_holds():
+    assert label_skewed([[5, 0, 3], [2, 4, 0]])
+    assert not label_skewed([[5, 1, 3], [2, 4, 1]])
+    assert not label_skewed([[5, 0, 3], [2, 0, 1]]), "a class nobody holds is no skew"
+    assert not label_skewed([[5, 0, 3], []]), "a hospital withheld its counts"
+    assert not label_skewed([])
+
+
+@pytest.mark.parametrize("overrides,counts,chosen,scale", [
+    ([], [[5, 0], [0, 4]], "class_counts", 0.0),  # auto, skewed: the restricted softmax at 0
+    ([], [[5, 1], [2, 4]], "examples", None),  # auto, every hospital holds every class
+    (["train.absent_class_scale=0.5"], [[5, 0], [0, 4]], "class_counts", 0.5),  # kept
+    (["strategy=fedadam"], [[5, 0], [0, 4]], "examples", None),  # cannot hold there
+    (["privacy=dp_sgd"], [[5, 0], [0, 4]], "examples", None),
+    (["strategy.head_aggregation=examples"], [[5, 0], [0, 4]], "examples", None),
+])
+def test_imbalance_auto_head_aggregation_turns_on_only_for_label_skew(tiny_bert, overrides,
+                                                                      counts, chosen, scale):
+    from settings.compose import task_settings
+
+    cfg = compose_config(overrides)
+    settings, task_ = to_run_settings(cfg), task_settings(cfg, ["a", "b"])
+    assert resolve_head_aggregation(settings, task_, counts).value == chosen
+    assert settings.strategy.head_aggregation.value == chosen
+    assert task_.train.absent_class_scale == scale

@@ -99,10 +99,12 @@ def test_under_secure_aggregation_a_bad_sum_names_no_hospital_and_aggregates_not
 
 
 FAULTS = {1: "nan", 2: "inf", 3: "missing_key", 4: "wrong_shape"}
-# Unweighted: the reference below trains the hospitals again from these settings alone (class
-# weights would come from the run's preflight counts).
+# Unweighted and FedAvg's own head rows: the reference below trains the hospitals again from
+# these settings alone and averages by records (class weights and class-wise head rows would
+# come from the run's preflight counts).
 COMMON = ("num_rounds=1", "data.notes_per_hospital=40", "data.server_test_notes=0",
-          "train.local_epochs=1", "update_checks.drop_after=1", "train.class_weighting=none")
+          "train.local_epochs=1", "update_checks.drop_after=1", "train.class_weighting=none",
+          "strategy.head_aggregation=examples")
 
 
 @pytest.mark.e2e
