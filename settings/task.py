@@ -324,7 +324,8 @@ class TrainSettings:
     # hospitals with few of the federation's classes do not push the others' logits down.
     # 1: the full softmax. Non-private runs only: the restriction depends on which labels
     # the hospital's records carry, which DP-SGD's per-record analysis does not cover.
-    # None: 0.5 without record-level DP (a no-op where a hospital holds every class), 1 with.
+    # None: 0.5 without record-level DP (a no-op where a hospital holds every class), 1 with;
+    # the server sends 0 where it averages the head class by class (fl_app/head_aggregation.py).
     absent_class_scale: float | None = None
 
     def pass_cap(self, device: str) -> int | None:
