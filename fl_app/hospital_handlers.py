@@ -40,7 +40,7 @@ from tasks.data.hospital_data import HospitalData, load_hospital_data
 from tasks.errors import UnknownLabelsError
 from tasks.hospital import Hospital, refuse_audit_in_deployment
 from tasks.model.compute import resolve_compute
-from tasks.privacy.label_counts import noisy_counts, release_step, training_label_counts
+from tasks.privacy.label_counts import noisy_counts, release_step
 from tasks.privacy.ledger import LedgerError, PrivacyLedger
 from tasks.privacy.plan import (
     PolicyRefusal,
@@ -187,7 +187,7 @@ def _plan_and_release_counts(context: Context, settings: TaskSettings,
                 prior_history=lifetime.history(except_run=run_id),
                 run_history=[*run.history, *pending])
     if wanted:
-        exact = training_label_counts(list(data.train["label"]), len(labels))
+        exact = data.label_counts(labels, held_out=False)  # the records DP-SGD covers
         run.add_step(pending[0])
         run.released_label_counts = noisy_counts(exact, dp.label_count_noise)
         run.released_labels = labels

@@ -30,8 +30,11 @@ class HospitalData:
     eval: datasets.Dataset
     report: LoadReport | None = None  # file sources: files read, empty texts dropped
 
-    def label_counts(self, labels: list[str]) -> list[int]:
-        counts = Counter(self.train["label"]) + Counter(self.eval["label"])
+    def label_counts(self, labels: list[str], held_out: bool = True) -> list[int]:
+        """Records per label id, of the training records and (``held_out``) the held-out ones."""
+        counts = Counter(self.train["label"])
+        if held_out:
+            counts += Counter(self.eval["label"])
         return [counts.get(i, 0) for i in range(len(labels))]
 
 

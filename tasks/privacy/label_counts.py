@@ -20,7 +20,6 @@ floor at 0 are post-processing.
 from __future__ import annotations
 
 import secrets
-from collections import Counter
 
 import numpy as np
 
@@ -32,12 +31,6 @@ COUNT_RELEASE_RATE = 1.0  # every record is counted: no subsampling amplificatio
 def release_step(noise: float) -> Step:
     """The ledger entry of one release of a histogram with noise standard deviation ``noise``."""
     return (float(noise), COUNT_RELEASE_RATE, 1)
-
-
-def training_label_counts(labels: list[int], classes: int) -> list[int]:
-    """How many training records carry each label id 0..classes-1."""
-    counts = Counter(labels)
-    return [counts.get(i, 0) for i in range(classes)]
 
 
 def noisy_counts(counts: list[int], noise: float) -> list[int]:
