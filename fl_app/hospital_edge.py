@@ -58,13 +58,15 @@ REFUSAL_OF_CLASS = {
 @lru_cache(maxsize=1)
 def allowed_keys() -> frozenset[str]:
     """Every key a refusal may name: the task settings' dotted keys (and their sections),
-    the hospital's policy and node config keys."""
+    the hospital's policy and node config keys, and the round's own config keys that a
+    hospital checks (FedProx's proximal term)."""
     from omegaconf import OmegaConf
 
+    from protocol.messages import PROXIMAL_MU_KEY
     from settings.task import TaskSettings
     from tasks.privacy.policy import KEYS, NODE_KEYS
 
-    keys: set[str] = set(KEYS) | set(NODE_KEYS)
+    keys: set[str] = set(KEYS) | set(NODE_KEYS) | {PROXIMAL_MU_KEY}
 
     def walk(node: object, prefix: str) -> None:
         if isinstance(node, dict):

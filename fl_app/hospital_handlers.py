@@ -24,7 +24,12 @@ from fl_app.hospital_state import (
     save_ledger,
     state_locked,
 )
-from fl_app.received import check_distributed_round, received_settings
+from fl_app.received import (
+    check_distributed_round,
+    received_lr_factor,
+    received_proximal_mu,
+    received_settings,
+)
 from fl_app.replies import (
     distributed_share_reply,
     evaluate_reply,
@@ -238,6 +243,7 @@ def train(msg: Message, context: Context) -> Message:
     settings, policy = received.settings, received.policy
     config = msg.content[m.CONFIG_RECORD]
     server_round = int(config.get(m.SERVER_ROUND_KEY, 0))
+    lr_factor, proximal_mu = received_lr_factor(settings, config), received_proximal_mu(config)
     privacy = settings.privacy
     distributed = privacy.distributed_dp.enabled
     if distributed:
@@ -262,8 +268,8 @@ def train(msg: Message, context: Context) -> Message:
         else:
             state, outcome = hospital.train(
                 global_state, server_round,
-                proximal_mu=float(config.get(m.PROXIMAL_MU_KEY, 0.0)), ledger=ledger,
-                policy=policy, prior_history=prior)
+                proximal_mu=proximal_mu, ledger=ledger, policy=policy, prior_history=prior,
+                lr_factor=lr_factor)
         if lifetime is not None:
             # Before the update leaves: spending is never forgotten.
             save_ledger(context, lifetime, run_id)

@@ -15,8 +15,9 @@ import yaml
 from flwr.app import ConfigRecord, Message
 
 from protocol import messages as m
+from settings.bounds import is_finite
 from settings.compose import task_settings_from_yaml
-from settings.task import TaskSettings
+from settings.task import LearningRateSchedule, TaskSettings
 from tasks.data.mapping import hospital_data_settings
 from tasks.errors import TaskInputError
 from tasks.privacy.policy import HospitalPolicy
@@ -31,6 +32,10 @@ class SettingsUnreadable(TaskInputError):
 
 class PrivacyPlanError(TaskInputError):
     """A privacy parameter does not fit the round it came with."""
+
+
+class RoundSettingError(TaskInputError):
+    """A value the server sent with one round (not in the task settings) is unusable."""
 
 
 def task_yaml(msg: Message) -> str:
@@ -80,3 +85,31 @@ def check_distributed_round(settings: TaskSettings, config: ConfigRecord) -> Non
         raise PrivacyPlanError(f"the round releases sums of {enforced} hospitals, fewer than "
                                f"the t={planned} the noise share assumes", key=key,
                                counts=counts)
+
+
+def received_lr_factor(settings: TaskSettings, config: ConfigRecord) -> float:
+    """This round's factor of the learning rates: sent only under ``train.lr_schedule=cosine``
+    and then a number in [final fraction, 1]; a factor under a constant schedule, or none
+    under cosine, is refused (the server and the settings it sent disagree)."""
+    key = "train.lr_schedule"
+    sent = config.get(m.LR_FACTOR_KEY)
+    if settings.train.lr_schedule == LearningRateSchedule.constant:
+        if sent is not None:
+            raise RoundSettingError("a learning-rate factor came with a constant schedule",
+                                    key=key)
+        return 1.0
+    if sent is None:
+        raise RoundSettingError("the round's learning-rate factor is missing", key=key)
+    lowest = settings.train.lowest_lr_factor()
+    if not is_finite(sent) or not lowest <= float(sent) <= 1.0:
+        raise RoundSettingError(f"the learning-rate factor is outside [{lowest}, 1]", key=key)
+    return float(sent)
+
+
+def received_proximal_mu(config: ConfigRecord) -> float:
+    """FedProx's proximal term: finite and at least 0 (0 when not sent)."""
+    mu = config.get(m.PROXIMAL_MU_KEY, 0.0)
+    if not is_finite(mu) or mu < 0:
+        raise RoundSettingError("the proximal term is not a finite number of at least 0",
+                                key=m.PROXIMAL_MU_KEY)
+    return float(mu)

@@ -47,11 +47,12 @@ from settings.run import RunSettings
 from settings.run_config import compose_run_config
 from settings.secure_aggregation import SecureAggregationMode, SecureAggregationSettings
 from settings.strategy import HeadAggregation
-from settings.task import Device, Precision, TaskSettings, TrainSettings
+from settings.task import Device, LearningRateSchedule, Precision, TaskSettings, TrainSettings
 from strategies.central_dp import with_client_level_dp
 from strategies.checkpoint import ServerCheckpoint
 from strategies.class_wise_head import ClassWiseHead
 from strategies.evaluation_schedule import EvaluateOnSchedule, EvaluationSchedule
+from strategies.learning_rate_schedule import LearningRateScheduleStrategy
 from strategies.metric_rules import MetricRules, evaluate_metrics_rules, train_metrics_rules
 from strategies.privacy_budget import PrivacyBudgetGate, TrainingStopped
 from strategies.registry import build_strategy
@@ -481,6 +482,8 @@ def server_strategy(settings: RunSettings, federation: Federation, tracker: RunT
     refused or was dropped, and records why), the audit's update recorder, and the update
     checks (outermost: nothing else sees a reply that fails them)."""
     strategy = build_strategy(settings.strategy, train_rules, evaluate_rules)
+    if settings.train.lr_schedule != LearningRateSchedule.constant:
+        strategy = LearningRateScheduleStrategy(strategy, settings.train, settings.num_rounds)
     if settings.strategy.head_aggregation == HeadAggregation.class_counts:
         strategy = ClassWiseHead(strategy, head_keys or [], {
             r.node_id: r.label_counts for r in federation.reports

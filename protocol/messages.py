@@ -25,6 +25,8 @@ METRICS_RECORD = "metrics"
 # Set by Flower's strategies in the train config: the round, and FedProx's proximal term.
 SERVER_ROUND_KEY = "server-round"
 PROXIMAL_MU_KEY = "proximal-mu"
+# Set by the server under train.lr_schedule=cosine: this round's factor of the learning rates.
+LR_FACTOR_KEY = "lr-factor"
 # Set by Flower's client-side fixed-clipping DP wrapper: clip the update to this L2 norm.
 CLIPPING_NORM_KEY = "clipping_norm"
 

@@ -18,7 +18,12 @@ from settings.strategy import (
     StrategyName,
     StrategySettings,
 )
-from settings.task import PrivacySettings, SharedSettings, check_precision_fits_dp_sgd
+from settings.task import (
+    LearningRateSchedule,
+    PrivacySettings,
+    SharedSettings,
+    check_precision_fits_dp_sgd,
+)
 from settings.tracking import TrackingSettings
 
 SCHEMA_NAME = "run_settings"
@@ -149,6 +154,9 @@ class RunSettings(SharedSettings):
                 "false with privacy.dp_sgd: choose one record-level DP")
         require(not self.privacy.central_dp.enabled, key, True,
                 "false with privacy.central_dp (its clipping acts on adapter updates)")
+        require(self.train.lr_schedule == LearningRateSchedule.constant, "train.lr_schedule",
+                self.train.lr_schedule.value, "constant with privacy=distributed_dp (its rounds "
+                "take no local optimizer steps; the server's optimiser sets the step)")
         require(self.strategy.name in (StrategyName.fedadam, StrategyName.fedyogi,
                                        StrategyName.fedavg, StrategyName.fedavgm),
                 "strategy.name", self.strategy.name.value,

@@ -40,6 +40,7 @@ MAX_EXPECTED_BATCH = 10**6
 # The most rounds a hospital plans for in one run (distributed DP runs take hundreds).
 MAX_PLANNED_ROUNDS = 100_000
 MAX_CLASS_WEIGHT = 1e4  # a class of one record among 10,000 in two classes weighs 5,000
+DEFAULT_FINAL_LR_FRACTION = 0.1  # train.lr_schedule=cosine's floor when none is given
 DEFAULT_ABSENT_CLASS_SCALE = 0.5  # FedRS' suggestion; measured on OHSUMED 23 (benchmarks.md)
 MAX_LABEL_COUNT_NOISE = 1e6  # standard deviation of the noise on a released label count
 
@@ -267,6 +268,15 @@ class ClassWeighting(Enum):
     balanced = "balanced"  # class c weighs N / (K x n_c): every class weighs the same in all
 
 
+class LearningRateSchedule(Enum):
+    """How a hospital's learning rates change across the run's rounds."""
+
+    constant = "constant"
+    # Round r of R trains at f + (1 - f)(1 + cos(pi (r - 1) / R)) / 2 of the rates,
+    # f = train.final_lr_fraction: full steps first, smaller ones near a trained model.
+    cosine = "cosine"
+
+
 class Precision(Enum):
     """The arithmetic of forward and backward passes. Master weights, optimizer state and
     everything exchanged with the server stay float32 whatever is chosen."""
@@ -327,6 +337,18 @@ class TrainSettings:
     # None: 0.5 without record-level DP (a no-op where a hospital holds every class), 1 with;
     # the server sends 0 where it averages the head class by class (fl_app/head_aggregation.py).
     absent_class_scale: float | None = None
+    # Across rounds (strategies/learning_rate_schedule.py): the server sends each round's
+    # factor of both learning rates, and a hospital checks it lies in [final_lr_fraction, 1].
+    lr_schedule: LearningRateSchedule = LearningRateSchedule.constant
+    # cosine only: the factor the schedule decays towards. None: 0.1.
+    final_lr_fraction: float | None = None
+
+    def lowest_lr_factor(self) -> float:
+        """The smallest factor of the learning rates the schedule sends (1: constant)."""
+        if self.lr_schedule == LearningRateSchedule.constant:
+            return 1.0
+        return (DEFAULT_FINAL_LR_FRACTION if self.final_lr_fraction is None
+                else self.final_lr_fraction)
 
     def pass_cap(self, device: str) -> int | None:
         """The windows one training pass may hold on ``device`` (None: no cap)."""
@@ -354,6 +376,12 @@ class TrainSettings:
                 "at least 1, or null (8 on a CPU, the whole batch on a GPU)")
         self.class_weighting = as_enum(ClassWeighting, self.class_weighting,
                                        "train.class_weighting")
+        self.lr_schedule = as_enum(LearningRateSchedule, self.lr_schedule, "train.lr_schedule")
+        if self.final_lr_fraction is not None:
+            require(self.lr_schedule == LearningRateSchedule.cosine, "train.final_lr_fraction",
+                    self.final_lr_fraction, "null with train.lr_schedule=constant (a fraction "
+                    "of a schedule that is off would be ignored)")
+            require_rate(self.final_lr_fraction, "train.final_lr_fraction")
         if self.class_weights is not None:
             require(self.class_weighting == ClassWeighting.balanced, "train.class_weights",
                     "a list", "null with train.class_weighting=none (weights of a switched-off "
@@ -619,6 +647,11 @@ class TaskSettings(SharedSettings):
         require(not (self.privacy.dp_sgd.enabled and self.privacy.distributed_dp.enabled),
                 "privacy.distributed_dp.enabled", True,
                 "false with privacy.dp_sgd: choose one record-level DP")
+        # Distributed DP's round is one step of the noisy mean gradient: no local rate.
+        require(self.train.lr_schedule == LearningRateSchedule.constant
+                or not self.privacy.distributed_dp.enabled, "train.lr_schedule",
+                self.train.lr_schedule.value, "constant with privacy=distributed_dp (its "
+                "rounds take no local optimizer steps)")
         require(self.train.absent_class_scale in (None, 1.0) or not (
             self.privacy.dp_sgd.enabled or self.privacy.distributed_dp.enabled),
             "train.absent_class_scale", self.train.absent_class_scale,

@@ -167,7 +167,7 @@ class Hospital:
     def train(self, global_state: dict[str, torch.Tensor], server_round: int,
               proximal_mu: float = 0.0, ledger: PrivacyLedger | None = None,
               policy: HospitalPolicy | None = None,
-              prior_history: list[Step] | tuple[Step, ...] = ()
+              prior_history: list[Step] | tuple[Step, ...] = (), lr_factor: float = 1.0
               ) -> tuple[dict[str, torch.Tensor], TrainOutcome]:
         """Start from the global adapter, train locally, return the new trainable state.
 
@@ -194,7 +194,8 @@ class Hospital:
                                     canaries=self.canaries, compute=self.compute,
                                     classes_held=[c in held for c in range(
                                         len(self.settings.data.labels))],
-                                    absent_class_scale=self.settings.restricted_softmax_scale())
+                                    absent_class_scale=self.settings.restricted_softmax_scale(),
+                                    lr_factor=lr_factor)
             return trainable_state(self.model), outcome
         if ledger is None:
             raise ValueError("DP-SGD training needs the hospital's privacy ledger")
@@ -210,7 +211,7 @@ class Hospital:
                                     plan.noise_multiplier, plan.max_grad_norm,
                                     self.settings.privacy.dp_sgd.grad_sample_mode,
                                     ledger.history, canaries=self.canaries,
-                                    compute=self.compute)
+                                    compute=self.compute, lr_factor=lr_factor)
         ledger.rounds_trained.append(server_round)
         outcome.privacy = privacy_report(plan, ledger)
         return trainable_state(self.model), outcome

@@ -50,11 +50,14 @@ def hospital_train(settings_yaml: str, state_dir: str | Path, run_id: int, serve
 
 def hospital_train_reply(settings_yaml: str, state_dir: str | Path, run_id: int,
                          server_round: int, node_config: dict | None = None,
-                         arrays: ArrayRecord | None = None) -> tuple[dict, ArrayRecord | None]:
+                         arrays: ArrayRecord | None = None, round_config: dict | None = None
+                         ) -> tuple[dict, ArrayRecord | None]:
     """(the train reply's metrics or ``{"error": reason, "code": code}``, its arrays), from
-    ``arrays`` (default: the untrained adapter)."""
+    ``arrays`` (default: the untrained adapter); ``round_config``: more keys of the round's
+    config (a learning-rate factor, a proximal term)."""
     context = _context(run_id, state_dir, node_config)
-    config = ConfigRecord({m.TASK_KEY: settings_yaml, m.SERVER_ROUND_KEY: int(server_round)})
+    config = ConfigRecord({m.TASK_KEY: settings_yaml, m.SERVER_ROUND_KEY: int(server_round),
+                           **(round_config or {})})
     sent = arrays if arrays is not None else initial_arrays(settings_yaml)
     msg = Message(RecordDict({m.ARRAYS_RECORD: sent, m.CONFIG_RECORD: config}),
                   dst_node_id=NODE, message_type="train")

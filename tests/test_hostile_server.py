@@ -295,6 +295,36 @@ def test_hostile_server_client_level_clipping_is_checked(hospital, honest_ledger
     assert (hospital["state"] / LEDGER_FILE).read_bytes() == honest_ledger
 
 
+ROUND_VALUES = [
+    # id, settings changes, the round's extra config, expected key
+    ("lr-factor-with-constant-schedule", {}, {m.LR_FACTOR_KEY: 0.5}, "train.lr_schedule"),
+    ("lr-factor-missing", {"train.lr_schedule": "cosine"}, {}, "train.lr_schedule"),
+    *[(f"lr-factor-{value!r}", {"train.lr_schedule": "cosine"}, {m.LR_FACTOR_KEY: value},
+       "train.lr_schedule") for value in (5.0, 1.0001, 0.05, 0.0, -1.0, math.nan, math.inf,
+                                          True, "1")],
+    ("lr-factor-below-its-floor", {"train.lr_schedule": "cosine",
+                                   "train.final_lr_fraction": 0.5}, {m.LR_FACTOR_KEY: 0.4},
+     "train.lr_schedule"),
+    *[(f"proximal-mu-{value!r}", {}, {m.PROXIMAL_MU_KEY: value}, m.PROXIMAL_MU_KEY)
+      for value in (math.nan, -1.0, math.inf, "0")],
+]
+
+
+@pytest.mark.parametrize("case", ROUND_VALUES, ids=[c[0] for c in ROUND_VALUES])
+def test_hostile_server_round_values_are_refused_before_any_step(hospital, honest_ledger, spy,
+                                                                 case):
+    """Values sent with one round beside the task settings (the learning-rate factor of
+    train.lr_schedule, FedProx's proximal term) are checked as the settings are."""
+    _, changes, extra, key = case
+    reply = app(_message(hospital, "train", _task(hospital, TRAIN, changes), extra=extra),
+                _context(hospital, DP_RUN))
+    assert reply.has_error(), "the hospital answered instead of refusing"
+    refusal = parse_refusal(reply.error.reason)
+    assert (refusal.name, refusal.key) == ("settings-invalid", key), reply.error.reason
+    assert not spy.calls
+    assert (hospital["state"] / LEDGER_FILE).read_bytes() == honest_ledger
+
+
 def test_hostile_server_learns_no_label_histogram_from_refusals(hospital, honest_ledger):
     """Under DP (or a policy that requires it) an unknown-label refusal carries no count:
     probing one label at a time would give the exact label histogram."""

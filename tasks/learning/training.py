@@ -72,8 +72,10 @@ def per_record_loss(logits: torch.Tensor, labels: torch.Tensor,
     return loss if weights is None else loss * weights[labels]
 
 
-def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
-    """The optimizer over ``model``'s trainable parameters.
+def make_optimizer(model: torch.nn.Module, settings: TrainSettings,
+                   lr_factor: float = 1.0) -> torch.optim.Optimizer:
+    """The optimizer over ``model``'s trainable parameters, its rates times ``lr_factor``
+    (the round's place in train.lr_schedule).
 
     With ``head_learning_rate`` set, the LoRA matrices and the rest of the trainable
     parameters (the classification head) are two parameter groups with their own rates.
@@ -83,12 +85,12 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.opt
     if settings.head_learning_rate is not None:
         groups = [{"params": [p for name, p in named if "lora_" in name]},
                   {"params": [p for name, p in named if "lora_" not in name],
-                   "lr": settings.head_learning_rate}]
+                   "lr": settings.head_learning_rate * lr_factor}]
         groups = [group for group in groups if group["params"]]
     if settings.optimizer == OptimizerName.sgd:
-        return torch.optim.SGD(groups, lr=settings.learning_rate,
+        return torch.optim.SGD(groups, lr=settings.learning_rate * lr_factor,
                                weight_decay=settings.weight_decay)
-    return torch.optim.AdamW(groups, lr=settings.learning_rate,
+    return torch.optim.AdamW(groups, lr=settings.learning_rate * lr_factor,
                              weight_decay=settings.weight_decay)
 
 
@@ -97,7 +99,7 @@ def train_locally(model: torch.nn.Module, loader: DataLoader, settings: TrainSet
                   canaries: GradientCanaries | None = None,
                   compute: Compute = CPU_FP32,
                   classes_held: list[bool] | None = None,
-                  absent_class_scale: float = 1.0) -> TrainOutcome:
+                  absent_class_scale: float = 1.0, lr_factor: float = 1.0) -> TrainOutcome:
     """Run ``settings.local_epochs`` passes of the optimizer over the trainable parameters.
 
     ``proximal_mu`` > 0 adds FedProx's term (mu/2)·||w - w_global||², which keeps
@@ -106,12 +108,13 @@ def train_locally(model: torch.nn.Module, loader: DataLoader, settings: TrainSet
     ``compute``: the device the model is on and the forward pass's precision.
     ``classes_held``: per class, whether this hospital's training records hold it, and
     ``absent_class_scale`` the factor of the others' logits (the restricted softmax).
+    ``lr_factor``: the round's factor of the learning rates (train.lr_schedule).
     """
     start = time.perf_counter()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    optimizer = make_optimizer(model, settings)
+    optimizer = make_optimizer(model, settings, lr_factor)
     total_loss, seen, steps = 0.0, 0, 0
     cap = settings.pass_cap(compute.device.type)
     progress = TrainingProgress(settings.local_epochs, len(loader))

@@ -129,7 +129,7 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
                       poisson_sampling: bool = True,
                       noise_seed: int | None = None,
                       canaries: GradientCanaries | None = None,
-                      compute: Compute = CPU_FP32) -> TrainOutcome:
+                      compute: Compute = CPU_FP32, lr_factor: float = 1.0) -> TrainOutcome:
     """``settings.local_epochs`` epochs of DP-SGD (the optimizer steps on privatized gradients).
 
     ``history`` is the hospital's accountant history; the steps taken here are
@@ -138,13 +138,14 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
     against non-private training; they void the privacy guarantee. ``canaries``: the
     privacy audit's gradient canaries (tasks/audit/canaries.py). ``compute``: the model's
     device and the forward pass's precision (bf16 only with the ``hooks`` mode; the others
-    would compute per-record norms in bf16, so they run in float32).
+    would compute per-record norms in bf16, so they run in float32). ``lr_factor``: the
+    round's factor of the learning rates (train.lr_schedule; post-processing, no privacy cost).
     """
     if grad_sample_mode != GradSampleMode.hooks:
         compute = compute.without_bf16(f"grad_sample_mode={grad_sample_mode.value}")
     start = time.perf_counter()
     model.train()  # Opacus records activations only in training mode
-    optimizer = make_optimizer(model, settings)
+    optimizer = make_optimizer(model, settings, lr_factor)
     # The noise is drawn where the gradients are (Opacus draws it on the parameter's device).
     generator = torch.Generator(device=compute.device).manual_seed(
         noise_seed if noise_seed is not None else secrets.randbits(63))
