@@ -76,7 +76,8 @@ def _update_norm(tiny_bert, tmp_path, factor: float) -> float:
                                            round_config={m.LR_FACTOR_KEY: factor})
     assert arrays is not None, metrics
     before, after = sent.to_numpy_ndarrays(), arrays.to_numpy_ndarrays()
-    return float(np.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(after, before))))
+    return float(np.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(after, before,
+                                                                    strict=True))))
 
 
 def test_lr_schedule_a_smaller_factor_moves_a_real_hospital_less(tiny_bert, tmp_path,
