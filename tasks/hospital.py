@@ -200,8 +200,10 @@ class Hospital:
         if ledger is None:
             raise ValueError("DP-SGD training needs the hospital's privacy ledger")
         if proximal_mu > 0:
+            # The key is the round config's (protocol/messages.py): a refusal names only keys
+            # the hospital received.
             raise PrivacyBudgetError("FedProx's proximal term is not supported with DP-SGD",
-                                     key="strategy.proximal_mu")
+                                     key="proximal-mu")
         plan = self.dp_sgd_plan(policy, ledger, prior_history)
         refusal = plan.budget_error(ledger.history, server_round)
         if refusal:

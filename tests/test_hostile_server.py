@@ -436,3 +436,15 @@ def test_hostile_server_two_runs_at_once_keep_both_runs_in_the_ledger(hospital, 
     assert not any(r.has_error() for r in replies.values())
     runs = LedgerStore(tmp_path / "state").load(0, Accountant.rdp).runs
     assert set(runs) == {901, 902} and all(run.steps > 0 for run in runs.values())
+
+
+def test_hostile_server_proximal_term_for_a_dp_sgd_hospital_is_refused(hospital, honest_ledger,
+                                                                       spy):
+    """FedProx's term is outside the DP-SGD analysis: refused, naming the round's key."""
+    reply = app(_message(hospital, "train", hospital[TRAIN], extra={m.PROXIMAL_MU_KEY: 0.1}),
+                _context(hospital, DP_RUN))
+    refusal = parse_refusal(reply.error.reason)
+    assert (refusal.name, refusal.key) == ("privacy-budget-refused", m.PROXIMAL_MU_KEY), \
+        reply.error.reason
+    assert not spy.calls
+    assert (hospital["state"] / LEDGER_FILE).read_bytes() == honest_ledger
