@@ -141,6 +141,8 @@ class ModelSettings:
     # Tokens two consecutive windows share; None: an eighth of the window (32 at 256).
     chunk_stride: int | None = None
     max_chunks: int = 16  # windows read per note at most (a count of capped notes is logged)
+    # mean: chosen by validation on OHSUMED's 23 classes against max, attention and the first
+    # window (docs/benchmarks.md, "Pooling of windows").
     window_pooling: WindowPooling = WindowPooling.mean
     lora: LoraSettings = field(default_factory=LoraSettings)
 
