@@ -87,7 +87,8 @@ def test_strategies_hold_aggregation_only():
     held = {p.stem for p in (ROOT / "strategies").glob("*.py")} - {"__init__"}
     assert held <= {"registry", "central_dp", "privacy_budget", "metric_rules", "wrapper",
                     "update_recorder", "evaluation_schedule", "update_check", "checkpoint",
-                    "strategy_state", "round_offset", "class_wise_head"}, held
+                    "strategy_state", "round_offset", "class_wise_head",
+                    "learning_rate_schedule"}, held
 
 
 def test_every_top_level_package_is_installed():
