@@ -243,7 +243,8 @@ def train(msg: Message, context: Context) -> Message:
     settings, policy = received.settings, received.policy
     config = msg.content[m.CONFIG_RECORD]
     server_round = int(config.get(m.SERVER_ROUND_KEY, 0))
-    lr_factor, proximal_mu = received_lr_factor(settings, config), received_proximal_mu(config)
+    lr_factor = received_lr_factor(settings, config)
+    proximal_mu = received_proximal_mu(settings, config)
     privacy = settings.privacy
     distributed = privacy.distributed_dp.enabled
     if distributed:

@@ -24,6 +24,9 @@ from tasks.privacy.policy import HospitalPolicy
 
 # Far above any real task (a few KiB), far below what would hurt to parse.
 MAX_TASK_BYTES = 256 * 1024
+# FedProx's mu is 0.001-1 in practice; far above that the term swamps the loss (and at
+# 1e308 it turns the weights into NaN).
+MAX_PROXIMAL_MU = 1e4
 
 
 class SettingsUnreadable(TaskInputError):
@@ -101,15 +104,27 @@ def received_lr_factor(settings: TaskSettings, config: ConfigRecord) -> float:
     if sent is None:
         raise RoundSettingError("the round's learning-rate factor is missing", key=key)
     lowest = settings.train.lowest_lr_factor()
-    if not is_finite(sent) or not lowest <= float(sent) <= 1.0:
+    if not _number_within(sent, lowest, 1.0):
         raise RoundSettingError(f"the learning-rate factor is outside [{lowest}, 1]", key=key)
     return float(sent)
 
 
-def received_proximal_mu(config: ConfigRecord) -> float:
-    """FedProx's proximal term: finite and at least 0 (0 when not sent)."""
+def received_proximal_mu(settings: TaskSettings, config: ConfigRecord) -> float:
+    """FedProx's proximal term: a number in [0, MAX_PROXIMAL_MU] (0 when not sent), and 0
+    under distributed DP, whose round takes no local steps that the term could act on."""
     mu = config.get(m.PROXIMAL_MU_KEY, 0.0)
-    if not is_finite(mu) or mu < 0:
-        raise RoundSettingError("the proximal term is not a finite number of at least 0",
+    if not _number_within(mu, 0.0, MAX_PROXIMAL_MU):
+        raise RoundSettingError(f"the proximal term is not a number in [0, {MAX_PROXIMAL_MU}]",
                                 key=m.PROXIMAL_MU_KEY)
+    if mu > 0 and settings.privacy.distributed_dp.enabled:
+        raise RoundSettingError("a proximal term came with distributed DP, which takes no "
+                                "local steps", key=m.PROXIMAL_MU_KEY)
     return float(mu)
+
+
+def _number_within(value: object, low: float, high: float) -> bool:
+    """A finite real number (not a bool) in [low, high]; an int too large for a float is not."""
+    try:
+        return is_finite(value) and low <= float(value) <= high
+    except OverflowError:
+        return False

@@ -23,6 +23,7 @@ from fl_app.checkpointing import ARTIFACT_PATH, state_root
 from settings.checks import ConfigError
 from settings.compose import compose_config, to_run_settings
 from settings.run import RunSettings
+from settings.task import LearningRateSchedule
 from strategies.checkpoint import (
     CHECKPOINT_FILE,
     CheckpointError,
@@ -92,6 +93,13 @@ def prepare_resume(settings: RunSettings, overrides: list[str], project_root: Pa
                           f"resumed run keeps its configuration except {list(MAY_CHANGE)}. "
                           "Start a new run to train with other settings.")
     resumed = to_run_settings(cfg)
+    if "num_rounds" in changed and resumed.train.lr_schedule != LearningRateSchedule.constant:
+        # The schedule's factors are planned over num_rounds: more rounds would raise the rate
+        # of the rounds still to come.
+        raise ConfigError(f"resume={run_id}: num_rounds may not change with train.lr_schedule="
+                          f"{resumed.train.lr_schedule.value} (its learning rates are planned "
+                          "over the first run's rounds); start a new run to train longer",
+                          "num_rounds")
     if checkpoint.round >= resumed.num_rounds:
         raise ConfigError(f"resume={run_id}: the run completed round {checkpoint.round} of "
                           f"num_rounds={resumed.num_rounds}; nothing to resume (to train more, "

@@ -342,7 +342,9 @@ class TrainSettings:
     # Across rounds (strategies/learning_rate_schedule.py): the server sends each round's
     # factor of both learning rates, and a hospital checks it lies in [final_lr_fraction, 1].
     lr_schedule: LearningRateSchedule = LearningRateSchedule.constant
-    # cosine only: the factor the schedule decays towards. None: 0.1.
+    # cosine only: the floor f the factor decays towards. The planned rounds stay above it
+    # (round R of R trains at f + (1 - f)(1 - cos(pi / R)) / 2), rounds past the plan at f.
+    # None: 0.1.
     final_lr_fraction: float | None = None
 
     def lowest_lr_factor(self) -> float:

@@ -164,6 +164,20 @@ def test_resume_continues_with_the_first_runs_configuration_and_allowed_changes(
     assert resume.overrides == [*first, *overrides, "num_rounds=6"]
 
 
+def test_resume_refuses_more_rounds_under_a_cosine_lr_schedule(store):
+    """The schedule's factors are planned over num_rounds: more rounds would raise the rates
+    of the rounds still to come."""
+    overrides, run_id = _store(store)
+    first = [*overrides, "train.lr_schedule=cosine"]
+    _write(store, run_id, first)
+    given = [*overrides, "num_rounds=6", f"resume={run_id}"]
+    with pytest.raises(ConfigError, match="num_rounds may not change with train.lr_schedule"):
+        prepare_resume(_resume_settings(overrides, run_id, "num_rounds=6"), given, store)
+    same = prepare_resume(_resume_settings(overrides, run_id), [*overrides, f"resume={run_id}"],
+                          store)
+    assert same.cfg.train.lr_schedule.value == "cosine" and same.changes == {}
+
+
 def test_resume_refuses_an_unknown_run(store):
     overrides, _ = _store(store)
     with pytest.raises(CheckpointError, match="resume=nope: no MLflow run with this id in "

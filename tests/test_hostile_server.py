@@ -301,12 +301,12 @@ ROUND_VALUES = [
     ("lr-factor-missing", {"train.lr_schedule": "cosine"}, {}, "train.lr_schedule"),
     *[(f"lr-factor-{value!r}", {"train.lr_schedule": "cosine"}, {m.LR_FACTOR_KEY: value},
        "train.lr_schedule") for value in (5.0, 1.0001, 0.05, 0.0, -1.0, math.nan, math.inf,
-                                          True, "1")],
+                                          True, "1", 10**400)],
     ("lr-factor-below-its-floor", {"train.lr_schedule": "cosine",
                                    "train.final_lr_fraction": 0.5}, {m.LR_FACTOR_KEY: 0.4},
      "train.lr_schedule"),
     *[(f"proximal-mu-{value!r}", {}, {m.PROXIMAL_MU_KEY: value}, m.PROXIMAL_MU_KEY)
-      for value in (math.nan, -1.0, math.inf, "0")],
+      for value in (math.nan, -1.0, math.inf, "0", 1e5, 10**400)],
 ]
 
 
@@ -445,6 +445,19 @@ def test_hostile_server_proximal_term_for_a_dp_sgd_hospital_is_refused(hospital,
                 _context(hospital, DP_RUN))
     refusal = parse_refusal(reply.error.reason)
     assert (refusal.name, refusal.key) == ("privacy-budget-refused", m.PROXIMAL_MU_KEY), \
+        reply.error.reason
+    assert not spy.calls
+    assert (hospital["state"] / LEDGER_FILE).read_bytes() == honest_ledger
+
+
+def test_hostile_server_proximal_term_with_distributed_dp_is_refused(hospital, honest_ledger,
+                                                                     spy):
+    """Distributed DP takes no local steps: a proximal term there would be ignored, so it is
+    refused like any setting of a mechanism that is off."""
+    reply = app(_message(hospital, "train", hospital[DIST], _collect(),
+                         extra={m.PROXIMAL_MU_KEY: 0.1}), _context(hospital, DISTRIBUTED_RUN))
+    refusal = parse_refusal(reply.error.reason)
+    assert (refusal.name, refusal.key) == ("settings-invalid", m.PROXIMAL_MU_KEY), \
         reply.error.reason
     assert not spy.calls
     assert (hospital["state"] / LEDGER_FILE).read_bytes() == honest_ledger
