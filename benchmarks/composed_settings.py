@@ -1,5 +1,5 @@
 """Settings for benchmarks that run hospitals in one process, made as the product makes them:
-Hydra's compose of ``conf/`` with overrides (``settings/compose.py``), every dataclass
+Hydra's compose of ``conf/`` with overrides (``clinical_fl/settings/compose.py``), every dataclass
 checking itself, then what the ServerApp sends each hospital (``task_settings`` with the
 rounds each hospital is planned to train in, which DP-SGD calibrates its noise for)."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from fl_app.server_app import planned_rounds_per_hospital
-from settings.compose import RunSettings, compose_config, task_settings, to_run_settings
-from settings.task import TaskSettings
+from clinical_fl.settings.compose import RunSettings, compose_config, task_settings, to_run_settings
+from clinical_fl.settings.task import TaskSettings
+from fl_app.server.server_app import planned_rounds_per_hospital
 from tasks.data.hospital_data import source_labels
 
 

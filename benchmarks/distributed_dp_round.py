@@ -26,15 +26,15 @@ from dataclasses import replace
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from secure_aggregation import secagg_plus
-from settings.compose import compose_config, task_settings, to_run_settings
-from settings.tracking import TrackingSettings
+from clinical_fl.secure_aggregation import secagg_plus
+from clinical_fl.settings.compose import compose_config, task_settings, to_run_settings
+from clinical_fl.settings.tracking import TrackingSettings
+from clinical_fl.tracking.paths import project_root
+from clinical_fl.tracking.run_tracker import resolve_store
 from tasks.data.hospital_data import source_labels
 from tasks.hospital import Hospital
 from tasks.model.build import trainable_state
 from tasks.privacy.ledger import PrivacyLedger
-from tracking.paths import project_root
-from tracking.run_tracker import resolve_store
 
 
 def _params(client: MlflowClient, run_id: str) -> dict[str, str]:

@@ -25,7 +25,7 @@ import time
 from composed_settings import Composed, compose
 from flower_aggregation import ServerAggregation
 
-from settings.task import OptimizerName
+from clinical_fl.settings.task import OptimizerName
 from tasks.hospital import Hospital
 from tasks.model.build import trainable_state
 from tasks.privacy.ledger import PrivacyLedger

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from settings.task import DataSettings, GradSampleMode, ModelSettings, TrainSettings
+from clinical_fl.settings.task import DataSettings, GradSampleMode, ModelSettings, TrainSettings
 from tasks.data.hospital_data import load_hospital_data, source_labels
 from tasks.learning.batches import make_loader, tokenize
 from tasks.learning.training import train_locally

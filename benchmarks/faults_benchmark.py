@@ -5,9 +5,9 @@
 
 ``faults``: a run of N simulated hospitals on the tiny model (tests/tiny_models.py) with one
 hospital sending a NaN every round and one lost in the middle of round 2 (it trains, then
-fails: no update, an error reply; the fault drill, fl_app/fault_drill.py); prints hospitals,
-rounds, faults injected, rounds completed, rejected and error replies per round, the drop,
-and the run's wall time. (A hospital whose process is killed outright is
+fails: no update, an error reply; the fault drill, fl_app/hospital/fault_drill.py); prints
+hospitals, rounds, faults injected, rounds completed, rejected and error replies per round, the
+drop, and the run's wall time. (A hospital whose process is killed outright is
 tests/test_deployment.py's: a real SuperNode SIGKILLed mid-round.)
 
 ``resume``: a run killed (SuperLink and everything it spawned, SIGKILL) once round

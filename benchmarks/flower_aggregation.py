@@ -1,6 +1,6 @@
 """The server's aggregation, for benchmarks that run their hospitals in one process.
 
-Each hospital's result becomes the reply the product sends (``fl_app/replies.py``'s
+Each hospital's result becomes the reply the product sends (``fl_app/hospital/replies.py``'s
 ``train_reply``: float32 arrays, record count as the aggregation weight, its metrics), and the
 product's strategy (``strategies/registry.py``: Flower's own ``FedAvg``, weighted by the
 replies' aggregation weight, with the product's metric rules) aggregates them with its
@@ -19,8 +19,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_app.replies import train_reply
-from settings.strategy import StrategyName, StrategySettings
+from clinical_fl.settings.strategy import StrategyName, StrategySettings
+from fl_app.hospital.replies import train_reply
 from strategies.metric_rules import evaluate_metrics_rules, train_metrics_rules
 from strategies.registry import build_strategy
 from tasks.learning.training import TrainOutcome

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from settings.compose import compose_config, task_settings, to_run_settings
-from settings.task import GradSampleMode, OptimizerName, TrainSettings
+from clinical_fl.settings.compose import compose_config, task_settings, to_run_settings
+from clinical_fl.settings.task import GradSampleMode, OptimizerName, TrainSettings
 from tasks.data.hospital_data import load_server_test_set, source_labels
 from tasks.hospital import Hospital
 from tasks.learning.batches import make_loader

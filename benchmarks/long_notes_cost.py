@@ -25,7 +25,7 @@ from pathlib import Path
 
 from speed import machine, timed
 
-from settings.task import (
+from clinical_fl.settings.task import (
     DEFAULT_MODEL_ID,
     DataSettings,
     GradSampleMode,

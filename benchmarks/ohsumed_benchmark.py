@@ -40,9 +40,9 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from settings.tracking import TrackingSettings
-from tracking.paths import project_root
-from tracking.run_tracker import resolve_store
+from clinical_fl.settings.tracking import TrackingSettings
+from clinical_fl.tracking.paths import project_root
+from clinical_fl.tracking.run_tracker import resolve_store
 
 EXPERIMENT = "ohsumed-benchmark"
 DEFAULT_TABLE = Path("~/.cache/clinical-fl/ohsumed_ma5.parquet")

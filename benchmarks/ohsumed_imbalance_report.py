@@ -19,9 +19,9 @@ import argparse
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from settings.tracking import TrackingSettings
-from tracking.paths import project_root
-from tracking.run_tracker import resolve_store
+from clinical_fl.settings.tracking import TrackingSettings
+from clinical_fl.tracking.paths import project_root
+from clinical_fl.tracking.run_tracker import resolve_store
 
 EXPERIMENT = "ohsumed-benchmark-single23"
 # The five smallest classes by training documents (C22 9, C03 21, C02 25, C07 29, C09 35).

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from settings.tracking import TrackingSettings
-from tracking.run_tracker import default_store
+from clinical_fl.settings.tracking import TrackingSettings
+from clinical_fl.tracking.run_tracker import default_store
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("none", "secagg_plus", "ckks")
@@ -92,7 +92,7 @@ def ckks_cost(values: int, repeats: int = 3) -> dict:
 
     import numpy as np
 
-    from secure_aggregation import ckks
+    from clinical_fl.secure_aggregation import ckks
 
     with tempfile.TemporaryDirectory() as directory:
         secret_path, public_path = ckks.generate_key_material(Path(directory))

@@ -42,7 +42,7 @@ def test_notes(args: argparse.Namespace, labels: list[str]) -> list[str]:
         table = pd.read_parquet(Path(args.parquet).expanduser())
         table = table[table["split"] == "test"]
         return table["text"].tolist()[:args.limit]
-    from settings.task import DataSettings
+    from clinical_fl.settings.task import DataSettings
     from tasks.data.synthetic_notes import generate_hospital_notes
 
     settings = DataSettings()
@@ -61,7 +61,8 @@ def start_service(adapter: Path, folder: Path, max_batch: int) -> tuple[subproce
     (folder / "tokens").write_text(TOKEN + "\n")
     port = 18000 + os.getpid() % 1000
     process = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", "--adapter", str(adapter), "--port", str(port),
+        [sys.executable, "-m", "clinical_fl.serving.cli", "--adapter", str(adapter),
+         "--port", str(port),
          "--tls-cert", str(folder / "certs" / "superlink.pem"),
          "--tls-key", str(folder / "certs" / "superlink.key"), "--token-file",
          str(folder / "tokens"), "--max-batch", str(max_batch), "--max-notes", "1024"],
@@ -80,7 +81,7 @@ def start_service(adapter: Path, folder: Path, max_batch: int) -> tuple[subproce
 
 
 def crypto_only(weight: np.ndarray, bias: np.ndarray, vectors: np.ndarray) -> None:
-    from serving.ckks_head import ClientKeys, EncryptedHead
+    from clinical_fl.serving.ckks_head import ClientKeys, EncryptedHead
 
     head = EncryptedHead(weight, bias)
     started = time.perf_counter()
@@ -119,8 +120,8 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=32)
     args = parser.parse_args()
 
-    from serving.client import EncryptedPredictor, ServiceClient
-    from serving.run_artifacts import download_adapter
+    from clinical_fl.serving.client import EncryptedPredictor, ServiceClient
+    from clinical_fl.serving.run_artifacts import download_adapter
     from tasks.model.predict import NoteClassifier
 
     adapter = download_adapter(args.run_id, args.tracking_uri)

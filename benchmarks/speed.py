@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from settings.task import (
+from clinical_fl.settings.task import (
     DEFAULT_MODEL_ID,
     DataSettings,
     DeidSettings,

@@ -10,4 +10,4 @@ out="${1:?usage: ckks-keys.sh OUT_DIR [--poly-modulus-degree N] [--scale-bits B]
 (umask 077; mkdir -p "$out"); out="$(cd "$out" && pwd)"
 cd "$(dirname "$0")/.."
 python=.venv/bin/python; [ -x "$python" ] || python=python3
-exec "$python" -m secure_aggregation.ckks_keys "$out" "$@"
+exec "$python" -m clinical_fl.secure_aggregation.ckks_keys "$out" "$@"

@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import FLOWER_LOGGER, update_console_handler
 
 # The server-side packages of this product: their INFO lines go to the run's console.
-SERVER_LOGGERS = ("fl_app", "strategies", "tracking", "secure_aggregation", "settings")
+SERVER_LOGGERS = ("fl_app", "strategies", "clinical_fl")
 _OPACUS_FORMAT = "%(asctime)s:%(levelname)s:%(message)s"
 _STRATEGY_CODE = f"{os.sep}flwr{os.sep}serverapp{os.sep}strategy{os.sep}"
 
@@ -110,13 +110,13 @@ class RoundConsole:
     """Flower's evaluate_fn after each round: the round logger (MLflow) first, then the
     round's one line on the console."""
 
-    def __init__(self, round_logger: Callable[[int, ArrayRecord], MetricRecord | None],
+    def __init__(self, round_end: Callable[[int, ArrayRecord], MetricRecord | None],
                  history: Callable[[], Mapping[int, Mapping[str, float]]],
                  num_rounds: int) -> None:
-        self.round_logger, self.history, self.num_rounds = round_logger, history, num_rounds
+        self.round_end, self.history, self.num_rounds = round_end, history, num_rounds
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        result = self.round_logger(server_round, arrays)
+        result = self.round_end(server_round, arrays)
         logging.getLogger("fl_app.rounds").info(
             "%s", round_line(server_round, self.num_rounds,
                              self.history().get(server_round, {})))

@@ -16,7 +16,7 @@ from __future__ import annotations
 from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
-from settings.strategy import CentralDpSettings
+from clinical_fl.settings.strategy import CentralDpSettings
 
 # Client-level delta when none is configured. A delta of 1/(10 x hospitals) would be 0.05 for
 # two hospitals: a 5% chance of revealing a whole hospital's update outright.

@@ -50,7 +50,7 @@ class ServerCheckpoint:
     rejections: dict[int, int] = field(default_factory=dict)  # hospital -> rejected updates
     metrics: dict[str, float] = field(default_factory=dict)  # this round's logged metrics
     history: dict[int, dict[str, float]] = field(default_factory=dict)  # for the plot
-    # Early stopping (fl_app/early_stopping.py): metric, best_round, best_value, stale; empty
+    # Early stopping (fl_app/server/early_stopping.py): metric, best_round, best_value, stale; empty
     # when it is off. best_arrays: the best round's adapter, empty when it is ``arrays``.
     early_stopping: dict = field(default_factory=dict)
     best_arrays: dict[str, np.ndarray] = field(default_factory=dict)

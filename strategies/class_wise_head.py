@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
-from protocol import messages as m
+from clinical_fl.protocol import messages as m
 from strategies.wrapper import StrategyWrapper
 
 

@@ -4,7 +4,7 @@ Early rounds move a fresh adapter far; late ones refine a model that is already 
 full-size local steps on skewed hospitals make the global model swing from round to round.
 The server computes each round's factor of the hospitals' learning rates and sends it with
 the round's training message (``lr-factor``), as Flower's per-round fit configs do; each
-hospital checks the factor against its settings (``fl_app/received.py``) before training.
+hospital checks the factor against its settings (``fl_app/hospital/received.py``) before training.
 The rates are not a privacy parameter: DP-SGD's noise and accounting do not depend on them.
 """
 
@@ -17,8 +17,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from protocol import messages as m
-from settings.task import LearningRateSchedule, TrainSettings
+from clinical_fl.protocol import messages as m
+from clinical_fl.settings.task import LearningRateSchedule, TrainSettings
 from strategies.wrapper import StrategyWrapper
 
 

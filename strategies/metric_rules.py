@@ -5,7 +5,7 @@ accuracy and loss, wrong for counts (they add up), for timings (the round
 waits for the slowest hospital), and for macro-F1: the federation's macro-F1
 comes from the summed per-class counts, not from a mean of local scores.
 A key with no rule is an error rather than silently averaged. The rules are the
-protocol's table (``protocol/messages.py``).
+protocol's table (``clinical_fl/protocol/messages.py``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 from flwr.app import MetricRecord, RecordDict
 
-from protocol import messages as m
-from protocol.messages import Rule, released
+from clinical_fl.protocol import messages as m
+from clinical_fl.protocol.messages import Rule, released
 
 Scalar = int | float
 Value = Scalar | list[int] | list[float]

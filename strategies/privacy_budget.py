@@ -17,8 +17,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from protocol.messages import CAN_TRAIN_NEXT
-from protocol.refusals import BY_NAME, explain_reason
+from clinical_fl.protocol.messages import CAN_TRAIN_NEXT
+from clinical_fl.protocol.refusals import BY_NAME, explain_reason
 from strategies.wrapper import StrategyWrapper
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from protocol.messages import WEIGHT_KEY
-from settings.strategy import StrategyName, StrategySettings
+from clinical_fl.protocol.messages import WEIGHT_KEY
+from clinical_fl.settings.strategy import StrategyName, StrategySettings
 
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 

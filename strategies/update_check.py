@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from settings.recovery import UpdateCheckSettings
+from clinical_fl.settings.recovery import UpdateCheckSettings
 from strategies.wrapper import StrategyWrapper
 
 log = logging.getLogger(__name__)

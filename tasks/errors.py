@@ -2,7 +2,7 @@
 
 The message is for the hospital's own log and the operator who reads it: it may name a file,
 a row or a value. What may leave a hospital is only ``key`` (the setting or policy key the
-error concerns) and ``counts`` (named integers): ``protocol/refusals.py``.
+error concerns) and ``counts`` (named integers): ``clinical_fl/protocol/refusals.py``.
 """
 
 from __future__ import annotations

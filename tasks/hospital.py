@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from settings.task import TaskSettings
+from clinical_fl.settings.task import TaskSettings
 from tasks.audit.canaries import CANARY_COLUMN, GradientCanaries, read_canaries, with_canaries
 from tasks.data.hospital_data import HospitalData, load_hospital_data
 from tasks.errors import TaskInputError
@@ -200,7 +200,8 @@ class Hospital:
         if ledger is None:
             raise ValueError("DP-SGD training needs the hospital's privacy ledger")
         if proximal_mu > 0:
-            # The key is the round config's (protocol/messages.py): a refusal names only keys
+            # The key is the round config's (clinical_fl/protocol/messages.py): a refusal names
+            # only keys
             # the hospital received.
             raise PrivacyBudgetError("FedProx's proximal term is not supported with DP-SGD",
                                      key="proximal-mu")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fl_app.flower_env import flower_env
+from fl_app.commands.flower_env import flower_env
 from tasks.data.synthetic_notes import generate_hospital_notes
 from tests.flower_processes import ROOT, VENV_BIN, free_port, kill_tree
 from tests.support import wait_until
@@ -152,7 +152,7 @@ class Deployment:
             stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True)
 
     def finish(self, process: subprocess.Popen, timeout: float = 900) -> tuple[str, str, str]:
-        from fl_app.flower_runs import run_status, started_run_id
+        from fl_app.commands.flower_runs import run_status, started_run_id
 
         output, _ = process.communicate(timeout=timeout)
         run_id = started_run_id(output)

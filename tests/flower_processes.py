@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from fl_app.flower_env import flower_env
+from fl_app.commands.flower_env import flower_env
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -65,7 +65,7 @@ class LocalSimulationSuperLink:
         """Run the app (with ``hospitals`` simulated SuperNodes, else Flower's default;
         ``run_config``: typed run-config keys beside the overrides, ``k=v ...``); returns
         (status, details, output)."""
-        from fl_app.flower_runs import run_status, started_run_id
+        from fl_app.commands.flower_runs import run_status, started_run_id
 
         out = subprocess.run(
             flwr_run_command(overrides, hospitals, run_config),

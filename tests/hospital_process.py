@@ -16,9 +16,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_app.client_app import app
-from protocol import messages as m
-from settings.compose import task_settings_from_yaml
+from clinical_fl.protocol import messages as m
+from clinical_fl.settings.compose import task_settings_from_yaml
+from fl_app.hospital.client_app import app
 from tasks.model.build import build_model, load_tokenizer, trainable_state
 
 NODE = 7

@@ -1,4 +1,4 @@
-"""A ServerApp that runs the product's own server (``fl_app.server_app.main``) once per
+"""A ServerApp that runs the product's own server (``fl_app.server.server_app.main``) once per
 scenario, each through a Grid that rewrites the task settings of every message it sends: a
 server that skips its own checks, or lies. Used by ``tests/test_hostile_server_run.py``,
 which copies this file into a Flower app of its own for a real ``flwr run``.
@@ -17,9 +17,9 @@ import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fl_app.server_app import main as product_main
-from protocol import messages as m
-from tracking.grid_wrapper import GridWrapper
+from clinical_fl.protocol import messages as m
+from fl_app.server.grids.base import GridWrapper
+from fl_app.server.server_app import main as product_main
 
 log = logging.getLogger(__name__)
 app = ServerApp()

@@ -12,11 +12,11 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fl_app.client_mods import asks_for_clipping, clip_update_for_client_level_dp
-from fl_app.hospital_edge import HOSPITAL_LOG, hospital_edge_mod
-from fl_app.node_config import state_dir
-from fl_app.secure_aggregation_mod import secure_aggregation_mod
-from protocol import messages as m
+from clinical_fl.protocol import messages as m
+from fl_app.hospital.clipping_mod import asks_for_clipping, clip_update_for_client_level_dp
+from fl_app.hospital.edge import HOSPITAL_LOG, hospital_edge_mod
+from fl_app.hospital.node_config import state_dir
+from fl_app.hospital.secure_aggregation_mod import secure_aggregation_mod
 
 ADAPTER = {"lora_A": np.zeros((8, 64), np.float32), "lora_B": np.zeros((64, 8), np.float32),
            "head.weight": np.zeros((3, 64), np.float32)}
@@ -66,7 +66,7 @@ class HospitalsGrid(Grid):
                                  reason="4031 privacy-budget-refused"), reply_to=msg)
         start = {k: a.numpy() for k, a in msg.content[m.ARRAYS_RECORD].items()}
         trained = {k: Array(start[k] + step_of(node)[k]) for k in start}
-        # As fl_app/replies.py: equal weights under client-level DP.
+        # As fl_app/hospital/replies.py: equal weights under client-level DP.
         weight = 1 if asks_for_clipping(msg) else records_of(node)
         metrics = MetricRecord({m.NUM_EXAMPLES: records_of(node), m.WEIGHT_KEY: weight,
                                 m.HOSPITAL: node})

@@ -14,8 +14,8 @@ from dp_accounting.rdp import RdpAccountant
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from settings.compose import compose_config, task_settings
-from settings.task import TaskSettings
+from clinical_fl.settings.compose import compose_config, task_settings
+from clinical_fl.settings.task import TaskSettings
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.privacy.accounting import RDP_ORDERS
 

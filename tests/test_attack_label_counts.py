@@ -1,5 +1,5 @@
 """A mistaken or malicious server against the noisy label-count release
-(``privacy.dp_sgd.label_count_noise``, fl_app/hospital_handlers.py ``preflight``), through the
+(``privacy.dp_sgd.label_count_noise``, fl_app/hospital/handlers.py ``preflight``), through the
 hospital's real ClientApp (its edge and handlers), with a state directory.
 
 What must hold for every message: the hospital checks every value it receives, never loosens
@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from protocol.refusals import is_refusal_line, parse_refusal
-from settings.compose import task_settings_to_yaml
-from settings.task import Accountant
+from clinical_fl.protocol.refusals import is_refusal_line, parse_refusal
+from clinical_fl.settings.compose import task_settings_to_yaml
+from clinical_fl.settings.task import Accountant
 from tasks.data.hospital_data import load_hospital_data
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.privacy.accounting import calibrate_noise_multiplier, epsilon_spent
@@ -389,7 +389,7 @@ def test_unknown_labels_under_a_release_say_no_record_count(tiny_bert, tmp_path)
 
 CHILD = """
 import json, resource, sys
-import fl_app.hospital_handlers, opacus.accountants  # loaded before the memory limit
+import fl_app.hospital.handlers, opacus.accountants  # loaded before the memory limit
 from tests.hospital_process import hospital_preflight_counts
 size = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1])
 resource.setrlimit(resource.RLIMIT_AS, (size * 1024 + 3 * 2**30, resource.RLIM_INFINITY))

@@ -31,19 +31,19 @@ from flwr.app import ConfigRecord, Context, Error, Message, Metadata, RecordDict
 from flwr.app.message import make_message
 from flwr.common.logger import FLOWER_LOGGER
 
-from fl_app import progress_grid
-from fl_app.client_app import app as hospital_app
-from fl_app.hospital_edge import HOSPITAL_LOG
-from fl_app.progress_grid import ProgressGrid
-from protocol import messages as m
-from protocol.refusals import is_refusal_line
-from serving import cli as serve_cli
-from serving import wire
-from serving.access_log import ACCESS_LOGGER, METHODS
-from serving.app import ServiceSettings, create_app
-from settings.compose import task_settings, task_settings_to_yaml
-from settings.run_config import compose_run_config, run_config_defaults
-from settings.task import DeidSettings, ModelSettings
+from clinical_fl.protocol import messages as m
+from clinical_fl.protocol.refusals import is_refusal_line
+from clinical_fl.serving import cli as serve_cli
+from clinical_fl.serving import wire
+from clinical_fl.serving.access_log import ACCESS_LOGGER, METHODS
+from clinical_fl.serving.app import ServiceSettings, create_app
+from clinical_fl.settings.compose import task_settings, task_settings_to_yaml
+from clinical_fl.settings.run_config import compose_run_config, run_config_defaults
+from clinical_fl.settings.task import DeidSettings, ModelSettings
+from fl_app.hospital.client_app import app as hospital_app
+from fl_app.hospital.edge import HOSPITAL_LOG
+from fl_app.server.grids import progress as progress_grid
+from fl_app.server.grids.progress import ProgressGrid
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.learning.progress import TrainingProgress
 from tasks.model.build import build_model, save_adapter
@@ -447,7 +447,7 @@ def test_attack_training_progress_goes_to_the_hospital_log_only(
 def test_attack_progress_outside_a_message_reaches_no_console(capfd):
     """Training outside a message (no hospital edge: a benchmark, a notebook) with the
     ClientApp's logging (fl_app.console.quiet_third_party): INFO progress is not printed."""
-    import fl_app.client_app  # noqa: F401 - installs quiet_third_party's root handler
+    import fl_app.hospital.client_app  # noqa: F401 - installs quiet_third_party's root handler
 
     root = logging.getLogger()
     level = root.level
@@ -466,7 +466,7 @@ def test_attack_progress_outside_a_message_reaches_no_console(capfd):
 
 def _from_run_config(hospital, run_config: dict) -> str:
     """The task settings a ServerApp sends for this run config (compose_run_config, then
-    task_settings as fl_app/server_app.py does, planned rounds as it plans them)."""
+    task_settings as fl_app/server/server_app.py does, planned rounds as it plans them)."""
     base = [f"model.name_or_path={hospital['model']}", *FAST, *hospital["files"]]
     overrides = " ".join([*base, run_config.pop("overrides", "")])
     if NO_DEID not in overrides and "data.deid" not in overrides:
@@ -582,7 +582,7 @@ def test_attack_progress_grid_returns_at_the_timeout_when_a_hospital_stays_silen
 def test_attack_progress_grid_asks_for_each_reply_once_and_logs_no_content(fast_poll, caplog):
     """A reply already received is not asked for again (an honest link then never hands it
     twice), and the waiting line names the round, counts and hospitals only."""
-    caplog.set_level(logging.INFO, logger="fl_app.progress_grid")
+    caplog.set_level(logging.INFO, logger="fl_app.server.grids.progress")
 
     def answers(ids: set[str], pull: int) -> list[Message]:
         return [_reply("id0", 100)] if pull == 1 else (

@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from fl_app.audit_cli import AUDITORS, audit_bounds
-from settings.task import (
+from clinical_fl.settings.task import (
     DpSgdSettings,
 )
+from fl_app.commands.audit import AUDITORS, audit_bounds
 from tasks.audit.bound import epsilon_lower_bound, guess_and_bound, p_value
 from tasks.audit.canaries import GRADIENT, NOTE, make_canaries, write_canaries
 from tasks.audit.scores import white_box_scores
@@ -146,7 +146,7 @@ def test_audit_canaries_are_refused_by_a_deployed_hospital(canary_hospital, tmp_
 def test_audit_runs_end_to_end_on_the_tiny_model(superlink, tiny_bert, tmp_path):
     out = tmp_path / "report.json"
     done = subprocess.run(
-        [sys.executable, "-m", "fl_app.audit_cli", "--canaries", "40", "--guesses", "10",
+        [sys.executable, "-m", "fl_app.commands.audit", "--canaries", "40", "--guesses", "10",
          "--out", str(out), f"model.name_or_path={tiny_bert}", "data.notes_per_hospital=60",
          f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "model.lora.dropout=0.0",
          "audit.canary_norm=10", NO_DEID],  # canaries of norm 10: see canary_hospital

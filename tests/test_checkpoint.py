@@ -9,10 +9,10 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 
-from fl_app.resume import config_tree, prepare_resume
-from protocol import messages as m
-from settings.checks import ConfigError
-from settings.compose import compose_config, to_run_settings
+from clinical_fl.protocol import messages as m
+from clinical_fl.settings.checks import ConfigError
+from clinical_fl.settings.compose import compose_config, to_run_settings
+from fl_app.server.resume import config_tree, prepare_resume
 from strategies.checkpoint import (
     CHECKPOINT_FILE,
     CheckpointError,

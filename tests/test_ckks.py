@@ -1,4 +1,5 @@
-"""CKKS building blocks (secure_aggregation/ckks.py): key files, encryption, homomorphic sum."""
+"""CKKS building blocks (clinical_fl/secure_aggregation/ckks.py): key files, encryption,
+homomorphic sum."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import tenseal as ts
 
-from secure_aggregation import ckks
+from clinical_fl.secure_aggregation import ckks
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,10 +9,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common import MessageType
 from flwr.serverapp.strategy import FedAvg
 
-from fl_app.head_aggregation import label_skewed, resolve_head_aggregation
-from protocol import messages as m
-from settings.checks import ConfigError
-from settings.compose import compose_config, to_run_settings
+from clinical_fl.protocol import messages as m
+from clinical_fl.settings.checks import ConfigError
+from clinical_fl.settings.compose import compose_config, to_run_settings
+from fl_app.server.head_aggregation import label_skewed, resolve_head_aggregation
 from strategies.class_wise_head import ClassWiseHead, class_wise_rows
 from tasks.model.build import build_model, trainable_state
 from tasks.model.windows import head_parameter_names
@@ -97,7 +97,7 @@ def test_imbalance_label_skew_is_a_class_some_hospital_lacks_and_another_holds()
 ])
 def test_imbalance_auto_head_aggregation_turns_on_only_for_label_skew(tiny_bert, overrides,
                                                                       counts, chosen, scale):
-    from settings.compose import task_settings
+    from clinical_fl.settings.compose import task_settings
 
     cfg = compose_config(overrides)
     settings, task_ = to_run_settings(cfg), task_settings(cfg, ["a", "b"])

@@ -8,19 +8,19 @@ import pandas as pd
 import pytest
 from flwr.common.config import parse_config_args
 
-from fl_app import flower_runs
-from fl_app.cli import (
+from clinical_fl.settings.compose import ConfigError, parse_overrides
+from clinical_fl.settings.task import DataSettings, DataSource
+from fl_app.commands import flower_runs
+from fl_app.commands.cli import (
     check_command_line,
     command_line,
     flwr_run_command,
     sweep_jobs,
     write_run_config,
 )
-from fl_app.data_check import check_data, server_labels
-from fl_app.flower_env import flower_env, flower_executable
-from fl_app.flower_runs import started_run_id
-from settings.compose import ConfigError, parse_overrides
-from settings.task import DataSettings, DataSource
+from fl_app.commands.flower_env import flower_env, flower_executable
+from fl_app.commands.flower_runs import started_run_id
+from fl_app.server.data_check import check_data, server_labels
 from tests.flower_processes import VENV_BIN
 
 NOWHERE = "no-such-superlink"  # a connection flwr run refuses at once: nothing starts
@@ -156,7 +156,7 @@ def test_the_command_lines_find_flwr_next_to_their_python(tmp_path, monkeypatch)
     # The SuperLink that flwr run starts spawns flwr-simulation etc. by name: the venv first.
     assert flower_env()["PATH"].split(os.pathsep)[0] == str(VENV_BIN)
     assert flower_env(PATH="/x")["PATH"] == "/x", "a caller's own PATH wins"
-    monkeypatch.setattr("fl_app.flower_env.python_bin", lambda: tmp_path)
+    monkeypatch.setattr("fl_app.commands.flower_env.python_bin", lambda: tmp_path)
     with pytest.raises(FileNotFoundError, match=r"cannot find the 'flwr-nope' executable"):
         flower_executable("flwr-nope")
 
@@ -177,7 +177,7 @@ def test_help_names_the_app_and_lists_the_groups(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("clinical-fl: federated") and "cli " not in out.stdout
     assert "privacy: central_dp, distributed_dp, dp_sgd, dp_sgd_central_dp, none" in out.stdout
-    assert "strategy: fedadam, fedavg" in out.stdout and "settings/run.py" in out.stdout
+    assert "strategy: fedadam, fedavg" in out.stdout and "clinical_fl/settings/run.py" in out.stdout
     assert "local_epochs: 1" in out.stdout
     assert not any((tmp_path / "cwd").iterdir())
 

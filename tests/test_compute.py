@@ -4,9 +4,9 @@ the machine lacks what the settings ask for."""
 import pytest
 import torch
 
-from settings.checks import ConfigError
-from settings.compose import compose_config, task_settings_to_yaml
-from settings.task import Device, Precision, TrainSettings
+from clinical_fl.settings.checks import ConfigError
+from clinical_fl.settings.compose import compose_config, task_settings_to_yaml
+from clinical_fl.settings.task import Device, Precision, TrainSettings
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.hospital import Hospital
 from tasks.model import compute as compute_module

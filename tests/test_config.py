@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from settings.compose import (
+from clinical_fl.settings.compose import (
     ConfigError,
     check_override_keys,
     compose_config,
@@ -17,10 +17,10 @@ from settings.compose import (
     to_run_settings,
     validate_config,
 )
-from settings.run import RunSettings
-from settings.secure_aggregation import SecureAggregationSettings
-from settings.strategy import CentralDpSettings, StrategyName, StrategySettings
-from settings.task import (
+from clinical_fl.settings.run import RunSettings
+from clinical_fl.settings.secure_aggregation import SecureAggregationSettings
+from clinical_fl.settings.strategy import CentralDpSettings, StrategyName, StrategySettings
+from clinical_fl.settings.task import (
     DataSettings,
     DataSource,
     DistributedDpSettings,

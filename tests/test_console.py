@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from flwr.common.logger import FLOWER_LOGGER
 
-from fl_app import console, local_superlink
-from fl_app.run_summary import EXAMPLE_NOTE, FinishedRun, executable, summary
+from fl_app import console
+from fl_app.commands import local_superlink
+from fl_app.server.run_summary import EXAMPLE_NOTE, FinishedRun, executable, summary
 from tasks.learning.progress import TrainingProgress
 
 HISTORY = {

@@ -15,13 +15,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fl_app import client_app
-from fl_app.secure_aggregation_grid import SecureAggregationGrid
-from protocol import messages as m
-from secure_aggregation import ckks
-from secure_aggregation.masking import dequantize_sum
-from settings.compose import task_settings_to_yaml
-from settings.task import Accountant, DataSettings, ModelSettings, Pooling
+from clinical_fl.protocol import messages as m
+from clinical_fl.secure_aggregation import ckks
+from clinical_fl.secure_aggregation.masking import dequantize_sum
+from clinical_fl.settings.compose import task_settings_to_yaml
+from clinical_fl.settings.task import Accountant, DataSettings, ModelSettings, Pooling
+from fl_app.hospital import client_app
+from fl_app.server.grids.secure_aggregation import SecureAggregationGrid
 from tasks.data.hospital_data import load_hospital_data
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.hospital import Hospital
@@ -353,15 +353,15 @@ def test_distributed_dp_rounds_share_one_ledger_entry():
       "privacy.distributed_dp.max_grad_norm=0"], "privacy.distributed_dp.max_grad_norm"),
 ])
 def test_distributed_dp_settings_that_cannot_work_are_refused(overrides, key):
-    from settings.checks import ConfigError
-    from settings.compose import compose_config, to_run_settings
+    from clinical_fl.settings.checks import ConfigError
+    from clinical_fl.settings.compose import compose_config, to_run_settings
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         to_run_settings(compose_config(overrides))
 
 
 def test_distributed_dp_in_a_sweep_takes_the_swept_target_and_inf_is_the_level_without_dp():
-    from settings.compose import compose_config, to_run_settings
+    from clinical_fl.settings.compose import compose_config, to_run_settings
 
     def composed(epsilon):
         return to_run_settings(compose_config(["+sweep=epsilon", "privacy=distributed_dp",
@@ -374,10 +374,10 @@ def test_distributed_dp_in_a_sweep_takes_the_swept_target_and_inf_is_the_level_w
 
 
 def test_distributed_dp_refuses_a_batch_of_every_record_before_training():
-    from fl_app.preflight import HospitalReport
-    from fl_app.server_app import Federation, plan_distributed_dp_for
-    from settings.checks import ConfigError
-    from settings.compose import compose_config, task_settings, to_run_settings
+    from clinical_fl.settings.checks import ConfigError
+    from clinical_fl.settings.compose import compose_config, task_settings, to_run_settings
+    from fl_app.server.preflight import HospitalReport
+    from fl_app.server.server_app import Federation, plan_distributed_dp_for
 
     cfg = compose_config(["privacy=distributed_dp", "secure_aggregation=secagg_plus",
                           "privacy.distributed_dp.expected_batch_size=200"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from settings.task import (
+from clinical_fl.settings.task import (
     DataSettings,
     GradSampleMode,
     ModelSettings,

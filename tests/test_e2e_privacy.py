@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_app.flower_runs import started_run_id
-from settings.compose import task_settings_to_yaml
+from clinical_fl.settings.compose import task_settings_to_yaml
+from fl_app.commands.flower_runs import started_run_id
 from tests.hospital_process import hospital_preflight
 from tests.support import history, independent_epsilon, only_run, run_overrides, task
 

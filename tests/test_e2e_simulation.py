@@ -18,8 +18,9 @@ import pandas as pd
 import pytest
 from flwr.app import Context, RecordDict
 
-from fl_app import predict_cli, server_app
-from settings.compose import ConfigError, task_settings_to_yaml
+from clinical_fl.settings.compose import ConfigError, task_settings_to_yaml
+from fl_app.commands import predict as predict_cli
+from fl_app.server import server_app
 from tasks.data.synthetic_notes import SPECIALTIES, generate_hospital_notes
 from tests.hospital_process import hospital_preflight
 from tests.support import history, only_run, run_overrides, task

@@ -21,13 +21,13 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import Strategy
 
-from fl_app.checkpointing import RoundCheckpointer
-from fl_app.early_stopping import EarlyStopped, EarlyStopping
-from fl_app.resume import MAY_CHANGE, config_tree, prepare_resume
-from fl_app.server_app import train_federation
-from settings.checks import ConfigError
-from settings.compose import compose_config, to_run_settings
-from settings.early_stopping import EarlyStoppingSettings
+from clinical_fl.settings.checks import ConfigError
+from clinical_fl.settings.compose import compose_config, to_run_settings
+from clinical_fl.settings.early_stopping import EarlyStoppingSettings
+from fl_app.server.early_stopping import EarlyStopped, EarlyStopping
+from fl_app.server.resume import MAY_CHANGE, config_tree, prepare_resume
+from fl_app.server.round_checkpointer import RoundCheckpointer
+from fl_app.server.server_app import train_federation
 from strategies.checkpoint import (
     CHECKPOINT_FILE,
     ServerCheckpoint,
@@ -233,9 +233,9 @@ def _federation(tmp_path, settings, curve, checkpoint=None):
     stopping = EarlyStopping.for_run(settings, checkpoint)
     checkpointer.early_stopping = stopping
     done = checkpoint.round if checkpoint else 0
-    latest = [_arrays(done)]  # RoundLogger.latest_arrays
+    latest = [_arrays(done)]  # RoundEnd.latest_arrays
 
-    def planted_round(server_round: int, arrays: ArrayRecord):  # RoundLogger + RoundConsole
+    def planted_round(server_round: int, arrays: ArrayRecord):  # RoundEnd + RoundConsole
         latest[0] = arrays
         value = curve.get(server_round)
         metrics = {"round/seconds": 1.0, **({METRIC: value} if value is not None else {})}

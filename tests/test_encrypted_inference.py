@@ -1,4 +1,4 @@
-"""The classification head on CKKS ciphertexts (serving/ckks_head.py), in process."""
+"""The classification head on CKKS ciphertexts (clinical_fl/serving/ckks_head.py), in process."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from tenseal import sealapi
 
-from serving import wire
-from serving.ckks_head import ClientKeys, EncryptedHead, EncryptedInputError, HeadLayout
+from clinical_fl.serving import wire
+from clinical_fl.serving.ckks_head import ClientKeys, EncryptedHead, EncryptedInputError, HeadLayout
 
 
 def _head(dimension: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +68,7 @@ def test_the_answer_holds_only_the_declared_notes_logits(tmp_path):
 
 def test_inputs_hidden_in_imaginary_parts_give_nothing_back(tmp_path):
     """CKKS slots are complex; the service returns the real part only."""
-    from serving.ckks_head import _Bytes
+    from clinical_fl.serving.ckks_head import _Bytes
 
     weight, bias = _head(64, 6)
     head = EncryptedHead(weight, bias)
@@ -110,7 +110,7 @@ def test_keys_without_the_needed_rotations_and_foreign_ciphertexts_are_refused()
         head.evaluate(other.encrypt(np.zeros((1, 64))), galois)
     with pytest.raises(EncryptedInputError, match="ciphertext 1"):
         head.evaluate([keys.encrypt(np.zeros((1, 64)))[0], b"\x00" * 100], galois)
-    from serving.ckks_head import _Bytes
+    from clinical_fl.serving.ckks_head import _Bytes
 
     transparent = sealapi.Ciphertext(head.context)  # all zeros: SEAL would refuse mid-way
     transparent.resize(head.context, head.context.first_parms_id(), 2)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord
 
-from settings.checks import ConfigError
-from settings.compose import compose_config, to_run_settings
+from clinical_fl.settings.checks import ConfigError
+from clinical_fl.settings.compose import compose_config, to_run_settings
 from strategies.evaluation_schedule import EvaluateOnSchedule, EvaluationSchedule
 from strategies.wrapper import StrategyWrapper
 

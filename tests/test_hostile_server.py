@@ -17,12 +17,12 @@ from dataclasses import replace
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fl_app.client_app import app
-from protocol import messages as m
-from protocol.refusals import is_refusal_line, parse_refusal
-from secure_aggregation import ckks
-from settings.compose import task_settings_to_yaml
-from settings.task import Accountant
+from clinical_fl.protocol import messages as m
+from clinical_fl.protocol.refusals import is_refusal_line, parse_refusal
+from clinical_fl.secure_aggregation import ckks
+from clinical_fl.settings.compose import task_settings_to_yaml
+from clinical_fl.settings.task import Accountant
+from fl_app.hospital.client_app import app
 from tasks.privacy.ledger import LEDGER_FILE, LedgerStore
 from tests.hospital_process import initial_arrays
 from tests.hostile_server import (
@@ -350,7 +350,7 @@ def test_hostile_server_note_lengths_stay_in_the_hospitals_log(hospital, honest_
 
 
 def test_hostile_server_cannot_forge_entries_in_the_hospitals_log(hospital, tmp_path):
-    from fl_app.hospital_edge import write_hospital_log
+    from fl_app.hospital.edge import write_hospital_log
 
     context = _context(hospital, 1, **{"state-dir": str(tmp_path)})
     write_hospital_log(context, "refused: 'x\n2026-01-01 00:00:00 ledger archived, epsilon reset'")
@@ -420,7 +420,7 @@ def test_hostile_server_two_runs_at_once_keep_both_runs_in_the_ledger(hospital, 
     save its ledger (a lock on the state directory), so neither run's spending is lost."""
     import threading
 
-    from fl_app.hospital_state import state_locked
+    from fl_app.hospital.state import state_locked
 
     state = {"state-dir": str(tmp_path / "state")}
     first, second = _context(hospital, 901, **state), _context(hospital, 902, **state)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_app.flower_runs import COMPLETED, run_status, started_run_id
+from fl_app.commands.flower_runs import COMPLETED, run_status, started_run_id
 from tests.flower_processes import ROOT
 from tests.hostile_server import CANARY, LABELS, write_canary_export
 from tests.support import mlflow_client, run_overrides
@@ -33,7 +33,7 @@ def _hostile_app(target: Path) -> Path:
     """A Flower app whose ServerApp is the tampering one; the ClientApp is the product's."""
     target.mkdir(parents=True)
     text = (ROOT / "pyproject.toml").read_text()
-    text = text.replace('serverapp = "fl_app.server_app:app"',
+    text = text.replace('serverapp = "fl_app.server.server_app:app"',
                         'serverapp = "hostile_server_app:app"')
     text = text.replace('overrides = ""', 'overrides = ""\nscenarios = ""')
     # this app is one module: the product's bundle patterns (its .md, .yaml, tests/) match

@@ -10,16 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_app.class_weights import (
-    balanced_weights,
-    federation_counts,
-    noisy_balanced_weights,
-    plan_class_weights,
-)
-from fl_app.run_summary import FinishedRun, summary
-from settings.checks import ConfigError
-from settings.compose import task_settings_to_yaml
-from settings.task import (
+from clinical_fl.settings.checks import ConfigError
+from clinical_fl.settings.compose import task_settings_to_yaml
+from clinical_fl.settings.task import (
     ClassWeighting,
     DataSettings,
     GradSampleMode,
@@ -27,6 +20,14 @@ from settings.task import (
     OptimizerName,
     TrainSettings,
 )
+from clinical_fl.tracking.per_class import per_class_metrics, safe_name, zero_recall
+from fl_app.server.class_weights import (
+    balanced_weights,
+    federation_counts,
+    noisy_balanced_weights,
+    plan_class_weights,
+)
+from fl_app.server.run_summary import FinishedRun, summary
 from tasks.data.hospital_data import load_hospital_data
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.learning.batches import make_loader, tokenize
@@ -35,7 +36,6 @@ from tasks.model.build import build_model, load_tokenizer, load_trainable_state,
 from tasks.privacy.dp_sgd import train_with_dp_sgd
 from tests.hospital_process import hospital_preflight_counts, hospital_train_reply, initial_arrays
 from tests.support import task
-from tracking.per_class import per_class_metrics, safe_name, zero_recall
 
 
 def test_imbalance_balanced_weights_match_a_hand_computation():
@@ -198,7 +198,7 @@ def test_imbalance_noisy_counts_a_run_could_not_use_are_refused(tiny_bert, overr
 
 
 def test_imbalance_noisy_counts_with_given_weights_are_refused_before_the_run():
-    from settings.compose import compose_config, to_run_settings
+    from clinical_fl.settings.compose import compose_config, to_run_settings
 
     with pytest.raises(ConfigError, match="would not be used") as refused:
         to_run_settings(compose_config(["privacy=dp_sgd", "privacy.dp_sgd.label_count_noise=5",
@@ -216,7 +216,7 @@ def test_imbalance_a_private_hospital_releases_noisy_counts_once_and_books_them(
 
     from opacus.accountants import RDPAccountant
 
-    from settings.task import Accountant
+    from clinical_fl.settings.task import Accountant
     from tasks.privacy.accounting import calibrate_noise_multiplier
 
     sigma, target = 4.0, 3.0

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from settings.compose import task_settings_to_yaml
+from clinical_fl.settings.compose import task_settings_to_yaml
 from tests.flower_processes import ROOT
 from tests.hospital_process import hospital_train
 from tests.support import independent_epsilon, task

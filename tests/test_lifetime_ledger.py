@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from fl_app import ledger_cli
-from settings.compose import task_settings_to_yaml
-from settings.task import (
+from clinical_fl.settings.compose import task_settings_to_yaml
+from clinical_fl.settings.task import (
     Accountant,
 )
+from fl_app.commands import ledger as ledger_cli
 from tasks.privacy.accounting import epsilon_spent
 from tasks.privacy.ledger import LedgerError, LedgerStore, LifetimeLedger, PrivacyLedger
 from tests.flower_processes import ROOT

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from settings.compose import ConfigError, compose_config, task_settings
-from settings.task import (
+from clinical_fl.settings.compose import ConfigError, compose_config, task_settings
+from clinical_fl.settings.task import (
     GradSampleMode,
     LongNotes,
     ModelSettings,
@@ -292,7 +292,7 @@ def test_each_pooling_of_windows_trains_evaluates_predicts_and_runs_the_encrypte
     is model.long_notes=truncate) goes through the whole path: a training step moves the
     adapter, evaluation scores the notes, the saved adapter predicts what the trained model
     predicts, and the CKKS head gives the plaintext head's logits on the vectors it pools."""
-    from serving.ckks_head import ClientKeys, EncryptedHead
+    from clinical_fl.serving.ckks_head import ClientKeys, EncryptedHead
     from tasks.model.predict import NoteClassifier
 
     first = reading == "first-window"

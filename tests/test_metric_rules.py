@@ -4,7 +4,7 @@ import pytest
 from flwr.app import MetricRecord, RecordDict
 from sklearn.metrics import f1_score
 
-from protocol.messages import WITHHELD, Rule
+from clinical_fl.protocol.messages import WITHHELD, Rule
 from strategies.metric_rules import (
     MetricRules,
     evaluate_metrics_rules,

@@ -23,19 +23,19 @@ from hydra.utils import instantiate
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fl_app import sweep as sweep_module
-from fl_app.cli import sweep_jobs
-from serving.pyfunc import INPUT_EXAMPLE, installable, log_note_model
-from settings.compose import CONF_DIR, ConfigError, compose_config, to_run_settings
-from settings.task import DataSettings, DataSource, DeidSettings, ModelSettings
-from settings.tracking import TrackingSettings
+from clinical_fl.serving.pyfunc import INPUT_EXAMPLE, installable, log_note_model
+from clinical_fl.settings.compose import CONF_DIR, ConfigError, compose_config, to_run_settings
+from clinical_fl.settings.task import DataSettings, DataSource, DeidSettings, ModelSettings
+from clinical_fl.settings.tracking import TrackingSettings
+from clinical_fl.tracking.datasets import server_test_dataset
+from clinical_fl.tracking.params import run_params
+from clinical_fl.tracking.provenance import FlowerRun
+from clinical_fl.tracking.run_names import default_run_name
+from clinical_fl.tracking.run_tracker import RunTracker
+from fl_app.commands import sweep as sweep_module
+from fl_app.commands.cli import sweep_jobs
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.model.build import build_model, save_adapter
-from tracking.datasets import server_test_dataset
-from tracking.params import run_params
-from tracking.provenance import FlowerRun
-from tracking.run_names import default_run_name
-from tracking.run_tracker import RunTracker
 
 LABELS = list(SPECIALTIES)
 FLOWER = FlowerRun(run_id=4242, fab_id="clinical-fl/clinical-fl-lora", fab_version="1.0.0",
@@ -43,7 +43,7 @@ FLOWER = FlowerRun(run_id=4242, fab_id="clinical-fl/clinical-fl-lora", fab_versi
 
 
 @dataclass
-class Report:  # fl_app/preflight.py::HospitalReport, the fields the datasets read
+class Report:  # fl_app/server/preflight.py::HospitalReport, the fields the datasets read
     hospital: int
     node_id: int
     train_records: int
@@ -218,7 +218,8 @@ def adapter(tiny_random_bert, tmp_path_factory):
 def test_importing_the_model_class_raises_no_type_hint_warning():
     """MLflow warns when a PythonModel without a type hint on predict is defined (on import);
     a fresh interpreter, since the class is defined once per process."""
-    done = subprocess.run([sys.executable, "-W", "always", "-c", "import serving.pyfunc"],
+    done = subprocess.run([sys.executable, "-W", "always", "-c",
+                           "import clinical_fl.serving.pyfunc"],
                           cwd=CONF_DIR.parent, capture_output=True, text=True, check=True)
     assert "Add type hints" not in done.stderr, done.stderr
 
@@ -259,7 +260,7 @@ def test_the_model_is_registered_and_the_alias_follows_finished_runs_only(adapte
     assert installable("2.13.0+cpu") == "2.13.0"
     model = mlflow.pyfunc.load_model(summary.model_uri)
     assert model.metadata.get_input_schema().input_names() == ["text"]
-    # The call serving/pyfunc.py documents; the input example is one note.
+    # The call clinical_fl/serving/pyfunc.py documents; the input example is one note.
     table = model.predict(pd.DataFrame({"text": ["CC: chest pain on exertion ...", "Rash."]}))
     assert list(table.columns[:2]) == ["label", "probability"] and len(table) == 2
     assert set(table["label"]) <= set(LABELS) and len(model.predict(INPUT_EXAMPLE)) == 1

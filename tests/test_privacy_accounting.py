@@ -11,7 +11,7 @@ import pytest
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
-from settings.task import Accountant, DpSgdSettings
+from clinical_fl.settings.task import Accountant, DpSgdSettings
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.hospital import Hospital
 from tasks.model.build import trainable_state

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fl_app.server_app import planned_rounds_per_hospital
+from fl_app.server.server_app import planned_rounds_per_hospital
 
 
 @pytest.mark.parametrize("rounds,hospitals,fraction,minimum,expected", [

@@ -10,8 +10,8 @@ import re
 
 import pytest
 
-from settings.compose import task_settings_to_yaml
-from settings.task import (
+from clinical_fl.settings.compose import task_settings_to_yaml
+from clinical_fl.settings.task import (
     DpSgdSettings,
 )
 from tasks.data.synthetic_notes import SPECIALTIES

@@ -17,12 +17,14 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from fl_app import cli, ledger_cli, predict_cli, run_config_check
-from fl_app.node_config import state_dir
-from fl_app.run_summary import EXAMPLE_NOTE
-from serving import cli as serve_cli
-from settings.compose import compose_config
-from settings.task import DeidSettings, ModelSettings
+from clinical_fl.serving import cli as serve_cli
+from clinical_fl.settings.compose import compose_config
+from clinical_fl.settings.task import DeidSettings, ModelSettings
+from fl_app.commands import cli, run_config_check
+from fl_app.commands import ledger as ledger_cli
+from fl_app.commands import predict as predict_cli
+from fl_app.hospital.node_config import state_dir
+from fl_app.server.run_summary import EXAMPLE_NOTE
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.model.build import build_model, load_trainable_state, save_adapter, trainable_state
 from tests.flower_processes import ROOT

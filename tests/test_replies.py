@@ -5,20 +5,20 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fl_app.replies import (
+from clinical_fl.protocol import messages as m
+from clinical_fl.settings.task import ModelSettings
+from clinical_fl.tracking.round_log import mlflow_metrics
+from fl_app.hospital.replies import (
     distributed_share_reply,
     evaluate_reply,
     preflight_reply,
     train_reply,
 )
-from protocol import messages as m
-from settings.task import ModelSettings
+from fl_app.server.grids.metered import payload_bytes
 from tasks.learning.evaluation import EvalOutcome
 from tasks.learning.training import PrivacyReport, TrainOutcome
 from tasks.model.build import build_model, trainable_state
 from tasks.privacy.lattice import Lattice
-from tracking.metered_grid import payload_bytes
-from tracking.round_log import mlflow_metrics
 
 LABELS = ["a", "b", "c"]
 
@@ -84,7 +84,7 @@ def test_a_private_train_reply_states_its_cumulative_privacy_and_weight_for_cent
 
 
 def test_a_refusal_sends_no_update_only_its_code_key_and_counts():
-    from fl_app.hospital_edge import refusal_for, refusal_message
+    from fl_app.hospital.edge import refusal_for, refusal_message
     from tasks.privacy.plan import PrivacyBudgetError
 
     err = PrivacyBudgetError("hospital 1: privacy budget: round 3 would raise epsilon from "
@@ -103,7 +103,8 @@ def _private_outcome():
 
 
 def test_every_metric_a_hospital_sends_has_a_row_in_the_protocol_table():
-    """The one table (protocol/messages.py) covers every reply; under DP-SGD a reply holds
+    """The one table (clinical_fl/protocol/messages.py) covers every reply; under DP-SGD a reply
+    holds
     exactly the metrics the table allows under DP-SGD."""
     state = {"w": torch.zeros(2)}
     train_rows = m.metric_table("train")
@@ -155,8 +156,8 @@ def test_a_distributed_share_that_does_not_fit_the_rounds_secure_aggregation_is_
     """The hospital's secure-aggregation mod masks a distributed DP share only on the lattice
     this round sums on, and only if SecAgg+ releases no sum of fewer hospitals than its noise
     share assumes."""
-    from fl_app.secure_aggregation_mod import StageRefused, _lattice_share
-    from secure_aggregation import secagg_plus
+    from clinical_fl.secure_aggregation import secagg_plus
+    from fl_app.hospital.secure_aggregation_mod import StageRefused, _lattice_share
 
     secrets = secagg_plus.setup(1, 1, 2, 0.25, 2**24, 1.0)  # this round: c 0.25, threshold 2
     start = {"w": np.zeros(2, np.float32)}

@@ -18,7 +18,7 @@ import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 
-from settings.compose import compose_config, task_settings_to_yaml, to_run_settings
+from clinical_fl.settings.compose import compose_config, task_settings_to_yaml, to_run_settings
 from strategies.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from strategies.registry import build_strategy
 from tests.flower_processes import LocalSimulationSuperLink, crash, start_flwr_run

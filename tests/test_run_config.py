@@ -1,5 +1,5 @@
 """The Flower run config: typed keys as Hydra overrides, their precedence, and the checker
-``python -m fl_app.run_config_check`` that names a bad key before ``flwr run`` does."""
+``python -m fl_app.commands.run_config_check`` that names a bad key before ``flwr run`` does."""
 
 import re
 import subprocess
@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
-from fl_app.run_config_check import check, split_arguments
-from settings.compose import ConfigError, compose_config, to_run_settings
-from settings.run_config import (
+from clinical_fl.settings.compose import ConfigError, compose_config, to_run_settings
+from clinical_fl.settings.run_config import (
     TYPED_KEYS,
     compose_run_config,
     hydra_value,
     run_config_defaults,
     run_config_overrides,
 )
+from fl_app.commands.run_config_check import check, split_arguments
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = run_config_defaults()
@@ -178,12 +178,12 @@ def test_run_config_check_reads_a_toml_file_and_every_unknown_key(tmp_path):
 
 def test_run_config_check_as_a_command():
     started = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "fl_app.run_config_check", ".", "--stream",
+    out = subprocess.run([sys.executable, "-m", "fl_app.commands.run_config_check", ".", "--stream",
                           "--run-config", "num_rounds=6"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60, check=False)
     assert out.returncode == 1 and "did you mean 'num-server-rounds'" in out.stderr
     assert "Traceback" not in out.stderr and time.monotonic() - started < 30
-    ok = subprocess.run([sys.executable, "-m", "fl_app.run_config_check", "--run-config",
+    ok = subprocess.run([sys.executable, "-m", "fl_app.commands.run_config_check", "--run-config",
                          "num-server-rounds=2"], cwd=ROOT, capture_output=True, text=True,
                         timeout=60, check=False)
     assert ok.returncode == 0, ok.stderr
@@ -202,7 +202,7 @@ def test_the_server_app_refuses_a_bad_run_config_before_any_hospital(run_config,
     Grid: nothing may reach the hospitals, and no MLflow store is made."""
     from flwr.app import Context, RecordDict
 
-    from fl_app import server_app
+    from fl_app.server import server_app
 
     run_config = dict(run_config)
     overrides = f"tracking.uri=sqlite:///{tmp_path}/mlflow.db " + run_config.pop("overrides", "")

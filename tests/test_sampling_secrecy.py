@@ -10,7 +10,7 @@ from opacus.data_loader import DPDataLoader
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, TensorDataset
 
-from settings.task import (
+from clinical_fl.settings.task import (
     DpSgdSettings,
 )
 from tasks.data.synthetic_notes import SPECIALTIES

@@ -11,15 +11,15 @@ from flwr.serverapp.strategy import (
     FedAvg,
 )
 
-from fl_app.preflight import HospitalReport
-from fl_app.secure_aggregation_grid import SecureAggregationGrid, ciphertexts_of
-from fl_app.secure_aggregation_mod import ckks_context_path
-from fl_app.server_app import Federation, check_ckks_keys, secure_aggregation_grid
-from protocol import messages as m
-from secure_aggregation import ckks
-from settings.checks import ConfigError
-from settings.compose import compose_config, task_settings_to_yaml, to_run_settings
-from settings.secure_aggregation import SecureAggregationMode, SecureAggregationSettings
+from clinical_fl.protocol import messages as m
+from clinical_fl.secure_aggregation import ckks
+from clinical_fl.settings.checks import ConfigError
+from clinical_fl.settings.compose import compose_config, task_settings_to_yaml, to_run_settings
+from clinical_fl.settings.secure_aggregation import SecureAggregationMode, SecureAggregationSettings
+from fl_app.hospital.secure_aggregation_mod import ckks_context_path
+from fl_app.server.grids.secure_aggregation import SecureAggregationGrid, ciphertexts_of
+from fl_app.server.preflight import HospitalReport
+from fl_app.server.server_app import Federation, check_ckks_keys, secure_aggregation_grid
 from tests.hospital_process import hospital_preflight
 from tests.secure_hospitals import (
     ADAPTER,
@@ -461,8 +461,8 @@ def test_hostile_server_per_hospital_parameters_leave_the_sum_masked(other_view)
     """Pairwise masks are keyed by the round's parameters: a server that tells one hospital a
     lattice (or weight, or threshold) of its own, to read the other's levels in the low bits
     of a sum of two, gets masks that do not cancel. Told alike, they cancel exactly."""
-    from secure_aggregation import secagg_plus
-    from secure_aggregation.masking import mask
+    from clinical_fl.secure_aggregation import secagg_plus
+    from clinical_fl.secure_aggregation.masking import mask
 
     honest = {"threshold": 2, "clipping_range": 4.0, "quantization_range": 2**24,
               "max_weight": 100.0}

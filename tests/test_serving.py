@@ -29,15 +29,15 @@ import uvicorn
 from fastapi.testclient import TestClient
 from tenseal import sealapi
 
-from fl_app import predict_cli
-from serving import cli as serve_cli
-from serving import run_artifacts, wire
-from serving.access_log import ACCESS_LOGGER
-from serving.app import ServiceSettings, create_app
-from serving.ckks_head import ClientKeys, HeadLayout
-from serving.client import EncryptedPredictor, ServiceClient, ServiceError
-from serving.pyfunc import log_note_model
-from settings.task import DeidSettings, ModelSettings
+from clinical_fl.serving import cli as serve_cli
+from clinical_fl.serving import run_artifacts, wire
+from clinical_fl.serving.access_log import ACCESS_LOGGER
+from clinical_fl.serving.app import ServiceSettings, create_app
+from clinical_fl.serving.ckks_head import ClientKeys, HeadLayout
+from clinical_fl.serving.client import EncryptedPredictor, ServiceClient, ServiceError
+from clinical_fl.serving.pyfunc import log_note_model
+from clinical_fl.settings.task import DeidSettings, ModelSettings
+from fl_app.commands import predict as predict_cli
 from tasks.data.synthetic_notes import SPECIALTIES, generate_hospital_notes
 from tasks.errors import TaskInputError
 from tasks.model.build import build_model, load_trainable_state, save_adapter, trainable_state
@@ -76,7 +76,8 @@ def _serve(adapter: Path, root: Path, *security: str):
     port = free_port()
     log = (root / "service.log").open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", "--adapter", str(adapter), "--port", str(port),
+        [sys.executable, "-m", "clinical_fl.serving.cli", "--adapter", str(adapter),
+         "--port", str(port),
          "--tls-cert", str(root / "certs" / "superlink.pem"),
          "--tls-key", str(root / "certs" / "superlink.key"), *security],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -194,7 +195,7 @@ def _context(spec: dict) -> sealapi.SEALContext:
 
 
 def _dump(cipher: sealapi.Ciphertext) -> bytes:
-    from serving.ckks_head import _Bytes
+    from clinical_fl.serving.ckks_head import _Bytes
 
     return _Bytes.dump(cipher)
 

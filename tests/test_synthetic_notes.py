@@ -1,6 +1,6 @@
 from collections import Counter
 
-from settings.task import DataSettings
+from clinical_fl.settings.task import DataSettings
 from tasks.data.synthetic_notes import (
     PHI_TYPES,
     SPECIALTIES,

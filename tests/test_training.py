@@ -1,6 +1,6 @@
 import torch
 
-from settings.strategy import StrategyName, StrategySettings
+from clinical_fl.settings.strategy import StrategyName, StrategySettings
 from strategies.metric_rules import evaluate_metrics_rules, train_metrics_rules
 from strategies.registry import build_strategy
 from tasks.data.synthetic_notes import SPECIALTIES

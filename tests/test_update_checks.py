@@ -12,11 +12,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.common import MessageType
 from flwr.serverapp.strategy import FedAvg
 
-from fl_app.fault_drill import broken, fault_drill_mod
-from protocol import messages as m
-from settings.checks import ConfigError
-from settings.compose import compose_config, task_settings_to_yaml
-from settings.recovery import Fault, UpdateCheckSettings
+from clinical_fl.protocol import messages as m
+from clinical_fl.settings.checks import ConfigError
+from clinical_fl.settings.compose import compose_config, task_settings_to_yaml
+from clinical_fl.settings.recovery import Fault, UpdateCheckSettings
+from fl_app.hospital.fault_drill import broken, fault_drill_mod
 from strategies.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from strategies.update_check import UpdateCheck, update_problem
 from tasks.errors import TaskInputError
@@ -162,7 +162,7 @@ def test_bad_drill_and_update_check_settings_fail_naming_the_key(override, messa
 
 def _drilled_train(settings_yaml, state_dir, server_round, node_config=None):
     """The train handler through the fault drill's mod, as the ClientApp registers it."""
-    from fl_app.client_app import train
+    from fl_app.hospital.client_app import train
     from tests.hospital_process import NODE, _context
 
     context = _context(1, state_dir, node_config)

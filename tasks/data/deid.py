@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import datasets
 
-from settings.task import DeidSettings
+from clinical_fl.settings.task import DeidSettings
 from tasks.errors import TaskInputError
 
 # Presidio entity -> our placeholder type.

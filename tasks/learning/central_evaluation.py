@@ -32,7 +32,7 @@ class CentralEvaluator:
         outcome = evaluate(self.model, self.loader, self.num_labels, self.compute)
         return {"accuracy": outcome.accuracy, "macro_f1": outcome.macro_f1,
                 "loss": outcome.loss, "records": outcome.num_examples,
-                # per class, for recall and F1 per label (tracking/per_class.py)
+                # per class, for recall and F1 per label (clinical_fl/tracking/per_class.py)
                 "true_positives": outcome.true_positives,
                 "false_positives": outcome.false_positives,
                 "false_negatives": outcome.false_negatives}

@@ -29,7 +29,7 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
 
-from settings.task import GradSampleMode, TrainSettings
+from clinical_fl.settings.task import GradSampleMode, TrainSettings
 from tasks.audit.canaries import CANARY_COLUMN, GradientCanaries
 from tasks.errors import TaskInputError
 from tasks.learning.passes import split_passes

@@ -1,6 +1,6 @@
 """A hospital's label counts released under DP-SGD: the Gaussian mechanism, in its ledger.
 
-Class weights need the federation's label counts (fl_app/class_weights.py). Exact counts are
+Class weights need the federation's label counts (fl_app/server/class_weights.py). Exact counts are
 a statistic of the private records, so under DP-SGD a hospital sends them only with
 ``privacy.dp_sgd.label_count_noise`` set: each count of its *training* records gets Gaussian
 noise of that standard deviation, drawn from OS entropy.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from settings.task import Accountant, DistributedDpSettings, DpSgdSettings
+from clinical_fl.settings.task import Accountant, DistributedDpSettings, DpSgdSettings
 from tasks.errors import TaskInputError
 from tasks.privacy.accounting import (
     Step,

@@ -1,0 +1,321 @@
+"""SecAgg+ (Bell et al., CCS 2020), the stages of Flower's ``secaggplus_mod`` and
+``SecAggPlusWorkflow`` on Message-API messages.
+
+Why a port: in flwr 1.42 the workflow needs the legacy ``LegacyContext`` and ``FitIns`` path
+and the mod reads ``fitres.*`` records, so neither can serve the Message-API strategies the
+product runs (docs/architecture.md). The cryptography is Flower's and ``cryptography``'s:
+ECDH key pairs (``flwr.supercore.primitives.asymmetric``), shared keys and Fernet encryption
+of the shares (``flwr.common.secure_aggregation.crypto.symmetric_encryption``), Shamir's
+secret sharing (``...crypto.shamir``), quantisation (``...quantization``); the masks come
+from ChaCha20 (``masking.py``) instead of Flower's 32-bit-seeded generator.
+
+One round, for the hospitals U the strategy sampled:
+1. setup: each hospital makes two key pairs and sends the public keys.
+2. share keys: each gets its neighbours' public keys; it Shamir-shares its self-mask seed
+   and its first private key among them, each share encrypted to its owner.
+3. collect: each receives the shares for it, trains, and sends its quantised weighted update
+   plus a self mask plus a pairwise mask with every neighbour (+ or - by node id), mod 2^32.
+4. unmask: the hospitals that sent an update return, for each active neighbour, its share of
+   the self-mask seed, and for each neighbour that dropped after sharing keys, its share of
+   the private key; the server removes the self masks and the dropped hospitals' pairwise
+   masks and is left with the sum. A hospital never reveals both secrets of one neighbour.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
+    decrypt,
+    encrypt,
+    generate_shared_key,
+)
+from flwr.common.secure_aggregation.secaggplus_utils import (
+    share_keys_plaintext_concat,
+    share_keys_plaintext_separate,
+)
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    generate_key_pairs,
+    private_key_to_bytes,
+    public_key_to_bytes,
+)
+
+from clinical_fl.secure_aggregation.masking import dequantize_sum, mask, quantize_vector
+
+
+class SecAggError(ValueError):
+    """A stage that cannot go on without weakening the protocol (the reason says why)."""
+
+
+def ring_neighbours(nodes: list[int], num_shares: int) -> dict[int, list[int]]:
+    """SecAgg+'s communication graph: each node and the ``num_shares - 1`` nearest on a ring
+    of the sorted node ids (all nodes when ``num_shares`` >= their number)."""
+    ordered = sorted(nodes)
+    if num_shares >= len(ordered):
+        return {node: list(ordered) for node in ordered}
+    half = num_shares // 2
+    out = {}
+    for idx, node in enumerate(ordered):
+        ring = {ordered[(idx + off) % len(ordered)] for off in range(-half, half + 1)}
+        out[node] = sorted(ring)
+    return out
+
+
+def round_digest(round_: int, threshold: int, clipping_range: float, quantization_range: int,
+                 max_weight: float) -> bytes:
+    """What every hospital of a round must have been told alike, hashed. Pairwise masks are
+    keyed by it: a server that gives hospitals different lattices, weights or thresholds (to
+    make one hospital's levels readable in the low bits of a sum of two, or its weight round to
+    zero) gets masks that do not cancel, and a sum that is noise."""
+    text = json.dumps([int(round_), int(threshold), float(clipping_range),
+                       int(quantization_range), float(max_weight)])
+    return hashlib.sha256(b"clinical-fl secagg+ round v1|" + text.encode()).digest()
+
+
+def pairwise_mask(shared_key: bytes, digest: bytes, length: int) -> np.ndarray:
+    """The mask two hospitals agree on: their ECDH key, bound to the round's digest."""
+    raw = shared_key if len(shared_key) == 32 else base64.urlsafe_b64decode(shared_key)
+    return mask(hmac.new(raw, digest, hashlib.sha256).digest(), length)
+
+
+def _pairwise_sign(own: int, other: int) -> int:
+    # Node pairs agree on one mask; the larger id adds it, the smaller subtracts it.
+    return 1 if own > other else -1
+
+
+@dataclass
+class HospitalSecrets:
+    """What a hospital keeps between the stages of one round (in Flower's context.state)."""
+
+    round: int
+    node_id: int
+    threshold: int
+    clipping_range: float
+    quantization_range: int
+    max_weight: float
+    sk1: bytes
+    pk1: bytes
+    sk2: bytes
+    pk2: bytes
+    stage: str
+    rd_seed: bytes = b""
+    pk1_of: dict[int, bytes] = field(default_factory=dict)
+    share_key_of: dict[int, bytes] = field(default_factory=dict)
+    rd_seed_shares: dict[int, bytes] = field(default_factory=dict)
+    sk1_shares: dict[int, bytes] = field(default_factory=dict)
+    mask_partners: list[int] = field(default_factory=list)
+
+    @property
+    def digest(self) -> bytes:
+        return round_digest(self.round, self.threshold, self.clipping_range,
+                            self.quantization_range, self.max_weight)
+
+    def to_json(self) -> str:
+        def enc(value: object) -> object:
+            if isinstance(value, bytes):
+                return {"b": base64.b64encode(value).decode()}
+            if isinstance(value, dict):
+                return {str(k): enc(v) for k, v in value.items()}
+            return value
+        return json.dumps({k: enc(v) for k, v in asdict(self).items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> HospitalSecrets:
+        def dec(value: object) -> object:
+            if isinstance(value, dict) and set(value) == {"b"}:
+                return base64.b64decode(value["b"])
+            if isinstance(value, dict):
+                return {int(k): dec(v) for k, v in value.items()}
+            return value
+        return cls(**{k: dec(v) for k, v in json.loads(text).items()})
+
+
+# --- The hospital's side ----------------------------------------------------------------
+
+def _expect_stage(secrets: HospitalSecrets, done: str, asked: str) -> None:
+    """Each stage once a round, in order (as Flower's mod checks)."""
+    if secrets.stage != done:
+        raise SecAggError(f"{asked} asked after stage {secrets.stage!r}, not after {done!r}")
+
+
+def setup(round_: int, node_id: int, threshold: int, clipping_range: float,
+          quantization_range: int, max_weight: float) -> HospitalSecrets:
+    """Stage 1: fresh key pairs for this round (their public halves go to the server)."""
+    if threshold < 2:
+        raise SecAggError(f"a reconstruction threshold of {threshold}: one share would reveal "
+                          "a secret (at least 2)")
+    if not (math.isfinite(clipping_range) and clipping_range > 0
+            and math.isfinite(max_weight) and max_weight > 0
+            and 2 <= quantization_range <= 2**30):
+        raise SecAggError(f"a lattice (clipping range {clipping_range}, {quantization_range} "
+                          f"levels) or max weight {max_weight} out of range")
+    sk1, pk1 = generate_key_pairs()
+    sk2, pk2 = generate_key_pairs()
+    return HospitalSecrets(round_, node_id, threshold, clipping_range, quantization_range,
+                           max_weight, private_key_to_bytes(sk1), public_key_to_bytes(pk1),
+                           private_key_to_bytes(sk2), public_key_to_bytes(pk2), stage="setup")
+
+
+def share_keys(secrets: HospitalSecrets, public_keys: dict[int, tuple[bytes, bytes]]
+               ) -> tuple[list[int], list[bytes]]:
+    """Stage 2: Shamir shares of the self-mask seed and of the first private key, one per
+    neighbour, each encrypted with the key agreed with that neighbour. Returns
+    (destinations, ciphertexts)."""
+    _expect_stage(secrets, "setup", "share keys")
+    if len(public_keys) < secrets.threshold:
+        raise SecAggError(f"{len(public_keys)} neighbours, fewer than the reconstruction "
+                          f"threshold {secrets.threshold}")
+    keys = [k for pair in public_keys.values() for k in pair]
+    if len(set(keys)) != len(keys):
+        raise SecAggError("two neighbours sent the same public key")
+    if public_keys.get(secrets.node_id) != (secrets.pk1, secrets.pk2):
+        raise SecAggError("the server's list does not hold this hospital's own public keys")
+    secrets.rd_seed = os.urandom(32)
+    seed_shares = create_shares(secrets.rd_seed, secrets.threshold, len(public_keys))
+    key_shares = create_shares(secrets.sk1, secrets.threshold, len(public_keys))
+    destinations, ciphertexts = [], []
+    own_sk2 = bytes_to_private_key(secrets.sk2)
+    for idx, (node, (pk1, pk2)) in enumerate(sorted(public_keys.items())):
+        secrets.pk1_of[node] = pk1
+        if node == secrets.node_id:
+            secrets.rd_seed_shares[node], secrets.sk1_shares[node] = (seed_shares[idx],
+                                                                      key_shares[idx])
+            continue
+        shared = generate_shared_key(own_sk2, bytes_to_public_key(pk2))
+        secrets.share_key_of[node] = shared
+        plaintext = share_keys_plaintext_concat(secrets.node_id, node, seed_shares[idx],
+                                                key_shares[idx])
+        destinations.append(node)
+        ciphertexts.append(encrypt(shared, plaintext))
+    secrets.stage = "share-keys"
+    return destinations, ciphertexts
+
+
+def receive_shares(secrets: HospitalSecrets, sources: list[int],
+                   ciphertexts: list[bytes]) -> None:
+    """Stage 3, before training: keep the neighbours' shares meant for this hospital; each
+    neighbour that sent one gets a pairwise mask."""
+    # Once per round: a second masked update under the same masks would give the server the
+    # difference of the two updates.
+    _expect_stage(secrets, "share-keys", "collect")
+    if len(sources) + 1 < secrets.threshold:
+        raise SecAggError(f"shares from {len(sources)} neighbours: with this hospital, fewer "
+                          f"than the reconstruction threshold {secrets.threshold}")
+    for source, ciphertext in zip(sources, ciphertexts, strict=True):
+        if source not in secrets.share_key_of:
+            raise SecAggError(f"shares from node {source}, which is not a neighbour")
+        sender, receiver, seed_share, key_share = share_keys_plaintext_separate(
+            decrypt(secrets.share_key_of[source], ciphertext))
+        if sender != source or receiver != secrets.node_id:
+            raise SecAggError(f"a share from node {sender} for node {receiver} arrived as "
+                              f"node {source}'s share for this hospital")
+        secrets.rd_seed_shares[source] = seed_share
+        secrets.sk1_shares[source] = key_share
+    secrets.mask_partners = sorted(sources)
+    secrets.stage = "shares-received"
+
+
+def masked_update(secrets: HospitalSecrets, update: np.ndarray,
+                  share_levels: int) -> tuple[np.ndarray, int]:
+    """Stage 3, after training: the quantised weighted update (``update``: already multiplied
+    by the weight share) with the share's integer appended, plus the self mask and the
+    pairwise masks, modulo 2^32. Returns (masked vector, values clipped to the range)."""
+    quantized, clipped = quantize_vector(update, secrets.clipping_range,
+                                         secrets.quantization_range)
+    return masked_levels(secrets, quantized, share_levels), clipped
+
+
+def masked_levels(secrets: HospitalSecrets, levels: np.ndarray,
+                  share_levels: int) -> np.ndarray:
+    """Stage 3 for a vector already on the lattice (uint32 levels: distributed DP's shares,
+    built in integers so that no rounding follows their noise): the share's integer
+    appended, plus the self mask and the pairwise masks, modulo 2^32."""
+    _expect_stage(secrets, "shares-received", "masking")
+    if levels.dtype != np.uint32:
+        raise SecAggError(f"lattice levels must be uint32, got {levels.dtype}")
+    vector = np.append(levels, np.uint32(share_levels))
+    vector += mask(secrets.rd_seed, vector.size)  # uint32 arithmetic wraps modulo 2^32
+    own_sk1 = bytes_to_private_key(secrets.sk1)
+    for node in secrets.mask_partners:
+        pairwise = pairwise_mask(
+            generate_shared_key(own_sk1, bytes_to_public_key(secrets.pk1_of[node])),
+            secrets.digest, vector.size)
+        if _pairwise_sign(secrets.node_id, node) > 0:
+            vector += pairwise
+        else:
+            vector -= pairwise
+    secrets.stage = "collect"
+    return vector
+
+
+def unmask_shares(secrets: HospitalSecrets, active: list[int],
+                  dropped: list[int]) -> tuple[list[int], list[bytes]]:
+    """Stage 4: self-mask seed shares of the active neighbours, private-key shares of the
+    dropped ones. Returns (owners, shares)."""
+    _expect_stage(secrets, "collect", "unmask")
+    if set(active) & set(dropped):
+        raise SecAggError(f"nodes {sorted(set(active) & set(dropped))} listed as both active "
+                          "and dropped: revealing both secrets of a node unmasks its update")
+    if len(active) < secrets.threshold:
+        raise SecAggError(f"{len(active)} active neighbours, fewer than the reconstruction "
+                          f"threshold {secrets.threshold}")
+    unknown = (set(active) | set(dropped)) - set(secrets.rd_seed_shares)
+    if unknown:
+        raise SecAggError(f"no shares held for nodes {sorted(unknown)}")
+    secrets.stage = "unmask"
+    owners = list(active) + list(dropped)
+    shares = ([secrets.rd_seed_shares[n] for n in active]
+              + [secrets.sk1_shares[n] for n in dropped])
+    return owners, shares
+
+
+# --- The server's side ------------------------------------------------------------------
+
+def unmasked_sum(masked: dict[int, np.ndarray], shares: dict[int, list[bytes]],
+                 neighbours: dict[int, list[int]], pk1_of: dict[int, bytes],
+                 dropped: list[int], threshold: int, digest: bytes) -> np.ndarray:
+    """The uint32 sum of the active hospitals' quantised vectors. ``masked``: each active
+    hospital's masked vector; ``shares``: the shares collected per owner; ``neighbours`` and
+    ``pk1_of``: the round's graph and first public keys; ``dropped``: hospitals that shared
+    keys but sent no update; ``digest``: ``round_digest`` of what the setup stage said."""
+    total = np.zeros_like(next(iter(masked.values())))
+    for vector in masked.values():
+        total += vector
+    for owner in list(masked) + list(dropped):
+        if len(shares.get(owner, [])) < threshold:
+            raise SecAggError(f"{len(shares.get(owner, []))} shares of node {owner}'s secret, "
+                              f"fewer than the reconstruction threshold {threshold}")
+        secret = combine_shares(shares[owner])
+        if owner in masked:
+            total -= mask(secret, total.size)
+            continue
+        # A dropped hospital's private key rebuilds its pairwise masks with the active ones.
+        sk1 = bytes_to_private_key(secret)
+        for node in neighbours[owner]:
+            if node == owner or node not in masked:
+                continue
+            pairwise = pairwise_mask(generate_shared_key(sk1, bytes_to_public_key(pk1_of[node])),
+                                     digest, total.size)
+            # The active node applied the sign seen from its side; undo it.
+            if _pairwise_sign(node, owner) > 0:
+                total -= pairwise
+            else:
+                total += pairwise
+    return total
+
+
+def dequantized_sum(total: np.ndarray, contributors: int, clipping_range: float,
+                    quantization_range: int) -> np.ndarray:
+    """The float sum of the weighted updates, with the sum of the weight shares last."""
+    out = dequantize_sum(total[:-1], contributors, clipping_range, quantization_range)
+    return np.append(out, float(total[-1]) / quantization_range)

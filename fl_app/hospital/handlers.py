@@ -1,0 +1,292 @@
+"""What a hospital does with each message: turns Flower messages into calls on ``tasks``.
+
+Registered with Flower by ``fl_app/hospital/client_app.py``, which imports this module only when a
+message needs it (see there why).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from logging import INFO
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.common.logger import log
+
+from clinical_fl.protocol import messages as m
+from clinical_fl.secure_aggregation import ckks
+from clinical_fl.settings.secure_aggregation import SecureAggregationMode
+from clinical_fl.settings.task import ClassWeighting, TaskSettings
+from fl_app.hospital.clipping_mod import asks_for_clipping
+from fl_app.hospital.edge import refusal_for, write_hospital_log
+from fl_app.hospital.received import (
+    check_distributed_round,
+    received_lr_factor,
+    received_proximal_mu,
+    received_settings,
+)
+from fl_app.hospital.replies import (
+    distributed_share_reply,
+    evaluate_reply,
+    preflight_reply,
+    train_reply,
+)
+from fl_app.hospital.secure_aggregation_mod import StageRefused, load_ckks_context
+from fl_app.hospital.state import (
+    count_evaluation,
+    hospital_policy,
+    ledger_run,
+    load_ledger,
+    save_ledger,
+    state_locked,
+)
+from tasks.data.hospital_data import HospitalData, load_hospital_data
+from tasks.errors import UnknownLabelsError
+from tasks.hospital import Hospital, refuse_audit_in_deployment
+from tasks.model.compute import resolve_compute
+from tasks.privacy.label_counts import noisy_counts, release_step
+from tasks.privacy.ledger import LedgerError, PrivacyLedger
+from tasks.privacy.plan import (
+    PolicyRefusal,
+    PrivacyBudgetError,
+    plan_dp_sgd,
+    refuse_without_dp,
+)
+from tasks.privacy.policy import HospitalPolicy, PolicyError
+
+
+def _partition(context: Context, policy: HospitalPolicy) -> tuple[int, int]:
+    """(hospital number, hospitals). With a data-path the hospital reads its own file and
+    num-partitions is not needed."""
+    try:
+        partition_id = int(context.node_config["partition-id"])
+        if policy.data_path:
+            return partition_id, int(context.node_config.get("num-partitions", partition_id + 1))
+        return partition_id, int(context.node_config["num-partitions"])
+    except KeyError as err:
+        raise PolicyError(
+            f"node {context.node_id}: node config lacks {err.args[0]!r}; start the SuperNode with "
+            "--node-config 'partition-id=<k> data-path=<file>' (or num-partitions=<n> "
+            "to take a share of the configured data.path)", key=str(err.args[0])) from err
+    except (TypeError, ValueError) as err:
+        raise PolicyError(f"node {context.node_id}: partition-id / num-partitions must be "
+                          f"whole numbers ({err})", key="partition-id") from err
+
+
+@dataclass
+class Received:
+    """A message's task settings as this hospital takes them, and who it is."""
+
+    settings: TaskSettings
+    policy: HospitalPolicy
+    partition_id: int
+    num_partitions: int
+
+
+def _received(msg: Message, context: Context) -> Received:
+    """Everything checked that needs no data: the node config, the hospital's policy, the
+    server's settings with the hospital's data mapping in place."""
+    number = context.node_config.get("partition-id", -1)
+    policy = hospital_policy(context, int(number) if str(number).lstrip("-").isdigit() else -1)
+    partition_id, num_partitions = _partition(context, policy)
+    return Received(received_settings(msg, policy), policy, partition_id, num_partitions)
+
+
+def _hospital(received: Received) -> Hospital:
+    with _exact_counts_withheld(received):
+        return Hospital(received.settings, received.settings.data.labels,
+                        received.partition_id, received.num_partitions,
+                        received.policy.data_path)
+
+
+@contextmanager
+def _exact_counts_withheld(received: Received) -> Iterator[None]:
+    """Under DP (or a policy that requires it) a refusal over unknown labels says so without
+    the number of records: probed label by label, the counts would give the server the exact
+    label histogram that preflight withholds."""
+    try:
+        yield
+    except UnknownLabelsError as err:
+        privacy = received.settings.privacy
+        if privacy.dp_sgd.enabled or privacy.distributed_dp.enabled \
+                or received.policy.require_dp:
+            err.counts = {}
+        raise
+
+
+def preflight(msg: Message, context: Context) -> Message:
+    """Check this hospital's data and privacy settings against the server's before any
+    training: an empty partition, unknown labels, a delta too large for the records or a
+    budget too small for one round stop the run here (an error the hospital's edge turns into
+    a refusal code). What the hospital's own policy rules out is a refusal of this hospital
+    only: the server sends it no work."""
+    try:
+        received = _received(msg, context)
+    except PolicyRefusal as refusal:  # e.g. de-identification switched off
+        return _declined(msg, context, refusal)
+    settings, policy = received.settings, received.policy
+    # A GPU or bf16 the settings ask for and this machine lacks stops the run here.
+    compute = resolve_compute(settings.train)
+    # No key material, or a key that is not a CKKS secret context, stops the run here.
+    key = _ckks_public(context, settings.secure_aggregation.mode)
+    refuse_audit_in_deployment(settings, received.partition_id, policy.data_path)
+    with _exact_counts_withheld(received):
+        data = load_hospital_data(settings.data, settings.data.labels, received.partition_id,
+                                  received.num_partitions, policy.data_path)
+    policy.check_records(len(data.train))
+    dp = settings.privacy.dp_sgd
+    distributed = settings.privacy.distributed_dp.enabled
+    private = dp.enabled or distributed
+    released = None
+    try:
+        if not distributed:  # distributed DP-SGD is record-level DP too
+            refuse_without_dp(dp, policy)
+        if dp.enabled:
+            with state_locked(context):
+                released = _plan_and_release_counts(context, settings, policy, data)
+    except PolicyRefusal as refusal:
+        return _declined(msg, context, refusal, data.hospital, len(data.train), len(data.eval))
+    # Under record-level DP the exact per-label counts stay home: they are statistics of the
+    # private records. Only their noisy release, booked in the ledger, may leave.
+    withheld = private or policy.require_dp
+    counts = released if withheld else data.label_counts(settings.data.labels)
+    # Like label counts, an exact count of the hospital's records: withheld under DP-SGD.
+    dropped = data.report.empty_texts_dropped if data.report and not withheld else 0
+    if data.report:
+        write_hospital_log(context, f"hospital {received.partition_id}: "
+                                    f"{data.report.summary()}")
+    log(INFO, "hospital %s computes on %s", received.partition_id, compute.describe())
+    return preflight_reply(msg, received.partition_id, counts, len(data.train), len(data.eval),
+                           empty_texts_dropped=dropped, ckks_public=key)
+
+
+def _plan_and_release_counts(context: Context, settings: TaskSettings,
+                             policy: HospitalPolicy, data: HospitalData) -> list[int] | None:
+    """Check that this hospital can keep the DP-SGD plan (a refusal raises) and, where the
+    server asks for noisy label counts to weigh classes, release them: booked in the ledger,
+    saved, then returned (tasks/privacy/label_counts.py). The same run's counts are sent
+    again as they were, never drawn twice. None: no counts leave."""
+    dp = settings.privacy.dp_sgd
+    # An unreadable ledger, or one kept with another accountant, stops the run.
+    run_id = ledger_run(settings, context)
+    lifetime, run = load_ledger(context, data.hospital, dp.accountant, run_id)
+    labels = list(settings.data.labels)
+    wanted = (dp.label_count_noise is not None and settings.train.class_weights is None
+              and settings.train.class_weighting == ClassWeighting.balanced)
+    stored = _stored_counts(run, labels, data.hospital)
+    if wanted and stored is not None:
+        wanted = False  # sent again as released: nothing new leaves
+    elif wanted and (run.history or run.noise_multiplier is not None):
+        # A release comes before the run's first step, where the plan below checks it with
+        # the training against every budget; after that the noise is committed and nothing
+        # would check it.
+        raise PrivacyBudgetError(
+            f"hospital {data.hospital}: label counts asked for after this run's training "
+            "started; refused, nothing released", key="privacy.dp_sgd.label_count_noise")
+    pending = [release_step(dp.label_count_noise)] if wanted else []
+    # The release comes before any training: the plan must hold with it.
+    plan_dp_sgd(dp, data.hospital, len(data.train), settings.train.batch_size,
+                settings.train.local_epochs, settings.planned_rounds, policy,
+                committed_noise_multiplier=run.noise_multiplier,
+                prior_history=lifetime.history(except_run=run_id),
+                run_history=[*run.history, *pending])
+    if wanted:
+        exact = data.label_counts(labels, held_out=False)  # the records DP-SGD covers
+        run.add_step(pending[0])
+        run.released_label_counts = noisy_counts(exact, dp.label_count_noise)
+        run.released_labels = labels
+        save_ledger(context, lifetime, run_id)  # booked before the counts leave
+        stored = run.released_label_counts
+    return stored if dp.label_count_noise is not None else None
+
+
+def _stored_counts(run: PrivacyLedger, labels: list[str], hospital: int) -> list[int] | None:
+    """The counts this run already released, in the order of ``labels``; a different label
+    set is refused (a new release for it would be a second draw of the same run)."""
+    if run.released_label_counts is None:
+        return None
+    by_label = dict(zip(run.released_labels or [], run.released_label_counts, strict=True))
+    if sorted(by_label) != sorted(labels):
+        raise LedgerError(f"hospital {hospital}: this run released counts of other labels "
+                          f"({len(by_label)}) than the settings name ({len(labels)}); refused",
+                          key="data.labels")
+    return [by_label[label] for label in labels]
+
+
+def _declined(msg: Message, context: Context, refusal: PolicyRefusal,
+              hospital: int | None = None, train_records: int = 0,
+              eval_records: int = 0) -> Message:
+    """This hospital's policy keeps it out of the run: a refusal code (and its record counts,
+    where it read its data), the details kept here."""
+    line = refusal_for(refusal)
+    write_hospital_log(context, f"preflight declined as {line.wire()}: {refusal}")
+    number = hospital if hospital is not None else int(context.node_config.get("partition-id",
+                                                                                -1))
+    return preflight_reply(msg, number, None, train_records, eval_records,
+                           declined=line.wire())
+
+
+def _ckks_public(context: Context, mode: SecureAggregationMode) -> ConfigRecord | None:
+    """With CKKS, the public half of this hospital's key material, for the server to check
+    that every hospital holds the same key (and to add ciphertexts with)."""
+    if mode != SecureAggregationMode.ckks:
+        return None
+    key = load_ckks_context(context)
+    public = ckks.public_bytes(key)
+    return ConfigRecord({m.CKKS_PUBLIC: public, m.CKKS_FINGERPRINT: ckks.fingerprint(public),
+                         m.CKKS_PARAMETERS: ckks.describe(key)})
+
+
+def train(msg: Message, context: Context) -> Message:
+    received = _received(msg, context)
+    settings, policy = received.settings, received.policy
+    config = msg.content[m.CONFIG_RECORD]
+    server_round = int(config.get(m.SERVER_ROUND_KEY, 0))
+    lr_factor = received_lr_factor(settings, config)
+    proximal_mu = received_proximal_mu(settings, config)
+    privacy = settings.privacy
+    distributed = privacy.distributed_dp.enabled
+    if distributed:
+        if not config.get(m.SECURE_AGGREGATION_ON, False):
+            # Its noise is only a share: in the clear, the sum would be too little protected.
+            raise StageRefused("distributed DP sends its noisy gradient sum only through "
+                               "secure aggregation; refused to send it in the clear")
+        check_distributed_round(settings, config)
+    hospital = _hospital(received)
+    global_state = msg.content[m.ARRAYS_RECORD].to_torch_state_dict()
+    lifetime = ledger = None
+    run_id = ledger_run(settings, context)
+    with state_locked(context) if hospital.is_private else nullcontext():
+        if hospital.is_private:
+            accountant = (privacy.distributed_dp if distributed else privacy.dp_sgd).accountant
+            lifetime, ledger = load_ledger(context, hospital.data.hospital, accountant, run_id)
+        prior = lifetime.history(except_run=run_id) if lifetime else ()
+        # A refusal (PrivacyBudgetError) leaves through the hospital's edge as a code.
+        if distributed:
+            share, outcome = hospital.distributed_step(global_state, server_round, ledger,
+                                                       policy, prior)
+        else:
+            state, outcome = hospital.train(
+                global_state, server_round,
+                proximal_mu=proximal_mu, ledger=ledger, policy=policy, prior_history=prior,
+                lr_factor=lr_factor)
+        if lifetime is not None:
+            # Before the update leaves: spending is never forgotten.
+            save_ledger(context, lifetime, run_id)
+    if distributed:  # summed, not averaged: every hospital weighs 1
+        return distributed_share_reply(msg, share, outcome, hospital.data.hospital,
+                                       hospital.share_lattice, privacy.distributed_dp.threshold)
+    return train_reply(msg, state, outcome, hospital.data.hospital,
+                       equal_weight=asks_for_clipping(msg))
+
+
+def evaluate(msg: Message, context: Context) -> Message:
+    received = _received(msg, context)
+    # Counted before scoring: held-out records are scored without noise.
+    count_evaluation(context, received.settings, received.policy)
+    hospital = _hospital(received)
+    arrays: ArrayRecord = msg.content[m.ARRAYS_RECORD]
+    outcome = hospital.evaluate(arrays.to_torch_state_dict())
+    release = received.policy.eval_release(hospital.is_private)
+    return evaluate_reply(msg, outcome, hospital.data.hospital, release)
