@@ -164,11 +164,6 @@ def test_a_ledger_file_containing_nan_or_infinity_is_refused_on_load(tmp_path, c
     with pytest.raises(LedgerError, match=f"{path} is unreadable .*non-finite number "
                                           f".*, at runs\\[0\\].noise_multiplier"):
         LedgerStore(tmp_path).load(6, Accountant.rdp)
-    legacy = tmp_path / "privacy_ledger_run_3.json"  # the earlier per-run files too
-    path.unlink()
-    legacy.write_text(json.dumps(_run()).replace("[1.0, 0.25, 4]", f"[{constant}, 0.25, 4]"))
-    with pytest.raises(LedgerError, match=f"{legacy} is unreadable .*non-finite number"):
-        LedgerStore(tmp_path).load(6, Accountant.rdp)
 
 
 def test_a_ledger_the_product_writes_never_contains_nan(tmp_path):
@@ -212,13 +207,23 @@ def test_ledger_command_refuses_a_delta_outside_zero_one(tmp_path, delta, capsys
     assert "--delta must be a number in (0, 1)" in capsys.readouterr().err
 
 
-def test_ledgers_of_the_earlier_per_run_format_are_still_counted(tmp_path):
-    legacy = PrivacyLedger(run_id=5, hospital=0, noise_multiplier=NOISE, delta=DELTA,
-                           history=[ROUND, ROUND], rounds_trained=[1, 2])
-    (tmp_path / "privacy_ledger_run_5.json").write_text(legacy.to_json())
-    ledger = LedgerStore(tmp_path).load(0, Accountant.rdp)
-    assert ledger.runs[5].steps == 8
-    assert ledger.epsilon(DELTA) == pytest.approx(independent_epsilon([ROUND] * 2, DELTA))
+def test_a_ledger_file_of_the_earlier_per_run_format_stops_the_hospital_saying_what_to_do(
+        tmp_path, capsys):
+    store = LedgerStore(tmp_path)
+    store.save(LifetimeLedger(hospital=0, accountant=Accountant.rdp))
+    earlier = PrivacyLedger(run_id=5, hospital=0, noise_multiplier=NOISE, delta=DELTA,
+                            history=[ROUND, ROUND], rounds_trained=[1, 2])
+    legacy = tmp_path / "privacy_ledger_run_5.json"
+    legacy.write_text(earlier.to_json())  # well formed: refused for its format alone
+    with pytest.raises(LedgerError, match=(
+            f"privacy ledger {legacy} is a per-run ledger file in the format of 2026-11-26.*"
+            f"move privacy_ledger_run_5.json out of {tmp_path}")):
+        store.load(0, Accountant.rdp)
+    assert ledger_cli.main([str(tmp_path)]) == 2
+    assert str(legacy) in capsys.readouterr().err
+    (tmp_path / "ledger-archive").mkdir()
+    legacy.rename(tmp_path / "ledger-archive" / legacy.name)  # moved aside as the error says
+    assert store.load(0, Accountant.rdp).runs == {}
 
 
 def test_ledger_command_shows_runs_and_lifetime_and_archives_only_with_a_reason(tmp_path,

@@ -48,6 +48,18 @@ def test_folder_without_config_is_rejected(tmp_path):
         resolve_model_path(str(tmp_path))
 
 
+def test_an_adapter_saved_in_a_format_from_before_2026_11_27_is_refused_naming_the_file(
+        tmp_path):
+    # What an adapter of 2026-11-26 recorded: no long-note reading, no window pooling.
+    meta = tmp_path / "labels.json"
+    meta.write_text(json.dumps({"labels": LABELS, "base_model": "bert", "max_length": 128,
+                                "pooling": "model"}))
+    with pytest.raises(ModelNotFoundError, match=(
+            f"{meta} has no 'long_notes', 'chunk_stride', 'max_chunks', 'window_pooling': .*"
+            "before 2026-11-27.*train the adapter again")):
+        load_adapter(tmp_path)
+
+
 @pytest.mark.parametrize("fixture", ["tiny_random_bert", "tiny_gpt2"])
 def test_only_lora_and_head_are_trainable(fixture, request):
     settings = ModelSettings(name_or_path=str(request.getfixturevalue(fixture)))

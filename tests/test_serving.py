@@ -368,6 +368,11 @@ def test_serve_refuses_an_insecure_or_unauthenticated_setup(args, message, capsy
     assert message in capsys.readouterr().err
 
 
+def test_serve_takes_its_limits_from_the_service_settings():
+    args = serve_cli._parser().parse_args(["--adapter", "adapter"])
+    assert serve_cli._service_settings(args, frozenset()) == ServiceSettings()
+
+
 def test_a_token_file_with_a_short_token_is_refused(tmp_path):
     (tmp_path / "tokens").write_text("short\n")
     with pytest.raises(ValueError, match="at least 16 characters"):

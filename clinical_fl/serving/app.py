@@ -242,6 +242,8 @@ def _version() -> str:
 
 
 def create_app(classifier: NoteClassifier, settings: ServiceSettings | None = None) -> FastAPI:
+    """The service for ``classifier``: its routes, error shape and middleware; the model warms
+    up in the background once the app starts."""
     settings = settings or ServiceSettings()
     batcher = MicroBatcher(lambda notes: classifier.predict(notes, settings.max_batch),
                            settings.max_batch, settings.max_wait_ms / 1000)
@@ -249,17 +251,9 @@ def create_app(classifier: NoteClassifier, settings: ServiceSettings | None = No
     # One budget of notes per client, whichever path (plain or encrypted) spends it.
     limiter = _RateLimit(settings.rate_limit_per_minute)
 
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI):  # noqa: ANN202 - FastAPI's lifespan protocol
-        # In the background: /health answers at once, /ready once the model has answered.
-        warming = asyncio.create_task(readiness.warm_up(batcher))
-        yield
-        warming.cancel()
-        await batcher.close()
-
-    app = FastAPI(title="clinical-fl prediction service", version=_version(), lifespan=lifespan,
-                  description=__doc__, docs_url="/docs", redoc_url=None,
-                  openapi_url="/openapi.json")
+    app = FastAPI(title="clinical-fl prediction service", version=_version(),
+                  lifespan=_lifespan(readiness, batcher), description=__doc__,
+                  docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
     app.state.batcher = batcher  # tests read its batch count; no endpoint shows it
     api_errors.install(app)
     client_of = _authenticator(settings.tokens)
@@ -267,15 +261,32 @@ def create_app(classifier: NoteClassifier, settings: ServiceSettings | None = No
     _plain_routes(app, classifier, settings, batcher, client_of, limiter)
     _encrypted_routes(app, classifier, settings, client_of, limiter)
     if settings.metrics:
-        @app.get("/metrics", response_class=PlainTextResponse, responses=_ERRORS)
-        async def metrics_text(_client: str = Security(client_of)) -> PlainTextResponse:
-            return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4")
+        _metrics_route(app, metrics, client_of)
+    _add_middleware(app, settings, metrics)
+    return app
 
+
+def _lifespan(readiness: _Readiness, batcher: MicroBatcher) -> Callable:
+    """The app's start and stop: warm up in the background (so /health answers at once and
+    /ready once the model has answered), close the batcher on the way out."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):  # noqa: ANN202 - FastAPI's lifespan protocol
+        warming = asyncio.create_task(readiness.warm_up(batcher))
+        yield
+        warming.cancel()
+        await batcher.close()
+
+    return lifespan
+
+
+def _add_middleware(app: FastAPI, settings: ServiceSettings, metrics: Metrics) -> None:
+    """After the routes, because the access log names the endpoints it counts by their
+    routes; each one added wraps those before it."""
     app.add_middleware(_BodyLimit, settings=settings)
     # Added last, so outermost: it also logs what the body limit refuses.
     app.add_middleware(AccessLog, endpoints=frozenset(r.path for r in app.routes),
                        metrics=metrics)
-    return app
 
 
 def _probe_routes(app: FastAPI, readiness: _Readiness) -> None:
@@ -315,16 +326,86 @@ def _plain_routes(app: FastAPI, classifier: NoteClassifier, settings: ServiceSet
                                  "probabilities": p.probabilities} for p in predictions]}
 
 
+def _metrics_route(app: FastAPI, metrics: Metrics, client_of: Callable) -> None:
+    @app.get("/metrics", response_class=PlainTextResponse, responses=_ERRORS)
+    async def metrics_text(_client: str = Security(client_of)) -> PlainTextResponse:
+        return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4")
+
+
+class _KeyStore:
+    """The clients' Galois keys, each loaded once per (client, key id) and kept while recently
+    used: a client replacing its keys evicts its own (``keys_per_client``), never anybody
+    else's, and the store keeps at most ``key_sessions`` in all."""
+
+    def __init__(self, head: EncryptedHead, settings: ServiceSettings,
+                 crypto: asyncio.Semaphore) -> None:
+        self._head, self._settings, self._crypto = head, settings, crypto
+        # Keys of the right kind have one size; anything much larger is not keys for this head.
+        self._max_bytes = int(1.25 * len(ClientKeys(head.layout).evaluation_keys))
+        self._keys: OrderedDict[tuple[str, str], object] = OrderedDict()  # (client, id) -> keys
+        self._uploads = _RateLimit(KEY_UPLOADS_PER_MINUTE, "key uploads")
+
+    async def add(self, client: str, data: bytes) -> str:
+        """Keep ``client``'s keys (loading them unless already kept); their key id."""
+        if not data:
+            raise ApiError(422, "empty body; send the Galois keys made by the client")
+        if len(data) > self._max_bytes:
+            raise ApiError(413, f"{len(data)} bytes of keys; this head's keys take about "
+                                f"{self._max_bytes // 5 * 4} bytes")
+        slot = (client, key_id(data))
+        if slot not in self._keys:
+            self._uploads.charge(client, 1)
+            async with self._crypto:
+                loaded = await asyncio.to_thread(self._head.load_keys, data)
+            mine = [k for k in self._keys if k[0] == client]
+            for old in mine[:max(0, len(mine) - self._settings.keys_per_client + 1)]:
+                del self._keys[old]
+            self._keys[slot] = loaded
+            while len(self._keys) > self._settings.key_sessions:
+                self._keys.popitem(last=False)
+        self._keys.move_to_end(slot)
+        return slot[1]
+
+    def get(self, client: str, kept_id: str) -> object | None:
+        """``client``'s keys of that id, or None: a client never gets another's keys."""
+        return self._keys.get((client, kept_id))
+
+
+def _declared_notes(header: dict, max_notes: int) -> int:
+    """The notes an encrypted request declares, checked against the per-request limit."""
+    notes = header.get("notes")
+    if type(notes) is not int or not 1 <= notes <= max_notes:
+        # what was expected, never the value sent (errors name fields, not values)
+        raise ApiError(422, f"header 'notes' must be a count from 1 to "
+                            f"{max_notes}; got a {type(notes).__name__}"
+                            + (" out of range" if type(notes) is int else ""))
+    return notes
+
+
+def _check_vectors(header: dict, blobs: list[bytes], notes: int, head: EncryptedHead,
+                   fingerprint: str) -> None:
+    """The ciphertexts were made for this adapter and this head, and as many as ``notes``
+    pack into."""
+    layout = head.layout
+    if header.get("fingerprint") != fingerprint:
+        raise ApiError(409, "the vectors were encoded with another adapter; this service "
+                            f"serves {fingerprint[:12]}...: use its adapter", "wrong_adapter")
+    if header.get("dimension") != layout.dimension or header.get("classes") != layout.classes:
+        raise ApiError(422, f"the head reads {layout.dimension} values per note for "
+                            f"{layout.classes} classes; the request's header 'dimension' "
+                            "or 'classes' differs")
+    if len(blobs) != layout.ciphertexts_for(notes):
+        raise ApiError(422, f"{notes} notes pack into {layout.ciphertexts_for(notes)} "
+                            f"ciphertexts; the request has {len(blobs)}")
+
+
 def _encrypted_routes(app: FastAPI, classifier: NoteClassifier, settings: ServiceSettings,
                       client_of: Callable, limiter: _RateLimit) -> None:
     weight, bias = classifier.head()
     head = EncryptedHead(weight, bias)
-    # Keys of the right kind have one size; anything much larger is not keys for this head.
-    keys_bytes = int(1.25 * len(ClientKeys(head.layout).evaluation_keys))
-    keys: OrderedDict[tuple[str, str], object] = OrderedDict()  # (client, key id) -> keys
-    key_uploads = _RateLimit(KEY_UPLOADS_PER_MINUTE, "key uploads")
     # SEAL holds the GIL: one encrypted job at a time keeps the event loop answering.
     crypto = asyncio.Semaphore(1)
+    keys = _KeyStore(head, settings, crypto)
 
     @app.get("/encrypted/spec", responses=_ERRORS)
     async def encrypted_spec(_client: str = Security(client_of)) -> dict:
@@ -333,25 +414,7 @@ def _encrypted_routes(app: FastAPI, classifier: NoteClassifier, settings: Servic
 
     @app.post("/encrypted/keys", responses=_ERRORS, openapi_extra=_KEYS_BODY)
     async def encrypted_keys(request: Request, client: str = Security(client_of)) -> dict:
-        data = await request.body()
-        if not data:
-            raise ApiError(422, "empty body; send the Galois keys made by the client")
-        if len(data) > keys_bytes:
-            raise ApiError(413, f"{len(data)} bytes of keys; this head's keys take about "
-                                f"{keys_bytes // 5 * 4} bytes")
-        slot = (client, key_id(data))
-        if slot not in keys:
-            key_uploads.charge(client, 1)
-            async with crypto:
-                loaded = await asyncio.to_thread(head.load_keys, data)
-            mine = [k for k in keys if k[0] == client]
-            for old in mine[:max(0, len(mine) - settings.keys_per_client + 1)]:
-                del keys[old]
-            keys[slot] = loaded
-            while len(keys) > settings.key_sessions:
-                keys.popitem(last=False)
-        keys.move_to_end(slot)
-        return {"key_id": slot[1]}
+        return {"key_id": await keys.add(client, await request.body())}
 
     @app.post("/encrypted/predict", response_class=Response,
               responses={**_ERRORS, **_CIPHERTEXTS_ANSWER, 409: {"model": ErrorBody}},
@@ -359,26 +422,10 @@ def _encrypted_routes(app: FastAPI, classifier: NoteClassifier, settings: Servic
     async def encrypted_predict(request: Request, client: str = Security(client_of)
                                 ) -> Response:
         header, blobs = wire.unpack(await request.body())
-        layout = head.layout
-        notes = header.get("notes")
-        if type(notes) is not int or not 1 <= notes <= settings.max_notes:
-            # what was expected, never the value sent (errors name fields, not values)
-            raise ApiError(422, f"header 'notes' must be a count from 1 to "
-                                f"{settings.max_notes}; got a {type(notes).__name__}"
-                                + (" out of range" if type(notes) is int else ""))
-        setattr(request.state, NOTES, notes)
-        if header.get("fingerprint") != classifier.fingerprint:
-            raise ApiError(409, "the vectors were encoded with another adapter; this service "
-                                f"serves {classifier.fingerprint[:12]}...: use its adapter",
-                           "wrong_adapter")
-        if header.get("dimension") != layout.dimension or header.get("classes") != layout.classes:
-            raise ApiError(422, f"the head reads {layout.dimension} values per note for "
-                                f"{layout.classes} classes; the request's header 'dimension' "
-                                "or 'classes' differs")
-        if len(blobs) != layout.ciphertexts_for(notes):
-            raise ApiError(422, f"{notes} notes pack into {layout.ciphertexts_for(notes)} "
-                                f"ciphertexts; the request has {len(blobs)}")
-        galois = keys.get((client, str(header.get("key_id"))))
+        notes = _declared_notes(header, settings.max_notes)
+        setattr(request.state, NOTES, notes)  # logged even when a later check refuses
+        _check_vectors(header, blobs, notes, head, classifier.fingerprint)
+        galois = keys.get(client, str(header.get("key_id")))
         if galois is None:
             raise ApiError(404, "unknown key_id: upload the keys to /encrypted/keys first "
                                 "(the service keeps a bounded number of them)", "unknown_key")

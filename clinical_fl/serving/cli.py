@@ -26,6 +26,9 @@ from tasks.errors import TaskInputError
 
 log = logging.getLogger("clinical-fl-serve")
 
+# The service's limits have one source, ServiceSettings: its defaults are the flags' defaults.
+_DEFAULTS = ServiceSettings()
+
 
 def read_tokens(path: Path) -> frozenset[str]:
     """One token per line; blank lines and '#' comments ignored."""
@@ -63,18 +66,25 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-ca", help="require client certificates signed by this CA")
     parser.add_argument("--insecure", action="store_true",
                         help="plain HTTP without authentication, loopback only (local use)")
-    parser.add_argument("--max-batch", type=int, default=32, help="notes per forward pass")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0,
-                        help="how long a request waits for others to share its batch")
-    parser.add_argument("--max-notes", type=int, default=256, help="notes per request")
-    parser.add_argument("--max-request-mb", type=float, default=4.0,
-                        help="largest /predict body")
-    parser.add_argument("--max-encrypted-mb", type=float, default=16.0,
-                        help="largest /encrypted/* body (a client's keys are about 8 MB)")
+    parser.add_argument("--max-batch", type=int, default=_DEFAULTS.max_batch,
+                        help="notes per forward pass (default: %(default)s)")
+    parser.add_argument("--max-wait-ms", type=float, default=_DEFAULTS.max_wait_ms,
+                        help="how long a request waits for others to share its batch "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-notes", type=int, default=_DEFAULTS.max_notes,
+                        help="notes per request (default: %(default)s)")
+    parser.add_argument("--max-request-mb", type=float,
+                        default=_DEFAULTS.max_request_bytes / MiB,
+                        help="largest /predict body (default: %(default)s)")
+    parser.add_argument("--max-encrypted-mb", type=float,
+                        default=_DEFAULTS.max_encrypted_bytes / MiB,
+                        help="largest /encrypted/* body (a client's keys are about 8 MB; "
+                             "default: %(default)s)")
     parser.add_argument("--max-connections", type=int, default=64,
                         help="open connections at once; more are answered 503")
-    parser.add_argument("--rate-limit", type=int, default=0,
-                        help="notes per client and minute (0: unlimited)")
+    parser.add_argument("--rate-limit", type=int, default=_DEFAULTS.rate_limit_per_minute,
+                        help="notes per client and minute (0: unlimited; default: "
+                             "%(default)s)")
     parser.add_argument("--access-log", metavar="FILE",
                         help="also append the access log (one line per request, no note text) "
                              "to FILE")
@@ -118,6 +128,14 @@ def add_access_log_file(path: Path) -> logging.Handler:
     return handler
 
 
+def _service_settings(args: argparse.Namespace, tokens: frozenset[str]) -> ServiceSettings:
+    return ServiceSettings(
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_notes=args.max_notes,
+        max_request_bytes=int(args.max_request_mb * MiB),
+        max_encrypted_bytes=int(args.max_encrypted_mb * MiB),
+        rate_limit_per_minute=args.rate_limit, tokens=tokens, metrics=args.metrics)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -133,12 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         # The model is in memory once loaded: a downloaded adapter's folder goes right away.
         with adapter_folder(args) as adapter:
             classifier = NoteClassifier(adapter, args.base_model)
-        settings = ServiceSettings(
-            max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_notes=args.max_notes,
-            max_request_bytes=int(args.max_request_mb * MiB),
-            max_encrypted_bytes=int(args.max_encrypted_mb * MiB),
-            rate_limit_per_minute=args.rate_limit, tokens=tokens, metrics=args.metrics)
-        app = create_app(classifier, settings)
+        app = create_app(classifier, _service_settings(args, tokens))
     except (TaskInputError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

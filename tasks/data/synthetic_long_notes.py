@@ -17,28 +17,30 @@ from __future__ import annotations
 
 import random
 
-# The short notes' vocabulary, shared so both kinds of notes speak of the same cases.
-from tasks.data.synthetic_notes import (
-    _COMORBIDITIES,
-    _COMPLAINTS,
-    _DIAGNOSES,
-    _EXAM,
-    _FIRST_NAMES,
-    _GENERIC_EXAM,
-    _GENERIC_PLANS,
-    _GENERIC_SYMPTOMS,
-    _LAST_NAMES,
-    _LOOKALIKES,
-    _PLANS,
-    _SYMPTOMS,
-    HospitalStyle,
+from tasks.data.synthetic_phi import (
+    FIRST_NAMES,
+    LAST_NAMES,
+    NoteBuilder,
     SyntheticNote,
-    _abbreviate,
-    _fake_address,
-    _fake_date,
-    _NoteBuilder,
+    fake_address,
+    fake_date,
     write_contact_and_signoff,
     write_identifiers,
+)
+from tasks.data.synthetic_style import HospitalStyle, abbreviate
+
+# The vocabulary of the short notes too, so both kinds of notes speak of the same cases.
+from tasks.data.synthetic_vocabulary import (
+    COMORBIDITIES,
+    COMPLAINTS,
+    DIAGNOSES,
+    EXAM,
+    GENERIC_EXAM,
+    GENERIC_PLANS,
+    GENERIC_SYMPTOMS,
+    LOOKALIKES,
+    PLANS,
+    SYMPTOMS,
 )
 
 _MEDICATIONS = (
@@ -146,37 +148,61 @@ def _header(style: HospitalStyle, name: str) -> str:
 
 def write_long_note(rng: random.Random, label: str, hospital: int, style: HospitalStyle,
                     labels: tuple[str, ...]) -> SyntheticNote:
-    """One full-length note of ``label``'s case in ``style``; PHI spans recorded."""
-    lookalikes = [s for s in _LOOKALIKES.get(label, ()) if s in labels] or [label]
+    """One full-length note of ``label``'s case in ``style``; PHI spans recorded.
+
+    The sections are written in the order of an H&P, each drawing from ``rng`` in turn, so the
+    note is a pure function of the generator's state.
+    """
+    lookalikes = [s for s in LOOKALIKES.get(label, ()) if s in labels] or [label]
     presenting = rng.choice(lookalikes) if rng.random() < 0.35 else label
-    first, last = rng.choice(_FIRST_NAMES), rng.choice(_LAST_NAMES)
+    first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
     age, sex = rng.randint(19, 92), rng.choice(("male", "female"))
-    b = _NoteBuilder()
+    b = NoteBuilder()
     write_identifiers(b, rng, style, first, last)
 
-    complaint = rng.choice(_COMPLAINTS[presenting])
-    b.add(_header(style, _SECTIONS[0]) + _abbreviate(complaint, style) + "\n")
+    complaint = rng.choice(COMPLAINTS[presenting])
+    b.add(_header(style, _SECTIONS[0]) + abbreviate(complaint, style) + "\n")
+    _write_history(b, rng, style, label, presenting, f"{age} year old {sex}", complaint)
+    _write_earlier_visits(b, rng, style)
+    comorbid = _write_background(b, rng, style)
+    # The rest carries the case: positive review of systems, findings, results, assessment.
+    _write_review_of_systems(b, rng, style, label)
+    _write_exam(b, rng, style, label, presenting)
+    _write_results(b, rng, style, label)
+    _write_assessment_and_plan(b, rng, style, label, labels, comorbid)
+    write_contact_and_signoff(b, rng, style, first, last)
+    return SyntheticNote(text=b.text(), label=label, hospital=hospital, phi_spans=b.spans)
 
-    # The history: the presenting complaint first, the case's own evidence only sometimes.
-    hpi = [f"{age} year old {sex} seen today for {complaint}.",
-           f"Reports {rng.choice(_SYMPTOMS[presenting])}."]
-    hpi += [f"Also notes {s}." for s in rng.sample(_GENERIC_SYMPTOMS, k=rng.randint(2, 4))]
+
+def _write_history(b: NoteBuilder, rng: random.Random, style: HospitalStyle, label: str,
+                   presenting: str, patient: str, complaint: str) -> None:
+    # The presenting complaint first, the case's own evidence only sometimes.
+    hpi = [f"{patient} seen today for {complaint}.",
+           f"Reports {rng.choice(SYMPTOMS[presenting])}."]
+    hpi += [f"Also notes {s}." for s in rng.sample(GENERIC_SYMPTOMS, k=rng.randint(2, 4))]
     hpi += rng.sample(_INTERVAL, k=rng.randint(2, 8))
     if rng.random() < 0.3:
-        hpi.insert(rng.randint(2, len(hpi)), f"Mentions {rng.choice(_SYMPTOMS[label])}.")
-    b.add(_header(style, _SECTIONS[1]) + _abbreviate(" ".join(hpi), style) + " Last seen on ")
-    b.add_phi(_fake_date(rng, style.date_format, 2019, 2025), "DATE")
+        hpi.insert(rng.randint(2, len(hpi)), f"Mentions {rng.choice(SYMPTOMS[label])}.")
+    b.add(_header(style, _SECTIONS[1]) + abbreviate(" ".join(hpi), style) + " Last seen on ")
+    b.add_phi(fake_date(rng, style.date_format, 2019, 2025), "DATE")
     b.add(".\n")
-    # Earlier visits: none for most, several for a long tail of long notes.
+
+
+def _write_earlier_visits(b: NoteBuilder, rng: random.Random, style: HospitalStyle) -> None:
+    # None for most notes, several for a long tail of long notes.
     for _ in range(rng.choices((0, 1, 2, 4, 6), weights=(35, 25, 15, 15, 10))[0]):
         b.add("On ")
-        b.add_phi(_fake_date(rng, style.date_format, 2015, 2024), "DATE")
+        b.add_phi(fake_date(rng, style.date_format, 2015, 2024), "DATE")
         visit = rng.sample(_INTERVAL, k=rng.randint(3, 5))
-        visit.append(f"At that time reported {rng.choice(_GENERIC_SYMPTOMS)}.")
-        b.add(", " + _abbreviate(" ".join(visit), style) + "\n")
+        visit.append(f"At that time reported {rng.choice(GENERIC_SYMPTOMS)}.")
+        b.add(", " + abbreviate(" ".join(visit), style) + "\n")
 
-    comorbid = rng.sample(_COMORBIDITIES, k=rng.randint(2, 5))
-    b.add(_header(style, _SECTIONS[2]) + _abbreviate(
+
+def _write_background(b: NoteBuilder, rng: random.Random, style: HospitalStyle) -> list[str]:
+    """Past medical and surgical history, medications, allergies, family and social history;
+    returns the comorbidities, which the problem list takes up again."""
+    comorbid = rng.sample(COMORBIDITIES, k=rng.randint(2, 5))
+    b.add(_header(style, _SECTIONS[2]) + abbreviate(
         "\n".join(f"- {c}, diagnosed {rng.randint(2, 25)} years ago" for c in comorbid),
         style) + "\n")
     b.add(_header(style, _SECTIONS[3]) + "; ".join(rng.sample(_SURGERIES, k=rng.randint(1, 3)))
@@ -188,23 +214,29 @@ def write_long_note(rng: random.Random, label: str, hospital: int, style: Hospit
           + "\n")
     social = "; ".join(rng.sample(_SOCIAL, k=rng.randint(2, 4)))
     if rng.random() < 0.5:
-        b.add(_header(style, _SECTIONS[7]) + _abbreviate(social, style) + ". Lives at ")
-        b.add_phi(_fake_address(rng), "ADDRESS")
+        b.add(_header(style, _SECTIONS[7]) + abbreviate(social, style) + ". Lives at ")
+        b.add_phi(fake_address(rng), "ADDRESS")
         b.add(".\n")
     else:
-        b.add(_header(style, _SECTIONS[7]) + _abbreviate(social, style) + ".\n")
+        b.add(_header(style, _SECTIONS[7]) + abbreviate(social, style) + ".\n")
+    return comorbid
 
-    # The rest carries the case: positive review of systems, findings, results, assessment.
+
+def _write_review_of_systems(b: NoteBuilder, rng: random.Random, style: HospitalStyle,
+                             label: str) -> None:
     positive = _ROS_POSITIVE[label] if rng.random() < 0.6 else None
     ros = rng.sample(_ROS, k=rng.randint(9, len(_ROS)))
     lines = []
     for system, negative in ros:
         if system == positive:
-            lines.append(f"{system}: positive for {rng.choice(_SYMPTOMS[label])}")
+            lines.append(f"{system}: positive for {rng.choice(SYMPTOMS[label])}")
         else:
             lines.append(f"{system}: {negative}")
-    b.add(_header(style, _SECTIONS[8]) + _abbreviate("\n".join(lines), style) + "\n")
+    b.add(_header(style, _SECTIONS[8]) + abbreviate("\n".join(lines), style) + "\n")
 
+
+def _write_exam(b: NoteBuilder, rng: random.Random, style: HospitalStyle, label: str,
+                presenting: str) -> None:
     vitals = (f"BP {rng.randint(104, 168)}/{rng.randint(60, 98)}, HR {rng.randint(54, 118)}, "
               f"RR {rng.randint(12, 22)}, T {rng.choice(('36.6', '36.9', '37.2', '37.8'))}, "
               f"SpO2 {rng.randint(90, 99)}%")
@@ -214,34 +246,40 @@ def write_long_note(rng: random.Random, label: str, hospital: int, style: Hospit
     if abnormal and abnormal not in (name for name, _ in systems):
         systems.append((abnormal, ""))
     for system, normal in systems:
-        exam.append(f"{system}: {rng.choice(_EXAM[label]) if system == abnormal else normal}")
+        exam.append(f"{system}: {rng.choice(EXAM[label]) if system == abnormal else normal}")
     if rng.random() < 0.3:
-        exam.append(f"Also noted: {rng.choice(_EXAM[presenting])}")
-    exam.append(f"Overall: {', '.join(rng.sample(_GENERIC_EXAM, k=2))}")
-    b.add(_header(style, _SECTIONS[9]) + _abbreviate("\n".join(exam), style) + "\n")
+        exam.append(f"Also noted: {rng.choice(EXAM[presenting])}")
+    exam.append(f"Overall: {', '.join(rng.sample(GENERIC_EXAM, k=2))}")
+    b.add(_header(style, _SECTIONS[9]) + abbreviate("\n".join(exam), style) + "\n")
 
+
+def _write_results(b: NoteBuilder, rng: random.Random, style: HospitalStyle,
+                   label: str) -> None:
     results = [f"- {lab}" for lab in rng.sample(_NORMAL_LABS, k=rng.randint(5, 12))]
     if rng.random() < 0.65:
         results.insert(rng.randint(0, len(results)), f"- {rng.choice(_RESULTS[label])}")
     b.add(_header(style, _SECTIONS[10]) + "\n".join(results) + "\n")
 
+
+def _write_assessment_and_plan(b: NoteBuilder, rng: random.Random, style: HospitalStyle,
+                               label: str, labels: tuple[str, ...],
+                               comorbid: list[str]) -> None:
     roll = rng.random()
     if roll < 0.55:
-        assessment = f"1. {rng.choice(_DIAGNOSES[label])}."
+        assessment = f"1. {rng.choice(DIAGNOSES[label])}."
     elif roll < 0.75:
         other = rng.choice([s for s in labels if s != label] or [label])
-        pair = [rng.choice(_DIAGNOSES[label]), rng.choice(_DIAGNOSES[other])]
+        pair = [rng.choice(DIAGNOSES[label]), rng.choice(DIAGNOSES[other])]
         rng.shuffle(pair)
         assessment = f"1. Differential includes {pair[0]} versus {pair[1]}."
     else:
         assessment = "1. Etiology unclear at this time, workup in progress."
-    plans = rng.sample(_GENERIC_PLANS, k=rng.randint(2, 4))
+    plans = rng.sample(GENERIC_PLANS, k=rng.randint(2, 4))
     if rng.random() < 0.55:
-        plans.append(rng.choice(_PLANS[label]))
+        plans.append(rng.choice(PLANS[label]))
     rng.shuffle(plans)
     problems = [assessment, f"   Plan: {'; '.join(plans)}."]
+    # The comorbidities from the history, each its own problem.
     for n, condition in enumerate(c for c in comorbid if c != "no significant history"):
         problems.append(f"{n + 2}. {condition}: stable, continue current management.")
-    b.add(_header(style, _SECTIONS[11]) + _abbreviate("\n".join(problems), style) + "\n")
-    write_contact_and_signoff(b, rng, style, first, last)
-    return SyntheticNote(text=b.text(), label=label, hospital=hospital, phi_spans=b.spans)
+    b.add(_header(style, _SECTIONS[11]) + abbreviate("\n".join(problems), style) + "\n")

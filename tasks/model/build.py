@@ -49,6 +49,11 @@ _EXTRA_TARGET_MODULES = {
 }
 
 LABELS_FILE = "labels.json"
+# What LABELS_FILE holds for reading a note, all of it since ADAPTER_FORMAT_SINCE (the day
+# window_pooling was added, the last of them).
+_READING_KEYS = ("labels", "base_model", "max_length", "pooling", "long_notes", "chunk_stride",
+                 "max_chunks", "window_pooling")
+ADAPTER_FORMAT_SINCE = "2026-11-27"
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -207,25 +212,35 @@ def save_adapter(model: PeftModel, directory: str | Path, settings: ModelSetting
 
 
 def saved_deid(directory: str | Path) -> DeidSettings:
-    """The de-identification an adapter was trained behind. Adapters saved before it was
-    recorded get the product's default, which is what their training used unless
-    ``data.deid`` was changed."""
+    """The de-identification an adapter was trained behind; one saved without it
+    (``save_adapter(..., deid=None)``) gets the product's default."""
     meta = json.loads((Path(directory) / LABELS_FILE).read_text())
     return DeidSettings(**meta["deid"]) if "deid" in meta else DeidSettings()
 
 
+def _reading_settings(directory: str | Path) -> dict:
+    """The settings ``save_adapter`` records for reading a note; an adapter saved before
+    they were all recorded is refused, naming the file, rather than read with guessed ones."""
+    meta_file = Path(directory) / LABELS_FILE
+    meta = json.loads(meta_file.read_text())
+    missing = [key for key in _READING_KEYS if key not in meta]
+    if missing:
+        raise ModelNotFoundError(
+            f"{meta_file} has no {', '.join(repr(key) for key in missing)}: the adapter was "
+            f"saved by a version from before {ADAPTER_FORMAT_SINCE}, whose format this version "
+            "no longer reads; train the adapter again with this version")
+    return meta
+
+
 def saved_model_settings(directory: str | Path, base_model: str | None = None
                          ) -> ModelSettings:
-    """How the adapter in ``directory`` reads a note. Adapters saved before long notes were
-    read whole truncate, as their training did."""
-    meta = json.loads((Path(directory) / LABELS_FILE).read_text())
+    """How the adapter in ``directory`` reads a note (``ModelNotFoundError`` for an adapter
+    saved in a format from before ``ADAPTER_FORMAT_SINCE``)."""
+    meta = _reading_settings(directory)
     return ModelSettings(name_or_path=base_model or meta["base_model"],
-                         max_length=meta["max_length"],
-                         pooling=Pooling(meta.get("pooling", Pooling.model.value)),
-                         long_notes=meta.get("long_notes", "truncate"),
-                         chunk_stride=meta.get("chunk_stride"),
-                         max_chunks=meta.get("max_chunks", 16),
-                         window_pooling=meta.get("window_pooling", "mean"))
+                         max_length=meta["max_length"], pooling=Pooling(meta["pooling"]),
+                         long_notes=meta["long_notes"], chunk_stride=meta["chunk_stride"],
+                         max_chunks=meta["max_chunks"], window_pooling=meta["window_pooling"])
 
 
 def load_adapter(directory: str | Path, base_model: str | None = None

@@ -9,7 +9,7 @@ accountant or for another neighbouring relation, stops the hospital rather than
 start again from zero.
 
 Every entry is checked when it is added and whenever a ledger is read (file,
-legacy file, Flower's ``context.state``): a noise multiplier that is not finite
+Flower's ``context.state``): a noise multiplier that is not finite
 and > 0, a rate outside (0, 1], a step count that is not a non-negative integer,
 a delta outside (0, 1) are refused, naming the hospital, the file and the field.
 JSON is written without NaN or Infinity and read refusing them: a hostile
@@ -44,8 +44,10 @@ LEDGER_FILE = "privacy-ledger.json"
 # still read, as zero-out.
 LEDGER_FORMAT = 2
 READABLE_FORMATS = (1, 2)
-# Ledgers of earlier versions, one file per run; still read, so no spending is forgotten.
+# Ledgers of the versions of 2026-11-26, one file per run, before LEDGER_FILE replaced them.
+# No longer read: one in the state directory stops the hospital (LedgerStore.load says why).
 LEGACY_PATTERN = "privacy_ledger_run_*.json"
+LEGACY_UNTIL = "2026-11-26"
 ARCHIVE_DIR = "ledger-archive"
 
 
@@ -312,21 +314,31 @@ class LedgerStore:
                     "(clinical-fl-ledger --archive) to start a new one.")
             ledger.runs = {run.run_id: run for run in runs}
             ledger.events = events
-        for legacy in sorted(self.directory.glob(LEGACY_PATTERN)):
-            try:
-                run = PrivacyLedger.from_json(legacy.read_text(encoding="utf-8"))
-            except (ValueError, KeyError, TypeError, AttributeError) as err:
-                raise self._unreadable(legacy, err) from err
-            ledger.runs[run.run_id] = most_spent(ledger.runs.get(run.run_id), run)
+        self._refuse_per_run_files()
         return ledger
+
+    def _refuse_per_run_files(self) -> None:
+        """Stop at a per-run ledger file of the earliest format: its spending may be in no
+        lifetime ledger, and a hospital never goes on as if it had not been spent."""
+        found = sorted(self.directory.glob(LEGACY_PATTERN))
+        if found:
+            legacy = found[0]
+            raise LedgerError(
+                f"privacy ledger {legacy} is a per-run ledger file in the format of "
+                f"{LEGACY_UNTIL}, before {LEDGER_FILE} replaced it; this version no longer "
+                "reads it and refuses to train rather than forget spent privacy. Every later "
+                f"version copied its run into {self.path} when it saved the ledger: move "
+                f"{legacy.name} out of {self.directory} (e.g. into {ARCHIVE_DIR}/), then check "
+                f"that `clinical-fl-ledger {self.directory}` lists its run.")
 
     def save(self, ledger: LifetimeLedger) -> Path:
         _atomic_write(self.path, ledger.to_json())
         return self.path
 
     def archive(self, reason: str, lifetime_epsilon: float | None = None) -> Path:
-        """Move the ledger (and any legacy per-run files) to ``ledger-archive/<time>/`` and
-        start a new ledger whose first event records what was archived, when and why."""
+        """Move the ledger (and any per-run files of the earliest format) to
+        ``ledger-archive/<time>/`` and start a new ledger whose first event records what was
+        archived, when and why."""
         if not reason.strip():
             raise LedgerError("archiving a privacy ledger needs a reason (--reason)")
         files = [p for p in [self.path, *self.directory.glob(LEGACY_PATTERN)] if p.exists()]
