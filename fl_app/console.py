@@ -107,8 +107,8 @@ def round_line(server_round: int, num_rounds: int, metrics: Mapping[str, float])
 
 
 class RoundConsole:
-    """Flower's evaluate_fn after each round: the round logger (MLflow) first, then the
-    round's one line on the console."""
+    """Flower's evaluate_fn after each round: the round's end (``RoundEnd``: checkpoint and
+    MLflow) first, then the round's one line on the console."""
 
     def __init__(self, round_end: Callable[[int, ArrayRecord], MetricRecord | None],
                  history: Callable[[], Mapping[int, Mapping[str, float]]],

@@ -2,9 +2,10 @@
 DP-SGD step a round) would otherwise spend most of their time scoring.
 
 Flower's loop asks for federated evaluation after every round; this wrapper sends no
-evaluation messages in the rounds between, and the round logger skips the server's own
-evaluation in the same rounds (``EvaluationSchedule.due``). Round 0 (the untrained adapter)
-and the last round are always evaluated, so a run's final figures are always measured.
+evaluation messages in the rounds between, and the round's end (``RoundEnd``) skips the
+server's own evaluation in the same rounds (``EvaluationSchedule.due``). Round 0 (the
+untrained adapter) and the last round are always evaluated, so a run's final figures are
+always measured.
 """
 
 from __future__ import annotations

@@ -201,8 +201,7 @@ class Hospital:
             raise ValueError("DP-SGD training needs the hospital's privacy ledger")
         if proximal_mu > 0:
             # The key is the round config's (clinical_fl/protocol/messages.py): a refusal names
-            # only keys
-            # the hospital received.
+            # only keys the hospital received.
             raise PrivacyBudgetError("FedProx's proximal term is not supported with DP-SGD",
                                      key="proximal-mu")
         plan = self.dp_sgd_plan(policy, ledger, prior_history)

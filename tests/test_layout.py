@@ -76,7 +76,7 @@ def test_the_flower_bundle_holds_the_app_and_not_its_tests_benchmarks_or_docs():
 
     names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT))).namelist()
     top = {name.split("/")[0] for name in names}
-    assert {"fl_app", "tasks", "clinical_fl", "conf", "pyproject.toml"} <= top
+    assert {"fl_app", "tasks", "conf", NS, "pyproject.toml"} <= top
     assert not top & {"tests", "benchmarks", "docs", "mlruns", ".flwr"}, top
 
 

@@ -103,9 +103,8 @@ def _private_outcome():
 
 
 def test_every_metric_a_hospital_sends_has_a_row_in_the_protocol_table():
-    """The one table (clinical_fl/protocol/messages.py) covers every reply; under DP-SGD a reply
-    holds
-    exactly the metrics the table allows under DP-SGD."""
+    """The one table (clinical_fl/protocol/messages.py) covers every reply; under DP-SGD a
+    reply holds exactly the metrics the table allows under DP-SGD."""
     state = {"w": torch.zeros(2)}
     train_rows = m.metric_table("train")
     plain = train_reply(_instruction("train"), state, TrainOutcome(1.2, 40, 3, 0.5), 1)
@@ -135,7 +134,7 @@ def test_a_combined_metric_without_an_mlflow_row_is_an_error_not_a_silent_drop()
     names = m.mlflow_names("train")
     assert mlflow_metrics({m.EPSILON: 1.0, m.REPLIES: 2}, names) == {
         "privacy/epsilon_max": 1.0, "round/train_replies": 2}
-    with pytest.raises(KeyError, match="no row in protocol"):
+    with pytest.raises(KeyError, match="no row in clinical_fl/protocol"):
         mlflow_metrics({"made-up": 1.0}, names)
 
 

@@ -25,9 +25,8 @@ from tasks.model.predict import NoteClassifier, Prediction
 
 class ServiceError(RuntimeError):
     """The service answered with an error: its status, message and short code (the one error
-    shape of clinical_fl/serving/api_errors.py; ``code`` is None where something else answered,
-    e.g. a
-    proxy)."""
+    shape of clinical_fl/serving/api_errors.py; ``code`` is None where something else
+    answered, e.g. a proxy)."""
 
     def __init__(self, status: int, message: str, code: str | None = None) -> None:
         super().__init__(f"service answered {status}: {message}")

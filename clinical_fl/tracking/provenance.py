@@ -2,9 +2,9 @@
 
 The ServerApp runs from a copy of the app bundle (FAB) under ``$FLWR_HOME``, so MLflow's own
 git detection (from the running script) finds no checkout; the commit is asked of the
-checkout the package was installed from (``clinical_fl/tracking/paths.py::project_root``). The
-Flower run
-id and the FAB hash are what ``flwr ls`` shows, so that MLflow and Flower can be joined.
+checkout the package was installed from (``clinical_fl/tracking/paths.py::project_root``).
+The Flower run id and the FAB hash are what ``flwr ls`` shows, so that MLflow and Flower can
+be joined.
 """
 
 from __future__ import annotations

@@ -268,8 +268,7 @@ class RunTracker:
 
     def model_logged(self, model: ModelInfo) -> None:
         """The run's MLflow Model (clinical_fl/serving/pyfunc.py::log_note_model's answer):
-        registered
-        when the run finishes."""
+        registered when the run finishes."""
         self._model_uri = model.model_uri
 
     def _register_model(self) -> None:
@@ -298,8 +297,7 @@ class RunTracker:
 
     def log_config(self, config: Mapping, yaml_text: str) -> None:
         """The settings that take effect as params (clinical_fl/tracking/params.py), from the
-        resolved
-        configuration as a nested dict; the whole of it, as YAML, as the artifact
+        resolved configuration as a nested dict; the whole of it, as YAML, as the artifact
         ``config/resolved_config.yaml``."""
         self.log_params(run_params(config))
         self.log_text(yaml_text, CONFIG_ARTIFACT)
@@ -315,8 +313,7 @@ class RunTracker:
                          read_test_records: Callable[[], Records] | None = None) -> None:
         """Each hospital taking part (its preflight report's counts) and the server's test
         set as dataset inputs (clinical_fl/tracking/datasets.py). Metadata only: a failure is
-        logged, and
-        the run goes on."""
+        logged, and the run goes on."""
         try:
             self.log_datasets(run_datasets(reports, labels, data, read_test_records))
         except Exception as err:  # never a reason to stop a federated run

@@ -80,7 +80,7 @@ def _read_notes(args: argparse.Namespace, parser: argparse.ArgumentParser
     return texts, names
 
 
-def _service(args: argparse.Namespace):  # noqa: ANN202 - serving.client imported lazily
+def _service(args: argparse.Namespace):  # noqa: ANN202 - clinical_fl.serving.client imported lazily
     from clinical_fl.serving.client import ServiceClient
 
     token = None

@@ -10,10 +10,10 @@ of seconds). This reads the ``--run-config``/``-c`` arguments exactly as ``flwr 
 ``.toml`` file), then fails naming every unknown key with its near misses among the app's keys
 (read from APP's pyproject.toml; APP is the first argument when it is a folder holding one,
 else this project), every value of the wrong type, and anything the composed configuration
-or its data refuses (``clinical_fl/settings/run_config.py``, ``fl_app/server/data_check.py``), in
-seconds.
-The other ``flwr run`` arguments are ignored; a SUPERLINK connection name among them means a
-deployment, where the hospitals' data is theirs to check.
+or its data refuses (``clinical_fl/settings/run_config.py``,
+``fl_app/server/data_check.py``), in seconds. The other ``flwr run`` arguments are ignored; a
+SUPERLINK connection name among them means a deployment, where the hospitals' data is theirs
+to check.
 
 Exit status 0: ``flwr run`` may go ahead; 1: the problems are printed as ``error: ...``;
 2: the command line itself cannot be read.

@@ -3,10 +3,10 @@ and its best round's global adapter is the run's model.
 
 ``clinical_fl/settings/early_stopping.py`` holds the settings and why they are what they are. Here:
 
-- ``observe`` sees every round's figures, as the round logger computed them, before the
-  round's checkpoint is written (fl_app/server/round_checkpointer.py calls it), so the checkpoint
-  carries
-  the best round, its score, its adapter and the evaluations since it;
+- ``observe`` sees every round's figures, as the round's end (``fl_app/server/round_end.py``)
+  computed them, before the round's checkpoint is written (``fl_app/server/round_checkpointer.py``
+  calls it), so the checkpoint carries the best round, its score, its adapter and the
+  evaluations since it;
 - only rounds whose figures hold the metric count (evaluated rounds; round 0, the untrained
   adapter, is neither a candidate nor counted), and a NaN (a withheld score) does not count;
 - an improvement is a score above the best so far by more than ``min_delta``; after

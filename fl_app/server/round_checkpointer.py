@@ -1,8 +1,9 @@
 """Where the server keeps its checkpoints, and the per-round hook that writes them.
 
-Called by the round logger after a round's figures are computed and before they go to
-MLflow: the checkpoint holds the figures too, so a crash between the two steps is healed
-on resume (the figures are logged from the checkpoint), and every round is logged once.
+Called by the round's end (``RoundEnd``, ``fl_app/server/round_end.py``) after a round's
+figures are computed and before they go to MLflow: the checkpoint holds the figures too, so a
+crash between the two steps is healed on resume (the figures are logged from the checkpoint),
+and every round is logged once.
 Early stopping sees the round first (``RoundCheckpointer.early_stopping``), so the checkpoint
 carries its decision: the best round, its adapter and the evaluations since it.
 """

@@ -51,9 +51,8 @@ class RoundEnd:
         and central); the others log their training figures only. ``checks``: the
         update checks' round (replies left out, largest accepted update norm).
         ``checkpoint``: called with the round's arrays and figures before they are logged
-        (fl_app/server/round_checkpointer.py). ``labels``: the label set, for per-class recall and
-        F1
-        (clinical_fl/tracking/per_class.py)."""
+        (fl_app/server/round_checkpointer.py). ``labels``: the label set, for per-class recall
+        and F1 (clinical_fl/tracking/per_class.py)."""
         self.tracker = tracker
         self.grid = grid
         self.train_rules = train_rules

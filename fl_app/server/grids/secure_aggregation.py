@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
@@ -38,6 +39,22 @@ log = logging.getLogger(__name__)
 
 class RoundAborted(Exception):
     """The round cannot release a sum (the message says why)."""
+
+
+@dataclass(frozen=True)
+class _SecAggPlusRound:
+    """What every SecAgg+ stage of one round shares: the round, its reconstruction
+    threshold, each hospital's neighbours (those it shares its secrets with), the timeout."""
+
+    round_: int
+    threshold: int
+    neighbours: dict[int, list[int]]
+    timeout: float | None
+
+    @property
+    def group(self) -> str:
+        """The stages' Flower group id: the round."""
+        return str(self.round_)
 
 
 class SecureAggregationGrid(GridWrapper):
@@ -163,38 +180,75 @@ class SecureAggregationGrid(GridWrapper):
                                f"reconstruction threshold {threshold}")
 
     def _secagg_plus(self, messages: list[Message], timeout: float | None) -> list[Message]:
-        settings = self.settings
+        """SecAgg+'s stages in order: setup (public keys), share keys, collect (masked
+        updates), unmask (the shares that remove the masks), then the released sum."""
         round_, start = self._round_facts(messages)
-        group = str(round_)
         nodes = sorted(msg.metadata.dst_node_id for msg in messages)
         threshold = self._threshold(len(nodes))
+        self._check_secagg_plus_round(nodes, threshold)
+        run = _SecAggPlusRound(
+            round_=round_, threshold=threshold, timeout=timeout,
+            neighbours=secagg_plus.ring_neighbours(nodes,
+                                                   self.settings.shares_for(len(nodes))))
+        public, failed = self._setup_keys(run, nodes)
+        shared, failed_sharing = self._share_keys(run, public)
+        failed.update(failed_sharing)
+        uploaded, refused = self._collect(messages, self._routed_shares(run, shared), timeout)
+        masked = self._masked_updates(uploaded, sum(a.size for a in start.values()) + 1)
+        dropped = sorted(set(shared) - set(masked))
+        self._check_count(len(masked), threshold, "updates received")
+        log.info("secure aggregation round %s: %d masked updates, %d dropped after sharing "
+                 "keys", round_, len(masked), len(dropped))
+        shares = self._unmask_shares(run, masked, dropped)
+        aggregate = self._release(run, start, masked, shares, public, dropped)
+        return self._replies(uploaded, refused + list(failed.values()), aggregate)
+
+    def _check_secagg_plus_round(self, nodes: list[int], threshold: int) -> None:
+        """Enough hospitals sampled, and not so many that their quantised sum wraps around."""
         self._check_count(len(nodes), threshold, "sampled")
-        if len(nodes) * settings.quantization_range >= SECAGG_MODULUS:
+        if len(nodes) * self.settings.quantization_range >= SECAGG_MODULUS:
             raise RoundAborted(f"{len(nodes)} hospitals x quantization_range "
-                               f"{settings.quantization_range} would wrap around 2^32")
-        neighbours = secagg_plus.ring_neighbours(nodes, settings.shares_for(len(nodes)))
+                               f"{self.settings.quantization_range} would wrap around 2^32")
+
+    def _setup_keys(self, run: _SecAggPlusRound, nodes: list[int],
+                    ) -> tuple[dict[int, tuple[bytes, bytes]], dict[int, Message]]:
+        """Stage setup: the round's parameters to every sampled hospital; (each hospital's
+        two public keys, error replies) by node."""
+        settings = self.settings
         setup = ConfigRecord({
-            m.SECAGG_STAGE: m.STAGE_SETUP, m.SECAGG_ROUND: round_,
-            m.SECAGG_THRESHOLD: threshold, m.SECAGG_CLIPPING_RANGE: settings.clipping_range,
+            m.SECAGG_STAGE: m.STAGE_SETUP, m.SECAGG_ROUND: run.round_,
+            m.SECAGG_THRESHOLD: run.threshold, m.SECAGG_CLIPPING_RANGE: settings.clipping_range,
             m.SECAGG_QUANTIZATION_RANGE: settings.quantization_range,
             m.SECAGG_MAX_WEIGHT: self.max_weight})
         keyed, failed = self._stage({n: RecordDict({m.SECAGG_RECORD: setup}) for n in nodes},
-                                    group, timeout)
+                                    run.group, run.timeout)
         public = {node: (bytes(r.content[m.SECAGG_RECORD][m.SECAGG_PUBLIC_KEY_1]),
                          bytes(r.content[m.SECAGG_RECORD][m.SECAGG_PUBLIC_KEY_2]))
                   for node, r in keyed.items()}
-        self._check_count(len(public), threshold, "after setup")
+        self._check_count(len(public), run.threshold, "after setup")
+        return public, failed
+
+    def _share_keys(self, run: _SecAggPlusRound, public: dict[int, tuple[bytes, bytes]],
+                    ) -> tuple[dict[int, Message], dict[int, Message]]:
+        """Stage share keys: each hospital gets the public keys of its neighbours that
+        answered setup; (replies with its encrypted shares, error replies) by node."""
 
         def share_request(node: int) -> RecordDict:
-            known = [n for n in neighbours[node] if n in public]
+            known = [n for n in run.neighbours[node] if n in public]
             return RecordDict({m.SECAGG_RECORD: ConfigRecord({
-                m.SECAGG_STAGE: m.STAGE_SHARE_KEYS, m.SECAGG_ROUND: round_,
+                m.SECAGG_STAGE: m.STAGE_SHARE_KEYS, m.SECAGG_ROUND: run.round_,
                 m.SECAGG_NODES: known, m.SECAGG_PUBLIC_KEY_1: [public[n][0] for n in known],
                 m.SECAGG_PUBLIC_KEY_2: [public[n][1] for n in known]})})
 
-        shared, failed2 = self._stage({n: share_request(n) for n in public}, group, timeout)
-        failed.update(failed2)
-        self._check_count(len(shared), threshold, "after sharing keys")
+        shared, failed = self._stage({n: share_request(n) for n in public}, run.group,
+                                     run.timeout)
+        self._check_count(len(shared), run.threshold, "after sharing keys")
+        return shared, failed
+
+    def _routed_shares(self, run: _SecAggPlusRound,
+                       shared: dict[int, Message]) -> dict[int, ConfigRecord]:
+        """Stage collect's record for each hospital that shared keys: the encrypted shares
+        addressed to it (those to a hospital that did not share keys are dropped)."""
         inbox: dict[int, list[tuple[int, bytes]]] = {n: [] for n in shared}
         for source, reply in shared.items():
             record = reply.content[m.SECAGG_RECORD]
@@ -202,12 +256,14 @@ class SecureAggregationGrid(GridWrapper):
                                        record[m.SECAGG_CIPHERTEXTS], strict=True):
                 if dst in inbox:
                     inbox[int(dst)].append((source, bytes(ciphertext)))
-        collect = {node: ConfigRecord({
-            m.SECAGG_STAGE: m.STAGE_COLLECT, m.SECAGG_ROUND: round_,
+        return {node: ConfigRecord({
+            m.SECAGG_STAGE: m.STAGE_COLLECT, m.SECAGG_ROUND: run.round_,
             m.SECAGG_SOURCES: [s for s, _ in inbox[node]],
             m.SECAGG_CIPHERTEXTS: [c for _, c in inbox[node]]}) for node in shared}
-        uploaded, refused = self._collect(messages, collect, timeout)
-        length = sum(a.size for a in start.values()) + 1
+
+    def _masked_updates(self, uploaded: dict[int, Message], length: int) -> dict[int, np.ndarray]:
+        """Each uploaded masked vector of the expected shape; a hospital that sent anything
+        else is removed from ``uploaded`` and treated as dropped."""
         masked = {}
         for node, reply in list(uploaded.items()):
             vector = reply.content[m.SECAGG_RECORD][m.SECAGG_VECTOR].numpy()
@@ -218,31 +274,44 @@ class SecureAggregationGrid(GridWrapper):
                 del uploaded[node]
                 continue
             masked[node] = vector
-        dropped = sorted(set(shared) - set(masked))
-        self._check_count(len(masked), threshold, "updates received")
-        log.info("secure aggregation round %s: %d masked updates, %d dropped after sharing "
-                 "keys", round_, len(masked), len(dropped))
+        return masked
+
+    def _unmask_shares(self, run: _SecAggPlusRound, masked: dict[int, np.ndarray],
+                       dropped: list[int]) -> dict[int, list[bytes]]:
+        """Stage unmask: each hospital that uploaded is told which neighbours are active and
+        which dropped; the shares it returns, by the hospital whose secret they are of."""
 
         def unmask_request(node: int) -> RecordDict:
             return RecordDict({m.SECAGG_RECORD: ConfigRecord({
-                m.SECAGG_STAGE: m.STAGE_UNMASK, m.SECAGG_ROUND: round_,
-                m.SECAGG_ACTIVE: [n for n in neighbours[node] if n in masked],
-                m.SECAGG_DROPPED: [n for n in neighbours[node] if n in dropped]})})
+                m.SECAGG_STAGE: m.STAGE_UNMASK, m.SECAGG_ROUND: run.round_,
+                m.SECAGG_ACTIVE: [n for n in run.neighbours[node] if n in masked],
+                m.SECAGG_DROPPED: [n for n in run.neighbours[node] if n in dropped]})})
 
-        unmasked, _ = self._stage({n: unmask_request(n) for n in masked}, group, timeout)
+        unmasked, _ = self._stage({n: unmask_request(n) for n in masked}, run.group,
+                                  run.timeout)
         shares: dict[int, list[bytes]] = {}
         for reply in unmasked.values():
             record = reply.content[m.SECAGG_RECORD]
             for owner, share in zip(record[m.SECAGG_SHARE_OWNERS],
                                     record[m.SECAGG_SHARE_VALUES], strict=True):
                 shares.setdefault(int(owner), []).append(bytes(share))
+        return shares
+
+    def _release(self, run: _SecAggPlusRound, start: dict[str, np.ndarray],
+                 masked: dict[int, np.ndarray], shares: dict[int, list[bytes]],
+                 public: dict[int, tuple[bytes, bytes]],
+                 dropped: list[int]) -> dict[str, np.ndarray]:
+        """The masks removed from the sum of the masked updates, dequantised and combined
+        with the round's start into the aggregate adapter; the round's range used."""
+        settings = self.settings
         started = time.perf_counter()
         try:
-            digest = secagg_plus.round_digest(round_, threshold, settings.clipping_range,
+            digest = secagg_plus.round_digest(run.round_, run.threshold,
+                                              settings.clipping_range,
                                               settings.quantization_range, self.max_weight)
-            total = secagg_plus.unmasked_sum(masked, shares, neighbours,
+            total = secagg_plus.unmasked_sum(masked, shares, run.neighbours,
                                              {n: pk[0] for n, pk in public.items()}, dropped,
-                                             threshold, digest)
+                                             run.threshold, digest)
             released = secagg_plus.dequantized_sum(
                 total, len(masked), settings.clipping_range, settings.quantization_range)
             aggregate = self._combine(released, start)
@@ -254,7 +323,7 @@ class SecureAggregationGrid(GridWrapper):
         self._stats["secure_aggregation/range_used"] = float(
             np.abs(released[:-1]).max() / decodable) if released.size > 1 else 0.0
         self._add("secure_aggregation/server_seconds", time.perf_counter() - started)
-        return self._replies(uploaded, refused + list(failed.values()), aggregate)
+        return aggregate
 
     def _ckks_round(self, messages: list[Message], timeout: float | None) -> list[Message]:
         if self._ckks is None:
