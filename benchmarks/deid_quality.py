@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from clinical_fl.settings.task import DeidSettings
+from clinical_fl.settings.data import DeidSettings
 from tasks.data.deid import Deidentifier
 from tasks.data.deid_eval import score_deidentification
 from tasks.data.synthetic_notes import generate_hospital_notes

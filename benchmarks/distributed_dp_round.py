@@ -5,7 +5,7 @@ the round time a real run measured.
     .venv/bin/python benchmarks/distributed_dp_round.py --run <mlflow run id> [--repeats 5]
 
 For each hospital of the run's configuration (read back from the run's params: the same data,
-model, plan), times ``Hospital.distributed_step`` (Poisson batch, per-record gradients,
+model, plan), times ``Hospital.train`` under distributed DP (Poisson batch, per-record gradients,
 clipping, lattice share) and SecAgg+'s masking of the share, ``--repeats`` times after a
 warm-up. A simulated round runs the hospitals one after another, so their summed work against
 the run's median ``round/seconds`` (rounds without evaluation) leaves Flower's messaging,
@@ -98,11 +98,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory():
         for hospital in members:
             ledger = PrivacyLedger(run_id=0, hospital=hospital.data.hospital)
-            hospital.distributed_step(start, 0, ledger)  # warm-up
+            hospital.train(start, 0, ledger=ledger)  # warm-up
             times = []
             for round_ in range(1, args.repeats + 1):
                 began = time.perf_counter()
-                hospital.distributed_step(start, round_, ledger)
+                hospital.train(start, round_, ledger=ledger)
                 times.append(time.perf_counter() - began)
             work.append(statistics.median(times))
     masking = _masking_seconds(size, hospitals)

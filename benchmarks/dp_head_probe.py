@@ -8,9 +8,10 @@ Two measurements behind docs/benchmarks.md ("What limits DP-SGD here"):
    once by the production model, and only a copy of the production classification head
    trained, for several local-epoch counts and head learning rates. Everything else is the
    product's: the settings composed from ``conf/`` (``privacy=dp_sgd`` at each epsilon), each
-   hospital's DP-SGD plan (``Hospital.dp_sgd_plan``: sampling rate, the hospital's own delta,
-   noise calibrated for all planned rounds by ``tasks/privacy/accounting.py``), its privacy
-   ledger and refusal check, training by ``tasks/privacy/dp_sgd.py::train_with_dp_sgd``
+   hospital's DP-SGD plan (``tasks/privacy/mechanisms/dp_sgd.py::DpSgd.plan``: sampling rate,
+   the hospital's own delta, noise calibrated for all planned rounds by
+   ``tasks/privacy/accounting.py``), its privacy ledger and refusal check, training by
+   ``tasks/privacy/dp_sgd.py::train_with_dp_sgd``
    (Opacus: Poisson sampling, per-record clipping, noise; the product's AdamW at
    ``train.head_learning_rate``) or, without DP, ``tasks/learning/training.py::train_locally``,
    and the replies aggregated by the product's strategy (Flower's FedAvg). It bounds what DP
@@ -123,10 +124,12 @@ def _local_training(hospital: Hospital, probe: PooledHead, records: list[dict],
     settings = hospital.settings
     loader = DataLoader(records, batch_size=settings.train.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed * 1_009 + server_round))
-    if not hospital.uses_dp_sgd:
+    if not hospital.is_private:
         torch.manual_seed(seed)
         return train_locally(probe, loader, settings.train)
-    plan = hospital.dp_sgd_plan(ledger=ledger)  # calibrated once, then the ledger's noise
+    # calibrated once, then the ledger's noise
+    plan = hospital.privacy.plan(settings, hospital.data.hospital, len(hospital.data.train),
+                                 ledger=ledger)
     refusal = plan.refusal(ledger.history, server_round)
     if refusal:
         raise PrivacyBudgetError(refusal)

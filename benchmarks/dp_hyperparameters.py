@@ -25,7 +25,7 @@ import time
 from composed_settings import Composed, compose
 from flower_aggregation import ServerAggregation
 
-from clinical_fl.settings.task import OptimizerName
+from clinical_fl.settings.train import OptimizerName
 from tasks.hospital import Hospital
 from tasks.model.build import trainable_state
 from tasks.privacy.ledger import PrivacyLedger
@@ -43,7 +43,7 @@ def federated_accuracy(composed: Composed, hospitals: int) -> tuple[float, float
         results = []
         for k, (hospital, ledger) in enumerate(zip(members, ledgers, strict=True)):
             new, outcome = hospital.train(state, server_round,
-                                          ledger=ledger if hospital.uses_dp_sgd else None)
+                                          ledger=ledger if hospital.is_private else None)
             results.append((k, new, outcome))
             if outcome.privacy is not None:
                 epsilon = max(epsilon or 0.0, outcome.privacy.epsilon)
@@ -104,14 +104,15 @@ def main() -> None:
         train, lora, dp = task.train, task.model.lora, task.privacy.dp_sgd
         began = time.perf_counter()
         accuracy, epsilon = federated_accuracy(composed, args.hospitals)
-        label = f"DP-SGD epsilon={dp.target_epsilon:g}" if dp.enabled else "non-private"
+        private = task.privacy.record_level
+        label = f"DP-SGD epsilon={dp.target_epsilon:g}" if private else "non-private"
         spent = f", spent {epsilon:.3f}" if epsilon is not None else ""
         print(f"{label:<22} accuracy {accuracy:.3f}   ({time.perf_counter() - began:.0f} s)  "
               f"{train.optimizer.value}, batch {train.batch_size}, lr {train.learning_rate:g}, "
               f"head lr {train.head_learning_rate or train.learning_rate:g}, "
               f"r {lora.r}, alpha {lora.alpha}, epochs {train.local_epochs}, "
               f"rounds {composed.run.num_rounds}"
-              + (f", clip {dp.max_grad_norm:g}{spent}" if dp.enabled else "")
+              + (f", clip {dp.max_grad_norm:g}{spent}" if private else "")
               + f", {task.data.notes_per_hospital} notes/hospital", flush=True)
 
 

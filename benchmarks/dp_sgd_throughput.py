@@ -18,7 +18,10 @@ import time
 
 import torch
 
-from clinical_fl.settings.task import DataSettings, GradSampleMode, ModelSettings, TrainSettings
+from clinical_fl.settings.data import DataSettings
+from clinical_fl.settings.model import ModelSettings
+from clinical_fl.settings.privacy import GradSampleMode
+from clinical_fl.settings.train import TrainSettings
 from tasks.data.hospital_data import load_hospital_data, source_labels
 from tasks.learning.batches import make_loader, tokenize
 from tasks.learning.training import train_locally

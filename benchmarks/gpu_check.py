@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from clinical_fl.settings.compose import compose_config, task_settings, to_run_settings
-from clinical_fl.settings.task import GradSampleMode, OptimizerName, TrainSettings
+from clinical_fl.settings.privacy import GradSampleMode
+from clinical_fl.settings.train import OptimizerName, TrainSettings
 from tasks.data.hospital_data import load_server_test_set, source_labels
 from tasks.hospital import Hospital
 from tasks.learning.batches import make_loader
@@ -68,7 +69,7 @@ def federation(overrides: list[str], rounds: int | None = None) -> dict:
     history = []
     for server_round in range(1, (rounds or run.num_rounds) + 1):
         round_began = time.perf_counter()
-        replies = [h.train(state, server_round, ledger=ledger if h.uses_dp_sgd else None)
+        replies = [h.train(state, server_round, ledger=ledger if h.is_private else None)
                    for h, ledger in zip(hospitals, ledgers, strict=True)]
         state = fedavg([new for new, _ in replies], [o.num_examples for _, o in replies])
         train_seconds = time.perf_counter() - round_began

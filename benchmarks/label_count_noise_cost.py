@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from clinical_fl.settings.task import Accountant
+from clinical_fl.settings.privacy import Accountant
 from tasks.privacy.accounting import calibrate_noise_multiplier, epsilon_spent
 from tasks.privacy.label_counts import release_step
 

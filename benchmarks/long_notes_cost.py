@@ -25,14 +25,10 @@ from pathlib import Path
 
 from speed import machine, timed
 
-from clinical_fl.settings.task import (
-    DEFAULT_MODEL_ID,
-    DataSettings,
-    GradSampleMode,
-    LongNotes,
-    ModelSettings,
-    TrainSettings,
-)
+from clinical_fl.settings.data import DataSettings
+from clinical_fl.settings.model import DEFAULT_MODEL_ID, LongNotes, ModelSettings
+from clinical_fl.settings.privacy import GradSampleMode
+from clinical_fl.settings.train import TrainSettings
 from tasks.data.hospital_data import load_hospital_data, source_labels
 from tasks.learning.batches import chunking_for, make_loader, token_lengths, tokenize
 from tasks.learning.training import train_locally

@@ -24,7 +24,8 @@ def one_process() -> dict[str, float]:
     """Run in the child: time each stage once."""
     seconds = {}
     began = time.perf_counter()
-    from clinical_fl.settings.task import DataSettings, ModelSettings
+    from clinical_fl.settings.data import DataSettings
+    from clinical_fl.settings.model import ModelSettings
     from tasks.data.hospital_data import load_hospital_data, source_labels
     from tasks.learning.batches import tokenize
     from tasks.model.build import build_model, load_tokenizer

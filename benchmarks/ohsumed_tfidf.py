@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 from ohsumed_prepare import CASE_MIX, MA5_CODES, prepare
 
-from clinical_fl.settings.task import DataSettings, DataSource
+from clinical_fl.settings.data import DataSettings, DataSource
 from tasks.learning.baseline import BaselineResult, c_grid_option, fit_and_score, load_splits
 
 CACHE = Path("~/.cache/clinical-fl")

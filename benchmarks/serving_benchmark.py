@@ -42,7 +42,7 @@ def test_notes(args: argparse.Namespace, labels: list[str]) -> list[str]:
         table = pd.read_parquet(Path(args.parquet).expanduser())
         table = table[table["split"] == "test"]
         return table["text"].tolist()[:args.limit]
-    from clinical_fl.settings.task import DataSettings
+    from clinical_fl.settings.data import DataSettings
     from tasks.data.synthetic_notes import generate_hospital_notes
 
     settings = DataSettings()

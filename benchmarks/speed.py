@@ -39,16 +39,10 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from clinical_fl.settings.task import (
-    DEFAULT_MODEL_ID,
-    DataSettings,
-    DeidSettings,
-    Device,
-    GradSampleMode,
-    ModelSettings,
-    Precision,
-    TrainSettings,
-)
+from clinical_fl.settings.data import DataSettings, DeidSettings
+from clinical_fl.settings.model import DEFAULT_MODEL_ID, ModelSettings
+from clinical_fl.settings.privacy import GradSampleMode
+from clinical_fl.settings.train import Device, Precision, TrainSettings
 from tasks.data.hospital_data import load_hospital_data, source_labels
 from tasks.learning.batches import make_loader, tokenize
 from tasks.learning.evaluation import evaluate

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from clinical_fl.protocol import messages as m
-from clinical_fl.settings.task import LearningRateSchedule, TrainSettings
+from clinical_fl.settings.train import LearningRateSchedule, TrainSettings
 from strategies.wrapper import StrategyWrapper
 
 

@@ -8,12 +8,10 @@ adapter, and a fresh process rebuilds the same objects from the settings.
 
 from __future__ import annotations
 
-import time
-
 import datasets
-import numpy as np
 import torch
 from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from clinical_fl.settings.task import TaskSettings
@@ -22,26 +20,14 @@ from tasks.data.hospital_data import HospitalData, load_hospital_data
 from tasks.errors import TaskInputError
 from tasks.learning.batches import chunking_for, make_loader, tokenize
 from tasks.learning.evaluation import EvalOutcome, evaluate
-from tasks.learning.training import PrivacyReport, TrainOutcome, train_locally
-from tasks.model.build import build_model, load_tokenizer, load_trainable_state, trainable_state
+from tasks.learning.training import TrainOutcome
+from tasks.model.build import build_model, load_tokenizer, load_trainable_state
 from tasks.model.compute import resolve_compute
 from tasks.privacy.accounting import Step
-from tasks.privacy.distributed_dp import (
-    clipped_gradient_sum,
-    continuous_share,
-    flat_signal,
-    hospital_plan,
-    lattice_share,
-)
-from tasks.privacy.dp_sgd import train_with_dp_sgd
 from tasks.privacy.lattice import Lattice
 from tasks.privacy.ledger import PrivacyLedger
-from tasks.privacy.plan import (
-    DpSgdPlan,
-    PrivacyBudgetError,
-    plan_dp_sgd,
-    refuse_without_dp,
-)
+from tasks.privacy.mechanisms import RoundInputs, record_level_privacy
+from tasks.privacy.mechanisms.base import RoundArrays
 from tasks.privacy.policy import HospitalPolicy
 
 
@@ -122,6 +108,7 @@ class Hospital:
         self.data, self._train, self._eval = _cached_records(
             data_key, settings, tuple(labels), partition_id, num_partitions, self.tokenizer,
             data_path)
+        self.privacy = record_level_privacy(settings.privacy)
         self.canaries = None
         if CANARY_COLUMN in self.data.train.column_names:
             trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -130,17 +117,9 @@ class Hospital:
                 trainable, read_canaries(settings.audit.canaries_path), norm)
 
     @property
-    def uses_dp_sgd(self) -> bool:
-        return self.settings.privacy.dp_sgd.enabled
-
-    @property
-    def uses_distributed_dp(self) -> bool:
-        return self.settings.privacy.distributed_dp.enabled
-
-    @property
     def is_private(self) -> bool:
         """Record-level DP of either kind: what leaves the hospital is what DP-SGD allows."""
-        return self.uses_dp_sgd or self.uses_distributed_dp
+        return self.privacy.private
 
     @property
     def train_records(self) -> datasets.Dataset:
@@ -153,114 +132,45 @@ class Hospital:
         """The tokenized held-out records that ``evaluate`` reads (read only, as above)."""
         return self._eval
 
-    def dp_sgd_plan(self, policy: HospitalPolicy | None = None,
-                    ledger: PrivacyLedger | None = None,
-                    prior_history: list[Step] | tuple[Step, ...] = ()) -> DpSgdPlan:
-        """This hospital's DP-SGD plan; raises PrivacyBudgetError on settings it cannot keep."""
-        return plan_dp_sgd(
-            self.settings.privacy.dp_sgd, self.data.hospital, len(self.data.train),
-            self.settings.train.batch_size, self.settings.train.local_epochs,
-            self.settings.planned_rounds, policy,
-            committed_noise_multiplier=ledger.noise_multiplier if ledger else None,
-            prior_history=prior_history, run_history=ledger.history if ledger else ())
-
     def train(self, global_state: dict[str, torch.Tensor], server_round: int,
               proximal_mu: float = 0.0, ledger: PrivacyLedger | None = None,
               policy: HospitalPolicy | None = None,
               prior_history: list[Step] | tuple[Step, ...] = (), lr_factor: float = 1.0
-              ) -> tuple[dict[str, torch.Tensor], TrainOutcome]:
-        """Start from the global adapter, train locally, return the new trainable state.
+              ) -> tuple[RoundArrays, TrainOutcome]:
+        """One round from the global adapter under this run's record-level privacy
+        (``self.privacy``, tasks/privacy/mechanisms/): the arrays to send (the new trainable
+        state, or under distributed DP this hospital's share of the secure sum) and the
+        round's outcome.
 
-        With DP-SGD, ``ledger`` is this hospital's privacy ledger for the run; the
+        Under record-level DP, ``ledger`` is this hospital's privacy ledger for the run; the
         steps taken are added to it. ``policy`` is the hospital's own, and
         ``prior_history`` its spending in earlier runs (its lifetime budget). A round
         that breaks either raises PrivacyBudgetError before any step.
         """
-        policy = policy or HospitalPolicy(self.data.hospital)
-        refuse_without_dp(self.settings.privacy.dp_sgd, policy)
+        inputs = RoundInputs(server_round, policy or HospitalPolicy(self.data.hospital), ledger,
+                             prior_history, proximal_mu, lr_factor)
+        return self.privacy.train(self, global_state, inputs)
+
+    def begin_round(self, global_state: dict[str, torch.Tensor], server_round: int) -> int:
+        """Load the global adapter and seed this round's dropout and shuffling; the seed."""
         load_trainable_state(self.model, global_state)
         # The run seed is known to the server: it drives dropout and the non-private path's
-        # shuffling only. DP-SGD's sampling and noise draw from OS entropy (dp_sgd.py).
+        # shuffling only. Privacy's sampling and noise draw from OS entropy (tasks/privacy/).
         seed = self.settings.seed * 100_003 + server_round * 1_009 + self.data.hospital
         torch.manual_seed(seed)
-        # DP-SGD replaces the sampler with Poisson sampling: no length grouping there.
-        loader = make_loader(self._train, self.tokenizer, self.settings.train.batch_size,
-                             shuffle=True, seed=seed,
-                             group_by_length=self.settings.train.group_by_length
-                             and not self.uses_dp_sgd)
-        if not self.uses_dp_sgd:
-            held = set(self.data.train["label"])  # for the restricted softmax
-            outcome = train_locally(self.model, loader, self.settings.train, proximal_mu,
-                                    canaries=self.canaries, compute=self.compute,
-                                    classes_held=[c in held for c in range(
-                                        len(self.settings.data.labels))],
-                                    absent_class_scale=self.settings.restricted_softmax_scale(),
-                                    lr_factor=lr_factor)
-            return trainable_state(self.model), outcome
-        if ledger is None:
-            raise ValueError("DP-SGD training needs the hospital's privacy ledger")
-        if proximal_mu > 0:
-            # The key is the round config's (clinical_fl/protocol/messages.py): a refusal names
-            # only keys the hospital received.
-            raise PrivacyBudgetError("FedProx's proximal term is not supported with DP-SGD",
-                                     key="proximal-mu")
-        plan = self.dp_sgd_plan(policy, ledger, prior_history)
-        refusal = plan.budget_error(ledger.history, server_round)
-        if refusal:
-            raise refusal
-        ledger.noise_multiplier, ledger.delta = plan.noise_multiplier, plan.delta
-        outcome = train_with_dp_sgd(self.model, loader, self.settings.train,
-                                    plan.noise_multiplier, plan.max_grad_norm,
-                                    self.settings.privacy.dp_sgd.grad_sample_mode,
-                                    ledger.history, canaries=self.canaries,
-                                    compute=self.compute, lr_factor=lr_factor)
-        ledger.rounds_trained.append(server_round)
-        outcome.privacy = privacy_report(plan, ledger)
-        return trainable_state(self.model), outcome
+        return seed
 
-    def distributed_step(self, global_state: dict[str, torch.Tensor], server_round: int,
-                         ledger: PrivacyLedger, policy: HospitalPolicy | None = None,
-                         prior_history: list[Step] | tuple[Step, ...] = ()
-                         ) -> tuple[dict[str, np.ndarray], TrainOutcome]:
-        """This hospital's share of one distributed DP-SGD step (tasks/privacy/distributed_dp.py)
-        per trainable parameter: minus its clipped gradient sum over the union's expected batch,
-        plus its share of the noise; uint32 levels on SecAgg+'s lattice, or float64 values
-        for CKKS. The secure sum over the hospitals is minus the round's noisy mean gradient.
-        The step is in ``ledger`` before it leaves; a step the run's cap or the hospital's
-        policy forbids raises PrivacyBudgetError."""
-        policy = policy or HospitalPolicy(self.data.hospital)
-        lattice = self.share_lattice
-        dimension = sum(t.numel() for t in global_state.values())
-        plan, as_steps = hospital_plan(self.settings.privacy.distributed_dp, self.data.hospital,
-                                       len(self.data.train), policy, lattice, dimension,
-                                       prior_history)
-        refusal = as_steps.budget_error(ledger.history, server_round)
-        if refusal:
-            raise refusal
-        start = time.perf_counter()
+    def training_loader(self, seed: int, group_by_length: bool) -> DataLoader:
+        """The training records, shuffled by ``seed`` (DP-SGD replaces the sampler)."""
+        return make_loader(self._train, self.tokenizer, self.settings.train.batch_size,
+                           shuffle=True, seed=seed, group_by_length=group_by_length)
+
+    def step_loader(self, global_state: dict[str, torch.Tensor]) -> DataLoader:
+        """The global adapter loaded, and the training records in order: for a mechanism
+        that samples them itself (distributed DP's Poisson batch)."""
         load_trainable_state(self.model, global_state)
-        loader = make_loader(self._train, self.tokenizer, self.settings.train.batch_size,
-                             shuffle=False)
-        clipped = clipped_gradient_sum(self.model, loader, plan, self.compute)
-        if list(clipped) != list(global_state):
-            raise TaskInputError(f"hospital {self.data.hospital}: the global adapter's arrays "
-                                 "are not this model's trainable parameters")
-        signal = flat_signal(clipped, plan)
-        flat = (lattice_share(signal, plan, lattice) if lattice is not None
-                else continuous_share(signal, plan))
-        ledger.noise_multiplier, ledger.delta = plan.accounted_noise_multiplier, as_steps.delta
-        ledger.add_step(plan.round_step())
-        ledger.rounds_trained.append(server_round)
-        share, offset = {}, 0
-        for name, tensor in global_state.items():
-            share[name] = flat[offset:offset + tensor.numel()].reshape(tuple(tensor.shape))
-            offset += tensor.numel()
-        outcome = TrainOutcome(loss=float("nan"), num_examples=len(self.data.train),
-                               num_steps=1, seconds=time.perf_counter() - start)
-        outcome.privacy = privacy_report(as_steps, ledger)
-        outcome.privacy.epsilon_if_alone = plan.epsilon(ledger.steps, as_steps.delta,
-                                                        as_steps.accountant, fallback=True)
-        return share, outcome
+        return make_loader(self._train, self.tokenizer, self.settings.train.batch_size,
+                           shuffle=False)
 
     @property
     def share_lattice(self) -> Lattice | None:
@@ -277,12 +187,3 @@ class Hospital:
                              shuffle=False, group_by_length=self.settings.train.group_by_length)
         return evaluate(self.model, loader, len(self.labels), self.compute)
 
-
-def privacy_report(plan: DpSgdPlan, ledger: PrivacyLedger) -> PrivacyReport:
-    return PrivacyReport(
-        epsilon=plan.epsilon(ledger.history), delta=plan.delta,
-        noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
-        sample_rate=plan.sample_rate, steps=ledger.steps, max_epsilon=plan.max_epsilon,
-        can_train_next_round=plan.refusal(ledger.history, 0) is None,
-        lifetime_epsilon=plan.lifetime_epsilon(ledger.history),
-        hospital_delta=plan.hospital_delta)

@@ -26,7 +26,7 @@ import yaml
 
 from clinical_fl.protocol.refusals import is_refusal_line, parse_refusal
 from clinical_fl.settings.compose import task_settings_to_yaml
-from clinical_fl.settings.task import Accountant
+from clinical_fl.settings.privacy import Accountant
 from tasks.data.hospital_data import load_hospital_data
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.privacy.accounting import calibrate_noise_multiplier, epsilon_spent
@@ -188,7 +188,8 @@ def _edited(model: Path, edit) -> str:
 
 
 @pytest.mark.parametrize("name,edit", [
-    ("dp_sgd off", lambda t: t["privacy"]["dp_sgd"].update(enabled=False, target_epsilon=None)),
+    ("dp_sgd off", lambda t: (t["privacy"].update(mechanism="none"),
+                              t["privacy"]["dp_sgd"].update(target_epsilon=None))),
     ("class_weighting none", lambda t: t["train"].update(class_weighting="none")),
     ("ghost clipping", lambda t: t["privacy"]["dp_sgd"].update(grad_sample_mode="ghost")),
 ])
@@ -197,13 +198,10 @@ def test_sigma_with_settings_that_cannot_use_it_is_refused(tiny_bert, tmp_path, 
     _refused_nothing_booked(status, counts, tmp_path, code="settings-invalid")
 
 
-def test_sigma_with_dp_sgd_and_distributed_dp_both_on_is_refused(tiny_bert,
-                                                                           tmp_path):
-    """Settings the server's own compose refuses ("choose one record-level DP") are accepted
-    by the hospital: preflight skips refuse_without_dp (distributed) and releases counts under
-    the DP-SGD plan. The release is booked, so no budget is lost, but the hospital takes an
-    incoherent privacy configuration; TaskSettings refuses both switches on."""
-    text = _edited(tiny_bert, lambda t: t["privacy"]["distributed_dp"].update(enabled=True))
+def test_sigma_under_distributed_dp_is_refused(tiny_bert, tmp_path):
+    """A label-count release belongs to DP-SGD: with the mechanism switched to distributed DP
+    the DP-SGD section's values are refused (one mechanism, one switch), nothing released."""
+    text = _edited(tiny_bert, lambda t: t["privacy"].update(mechanism="distributed_dp"))
     status, counts = hospital_preflight_counts(text, tmp_path, RUN)
     _refused_nothing_booked(status, counts, tmp_path, code="settings-invalid")
 

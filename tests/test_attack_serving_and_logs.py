@@ -38,8 +38,9 @@ from clinical_fl.serving import wire
 from clinical_fl.serving.access_log import ACCESS_LOGGER, METHODS
 from clinical_fl.serving.app import ServiceSettings, create_app
 from clinical_fl.settings.compose import task_settings, task_settings_to_yaml
+from clinical_fl.settings.data import DeidSettings
+from clinical_fl.settings.model import ModelSettings
 from clinical_fl.settings.run_config import compose_run_config, run_config_defaults
-from clinical_fl.settings.task import DeidSettings, ModelSettings
 from fl_app.hospital.client_app import app as hospital_app
 from fl_app.hospital.edge import HOSPITAL_LOG
 from fl_app.server.grids import progress as progress_grid
@@ -505,8 +506,9 @@ def test_attack_a_hostile_run_config_cannot_loosen_a_hospitals_policy(
     (max-epsilon 3, require-dp, its data mapping, de-identification) and refuses before any
     training step, with a refusal line only."""
     _name, run_config, node, expected = case
-    for step in ("train_with_dp_sgd", "train_locally"):
-        monkeypatch.setattr(f"tasks.hospital.{step}", _no_step(step))
+    for step, caller in (("train_with_dp_sgd", "tasks.privacy.mechanisms.dp_sgd"),
+                         ("train_locally", "tasks.privacy.mechanisms.no_dp")):
+        monkeypatch.setattr(f"{caller}.{step}", _no_step(step))
     text = _from_run_config(hospital, dict(run_config))
     reply = _train(hospital, text, tmp_path / "state", **{"max-epsilon": 3.0,
                                                            "require-dp": True, **node})

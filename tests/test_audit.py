@@ -11,9 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from clinical_fl.settings.task import (
-    DpSgdSettings,
-)
+from clinical_fl.settings.privacy import DpSgdSettings, RecordLevelMechanism
 from fl_app.commands.audit import AUDITORS, audit_bounds
 from tasks.audit.bound import epsilon_lower_bound, guess_and_bound, p_value
 from tasks.audit.canaries import GRADIENT, NOTE, make_canaries, write_canaries
@@ -110,8 +108,8 @@ def test_audit_gradient_canaries_reach_the_update_the_server_sees(canary_hospita
     direction; an excluded one does not."""
     settings, canaries, work = canary_hospital
     if private:  # DP-SGD with (almost) no noise: clipping keeps the canary's norm
-        settings.privacy.dp_sgd = DpSgdSettings(enabled=True, noise_multiplier=1e-9,
-                                                 max_grad_norm=10.0)
+        settings.privacy.dp_sgd = DpSgdSettings(noise_multiplier=1e-9, max_grad_norm=10.0)
+        settings.privacy.mechanism = RecordLevelMechanism.dp_sgd
     hospital = Hospital(settings, list(SPECIALTIES), 0, 2)
     gradients = [c for c in canaries if c.kind == GRADIENT]
     assert len(hospital.data.train) == 32 + sum(c.included for c in canaries)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clinical_fl.settings.task import DataSettings, DataSource
+from clinical_fl.settings.data import DataSettings, DataSource
 from tasks.learning.baseline import (
     Splits,
     c_grid_option,

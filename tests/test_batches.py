@@ -60,7 +60,7 @@ def test_dp_sgd_is_handed_ungrouped_records(tiny_bert, monkeypatch):
     def capture(model, loader, *args, **kwargs):
         raise Handed(loader)
 
-    monkeypatch.setattr("tasks.hospital.train_with_dp_sgd", capture)
+    monkeypatch.setattr("tasks.privacy.mechanisms.dp_sgd.train_with_dp_sgd", capture)
     with pytest.raises(Handed) as caught:
         hospital.train(trainable_state(hospital.model), 1, ledger=PrivacyLedger(1, 0))
     assert not isinstance(caught.value.args[0].sampler, LengthGroupedSampler)

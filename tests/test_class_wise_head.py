@@ -69,7 +69,7 @@ def test_imbalance_the_heads_parameters_are_found_by_name(tiny_bert):
 
 @pytest.mark.parametrize("overrides,expected", [
     (["strategy=fedadam"], "strategy.name=fedadam"),
-    (["privacy=dp_sgd"], "privacy.dp_sgd.enabled=true"),
+    (["privacy=dp_sgd"], "privacy.mechanism=dp_sgd"),
     (["secure_aggregation=secagg_plus"], "secure aggregation"),
 ])
 def test_imbalance_class_wise_head_is_refused_where_it_cannot_hold(overrides, expected):

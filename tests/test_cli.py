@@ -9,7 +9,7 @@ import pytest
 from flwr.common.config import parse_config_args
 
 from clinical_fl.settings.compose import ConfigError, parse_overrides
-from clinical_fl.settings.task import DataSettings, DataSource
+from clinical_fl.settings.data import DataSettings, DataSource
 from fl_app.commands import flower_runs
 from fl_app.commands.cli import (
     check_command_line,

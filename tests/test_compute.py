@@ -6,7 +6,7 @@ import torch
 
 from clinical_fl.settings.checks import ConfigError
 from clinical_fl.settings.compose import compose_config, task_settings_to_yaml
-from clinical_fl.settings.task import Device, Precision, TrainSettings
+from clinical_fl.settings.train import Device, Precision, TrainSettings
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.hospital import Hospital
 from tasks.model import compute as compute_module

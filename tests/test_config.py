@@ -17,19 +17,14 @@ from clinical_fl.settings.compose import (
     to_run_settings,
     validate_config,
 )
+from clinical_fl.settings.data import DataSettings, DataSource, Partitioning
+from clinical_fl.settings.model import LoraSettings
+from clinical_fl.settings.privacy import DistributedDpSettings, DpSgdSettings, PrivacySettings
 from clinical_fl.settings.run import RunSettings
 from clinical_fl.settings.secure_aggregation import SecureAggregationSettings
 from clinical_fl.settings.strategy import CentralDpSettings, StrategyName, StrategySettings
-from clinical_fl.settings.task import (
-    DataSettings,
-    DataSource,
-    DistributedDpSettings,
-    DpSgdSettings,
-    LoraSettings,
-    Partitioning,
-    TaskSettings,
-    TrainSettings,
-)
+from clinical_fl.settings.task import TaskSettings
+from clinical_fl.settings.train import TrainSettings
 
 
 def test_defaults_compose_and_validate():
@@ -160,11 +155,11 @@ def test_bad_privacy_settings_fail_before_anything_starts(overrides, message):
 
 def test_privacy_options_compose():
     both = compose_config(["privacy=dp_sgd_central_dp", "privacy.dp_sgd.target_epsilon=3"])
-    assert both.privacy.dp_sgd.enabled and both.privacy.central_dp.enabled
+    assert (both.privacy.mechanism.value == "dp_sgd") and both.privacy.central_dp.enabled
     assert both.privacy.dp_sgd.target_epsilon == 3.0
     assert compose_config(["privacy=dp_sgd", "privacy.dp_sgd.target_epsilon=inf"]
                           ).privacy.dp_sgd.target_epsilon == float("inf")
-    assert not compose_config([]).privacy.dp_sgd.enabled
+    assert not (compose_config([]).privacy.mechanism.value == "dp_sgd")
 
 
 def test_dp_sgd_brings_its_training_recipe_and_the_command_line_still_wins():
@@ -189,7 +184,7 @@ def test_settings_built_by_hand_check_themselves():
     with pytest.raises(ConfigError, match=r"'data\.partitioning': got 'bogus', expected one of"):
         DataSettings(partitioning="bogus")
     with pytest.raises(ConfigError, match=r"give exactly one of target_epsilon"):
-        DpSgdSettings(enabled=True)
+        PrivacySettings(mechanism="dp_sgd")
     with pytest.raises(ValueError, match=r"'strategy\.min_hospitals': got 0"):
         StrategySettings(min_hospitals=0)
     with pytest.raises(ConfigError, match=r"'data\.site_column'"):
@@ -207,11 +202,11 @@ def test_partitioning_auto_follows_whether_the_source_names_sites():
 
 
 def test_one_switch_for_dp_sgd_and_the_sweeps_inf_level_turns_it_off():
-    private = compose_config(["privacy=dp_sgd"]).privacy.dp_sgd
-    assert private.enabled and private.target_epsilon == 8.0
+    private = compose_config(["privacy=dp_sgd"]).privacy
+    assert private.mechanism.value == "dp_sgd" and private.dp_sgd.target_epsilon == 8.0
     level = compose_config(["privacy=dp_sgd", "privacy.dp_sgd.target_epsilon=inf"])
-    assert not level.privacy.dp_sgd.enabled, "hospitals read enabled, never epsilon"
-    assert task_settings(level, ["a", "b"]).privacy.dp_sgd.enabled is False
+    assert level.privacy.mechanism.value == "none", "hospitals read the mechanism, never epsilon"
+    assert task_settings(level, ["a", "b"]).privacy.mechanism.value == "none"
 
 
 # --- The hospital checks everything it receives -------------------------------------------
@@ -279,16 +274,16 @@ def test_every_bad_number_fails_naming_the_full_key(switch, key, value):
 
 
 @pytest.mark.parametrize("settings,key", [
-    (lambda: DistributedDpSettings(enabled=True, threshold=True),
+    (lambda: DistributedDpSettings(threshold=True),
      "privacy.distributed_dp.threshold"),
-    (lambda: DistributedDpSettings(enabled=True, threshold=3.0),
+    (lambda: DistributedDpSettings(threshold=3.0),
      "privacy.distributed_dp.threshold"),
     (lambda: SecureAggregationSettings(mode="secagg_plus", reconstruction_threshold=True),
      "secure_aggregation.reconstruction_threshold"),
     (lambda: LoraSettings(r=8.5), "model.lora.r"),
     (lambda: LoraSettings(dropout=math.nan), "model.lora.dropout"),
     (lambda: TrainSettings(learning_rate=math.nan), "train.learning_rate"),
-    (lambda: DpSgdSettings(enabled=True, target_epsilon=-math.inf),
+    (lambda: PrivacySettings(mechanism="dp_sgd", dp_sgd=DpSgdSettings(target_epsilon=-math.inf)),
      "privacy.dp_sgd.target_epsilon"),
     (lambda: CentralDpSettings(enabled=True, clipping_norm=math.inf),
      "privacy.central_dp.clipping_norm"),
@@ -313,7 +308,7 @@ def test_the_hospital_refuses_nan_in_the_servers_plan_and_names_only_the_key():
     assert err.value.key == "train.local_epochs"
     # A section the server left switched off, with a value in it.
     plain = task_settings_to_yaml(task_settings(compose_config([]), ["a", "b"]))
-    assert "  distributed_dp:\n    enabled: false\n    target_epsilon: 8.0\n" in plain
+    assert "  distributed_dp:\n    target_epsilon: 8.0\n" in plain
     with pytest.raises(ConfigError) as err:
         task_settings_from_yaml(plain.replace("target_epsilon: 8.0", "target_epsilon: 3.0"))
     assert err.value.key == "privacy.distributed_dp.target_epsilon"
@@ -323,11 +318,11 @@ def test_the_sweeps_inf_level_still_switches_dp_off():
     for privacy in ("dp_sgd", "distributed_dp"):
         level = to_run_settings(compose_config([f"privacy={privacy}",
                                                 f"privacy.{privacy}.target_epsilon=inf"]))
-        assert not getattr(level.privacy, privacy).enabled
+        assert level.privacy.mechanism.value == "none"
     # The level keeps the values of the sweep's private levels.
     level = compose_config(["privacy=dp_sgd", "privacy.dp_sgd.target_epsilon=inf",
                             "privacy.dp_sgd.max_grad_norm=0.5"])
-    assert not level.privacy.dp_sgd.enabled and level.privacy.dp_sgd.max_grad_norm == 0.5
+    assert level.privacy.mechanism.value == "none" and level.privacy.dp_sgd.max_grad_norm == 0.5
 
 
 # A value other than the default for every field of every section that has a switch.
@@ -376,8 +371,8 @@ def test_a_setting_of_a_switched_off_mechanism_is_refused(override, switch):
 def test_every_field_of_a_switched_off_section_is_covered():
     covered = {o.split("=", 1)[0] for overrides in SWITCHED_OFF.values() for o in overrides}
     for section, settings, switch in (
-            ("privacy.dp_sgd", DpSgdSettings, "enabled"),
-            ("privacy.distributed_dp", DistributedDpSettings, "enabled"),
+            ("privacy.dp_sgd", DpSgdSettings, None),
+            ("privacy.distributed_dp", DistributedDpSettings, None),
             ("privacy.central_dp", CentralDpSettings, "enabled"),
             ("secure_aggregation", SecureAggregationSettings, "mode")):
         names = {f.name for f in dataclasses.fields(settings)} - {switch}
@@ -432,7 +427,8 @@ def test_every_level_of_the_privacy_sweep_composes(privacy, epsilon):
     settings = to_run_settings(compose_config(["+sweep=epsilon", f"privacy={privacy}",
                                                f"privacy.dp_sgd.target_epsilon={epsilon}"]))
     on = settings.privacy.distributed_dp if privacy == "distributed_dp" else settings.privacy.dp_sgd
-    assert on.enabled == (epsilon != "inf") and on.target_epsilon == float(epsilon)
+    assert (settings.privacy.mechanism.value != "none") == (epsilon != "inf")
+    assert on.target_epsilon == float(epsilon)
 
 
 def _presets():
@@ -466,9 +462,12 @@ def test_the_switch_an_error_names_is_a_preset_that_turns_it_on(settings):
         assert (Path(__file__).resolve().parent.parent / "conf" / group / f"{choice}.yaml"
                 ).is_file(), option
         run = to_run_settings(compose_config([option]))
-        section = run.secure_aggregation if group == "secure_aggregation" else getattr(
-            run.privacy, settings.SECTION.rpartition(".")[2])
-        assert section.enabled, option
+        if group == "secure_aggregation":
+            assert run.secure_aggregation.enabled, option
+        elif settings is CentralDpSettings:
+            assert run.privacy.central_dp.enabled, option
+        else:
+            assert run.privacy.mechanism == settings.MECHANISM, option
 
 
 @pytest.mark.parametrize("override,key,message", [
@@ -490,7 +489,7 @@ def test_additions_and_deletions_of_schema_keys_are_refused(override, key, messa
 
 
 def test_group_additions_and_plain_overrides_still_compose():
-    assert compose_config(["+sweep=epsilon"]).privacy.dp_sgd.enabled
+    assert compose_config(["+sweep=epsilon"]).privacy.mechanism.value == "dp_sgd"
     # Hydra's own settings are Hydra's to check.
     check_override_keys(["hydra.sweep.dir=/tmp/x", "+hydra.job.chdir=true",
                          "hydra/launcher=basic"])

@@ -1,6 +1,6 @@
 import pytest
 
-from clinical_fl.settings.task import DataSettings, Partitioning
+from clinical_fl.settings.data import DataSettings, Partitioning
 from tasks.data.hospital_data import load_hospital_data, load_server_test_set, source_labels
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.errors import HospitalDataError

@@ -6,7 +6,7 @@ import re
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from clinical_fl.settings.task import DataSettings, DeidSettings
+from clinical_fl.settings.data import DataSettings, DeidSettings
 from tasks.data.deid import Deidentifier, deidentifier
 from tasks.data.deid_eval import score_deidentification
 from tasks.data.hospital_data import load_hospital_data, load_server_test_set

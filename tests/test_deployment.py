@@ -16,7 +16,7 @@ import signal
 
 import pytest
 
-from clinical_fl.settings.task import Accountant
+from clinical_fl.settings.privacy import Accountant
 from strategies.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.privacy.accounting import epsilon_spent

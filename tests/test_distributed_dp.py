@@ -19,7 +19,9 @@ from clinical_fl.protocol import messages as m
 from clinical_fl.secure_aggregation import ckks
 from clinical_fl.secure_aggregation.masking import dequantize_sum
 from clinical_fl.settings.compose import task_settings_to_yaml
-from clinical_fl.settings.task import Accountant, DataSettings, ModelSettings, Pooling
+from clinical_fl.settings.data import DataSettings
+from clinical_fl.settings.model import ModelSettings, Pooling
+from clinical_fl.settings.privacy import Accountant
 from fl_app.hospital import client_app
 from fl_app.server.grids.secure_aggregation import SecureAggregationGrid
 from tasks.data.hospital_data import load_hospital_data
@@ -346,8 +348,10 @@ def test_distributed_dp_rounds_share_one_ledger_entry():
 
 @pytest.mark.parametrize("overrides,key", [
     (["privacy=distributed_dp", "secure_aggregation=none"], "secure_aggregation.mode"),
-    (["privacy=distributed_dp", "secure_aggregation=ckks", "privacy.dp_sgd.enabled=true",
-      "privacy.dp_sgd.target_epsilon=8"], "privacy.distributed_dp.enabled"),
+    (["privacy=distributed_dp", "secure_aggregation=ckks", "privacy.dp_sgd.max_grad_norm=2"],
+     "privacy.dp_sgd.max_grad_norm"),
+    (["privacy=distributed_dp", "secure_aggregation=ckks", "privacy.central_dp.enabled=true"],
+     "privacy.mechanism"),
     (["privacy=distributed_dp", "secure_aggregation=ckks", "strategy=fedprox"], "strategy.name"),
     (["privacy=distributed_dp", "secure_aggregation=ckks",
       "privacy.distributed_dp.max_grad_norm=0"], "privacy.distributed_dp.max_grad_norm"),
@@ -367,10 +371,10 @@ def test_distributed_dp_in_a_sweep_takes_the_swept_target_and_inf_is_the_level_w
         return to_run_settings(compose_config(["+sweep=epsilon", "privacy=distributed_dp",
                                                f"privacy.dp_sgd.target_epsilon={epsilon}"]))
     three = composed(3)
-    assert three.privacy.distributed_dp.enabled and not three.privacy.dp_sgd.enabled
+    assert three.privacy.mechanism.value == "distributed_dp"
     assert three.privacy.distributed_dp.target_epsilon == 3
     assert three.secure_aggregation.mode.value == "secagg_plus"  # the preset picks it
-    assert not composed("inf").privacy.distributed_dp.enabled
+    assert composed("inf").privacy.mechanism.value == "none"
 
 
 def test_distributed_dp_refuses_a_batch_of_every_record_before_training():

@@ -6,14 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clinical_fl.settings.task import (
-    DataSettings,
-    GradSampleMode,
-    ModelSettings,
-    OptimizerName,
-    Pooling,
-    TrainSettings,
-)
+from clinical_fl.settings.data import DataSettings
+from clinical_fl.settings.model import ModelSettings, Pooling
+from clinical_fl.settings.privacy import GradSampleMode
+from clinical_fl.settings.train import OptimizerName, TrainSettings
 from tasks.data.hospital_data import load_hospital_data
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.learning.batches import make_loader, tokenize

@@ -68,14 +68,14 @@ def test_early_stopping_resolves_off_in_a_private_run(overrides):
 
 
 @pytest.mark.parametrize("privacy,switch", [
-    ("dp_sgd", "privacy.dp_sgd.enabled"), ("central_dp", "privacy.central_dp.enabled"),
-    ("distributed_dp", "privacy.distributed_dp.enabled")])
+    ("dp_sgd", "privacy.mechanism=dp_sgd"), ("central_dp", "privacy.central_dp.enabled=true"),
+    ("distributed_dp", "privacy.mechanism=distributed_dp")])
 def test_early_stopping_enabled_in_a_private_run_is_refused_naming_the_key(privacy, switch):
     extra = ["secure_aggregation=secagg_plus"] if privacy == "distributed_dp" else []
     with pytest.raises(ConfigError) as err:
         compose_config([f"privacy={privacy}", *extra, "early_stopping.enabled=true"])
     assert err.value.key == "early_stopping.enabled"
-    assert f"false or null with {switch}=true: the noise is calibrated for num_rounds=" \
+    assert f"false or null with {switch}: the noise is calibrated for num_rounds=" \
         in str(err.value)
 
 
@@ -88,7 +88,7 @@ def test_early_stopping_enabled_in_a_private_run_is_refused_naming_the_key(priva
     (["early_stopping.enabled=false", "early_stopping.metric=federated/accuracy"],
      "early_stopping.metric", "takes effect only with early_stopping.enabled=true"),
     (["privacy=dp_sgd", "early_stopping.patience=3"], "early_stopping.patience",
-     "got 3 while early stopping is off for privacy.dp_sgd.enabled=true"),
+     "got 3 while early stopping is off for privacy.mechanism=dp_sgd"),
     (["privacy=central_dp", "early_stopping.min_delta=0.1"], "early_stopping.min_delta",
      "off for privacy.central_dp.enabled=true"),
     (["privacy=dp_sgd", "privacy.dp_sgd.target_epsilon=inf", "early_stopping.patience=3"],

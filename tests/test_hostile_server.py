@@ -21,7 +21,7 @@ from clinical_fl.protocol import messages as m
 from clinical_fl.protocol.refusals import is_refusal_line, parse_refusal
 from clinical_fl.secure_aggregation import ckks
 from clinical_fl.settings.compose import task_settings_to_yaml
-from clinical_fl.settings.task import Accountant
+from clinical_fl.settings.privacy import Accountant
 from fl_app.hospital.client_app import app
 from tasks.privacy.ledger import LEDGER_FILE, LedgerStore
 from tests.hospital_process import initial_arrays
@@ -126,11 +126,19 @@ class StepSpy:
         return step
 
 
+# Each step a hospital may take, where it is called: the mechanisms (tasks/privacy/mechanisms/)
+# and the hospital's evaluation.
+STEPS = {"train_with_dp_sgd": "tasks.privacy.mechanisms.dp_sgd",
+         "train_locally": "tasks.privacy.mechanisms.no_dp",
+         "clipped_gradient_sum": "tasks.privacy.mechanisms.distributed_dp",
+         "evaluate": "tasks.hospital"}
+
+
 @pytest.fixture
 def spy(monkeypatch):
     spy = StepSpy()
-    for name in ("train_with_dp_sgd", "train_locally", "clipped_gradient_sum", "evaluate"):
-        monkeypatch.setattr(f"tasks.hospital.{name}", spy(name))
+    for name, caller in STEPS.items():
+        monkeypatch.setattr(f"{caller}.{name}", spy(name))
     return spy
 
 
@@ -203,7 +211,7 @@ CASES = [
      "settings-invalid", "planned_rounds"),
     ("steps-4e7", "train", TRAIN, {"planned_rounds": 100_000, "train.local_epochs": 100},
      None, {}, "privacy-budget-refused", None),
-    ("no-dp-under-require-dp", "train", TRAIN, {"privacy.dp_sgd.enabled": False,
+    ("no-dp-under-require-dp", "train", TRAIN, {"privacy.mechanism": "none",
                                                 "privacy.dp_sgd.target_epsilon": None}, None,
      {}, "policy-refused", None),
     # -- secure-aggregation stages out of order or malformed ----------------------------
@@ -382,7 +390,7 @@ def test_hostile_server_without_a_hospital_policy_leaks_no_cell_either(
                              (CANARY_COLUMN, "4005 labels-unknown key=data.labels records=40"),
                              ("zzz", "4004 data-unreadable key=data.label_column")):
         text = tampered(hospital["dp"], {"data.path": export, "data.label_column": column,
-                                         "privacy.dp_sgd.enabled": False,
+                                         "privacy.mechanism": "none",
                                          "privacy.dp_sgd.target_epsilon": None})
         reply = app(_message(hospital, "train", text), context)
         assert reply.error.reason == expected, (column, reply.error.reason)

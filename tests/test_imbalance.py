@@ -12,14 +12,10 @@ import torch
 
 from clinical_fl.settings.checks import ConfigError
 from clinical_fl.settings.compose import task_settings_to_yaml
-from clinical_fl.settings.task import (
-    ClassWeighting,
-    DataSettings,
-    GradSampleMode,
-    ModelSettings,
-    OptimizerName,
-    TrainSettings,
-)
+from clinical_fl.settings.data import DataSettings
+from clinical_fl.settings.model import ModelSettings
+from clinical_fl.settings.privacy import GradSampleMode
+from clinical_fl.settings.train import ClassWeighting, OptimizerName, TrainSettings
 from clinical_fl.tracking.per_class import per_class_metrics, safe_name, zero_recall
 from fl_app.server.class_weights import (
     balanced_weights,
@@ -216,7 +212,7 @@ def test_imbalance_a_private_hospital_releases_noisy_counts_once_and_books_them(
 
     from opacus.accountants import RDPAccountant
 
-    from clinical_fl.settings.task import Accountant
+    from clinical_fl.settings.privacy import Accountant
     from tasks.privacy.accounting import calibrate_noise_multiplier
 
     sigma, target = 4.0, 3.0

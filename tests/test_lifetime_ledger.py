@@ -12,9 +12,7 @@ import sys
 import pytest
 
 from clinical_fl.settings.compose import task_settings_to_yaml
-from clinical_fl.settings.task import (
-    Accountant,
-)
+from clinical_fl.settings.privacy import Accountant
 from fl_app.commands import ledger as ledger_cli
 from tasks.privacy.accounting import epsilon_spent
 from tasks.privacy.ledger import LedgerError, LedgerStore, LifetimeLedger, PrivacyLedger

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from clinical_fl.settings.compose import ConfigError, compose_config
-from clinical_fl.settings.task import DataFormat, DataSettings, DataSource, Partitioning
+from clinical_fl.settings.data import DataFormat, DataSettings, DataSource, Partitioning
 from tasks.data.hospital_data import load_hospital_data, load_server_test_set, source_labels
 from tasks.data.loaders import load_records
 from tasks.errors import DataFileError, UnknownLabelsError

@@ -10,14 +10,9 @@ import pytest
 import torch
 
 from clinical_fl.settings.compose import ConfigError, compose_config, task_settings
-from clinical_fl.settings.task import (
-    GradSampleMode,
-    LongNotes,
-    ModelSettings,
-    OptimizerName,
-    TrainSettings,
-    WindowPooling,
-)
+from clinical_fl.settings.model import LongNotes, ModelSettings, WindowPooling
+from clinical_fl.settings.privacy import GradSampleMode
+from clinical_fl.settings.train import OptimizerName, TrainSettings
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.errors import ModelNotFoundError, TaskInputError
 from tasks.learning.batches import chunking_for, make_loader, tokenize

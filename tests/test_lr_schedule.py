@@ -14,7 +14,7 @@ from flwr.serverapp.strategy import FedAvg
 from clinical_fl.protocol import messages as m
 from clinical_fl.settings.checks import ConfigError
 from clinical_fl.settings.compose import compose_config, task_settings_to_yaml, to_run_settings
-from clinical_fl.settings.task import LearningRateSchedule, TrainSettings
+from clinical_fl.settings.train import LearningRateSchedule, TrainSettings
 from strategies.learning_rate_schedule import LearningRateScheduleStrategy, round_lr_factor
 from tasks.learning.training import make_optimizer
 from tests.hospital_process import hospital_train_reply, initial_arrays

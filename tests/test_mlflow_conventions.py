@@ -25,7 +25,8 @@ from mlflow.tracking import MlflowClient
 
 from clinical_fl.serving.pyfunc import INPUT_EXAMPLE, installable, log_note_model
 from clinical_fl.settings.compose import CONF_DIR, ConfigError, compose_config, to_run_settings
-from clinical_fl.settings.task import DataSettings, DataSource, DeidSettings, ModelSettings
+from clinical_fl.settings.data import DataSettings, DataSource, DeidSettings
+from clinical_fl.settings.model import ModelSettings
 from clinical_fl.settings.tracking import TrackingSettings
 from clinical_fl.tracking.datasets import server_test_dataset
 from clinical_fl.tracking.params import run_params
@@ -105,9 +106,9 @@ def test_a_run_is_tagged_named_and_logs_what_takes_effect(store, tmp_path):
     commit = git_checkout(root)
     settings = settings_of("privacy=dp_sgd", "num_rounds=2")
     settings.tracking = tracking(store, "tags", system_metrics_interval_s=1)
-    config = {"privacy": {"dp_sgd": {"enabled": True, "target_epsilon": 8.0,
-                                     "target_delta": None},
-                          "distributed_dp": {"enabled": False, "target_epsilon": 8.0},
+    config = {"privacy": {"mechanism": "dp_sgd",
+                          "dp_sgd": {"target_epsilon": 8.0, "target_delta": None},
+                          "distributed_dp": {"target_epsilon": 8.0},
                           "central_dp": {"enabled": False, "noise_multiplier": 1.0}},
               "strategy": {"name": "fedavg", "proximal_mu": 0.1, "fraction_train": 1.0},
               "secure_aggregation": {"mode": "none", "clipping_range": 4.0},
@@ -128,7 +129,7 @@ def test_a_run_is_tagged_named_and_logs_what_takes_effect(store, tmp_path):
     assert tags["mlflow.source.git.commit"] == commit and tags["git_dirty"] == "false"
     assert tags["flwr.run_id"] == "4242" and tags["flwr.fab_hash"] == "ab" * 32
     assert tags["flwr.app"] == "@clinical-fl/clinical-fl-lora==1.0.0"
-    assert run.data.params == {"privacy.dp_sgd.enabled": "True",
+    assert run.data.params == {"privacy.mechanism": "dp_sgd",
                                "privacy.dp_sgd.target_epsilon": "8.0",
                                "strategy.name": "fedavg", "strategy.fraction_train": "1.0",
                                "update_checks.max_update_norm": "none"}

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from clinical_fl.settings.task import DataSettings, ModelSettings, Pooling
+from clinical_fl.settings.data import DataSettings
+from clinical_fl.settings.model import ModelSettings, Pooling
 from tasks.data.hospital_data import load_hospital_data
 from tasks.errors import ModelNotFoundError
 from tasks.learning.batches import make_loader, tokenize

@@ -2,7 +2,7 @@
 
 import torch
 
-from clinical_fl.settings.task import ModelSettings
+from clinical_fl.settings.model import ModelSettings
 from tasks.model.build import DEFAULT_MODEL_ID, build_model, load_tokenizer, resolve_model_path
 
 

@@ -11,7 +11,7 @@ import pytest
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
-from clinical_fl.settings.task import Accountant, DpSgdSettings
+from clinical_fl.settings.privacy import Accountant, DpSgdSettings
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.hospital import Hospital
 from tasks.model.build import trainable_state
@@ -126,7 +126,7 @@ def test_calibrated_noise_meets_the_target_over_the_whole_planned_training():
 
 
 def _plan(**dp):
-    settings = DpSgdSettings(enabled=True, **({"target_epsilon": 8.0} | dp))
+    settings = DpSgdSettings(**({"target_epsilon": 8.0} | dp))
     return plan_dp_sgd(settings, hospital=3, train_records=240, batch_size=16, local_epochs=1,
                        planned_rounds=4)
 
@@ -154,10 +154,10 @@ def test_budget_too_small_for_one_round_is_refused_before_training():
 def test_a_plan_of_a_billion_steps_is_refused():
     with pytest.raises(PrivacyBudgetError, match=r"hospital 3: .*1000000005 DP-SGD steps, "
                                                  r"above the most this product plans"):
-        plan_dp_sgd(DpSgdSettings(enabled=True, noise_multiplier=1.0), hospital=3,
+        plan_dp_sgd(DpSgdSettings(noise_multiplier=1.0), hospital=3,
                     train_records=240, batch_size=16, local_epochs=1,
                     planned_rounds=66_666_667)  # x 15 steps a round
-    within = plan_dp_sgd(DpSgdSettings(enabled=True, noise_multiplier=1.0), 3, 240, 16, 1,
+    within = plan_dp_sgd(DpSgdSettings(noise_multiplier=1.0), 3, 240, 16, 1,
                          planned_rounds=MAX_PLANNED_STEPS // 15)
     assert within.steps_per_round == 15
 
@@ -166,29 +166,29 @@ def test_a_plan_of_a_billion_steps_is_refused():
 def test_a_plan_refuses_a_noise_multiplier_it_cannot_account(noise):
     with pytest.raises(PrivacyBudgetError, match="hospital 3: the noise multiplier its ledger "
                                                  "committed to: noise multiplier"):
-        plan_dp_sgd(DpSgdSettings(enabled=True, target_epsilon=8.0), 3, 240, 16, 1, 4,
+        plan_dp_sgd(DpSgdSettings(target_epsilon=8.0), 3, 240, 16, 1, 4,
                     committed_noise_multiplier=noise)
 
 
 def test_a_budget_check_that_meets_a_nan_epsilon_refuses(monkeypatch):
     """NaN compares false against any cap: "after > cap" would let the round through."""
     policy = HospitalPolicy(hospital=3, max_epsilon=50.0)
-    plan = plan_dp_sgd(DpSgdSettings(enabled=True, target_epsilon=8.0), 3, 240, 16, 1, 4,
+    plan = plan_dp_sgd(DpSgdSettings(target_epsilon=8.0), 3, 240, 16, 1, 4,
                        policy=policy)
     assert plan.refusal([], 1) is None
     monkeypatch.setattr("tasks.privacy.plan.epsilon_spent", lambda *args: math.nan)
     assert "round 1 would raise epsilon from nan to nan" in plan.refusal([], 1)
-    lifetime_only = plan_dp_sgd(DpSgdSettings(enabled=True, noise_multiplier=1.0), 3, 240, 16,
+    lifetime_only = plan_dp_sgd(DpSgdSettings(noise_multiplier=1.0), 3, 240, 16,
                                 1, 4, policy=policy, committed_noise_multiplier=1.0)
     assert lifetime_only.max_epsilon is None
     assert "privacy policy max-epsilon" in lifetime_only.refusal([], 1)
     with pytest.raises(PrivacyBudgetError, match="too small for even one round"):
-        plan_dp_sgd(DpSgdSettings(enabled=True, noise_multiplier=1.0, max_epsilon=50.0), 3,
+        plan_dp_sgd(DpSgdSettings(noise_multiplier=1.0, max_epsilon=50.0), 3,
                     240, 16, 1, 4)
 
 
 def test_the_target_epsilon_is_also_a_cap():
-    plan = plan_dp_sgd(DpSgdSettings(enabled=True, target_epsilon=3.0), 0, 240, 16, 1,
+    plan = plan_dp_sgd(DpSgdSettings(target_epsilon=3.0), 0, 240, 16, 1,
                        planned_rounds=4)
     assert plan.max_epsilon == 3.0
     history = [plan.round_steps()] * 4

@@ -11,9 +11,7 @@ import re
 import pytest
 
 from clinical_fl.settings.compose import task_settings_to_yaml
-from clinical_fl.settings.task import (
-    DpSgdSettings,
-)
+from clinical_fl.settings.privacy import DpSgdSettings, RecordLevelMechanism
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.privacy.policy import (
     POLICY_FILE,
@@ -98,7 +96,8 @@ def task(tiny_bert):
         settings = compose_task(tiny_bert, "data.notes_per_hospital=40", "train.batch_size=8",
                                 planned_rounds=2)
         if dp:
-            settings.privacy.dp_sgd = DpSgdSettings(enabled=True, **dp)
+            settings.privacy.dp_sgd = DpSgdSettings(**dp)
+            settings.privacy.mechanism = RecordLevelMechanism.dp_sgd
         return task_settings_to_yaml(settings)
     return make
 

@@ -19,7 +19,8 @@ from flwr.app import Context, RecordDict
 
 from clinical_fl.serving import cli as serve_cli
 from clinical_fl.settings.compose import compose_config
-from clinical_fl.settings.task import DeidSettings, ModelSettings
+from clinical_fl.settings.data import DeidSettings
+from clinical_fl.settings.model import ModelSettings
 from fl_app.commands import cli, run_config_check
 from fl_app.commands import ledger as ledger_cli
 from fl_app.commands import predict as predict_cli

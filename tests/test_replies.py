@@ -6,7 +6,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from clinical_fl.protocol import messages as m
-from clinical_fl.settings.task import ModelSettings
+from clinical_fl.settings.model import ModelSettings
 from clinical_fl.tracking.round_log import mlflow_metrics
 from fl_app.hospital.replies import (
     distributed_share_reply,

@@ -41,8 +41,8 @@ def test_pyproject_holds_the_typed_keys_with_the_schemas_defaults():
     assert plain.num_rounds == DEFAULTS["num-server-rounds"]
     assert plain.train.local_epochs == DEFAULTS["local-epochs"]
     assert plain.train.learning_rate == DEFAULTS["learning-rate"]
-    assert not (plain.privacy.dp_sgd.enabled or plain.privacy.central_dp.enabled
-                or plain.privacy.distributed_dp.enabled) and DEFAULTS["privacy"] == "none"
+    assert plain.privacy.mechanism.value == DEFAULTS["privacy"] == "none"
+    assert not plain.privacy.central_dp.enabled
     assert plain.strategy.name.value == DEFAULTS["strategy"]
     assert plain.secure_aggregation.mode.value == DEFAULTS["secure-aggregation"]
     assert plain.data.path is None and DEFAULTS["data-path"] == ""

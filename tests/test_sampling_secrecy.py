@@ -10,9 +10,7 @@ from opacus.data_loader import DPDataLoader
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, TensorDataset
 
-from clinical_fl.settings.task import (
-    DpSgdSettings,
-)
+from clinical_fl.settings.privacy import DpSgdSettings
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.hospital import Hospital
 from tasks.model.build import trainable_state
@@ -56,7 +54,7 @@ def test_sampling_secrecy_same_seed_different_batches_and_no_server_reconstructi
         hospital.train(start, server_round=1, ledger=PrivacyLedger(run_id=1, hospital=0))
         draws.append(list(drawn_batches))
     records = len(hospital.data.train)
-    plan = hospital.dp_sgd_plan()
+    plan = hospital.privacy.plan(hospital.settings, 0, records)
     assert len(draws[0]) == len(draws[1]) == plan.steps_per_round
     assert draws[0] != draws[1], "same settings, same seed: the batches must differ"
 
@@ -77,6 +75,6 @@ def test_the_plans_step_count_is_what_opacus_takes_where_int_one_over_q_is_not_c
     loader = DPDataLoader.from_data_loader(DataLoader(TensorDataset(torch.arange(records)),
                                                            batch_size=batch))
     assert rate == loader.sample_rate and steps == len(loader) == len(list(loader)) == 92
-    plan = plan_dp_sgd(DpSgdSettings(enabled=True, noise_multiplier=1.0), 0, records, batch,
+    plan = plan_dp_sgd(DpSgdSettings(noise_multiplier=1.0), 0, records, batch,
                        local_epochs=2, planned_rounds=1)
     assert plan.steps_per_round == 2 * 92 and plan.sample_rate == rate

@@ -36,7 +36,8 @@ from clinical_fl.serving.app import ServiceSettings, create_app
 from clinical_fl.serving.ckks_head import ClientKeys, HeadLayout
 from clinical_fl.serving.client import EncryptedPredictor, ServiceClient, ServiceError
 from clinical_fl.serving.pyfunc import log_note_model
-from clinical_fl.settings.task import DeidSettings, ModelSettings
+from clinical_fl.settings.data import DeidSettings
+from clinical_fl.settings.model import ModelSettings
 from fl_app.commands import predict as predict_cli
 from tasks.data.synthetic_notes import SPECIALTIES, generate_hospital_notes
 from tasks.errors import TaskInputError

@@ -11,7 +11,7 @@ from sklearn.metrics import f1_score
 from transformers import AutoTokenizer
 
 from clinical_fl.settings.compose import ConfigError, compose_config
-from clinical_fl.settings.task import DataSettings, DeidSettings, NoteLength
+from clinical_fl.settings.data import DataSettings, DeidSettings, NoteLength
 from tasks.data.deid import deidentifier
 from tasks.data.deid_eval import score_deidentification
 from tasks.data.hospital_data import load_hospital_data

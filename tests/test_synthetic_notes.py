@@ -1,6 +1,6 @@
 from collections import Counter
 
-from clinical_fl.settings.task import DataSettings
+from clinical_fl.settings.data import DataSettings
 from tasks.data.synthetic_notes import (
     PHI_TYPES,
     SPECIALTIES,

@@ -66,27 +66,31 @@ def field_default(settings: Any, name: str) -> Any:
     raise KeyError(name)
 
 
-def require_defaults_while_off(settings: Any, section: str, switch: str, turn_on: str,
+def require_defaults_while_off(settings: Any, section: str, switch: str | None, turn_on: str,
                                keep: tuple[str, ...] = (),
-                               notes: dict[str, str] | None = None) -> None:
+                               notes: dict[str, str] | None = None,
+                               off_state: str | None = None) -> None:
     """Every field of a switched-off section must be its dataclass default.
 
     ``section`` is the section's full key, ``switch`` the field that switches it (left out of
-    the comparison), ``turn_on`` the override that switches it on as the user types it. The
-    fields in ``keep`` are left to the caller (a value another mechanism shares); ``notes``
-    adds a hint to a field's message."""
+    the comparison; None where a setting outside the section switches it, which
+    ``off_state`` then names, e.g. ``privacy.mechanism=none``), ``turn_on`` the override
+    that switches it on as the user types it. The fields in ``keep`` are left to the caller
+    (a value another mechanism shares); ``notes`` adds a hint to a field's message."""
     for item in fields(settings):
         if item.name == switch or item.name in keep:
             continue
         value, default = getattr(settings, item.name), field_default(settings, item.name)
         if value == default and value == value:  # value == value: NaN differs from everything
             continue
-        shown = getattr(settings, switch)
-        shown = getattr(shown, "value", shown)
-        shown = str(shown).lower() if isinstance(shown, bool) else shown
+        if off_state is None:
+            shown = getattr(settings, switch)
+            shown = getattr(shown, "value", shown)
+            shown = str(shown).lower() if isinstance(shown, bool) else shown
+            off_state = f"{section}.{switch}={shown}"
         key = f"{section}.{item.name}"
         raise ConfigError(
-            f"invalid configuration at '{key}': got {value!r} while {section}.{switch}="
-            f"{shown}: this setting takes effect only with {turn_on}. Turn that on, or leave "
+            f"invalid configuration at '{key}': got {value!r} while {off_state}: this setting "
+            f"takes effect only with {turn_on}. Turn that on, or leave "
             f"'{key}' at its default ({getattr(default, 'value', default)!r})"
             f"{(notes or {}).get(item.name, '')}", key)

@@ -27,8 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from clinical_fl.settings.checks import ConfigError
+from clinical_fl.settings.privacy import PrivacySettings
 from clinical_fl.settings.run import RunSettings
-from clinical_fl.settings.task import PrivacySettings, SharedSettings, TaskSettings
+from clinical_fl.settings.task import SharedSettings, TaskSettings
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -233,7 +234,8 @@ def task_settings(cfg: DictConfig, labels: list[str]) -> TaskSettings:
     shared = {f.name: getattr(run, f.name) for f in fields(SharedSettings)}
     shared["data"] = replace(run.data, labels=list(labels))
     return TaskSettings(**shared, privacy=PrivacySettings(
-        dp_sgd=run.privacy.dp_sgd, distributed_dp=run.privacy.distributed_dp))
+        mechanism=run.privacy.mechanism, dp_sgd=run.privacy.dp_sgd,
+        distributed_dp=run.privacy.distributed_dp))
 
 
 def task_settings_to_yaml(settings: TaskSettings) -> str:

@@ -10,6 +10,12 @@ from hydra.core.config_store import ConfigStore
 from clinical_fl.settings.bounds import field_default
 from clinical_fl.settings.checks import ConfigError, require
 from clinical_fl.settings.early_stopping import EarlyStoppingSettings
+from clinical_fl.settings.privacy import (
+    MECHANISM_KEY,
+    PrivacySettings,
+    RecordLevelMechanism,
+    check_precision_fits_dp_sgd,
+)
 from clinical_fl.settings.recovery import CheckpointSettings, UpdateCheckSettings
 from clinical_fl.settings.secure_aggregation import SecureAggregationMode
 from clinical_fl.settings.strategy import (
@@ -18,13 +24,9 @@ from clinical_fl.settings.strategy import (
     StrategyName,
     StrategySettings,
 )
-from clinical_fl.settings.task import (
-    LearningRateSchedule,
-    PrivacySettings,
-    SharedSettings,
-    check_precision_fits_dp_sgd,
-)
+from clinical_fl.settings.task import SharedSettings
 from clinical_fl.settings.tracking import TrackingSettings
+from clinical_fl.settings.train import LearningRateSchedule
 
 SCHEMA_NAME = "run_settings"
 
@@ -65,8 +67,8 @@ class RunSettings(SharedSettings):
         require(self.num_rounds >= 1, "num_rounds", self.num_rounds, "at least 1")
         require(self.evaluate_every >= 1, "evaluate_every", self.evaluate_every, "at least 1")
         strategy = self.strategy
-        check_precision_fits_dp_sgd(self.train, self.privacy.dp_sgd)
-        if self.privacy.dp_sgd.enabled:
+        check_precision_fits_dp_sgd(self.train, self.privacy)
+        if self.privacy.mechanism == RecordLevelMechanism.dp_sgd:
             require(strategy.name != StrategyName.fedprox or strategy.proximal_mu == 0,
                     "strategy.proximal_mu", strategy.proximal_mu, "0 with privacy.dp_sgd: "
                     "FedProx's proximal term is not part of the DP-SGD analysis")
@@ -87,11 +89,11 @@ class RunSettings(SharedSettings):
                     "calibrated to every hospital in every round")
 
     def private_mechanism(self) -> str | None:
-        """The switch of a DP mechanism that is on (None: a non-private run)."""
-        privacy = self.privacy
-        for name in ("dp_sgd", "distributed_dp", "central_dp"):
-            if getattr(privacy, name).enabled:
-                return f"privacy.{name}.enabled"
+        """The setting that makes this run private (None: a non-private run)."""
+        if self.privacy.record_level:
+            return f"{MECHANISM_KEY}={self.privacy.mechanism.value}"
+        if self.privacy.central_dp.enabled:
+            return "privacy.central_dp.enabled=true"
         return None
 
     def _resolve_early_stopping(self) -> None:
@@ -104,14 +106,13 @@ class RunSettings(SharedSettings):
         key = section.SECTION
         if private:
             require(section.enabled is not True, f"{key}.enabled", True,
-                    f"false or null with {private}=true: the noise is calibrated for "
+                    f"false or null with {private}: the noise is calibrated for "
                     f"num_rounds={self.num_rounds}, and a private run trains every round")
-        sweep_level = any(getattr(self.privacy, name).non_private_level
-                          for name in ("dp_sgd", "distributed_dp"))
+        sweep_level = self.privacy.sweep_level_without_dp
         if section.enabled is None:
             section.enabled = not (private or sweep_level)
             if not section.enabled:
-                why = (f"{private}=true: a private run trains every planned round" if private
+                why = (f"{private}: a private run trains every planned round" if private
                        else "a privacy sweep's non-private level (target_epsilon=inf): it "
                             "trains every round, as the private levels it is compared with")
                 for name in ("patience", "min_delta", "metric"):
@@ -137,23 +138,22 @@ class RunSettings(SharedSettings):
                 f"{self.strategy.name.value} (class_counts averages rows as FedAvg does)")
         private = self.private_mechanism()
         require(private is None, key, "class_counts",
-                f"examples with {private}=true (hospitals withhold their exact label counts, "
+                f"examples with {private} (hospitals withhold their exact label counts, "
                 "and the rows would bypass the noise)")
         require(not self.secure_aggregation.enabled, key, "class_counts",
                 "examples with secure aggregation (the server sees only the sum)")
 
     def _check_distributed_dp(self) -> None:
-        if not self.privacy.distributed_dp.enabled:
+        if self.privacy.mechanism != RecordLevelMechanism.distributed_dp:
             return
-        key = "privacy.distributed_dp.enabled"
+        key, chosen = MECHANISM_KEY, "distributed_dp"
         require(self.secure_aggregation.enabled, "secure_aggregation.mode",
                 self.secure_aggregation.mode.value,
                 "secagg_plus or ckks with privacy.distributed_dp: the hospitals share one noise "
                 "only if the server sees no hospital's noisy sum alone")
-        require(not self.privacy.dp_sgd.enabled, key, True,
-                "false with privacy.dp_sgd: choose one record-level DP")
-        require(not self.privacy.central_dp.enabled, key, True,
-                "false with privacy.central_dp (its clipping acts on adapter updates)")
+        require(not self.privacy.central_dp.enabled, key, chosen,
+                "another mechanism with privacy.central_dp (client-level DP clips adapter "
+                "updates; distributed DP sends noisy gradient shares)")
         require(self.train.lr_schedule == LearningRateSchedule.constant, "train.lr_schedule",
                 self.train.lr_schedule.value, "constant with privacy=distributed_dp (its rounds "
                 "take no local optimizer steps; the server's optimiser sets the step)")

@@ -22,7 +22,7 @@ from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.types import ColSpec, DataType, Schema
 
-from clinical_fl.settings.task import DataSettings, DataSource
+from clinical_fl.settings.data import DataSettings, DataSource
 
 TRAINING = "training"
 EVALUATION = "evaluation"

@@ -3,9 +3,11 @@
 The full resolved configuration is the artifact ``config/resolved_config.yaml``; the params
 are for comparing runs, so they leave out what the run does not use:
 
-- a section that is switched off (``privacy.dp_sgd`` without ``enabled``, ``secure_aggregation``
+- a section that is switched off (``privacy.dp_sgd`` under another ``privacy.mechanism``,
+  ``secure_aggregation``
   with mode none, ``audit`` without canaries or an updates folder, ``drill`` without faults),
   except the switch of a section that is on by default (``data.deid.enabled=False`` shows);
+- ``privacy.mechanism`` when it is ``none`` (a non-private run logs no ``privacy.*`` param);
 - a strategy parameter the chosen strategy does not read (``strategy.proximal_mu`` under
   FedAvg), a data setting of the other kind of source, a long-note setting under truncation;
 - a value that is None (the default behaviour), except where None is itself a choice
@@ -17,16 +19,22 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-# Section -> whether it is on, and the keys of it logged while it is off.
-SWITCHED: dict[str, tuple[Callable[[Mapping], bool], tuple[str, ...]]] = {
-    "privacy.dp_sgd": (lambda s: bool(s.get("enabled")), ()),
-    "privacy.distributed_dp": (lambda s: bool(s.get("enabled")), ()),
-    "privacy.central_dp": (lambda s: bool(s.get("enabled")), ()),
-    "secure_aggregation": (lambda s: s.get("mode", "none") != "none", ()),
-    "audit": (lambda s: bool(s.get("canaries_path") or s.get("updates_dir")), ()),
-    "drill": (lambda s: bool(s.get("faults")), ()),
-    "data.deid": (lambda s: bool(s.get("enabled")), ("enabled",)),
-    "early_stopping": (lambda s: bool(s.get("enabled")), ("enabled",)),
+
+def _mechanism_is(name: str) -> Callable[[Mapping, Mapping], bool]:
+    return lambda _, config: _select(config, "privacy.mechanism") == name
+
+
+# Section -> whether it is on (given the section and the whole configuration), and the keys of
+# it logged while it is off.
+SWITCHED: dict[str, tuple[Callable[[Mapping, Mapping], bool], tuple[str, ...]]] = {
+    "privacy.dp_sgd": (_mechanism_is("dp_sgd"), ()),
+    "privacy.distributed_dp": (_mechanism_is("distributed_dp"), ()),
+    "privacy.central_dp": (lambda s, _: bool(s.get("enabled")), ()),
+    "secure_aggregation": (lambda s, _: s.get("mode", "none") != "none", ()),
+    "audit": (lambda s, _: bool(s.get("canaries_path") or s.get("updates_dir")), ()),
+    "drill": (lambda s, _: bool(s.get("faults")), ()),
+    "data.deid": (lambda s, _: bool(s.get("enabled")), ("enabled",)),
+    "early_stopping": (lambda s, _: bool(s.get("enabled")), ("enabled",)),
 }
 
 # strategies/registry.py: each strategy reads only its own parameters.
@@ -55,8 +63,10 @@ def _leave_out(config: Mapping) -> set[str]:
     out: set[str] = set()
     for section, (is_on, kept) in SWITCHED.items():
         node = _select(config, section)
-        if isinstance(node, Mapping) and not is_on(node):
+        if isinstance(node, Mapping) and not is_on(node, config):
             out.update(f"{section}.{key}" for key in node if key not in kept)
+    if _select(config, "privacy.mechanism") == "none":  # shown as it was: no privacy.* param
+        out.add("privacy.mechanism")
     strategy = _select(config, "strategy") or {}
     out.update(f"strategy.{key}" for key, users in STRATEGY_PARAMS.items()
                if strategy.get("name") not in users)

@@ -18,9 +18,9 @@ if TYPE_CHECKING:  # only named: importing it registers the schema in Hydra's Co
     from clinical_fl.settings.run import RunSettings
 
 # Keys a sweep may vary that the name above already shows.
-SHOWN = ("strategy", "strategy.name", "privacy", "privacy.dp_sgd.enabled",
+SHOWN = ("strategy", "strategy.name", "privacy", "privacy.mechanism",
          "privacy.dp_sgd.target_epsilon", "privacy.dp_sgd.noise_multiplier",
-         "privacy.distributed_dp.enabled", "privacy.distributed_dp.target_epsilon",
+         "privacy.distributed_dp.target_epsilon",
          "privacy.distributed_dp.noise_multiplier", "privacy.central_dp.enabled",
          "privacy.central_dp.noise_multiplier", "secure_aggregation", "secure_aggregation.mode",
          "num_rounds")
@@ -34,12 +34,11 @@ def _number(value: float) -> str:
 def privacy_parts(settings: RunSettings) -> list[str]:
     """Each mechanism that is on, with its target epsilon or its fixed noise."""
     privacy, parts = settings.privacy, []
-    for name in ("dp_sgd", "distributed_dp"):
-        section = getattr(privacy, name)
-        if section.enabled:
-            parts.append(f"{name}-eps{_number(section.target_epsilon)}"
-                         if section.noise_multiplier is None
-                         else f"{name}-noise{_number(section.noise_multiplier)}")
+    section, name = privacy.section(privacy.mechanism), privacy.mechanism.value
+    if section is not None:
+        parts.append(f"{name}-eps{_number(section.target_epsilon)}"
+                     if section.noise_multiplier is None
+                     else f"{name}-noise{_number(section.noise_multiplier)}")
     if privacy.central_dp.enabled:
         parts.append(f"central_dp-noise{_number(privacy.central_dp.noise_multiplier)}")
     return parts or ["nodp"]

@@ -37,8 +37,8 @@ if TYPE_CHECKING:
     from mlflow.data.dataset import Dataset
     from mlflow.models.model import ModelInfo
 
+    from clinical_fl.settings.data import DataSettings
     from clinical_fl.settings.run import RunSettings
-    from clinical_fl.settings.task import DataSettings
 
 log = logging.getLogger(__name__)
 

@@ -58,8 +58,8 @@ def collect_sweep(client: MlflowClient, experiment_id: str, parent_run_id: str) 
             client, rid, "federated/macro_f1")
         if accuracy is None or macro_f1 is None:
             continue  # failed before any evaluation
-        mechanism = next((name for name, section in MECHANISMS.items()
-                          if run.data.params.get(f"{section}.enabled") == "True"), "none")
+        mechanism = run.data.params.get("privacy.mechanism", "none")
+        mechanism = mechanism if mechanism in MECHANISMS else "none"
         target = math.inf if mechanism == "none" else float(
             run.data.params.get(f"{MECHANISMS[mechanism]}.target_epsilon", "inf") or "inf")
         epsilon = _last(client, rid, "privacy/epsilon_max")

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from clinical_fl.settings.task import Accountant
+from clinical_fl.settings.privacy import Accountant
 from tasks.errors import TaskInputError
 from tasks.privacy.accounting import epsilon_spent
 from tasks.privacy.ledger import LEDGER_FILE, LedgerStore, LifetimeLedger

@@ -17,7 +17,7 @@ from flwr.common.logger import log
 from clinical_fl.protocol import messages as m
 from clinical_fl.secure_aggregation import ckks
 from clinical_fl.settings.secure_aggregation import SecureAggregationMode
-from clinical_fl.settings.task import ClassWeighting, TaskSettings
+from clinical_fl.settings.task import TaskSettings
 from fl_app.hospital.clipping_mod import asks_for_clipping
 from fl_app.hospital.edge import refusal_for, write_hospital_log
 from fl_app.hospital.received import (
@@ -45,14 +45,8 @@ from tasks.data.hospital_data import HospitalData, load_hospital_data
 from tasks.errors import UnknownLabelsError
 from tasks.hospital import Hospital, refuse_audit_in_deployment
 from tasks.model.compute import resolve_compute
-from tasks.privacy.label_counts import noisy_counts, release_step
-from tasks.privacy.ledger import LedgerError, PrivacyLedger
-from tasks.privacy.plan import (
-    PolicyRefusal,
-    PrivacyBudgetError,
-    plan_dp_sgd,
-    refuse_without_dp,
-)
+from tasks.privacy.mechanisms import RecordLevelPrivacy, record_level_privacy
+from tasks.privacy.plan import PolicyRefusal
 from tasks.privacy.policy import HospitalPolicy, PolicyError
 
 
@@ -108,9 +102,7 @@ def _exact_counts_withheld(received: Received) -> Iterator[None]:
     try:
         yield
     except UnknownLabelsError as err:
-        privacy = received.settings.privacy
-        if privacy.dp_sgd.enabled or privacy.distributed_dp.enabled \
-                or received.policy.require_dp:
+        if received.settings.privacy.record_level or received.policy.require_dp:
             err.counts = {}
         raise
 
@@ -135,21 +127,18 @@ def preflight(msg: Message, context: Context) -> Message:
         data = load_hospital_data(settings.data, settings.data.labels, received.partition_id,
                                   received.num_partitions, policy.data_path)
     policy.check_records(len(data.train))
-    dp = settings.privacy.dp_sgd
-    distributed = settings.privacy.distributed_dp.enabled
-    private = dp.enabled or distributed
+    mechanism = record_level_privacy(settings.privacy)
     released = None
     try:
-        if not distributed:  # distributed DP-SGD is record-level DP too
-            refuse_without_dp(dp, policy)
-        if dp.enabled:
+        mechanism.check_policy(policy)
+        if mechanism.plans_at_preflight:
             with state_locked(context):
-                released = _plan_and_release_counts(context, settings, policy, data)
+                released = _plan_at_preflight(context, mechanism, settings, policy, data)
     except PolicyRefusal as refusal:
         return _declined(msg, context, refusal, data.hospital, len(data.train), len(data.eval))
     # Under record-level DP the exact per-label counts stay home: they are statistics of the
     # private records. Only their noisy release, booked in the ledger, may leave.
-    withheld = private or policy.require_dp
+    withheld = mechanism.private or policy.require_dp
     counts = released if withheld else data.label_counts(settings.data.labels)
     # Like label counts, an exact count of the hospital's records: withheld under DP-SGD.
     dropped = data.report.empty_texts_dropped if data.report and not withheld else 0
@@ -161,57 +150,20 @@ def preflight(msg: Message, context: Context) -> Message:
                            empty_texts_dropped=dropped, ckks_public=key)
 
 
-def _plan_and_release_counts(context: Context, settings: TaskSettings,
-                             policy: HospitalPolicy, data: HospitalData) -> list[int] | None:
-    """Check that this hospital can keep the DP-SGD plan (a refusal raises) and, where the
-    server asks for noisy label counts to weigh classes, release them: booked in the ledger,
-    saved, then returned (tasks/privacy/label_counts.py). The same run's counts are sent
-    again as they were, never drawn twice. None: no counts leave."""
-    dp = settings.privacy.dp_sgd
+def _plan_at_preflight(context: Context, mechanism: RecordLevelPrivacy,
+                       settings: TaskSettings, policy: HospitalPolicy,
+                       data: HospitalData) -> list[int] | None:
+    """The mechanism's check of its plan before round 1, against this hospital's ledgers (a
+    refusal raises), and any label counts it releases: booked and saved before they leave."""
     # An unreadable ledger, or one kept with another accountant, stops the run.
     run_id = ledger_run(settings, context)
-    lifetime, run = load_ledger(context, data.hospital, dp.accountant, run_id)
-    labels = list(settings.data.labels)
-    wanted = (dp.label_count_noise is not None and settings.train.class_weights is None
-              and settings.train.class_weighting == ClassWeighting.balanced)
-    stored = _stored_counts(run, labels, data.hospital)
-    if wanted and stored is not None:
-        wanted = False  # sent again as released: nothing new leaves
-    elif wanted and (run.history or run.noise_multiplier is not None):
-        # A release comes before the run's first step, where the plan below checks it with
-        # the training against every budget; after that the noise is committed and nothing
-        # would check it.
-        raise PrivacyBudgetError(
-            f"hospital {data.hospital}: label counts asked for after this run's training "
-            "started; refused, nothing released", key="privacy.dp_sgd.label_count_noise")
-    pending = [release_step(dp.label_count_noise)] if wanted else []
-    # The release comes before any training: the plan must hold with it.
-    plan_dp_sgd(dp, data.hospital, len(data.train), settings.train.batch_size,
-                settings.train.local_epochs, settings.planned_rounds, policy,
-                committed_noise_multiplier=run.noise_multiplier,
-                prior_history=lifetime.history(except_run=run_id),
-                run_history=[*run.history, *pending])
-    if wanted:
-        exact = data.label_counts(labels, held_out=False)  # the records DP-SGD covers
-        run.add_step(pending[0])
-        run.released_label_counts = noisy_counts(exact, dp.label_count_noise)
-        run.released_labels = labels
+    lifetime, run = load_ledger(context, data.hospital, mechanism.accountant(), run_id)
+    booked = len(run.history)
+    released = mechanism.preflight(settings, data, policy, run,
+                                   lifetime.history(except_run=run_id))
+    if len(run.history) != booked:
         save_ledger(context, lifetime, run_id)  # booked before the counts leave
-        stored = run.released_label_counts
-    return stored if dp.label_count_noise is not None else None
-
-
-def _stored_counts(run: PrivacyLedger, labels: list[str], hospital: int) -> list[int] | None:
-    """The counts this run already released, in the order of ``labels``; a different label
-    set is refused (a new release for it would be a second draw of the same run)."""
-    if run.released_label_counts is None:
-        return None
-    by_label = dict(zip(run.released_labels or [], run.released_label_counts, strict=True))
-    if sorted(by_label) != sorted(labels):
-        raise LedgerError(f"hospital {hospital}: this run released counts of other labels "
-                          f"({len(by_label)}) than the settings name ({len(labels)}); refused",
-                          key="data.labels")
-    return [by_label[label] for label in labels]
+    return released
 
 
 def _declined(msg: Message, context: Context, refusal: PolicyRefusal,
@@ -246,8 +198,8 @@ def train(msg: Message, context: Context) -> Message:
     lr_factor = received_lr_factor(settings, config)
     proximal_mu = received_proximal_mu(settings, config)
     privacy = settings.privacy
-    distributed = privacy.distributed_dp.enabled
-    if distributed:
+    mechanism = record_level_privacy(privacy)
+    if mechanism.sends_share:
         if not config.get(m.SECURE_AGGREGATION_ON, False):
             # Its noise is only a share: in the clear, the sum would be too little protected.
             raise StageRefused("distributed DP sends its noisy gradient sum only through "
@@ -257,27 +209,22 @@ def train(msg: Message, context: Context) -> Message:
     global_state = msg.content[m.ARRAYS_RECORD].to_torch_state_dict()
     lifetime = ledger = None
     run_id = ledger_run(settings, context)
-    with state_locked(context) if hospital.is_private else nullcontext():
-        if hospital.is_private:
-            accountant = (privacy.distributed_dp if distributed else privacy.dp_sgd).accountant
-            lifetime, ledger = load_ledger(context, hospital.data.hospital, accountant, run_id)
+    with state_locked(context) if mechanism.private else nullcontext():
+        if mechanism.private:
+            lifetime, ledger = load_ledger(context, hospital.data.hospital,
+                                           mechanism.accountant(), run_id)
         prior = lifetime.history(except_run=run_id) if lifetime else ()
         # A refusal (PrivacyBudgetError) leaves through the hospital's edge as a code.
-        if distributed:
-            share, outcome = hospital.distributed_step(global_state, server_round, ledger,
-                                                       policy, prior)
-        else:
-            state, outcome = hospital.train(
-                global_state, server_round,
-                proximal_mu=proximal_mu, ledger=ledger, policy=policy, prior_history=prior,
-                lr_factor=lr_factor)
+        arrays, outcome = hospital.train(
+            global_state, server_round, proximal_mu=proximal_mu, ledger=ledger, policy=policy,
+            prior_history=prior, lr_factor=lr_factor)
         if lifetime is not None:
             # Before the update leaves: spending is never forgotten.
             save_ledger(context, lifetime, run_id)
-    if distributed:  # summed, not averaged: every hospital weighs 1
-        return distributed_share_reply(msg, share, outcome, hospital.data.hospital,
+    if mechanism.sends_share:  # summed, not averaged: every hospital weighs 1
+        return distributed_share_reply(msg, arrays, outcome, hospital.data.hospital,
                                        hospital.share_lattice, privacy.distributed_dp.threshold)
-    return train_reply(msg, state, outcome, hospital.data.hospital,
+    return train_reply(msg, arrays, outcome, hospital.data.hospital,
                        equal_weight=asks_for_clipping(msg))
 
 

@@ -17,7 +17,9 @@ from flwr.app import ConfigRecord, Message
 from clinical_fl.protocol import messages as m
 from clinical_fl.settings.bounds import is_finite
 from clinical_fl.settings.compose import task_settings_from_yaml
-from clinical_fl.settings.task import LearningRateSchedule, TaskSettings
+from clinical_fl.settings.privacy import RecordLevelMechanism
+from clinical_fl.settings.task import TaskSettings
+from clinical_fl.settings.train import LearningRateSchedule
 from tasks.data.mapping import hospital_data_settings
 from tasks.errors import TaskInputError
 from tasks.privacy.policy import HospitalPolicy
@@ -116,7 +118,7 @@ def received_proximal_mu(settings: TaskSettings, config: ConfigRecord) -> float:
     if not _number_within(mu, 0.0, MAX_PROXIMAL_MU):
         raise RoundSettingError(f"the proximal term is not a number in [0, {MAX_PROXIMAL_MU}]",
                                 key=m.PROXIMAL_MU_KEY)
-    if mu > 0 and settings.privacy.distributed_dp.enabled:
+    if mu > 0 and settings.privacy.mechanism == RecordLevelMechanism.distributed_dp:
         raise RoundSettingError("a proximal term came with distributed DP, which takes no "
                                 "local steps", key=m.PROXIMAL_MU_KEY)
     return float(mu)

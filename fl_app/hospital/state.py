@@ -20,7 +20,8 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 
-from clinical_fl.settings.task import Accountant, TaskSettings
+from clinical_fl.settings.privacy import Accountant
+from clinical_fl.settings.task import TaskSettings
 from fl_app.hospital.node_config import is_deployed, state_dir
 from tasks.errors import TaskInputError
 from tasks.privacy.ledger import LedgerStore, LifetimeLedger, PrivacyLedger, most_spent

@@ -22,7 +22,9 @@ import logging
 import math
 from collections.abc import Sequence
 
-from clinical_fl.settings.task import ClassWeighting, TaskSettings
+from clinical_fl.settings.privacy import RecordLevelMechanism
+from clinical_fl.settings.task import TaskSettings
+from clinical_fl.settings.train import ClassWeighting
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,8 @@ def plan_class_weights(task: TaskSettings, label_counts: Sequence[Sequence[int]]
         log.info("class weights: none (the hospitals' label counts are withheld under "
                  "DP-SGD); training is unweighted")
         return "unweighted: label counts withheld"
-    noise = task.privacy.dp_sgd.label_count_noise if task.privacy.dp_sgd.enabled else None
+    noise = (task.privacy.dp_sgd.label_count_noise
+             if task.privacy.mechanism == RecordLevelMechanism.dp_sgd else None)
     if noise is not None:
         train.class_weights = noisy_balanced_weights(counts, noise, len(label_counts))
         log.info("class weights from noisy label counts (sigma %g per hospital, %d "

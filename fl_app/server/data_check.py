@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from clinical_fl.settings.checks import ConfigError
-from clinical_fl.settings.task import DataSettings, DataSource
+from clinical_fl.settings.data import DataSettings, DataSource
 from tasks.errors import TaskInputError
 
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from clinical_fl.settings.checks import ConfigError
 from clinical_fl.settings.compose import compose_config, to_run_settings
 from clinical_fl.settings.run import RunSettings
-from clinical_fl.settings.task import LearningRateSchedule
+from clinical_fl.settings.train import LearningRateSchedule
 from clinical_fl.tracking.run_tracker import flatten, resolve_store
 from fl_app.server.round_checkpointer import ARTIFACT_PATH, state_root
 from strategies.checkpoint import (

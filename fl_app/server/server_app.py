@@ -32,17 +32,13 @@ from clinical_fl.settings.compose import (
     task_settings_to_yaml,
     to_run_settings,
 )
+from clinical_fl.settings.privacy import RecordLevelMechanism
 from clinical_fl.settings.run import RunSettings
 from clinical_fl.settings.run_config import compose_run_config
 from clinical_fl.settings.secure_aggregation import SecureAggregationMode, SecureAggregationSettings
 from clinical_fl.settings.strategy import HeadAggregation
-from clinical_fl.settings.task import (
-    Device,
-    LearningRateSchedule,
-    Precision,
-    TaskSettings,
-    TrainSettings,
-)
+from clinical_fl.settings.task import TaskSettings
+from clinical_fl.settings.train import Device, LearningRateSchedule, Precision, TrainSettings
 from clinical_fl.tracking.paths import project_root
 from clinical_fl.tracking.per_class import safe_name
 from clinical_fl.tracking.provenance import FlowerRun
@@ -102,16 +98,12 @@ def planned_rounds_per_hospital(num_rounds: int, hospitals: int, fraction_train:
 
 
 def privacy_tag(settings: RunSettings) -> str:
-    dp_sgd, central = settings.privacy.dp_sgd, settings.privacy.central_dp
-    distributed = settings.privacy.distributed_dp
-    parts = []
-    if distributed.enabled:
-        parts.append(f"distributed_dp(epsilon={distributed.target_epsilon})"
-                     if distributed.noise_multiplier is None
-                     else f"distributed_dp(noise={distributed.noise_multiplier})")
-    if dp_sgd.enabled:
-        parts.append(f"dp_sgd(epsilon={dp_sgd.target_epsilon})" if dp_sgd.noise_multiplier is None
-                     else f"dp_sgd(noise={dp_sgd.noise_multiplier})")
+    privacy, central = settings.privacy, settings.privacy.central_dp
+    parts, section, name = [], privacy.section(privacy.mechanism), privacy.mechanism.value
+    if section is not None:
+        parts.append(f"{name}(epsilon={section.target_epsilon})"
+                     if section.noise_multiplier is None
+                     else f"{name}(noise={section.noise_multiplier})")
     if central.enabled:
         parts.append(f"central_dp(noise={central.noise_multiplier})")
     return "+".join(parts) or "none"
@@ -178,7 +170,7 @@ def main(grid: Grid, context: Context) -> None:
         if not resume:  # a resumed run keeps the weights its hospitals trained with
             weigh_classes(federation, tracker)
         choose_head_aggregation(settings, federation, tracker, resumed=resume is not None)
-        if settings.privacy.distributed_dp.enabled and not resume:
+        if settings.privacy.mechanism == RecordLevelMechanism.distributed_dp and not resume:
             plan_distributed_dp_for(settings, federation, tracker,
                                     sum(t.numel() for t in trainable_state(model).values()))
         secure_grid = secure_aggregation_grid(grid, settings, federation, tracker)
@@ -416,7 +408,7 @@ def secure_aggregation_grid(grid: Grid, settings: RunSettings, federation: Feder
         else None
     # FedAvg's weight: the hospital's training records, or 1 under client-level DP and
     # distributed DP (whose shares add up: the strategy gets their plain sum).
-    distributed = settings.privacy.distributed_dp.enabled
+    distributed = settings.privacy.mechanism == RecordLevelMechanism.distributed_dp
     max_weight = 1 if settings.privacy.central_dp.enabled or distributed else max(
         r.train_records for r in taking_part)
     hospital_of = {r.node_id: r.hospital for r in federation.reports}

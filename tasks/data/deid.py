@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import datasets
 
-from clinical_fl.settings.task import DeidSettings
+from clinical_fl.settings.data import DeidSettings
 from tasks.errors import TaskInputError
 
 # Presidio entity -> our placeholder type.

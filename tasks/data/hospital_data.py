@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import datasets
 
-from clinical_fl.settings.task import DataSettings, DataSource
+from clinical_fl.settings.data import DataSettings, DataSource
 from tasks.data.deid import deidentify_records
 from tasks.data.loaders import LoadReport, Records, load_records
 from tasks.data.partitions import partition

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import datasets
 
-from clinical_fl.settings.task import DataFormat, DataSettings, DataSource
+from clinical_fl.settings.data import DataFormat, DataSettings, DataSource
 from tasks.errors import DataFileError, UnknownLabelsError
 
 _SUFFIX_FORMATS = {".csv": DataFormat.csv, ".jsonl": DataFormat.jsonl,

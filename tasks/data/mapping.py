@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 
-from clinical_fl.settings.task import DataSettings, DataSource, DeidSettings
+from clinical_fl.settings.data import DataSettings, DataSource, DeidSettings
 from tasks.errors import TaskInputError
 from tasks.privacy.plan import PolicyRefusal
 from tasks.privacy.policy import MAPPING_KEYS, HospitalPolicy

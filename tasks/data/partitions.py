@@ -15,7 +15,7 @@ from flwr_datasets.partitioner import (
     SizePartitioner,
 )
 
-from clinical_fl.settings.task import DataSettings, DataSource, Partitioning
+from clinical_fl.settings.data import DataSettings, DataSource, Partitioning
 from tasks.errors import DataFileError
 
 

@@ -26,7 +26,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 
-from clinical_fl.settings.task import DataSettings, DataSource, NoteLength
+from clinical_fl.settings.data import DataSettings, DataSource, NoteLength
 from tasks.data.hospital_data import load_hospital_data, load_server_test_set, source_labels
 
 CLASS_WEIGHTS = ("none", "balanced")

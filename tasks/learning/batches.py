@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from clinical_fl.settings.task import LongNotes, ModelSettings
+from clinical_fl.settings.model import LongNotes, ModelSettings
 from tasks.audit.canaries import CANARY_COLUMN
 from tasks.errors import TaskInputError
 from tasks.model.windows import WINDOW_NOTE

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from clinical_fl.settings.task import OptimizerName, TrainSettings
+from clinical_fl.settings.train import OptimizerName, TrainSettings
 from tasks.audit.canaries import CANARY_COLUMN, NOT_A_CANARY, GradientCanaries
 from tasks.learning.passes import split_passes
 from tasks.learning.progress import TrainingProgress

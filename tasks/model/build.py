@@ -23,13 +23,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from clinical_fl.settings.task import (
-    DEFAULT_MODEL_ID,
-    DeidSettings,
-    ModelSettings,
-    Pooling,
-    WindowPooling,
-)
+from clinical_fl.settings.data import DeidSettings
+from clinical_fl.settings.model import DEFAULT_MODEL_ID, ModelSettings, Pooling, WindowPooling
 from tasks.errors import ModelNotFoundError
 from tasks.model.pooling import resolve_pooling, use_mean_pooling
 from tasks.model.windows import WINDOW_ATTENTION, add_window_attention, enable_window_pooling

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from clinical_fl.settings.task import Device, Precision, TrainSettings
+from clinical_fl.settings.train import Device, Precision, TrainSettings
 from tasks.errors import TaskInputError
 
 # Linux /proc/cpuinfo flags of CPUs with native bf16 matrix instructions.

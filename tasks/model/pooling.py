@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from clinical_fl.settings.task import Pooling
+from clinical_fl.settings.model import Pooling
 from tasks.errors import ModelNotFoundError
 
 

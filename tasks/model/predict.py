@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from peft import get_peft_model_state_dict
 
-from clinical_fl.settings.task import DeidSettings
+from clinical_fl.settings.data import DeidSettings
 from tasks.data.deid import deidentifier
 from tasks.errors import TaskInputError
 from tasks.learning.batches import WindowCollator, chunking_for, note_windows

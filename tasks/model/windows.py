@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from clinical_fl.settings.task import WindowPooling
+from clinical_fl.settings.model import WindowPooling
 from tasks.errors import TaskInputError
 
 WINDOW_NOTE = "window_note"

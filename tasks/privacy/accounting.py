@@ -26,7 +26,7 @@ import numpy as np
 from opacus.accountants import PRVAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
-from clinical_fl.settings.task import Accountant
+from clinical_fl.settings.privacy import Accountant
 
 RDP_ORDERS: tuple[int, ...] = tuple(range(2, 257))
 PRV_MIN_NOISE = 0.2  # below it the PRV accountant reports no guarantee (inf): see epsilon_spent

@@ -41,7 +41,7 @@ from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader
 
-from clinical_fl.settings.task import Accountant, DistributedDpSettings, GradSampleMode
+from clinical_fl.settings.privacy import Accountant, DistributedDpSettings, GradSampleMode
 from tasks.errors import TaskInputError
 from tasks.model.compute import CPU_FP32, Compute
 from tasks.privacy.accounting import Step, calibrate_noise_multiplier, epsilon_spent

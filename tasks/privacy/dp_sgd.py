@@ -29,7 +29,8 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
 
-from clinical_fl.settings.task import GradSampleMode, TrainSettings
+from clinical_fl.settings.privacy import GradSampleMode
+from clinical_fl.settings.train import TrainSettings
 from tasks.audit.canaries import CANARY_COLUMN, GradientCanaries
 from tasks.errors import TaskInputError
 from tasks.learning.passes import split_passes

@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from clinical_fl.settings.task import Accountant
+from clinical_fl.settings.privacy import Accountant
 from tasks.errors import TaskInputError
 from tasks.privacy.accounting import (
     NEIGHBOURING_RELATION,

@@ -14,7 +14,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from clinical_fl.settings.task import Accountant, DistributedDpSettings, DpSgdSettings
+from clinical_fl.settings.privacy import (
+    Accountant,
+    DistributedDpSettings,
+    DpSgdSettings,
+    PrivacySettings,
+)
 from tasks.errors import TaskInputError
 from tasks.privacy.accounting import (
     Step,
@@ -39,11 +44,11 @@ class PolicyRefusal(PrivacyBudgetError):
     """The hospital's own privacy policy rules out what the server asked for."""
 
 
-def refuse_without_dp(settings: DpSgdSettings, policy: HospitalPolicy) -> None:
-    """A hospital whose policy requires DP refuses a run without DP-SGD, whatever the server
-    says (``privacy=none``, or a sweep's non-private level)."""
-    if policy.require_dp and not settings.enabled:
-        asked = ("no DP-SGD" if settings.target_epsilon != math.inf else
+def refuse_without_dp(privacy: PrivacySettings, policy: HospitalPolicy) -> None:
+    """A hospital whose policy requires DP refuses a run without record-level DP, whatever
+    the server says (``privacy=none``, or a sweep's non-private level)."""
+    if policy.require_dp and not privacy.record_level:
+        asked = ("no DP-SGD" if privacy.dp_sgd.target_epsilon != math.inf else
                  "no DP-SGD (privacy.dp_sgd.target_epsilon=.inf, a sweep's non-private level)")
         implied = ", implied by max-epsilon" if policy.require_dp_setting is None else ""
         raise PolicyRefusal(
