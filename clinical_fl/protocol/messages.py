@@ -51,8 +51,8 @@ CKKS_PUBLIC = "public-context"
 CKKS_FINGERPRINT = "fingerprint"
 CKKS_PARAMETERS = "parameters"
 
-# Error codes are those of clinical_fl/protocol/refusals.py: what a hospital may say when it
-# refuses.
+# Error codes are those of clinical_fl/protocol/refusals.py (what a hospital may say when
+# it refuses).
 # A train reply when the hospital's privacy budget refuses the round:
 PRIVACY_BUDGET_REFUSED = BY_NAME["privacy-budget-refused"].code
 

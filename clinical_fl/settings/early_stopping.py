@@ -39,9 +39,8 @@ class EarlyStoppingSettings:
     a privacy sweep's non-private level (``target_epsilon=inf``), whose rounds must match the
     private levels it is compared with. ``true`` in a private run is refused, naming the key:
     the noise of every private mechanism here is calibrated for the planned rounds. Building
-    the run's settings resolves null to true or false (clinical_fl/settings/run.py), so what MLflow
-    logs
-    is what the run does.
+    the run's settings resolves null to true or false (clinical_fl/settings/run.py), so what
+    MLflow logs is what the run does.
 
     Why on by default: ``num_rounds`` is the budget a user is willing to spend, and a
     federated run that has stopped improving spends every further round of every hospital

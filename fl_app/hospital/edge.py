@@ -25,7 +25,7 @@ from flwr.common.logger import log
 
 from clinical_fl.protocol import messages as m
 from clinical_fl.protocol.refusals import Refusal, is_refusal_line, make_refusal
-from fl_app.hospital.node_config import state_dir
+from fl_app.hospital.node_config import hospital_name, state_dir
 
 HOSPITAL_LOG = "hospital.log"
 
@@ -139,7 +139,7 @@ def _task_logs_kept_home(context: Context) -> Iterator[None]:
 
 
 def _who(context: Context) -> str:
-    return f"hospital {context.node_config.get('partition-id', context.node_id)}"
+    return hospital_name(context)
 
 
 def _record(context: Context, msg: Message, refusal: Refusal, detail: str) -> None:

@@ -22,10 +22,15 @@ from flwr.common.logger import log
 
 from clinical_fl.protocol import messages as m
 from clinical_fl.settings.recovery import STALL_SECONDS, Fault, parse_fault
-from fl_app.hospital.node_config import is_deployed
+from fl_app.hospital.node_config import (
+    FAULT_DRILL,
+    hospital_number,
+    is_deployed,
+    own_fault_drill,
+)
 from tasks.errors import TaskInputError
 
-NODE_CONFIG_KEY = "fault-drill"
+NODE_CONFIG_KEY = FAULT_DRILL
 
 
 class DrilledCrash(RuntimeError):
@@ -37,8 +42,8 @@ def fault_for(msg: Message, context: Context) -> Fault | None:
     if config is None or m.TASK_KEY not in config:
         return None
     server_round = int(config.get(m.SERVER_ROUND_KEY, 0))
-    hospital = int(context.node_config.get("partition-id", -1))
-    own = context.node_config.get(NODE_CONFIG_KEY)
+    hospital = hospital_number(context)
+    own = own_fault_drill(context)
     if own:
         fault = parse_fault(f"{hospital}:{own}", deployed=True)
         return fault.fault if fault.applies(hospital, server_round) else None
@@ -77,7 +82,7 @@ def fault_drill_mod(msg: Message, context: Context, call_next: ClientAppCallable
     fault = fault_for(msg, context)
     if fault is None:
         return call_next(msg, context)
-    hospital = context.node_config.get("partition-id")
+    hospital = hospital_number(context)
     log(WARNING, "hospital %s: fault drill: %s", hospital, fault.value)
     if fault == Fault.stall:
         time.sleep(STALL_SECONDS)

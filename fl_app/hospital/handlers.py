@@ -20,6 +20,7 @@ from clinical_fl.settings.secure_aggregation import SecureAggregationMode
 from clinical_fl.settings.task import TaskSettings
 from fl_app.hospital.clipping_mod import asks_for_clipping
 from fl_app.hospital.edge import refusal_for, write_hospital_log
+from fl_app.hospital.node_config import hospital_number, partition
 from fl_app.hospital.received import (
     check_distributed_round,
     received_lr_factor,
@@ -47,25 +48,7 @@ from tasks.hospital import Hospital, refuse_audit_in_deployment
 from tasks.model.compute import resolve_compute
 from tasks.privacy.mechanisms import RecordLevelPrivacy, record_level_privacy
 from tasks.privacy.plan import PolicyRefusal
-from tasks.privacy.policy import HospitalPolicy, PolicyError
-
-
-def _partition(context: Context, policy: HospitalPolicy) -> tuple[int, int]:
-    """(hospital number, hospitals). With a data-path the hospital reads its own file and
-    num-partitions is not needed."""
-    try:
-        partition_id = int(context.node_config["partition-id"])
-        if policy.data_path:
-            return partition_id, int(context.node_config.get("num-partitions", partition_id + 1))
-        return partition_id, int(context.node_config["num-partitions"])
-    except KeyError as err:
-        raise PolicyError(
-            f"node {context.node_id}: node config lacks {err.args[0]!r}; start the SuperNode with "
-            "--node-config 'partition-id=<k> data-path=<file>' (or num-partitions=<n> "
-            "to take a share of the configured data.path)", key=str(err.args[0])) from err
-    except (TypeError, ValueError) as err:
-        raise PolicyError(f"node {context.node_id}: partition-id / num-partitions must be "
-                          f"whole numbers ({err})", key="partition-id") from err
+from tasks.privacy.policy import HospitalPolicy
 
 
 @dataclass
@@ -81,9 +64,8 @@ class Received:
 def _received(msg: Message, context: Context) -> Received:
     """Everything checked that needs no data: the node config, the hospital's policy, the
     server's settings with the hospital's data mapping in place."""
-    number = context.node_config.get("partition-id", -1)
-    policy = hospital_policy(context, int(number) if str(number).lstrip("-").isdigit() else -1)
-    partition_id, num_partitions = _partition(context, policy)
+    policy = hospital_policy(context, hospital_number(context))
+    partition_id, num_partitions = partition(context, reads_own_file=bool(policy.data_path))
     return Received(received_settings(msg, policy), policy, partition_id, num_partitions)
 
 
@@ -173,8 +155,7 @@ def _declined(msg: Message, context: Context, refusal: PolicyRefusal,
     where it read its data), the details kept here."""
     line = refusal_for(refusal)
     write_hospital_log(context, f"preflight declined as {line.wire()}: {refusal}")
-    number = hospital if hospital is not None else int(context.node_config.get("partition-id",
-                                                                                -1))
+    number = hospital if hospital is not None else hospital_number(context)
     return preflight_reply(msg, number, None, train_records, eval_records,
                            declined=line.wire())
 

@@ -24,7 +24,7 @@ from clinical_fl.protocol import messages as m
 from clinical_fl.secure_aggregation import ckks, secagg_plus
 from clinical_fl.secure_aggregation.update_vector import flatten, weight_share, weighted_update
 from fl_app.exchange import ciphertext_record, ciphertexts_of, vector_record
-from fl_app.hospital.node_config import is_deployed
+from fl_app.hospital.node_config import configured_ckks_context, hospital_name, is_deployed
 
 STATE_KEY = "secure-aggregation"
 CKKS_ROUNDS_KEY = "ckks-rounds"  # the rounds this hospital encrypted in, and decrypted in
@@ -35,16 +35,16 @@ class StageRefused(ValueError):
 
 
 def _who(context: Context) -> str:
-    return f"hospital {context.node_config.get('partition-id', context.node_id)}"
+    return hospital_name(context)
 
 
 def ckks_context_path(context: Context) -> Path:
     """The hospital's CKKS secret context: node config ``ckks-context`` (made by
     deploy/ckks-keys.sh). In simulation, where every hospital runs on one machine, the
     hospitals make one key per run under ``$FLWR_HOME``."""
-    configured = context.node_config.get("ckks-context")
-    if configured:
-        return Path(str(configured)).expanduser()
+    configured = configured_ckks_context(context)
+    if configured is not None:
+        return configured
     if is_deployed(context):
         raise ckks.KeyMaterialError(
             f"{_who(context)}: secure_aggregation=ckks, but the node config names no key "

@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
@@ -133,8 +133,23 @@ class Federation:
 
 
 @app.main()
-def main(grid: Grid, context: Context) -> None:
-    speak_for_the_server()  # one line per event on the run's console (fl_app/console.py)
+@dataclass
+class RunPlan:
+    """The run as configured, before any hospital is asked: its composed configuration and
+    overrides, settings, the resume it continues (if any), the label set, and the task
+    settings the hospitals receive."""
+
+    cfg: DictConfig
+    overrides: list[str]
+    settings: RunSettings
+    resume: Resume | None
+    labels: list[str]
+    task: TaskSettings
+
+
+def plan_run(context: Context) -> RunPlan:
+    """Everything that can be wrong with the configuration, a resume or the server's data,
+    found before any message."""
     # The typed run-config keys, then the ``overrides`` string (clinical_fl/settings/run_config.py).
     overrides, cfg = compose_run_config(context.run_config)
     settings = to_run_settings(cfg)
@@ -149,6 +164,14 @@ def main(grid: Grid, context: Context) -> None:
     else:
         task = task_settings(cfg, labels)
         task.ledger_run = context.run_id
+    return RunPlan(cfg, overrides, settings, resume, labels, task)
+
+
+def main(grid: Grid, context: Context) -> None:
+    speak_for_the_server()  # one line per event on the run's console (fl_app/console.py)
+    plan = plan_run(context)
+    cfg, overrides, settings, resume, labels, task = (
+        plan.cfg, plan.overrides, plan.settings, plan.resume, plan.labels, plan.task)
     # Building the model here fails fast on a bad model id, and gives the initial adapter.
     tokenizer = load_tokenizer(task.model)
     model = build_model(task.model, labels, task.seed, tokenizer)
@@ -190,10 +213,10 @@ def main(grid: Grid, context: Context) -> None:
             tracker, template, strategy, chain.gate, chain.check, chain.hospital_of,
             settings.checkpoint.log_artifact)
         round_end = RoundEnd(tracker, metered, train_rules, evaluate_rules, central,
-                                   settings.tracking.log_per_hospital, chain.client_level_privacy,
-                                   secure_grid.take_round_stats if secure_grid else None,
-                                   schedule.due, chain.check.take_round, checkpointer,
-                                   labels=labels)
+                             settings.tracking.log_per_hospital, chain.client_level_privacy,
+                             secure_grid.take_round_stats if secure_grid else None,
+                             schedule.due, chain.check.take_round, checkpointer,
+                             labels=labels)
         if resume:
             initial = restore_server_state(resume.checkpoint, chain, federation, tracker)
             round_end.latest_arrays = initial

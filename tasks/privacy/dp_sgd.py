@@ -24,6 +24,9 @@ from __future__ import annotations
 import secrets
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from opacus import PrivacyEngine
@@ -146,6 +149,50 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
         compute = compute.without_bf16(f"grad_sample_mode={grad_sample_mode.value}")
     start = time.perf_counter()
     model.train()  # Opacus records activations only in training mode
+    private = _make_private(model, loader, settings, noise_multiplier, max_grad_norm,
+                            grad_sample_mode, history, poisson_sampling, noise_seed, compute,
+                            lr_factor)
+    total_loss, seen, steps = 0.0, 0, 0
+    # Token ids never require grad, so torch notes that backward hooks see outputs only.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    progress = TrainingProgress(settings.local_epochs, len(private.loader), "DP-SGD")
+    cap = (None if grad_sample_mode == GradSampleMode.ghost  # its two backward passes need
+           else settings.pass_cap(compute.device.type))      # the batch in one pass
+    try:
+        for epoch in range(settings.local_epochs):
+            for batch in compute.batches(private.loader):
+                loss, batch_size = _private_step(model, private, batch, grad_sample_mode, cap,
+                                                 canaries, compute)
+                total_loss += loss
+                steps += 1
+                seen += batch_size
+                progress.step(epoch)
+        progress.finish()
+    finally:
+        # The model object is reused for evaluation and the next round: drop Opacus' hooks.
+        private.grad_hooks.cleanup()
+    history[:] = [tuple(step) for step in private.engine.accountant.history]
+    return TrainOutcome(loss=float(total_loss) / max(seen, 1), num_examples=len(loader.dataset),
+                        num_steps=steps, seconds=time.perf_counter() - start)
+
+
+@dataclass
+class _PrivateTraining:
+    """What Opacus' ``make_private`` gives: the engine (its accountant's history), the hooks
+    that compute per-record gradients, the DP optimizer, the loss and the Poisson loader."""
+
+    engine: PrivacyEngine
+    grad_hooks: Any
+    optimizer: torch.optim.Optimizer
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    loader: DataLoader
+
+
+def _make_private(model: torch.nn.Module, loader: DataLoader, settings: TrainSettings,
+                  noise_multiplier: float, max_grad_norm: float,
+                  grad_sample_mode: GradSampleMode, history: list[Step],
+                  poisson_sampling: bool, noise_seed: int | None, compute: Compute,
+                  lr_factor: float) -> _PrivateTraining:
     optimizer = make_optimizer(model, settings, lr_factor)
     # The noise is drawn where the gradients are (Opacus draws it on the parameter's device).
     generator = torch.Generator(device=compute.device).manual_seed(
@@ -176,51 +223,38 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
 
     if poisson_sampling:
         _shape_empty_batches_like_a_record(dp_loader)
-    total_loss, seen, steps = 0.0, 0, 0
-    # Token ids never require grad, so torch notes that backward hooks see outputs only.
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    progress = TrainingProgress(settings.local_epochs, len(dp_loader), "DP-SGD")
-    try:
-        for epoch in range(settings.local_epochs):
-            for batch in compute.batches(dp_loader):
-                dp_optimizer.zero_grad(set_to_none=True)
-                batch_size = int(batch["labels"].shape[0])
-                if batch_size == 0:
-                    _noise_only_step(dp_optimizer)
-                    steps += 1
-                    progress.step(epoch)
-                    continue
-                _several_windows(batch, grad_sample_mode)  # ghost: refused before the forward
-                # Passes of whole notes (tasks/learning/passes.py): each pass's per-note rows
-                # are taken aside and joined into one row per note of the batch, so that
-                # clipping, noise and the accountant see the one Poisson batch. Ghost
-                # clipping's two backward passes need the batch in one pass.
-                cap = (None if grad_sample_mode == GradSampleMode.ghost
-                       else settings.pass_cap(compute.device.type))
-                passes, rows = list(split_passes(batch, cap)), []
-                for part, notes in passes:
-                    with compute.autocast():
-                        logits = _logits(model, part)
-                    loss = criterion(logits.float(), part["labels"])
-                    loss.backward()
-                    per_note(dp_optimizer, part, grad_sample_mode)
-                    total_loss += loss.detach() * notes  # no device sync per step
-                    if len(passes) > 1:
-                        rows.append(_take_rows(dp_optimizer))
-                if rows:
-                    _put_rows(dp_optimizer, rows)
-                _per_record_gradients_in_float32(dp_optimizer)
-                if canaries is not None and CANARY_COLUMN in batch:
-                    canaries.replace_grad_samples(batch[CANARY_COLUMN])
-                dp_optimizer.step()  # clip per record, add noise, record the step
-                steps += 1
-                seen += batch_size
-                progress.step(epoch)
-        progress.finish()
-    finally:
-        # The model object is reused for evaluation and the next round: drop Opacus' hooks.
-        grad_hooks.cleanup()
-    history[:] = [tuple(step) for step in engine.accountant.history]
-    return TrainOutcome(loss=float(total_loss) / max(seen, 1), num_examples=len(loader.dataset),
-                        num_steps=steps, seconds=time.perf_counter() - start)
+    return _PrivateTraining(engine, grad_hooks, dp_optimizer, criterion, dp_loader)
 
+
+def _private_step(model: torch.nn.Module, private: _PrivateTraining,
+                  batch: dict[str, torch.Tensor], grad_sample_mode: GradSampleMode,
+                  cap: int | None, canaries: GradientCanaries | None,
+                  compute: Compute) -> tuple[torch.Tensor | float, int]:
+    """One DP-SGD step on one Poisson batch: (the batch's summed loss, its records)."""
+    dp_optimizer = private.optimizer
+    dp_optimizer.zero_grad(set_to_none=True)
+    batch_size = int(batch["labels"].shape[0])
+    if batch_size == 0:
+        _noise_only_step(dp_optimizer)
+        return 0.0, 0
+    _several_windows(batch, grad_sample_mode)  # ghost: refused before the forward
+    # Passes of whole notes (tasks/learning/passes.py): each pass's per-note rows are taken
+    # aside and joined into one row per note of the batch, so that clipping, noise and the
+    # accountant see the one Poisson batch.
+    passes, rows, total_loss = list(split_passes(batch, cap)), [], 0.0
+    for part, notes in passes:
+        with compute.autocast():
+            logits = _logits(model, part)
+        loss = private.criterion(logits.float(), part["labels"])
+        loss.backward()
+        per_note(dp_optimizer, part, grad_sample_mode)
+        total_loss += loss.detach() * notes  # no device sync per step
+        if len(passes) > 1:
+            rows.append(_take_rows(dp_optimizer))
+    if rows:
+        _put_rows(dp_optimizer, rows)
+    _per_record_gradients_in_float32(dp_optimizer)
+    if canaries is not None and CANARY_COLUMN in batch:
+        canaries.replace_grad_samples(batch[CANARY_COLUMN])
+    dp_optimizer.step()  # clip per record, add noise, record the step
+    return total_loss, batch_size

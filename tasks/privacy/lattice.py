@@ -4,8 +4,7 @@ SecAgg+ adds integers modulo 2^32: a value v of [-c, c] is carried as the level
 (v + c) / Delta, Delta = 2c / T (c = ``secure_aggregation.clipping_range``, T =
 ``secure_aggregation.quantization_range``), and the server reads a sum of n levels back as
 sum x Delta - n c (``clinical_fl/secure_aggregation/masking.py``). Distributed DP's shares are
-built on
-that lattice directly, in integers, so that nothing after the noise depends on the records:
+built on that lattice directly, in integers, so that nothing after the noise depends on the records:
 
 - the signal (a hospital's clipped gradient sum over B, before noise) is clipped to [-c, c]
   per value (a 1-Lipschitz map: it cannot raise the sensitivity) and rounded stochastically
