@@ -21,7 +21,8 @@ def test_privacy_sweep_reports_accuracy_against_epsilon(superlink, tiny_bert, tm
     sweep_dir = tmp_path / "sweep"
     command = [
         # Both series share only the target: a setting of one mechanism (distributed DP's
-        # expected_batch_size) would be refused in the other's jobs (clinical_fl/settings/task.py).
+        # expected_batch_size) would be refused in the other's jobs
+        # (clinical_fl/settings/privacy.py).
         str(VENV_BIN / "clinical-fl"), "-m", "+sweep=epsilon", "privacy=dp_sgd,distributed_dp",
         "privacy.dp_sgd.target_epsilon=8",
         f"model.name_or_path={tiny_bert}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",

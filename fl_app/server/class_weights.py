@@ -5,7 +5,7 @@ held-out records) every hospital sent in its preflight reply and gives class c t
 N / (K x n_c) (N records, K classes that have any; scikit-learn's "balanced"), so a record's
 mean weight stays 1 and every class weighs the same in the loss. A class no hospital holds
 weighs 1 (it is never a target). The weights travel in the task settings like the label
-set; each hospital checks them (clinical_fl/settings/task.py) before training.
+set; each hospital checks them (clinical_fl/settings/train.py) before training.
 
 Hospitals under DP-SGD do not release exact label counts (a histogram of their records).
 With ``privacy.dp_sgd.label_count_noise`` = sigma each releases its training records' counts
