@@ -9,6 +9,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
 from clinical_fl.protocol.messages import CLIPPING_NORM_KEY, CONFIG_RECORD, TASK_KEY
+from clinical_fl.settings.privacy import RecordLevelMechanism
 from tasks.errors import TaskInputError
 
 
@@ -49,15 +50,15 @@ def clip_update_for_client_level_dp(msg: Message, context: Context,
 
 
 def _distributed(msg: Message) -> bool:
-    """Whether the message's task settings switch distributed DP on (read without building
-    the settings: the handler validates them)."""
-    import yaml
+    """Whether the message's task settings choose distributed DP, parsed as the handler
+    parses them (``privacy.mechanism`` in any spelling the schema takes)."""
+    from clinical_fl.settings.compose import task_settings_from_yaml
 
     config = msg.content.config_records.get(CONFIG_RECORD)
     if config is None or TASK_KEY not in config:
         return False  # no settings: the handler refuses the message itself
     try:
-        tree = yaml.safe_load(str(config[TASK_KEY]))
-        return bool(tree["privacy"]["distributed_dp"]["enabled"])
-    except (KeyError, TypeError, yaml.YAMLError):
-        return True  # unreadable settings: assume the strict case (the handler refuses them)
+        privacy = task_settings_from_yaml(str(config[TASK_KEY])).privacy
+    except Exception:  # unreadable or invalid: the handler refuses them; assume the strict case
+        return True
+    return privacy.mechanism == RecordLevelMechanism.distributed_dp

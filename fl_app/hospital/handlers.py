@@ -18,7 +18,7 @@ from clinical_fl.protocol import messages as m
 from clinical_fl.secure_aggregation import ckks
 from clinical_fl.settings.secure_aggregation import SecureAggregationMode
 from clinical_fl.settings.task import TaskSettings
-from fl_app.hospital.clipping_mod import asks_for_clipping
+from fl_app.hospital.clipping_mod import ClippingRefused, asks_for_clipping
 from fl_app.hospital.edge import refusal_for, write_hospital_log
 from fl_app.hospital.node_config import hospital_number, partition
 from fl_app.hospital.received import (
@@ -181,6 +181,10 @@ def train(msg: Message, context: Context) -> Message:
     privacy = settings.privacy
     mechanism = record_level_privacy(privacy)
     if mechanism.sends_share:
+        if asks_for_clipping(msg):
+            # Scaling a share scales its noise share; the mod checks this too, before.
+            raise ClippingRefused("client-level clipping of a distributed DP share: refused",
+                                  key="privacy.distributed_dp")
         if not config.get(m.SECURE_AGGREGATION_ON, False):
             # Its noise is only a share: in the clear, the sum would be too little protected.
             raise StageRefused("distributed DP sends its noisy gradient sum only through "

@@ -132,7 +132,6 @@ class Federation:
     reports: list[HospitalReport]
 
 
-@app.main()
 @dataclass
 class RunPlan:
     """The run as configured, before any hospital is asked: its composed configuration and
@@ -167,6 +166,7 @@ def plan_run(context: Context) -> RunPlan:
     return RunPlan(cfg, overrides, settings, resume, labels, task)
 
 
+@app.main()
 def main(grid: Grid, context: Context) -> None:
     speak_for_the_server()  # one line per event on the run's console (fl_app/console.py)
     plan = plan_run(context)
