@@ -89,7 +89,7 @@ def test_a_ledger_kept_with_another_accountant_is_refused_naming_the_key(tmp_pat
     ledger.run(9).history.append(ROUND)
     store.save(ledger)
     with pytest.raises(LedgerError, match=r"hospital 2: privacy ledger .* key 'accountant' is "
-                                          r"'prv' but this run uses privacy.dp_sgd.accountant="
+                                          r"'prv' but this run's mechanism uses accountant="
                                           r"'rdp'"):
         store.load(2, Accountant.rdp)
 

@@ -308,9 +308,10 @@ class LedgerStore:
             if kept_with != accountant:
                 raise LedgerError(
                     f"hospital {hospital}: privacy ledger {self.path} key 'accountant' is "
-                    f"{kept_with.value!r} but this run uses privacy.dp_sgd.accountant="
-                    f"{accountant.value!r}; a lifetime epsilon composes under one accountant. "
-                    f"Run with accountant={kept_with.value}, or archive the ledger "
+                    f"{kept_with.value!r} but this run's mechanism uses accountant="
+                    f"{accountant.value!r} (privacy.dp_sgd.accountant or "
+                    "privacy.distributed_dp.accountant); a lifetime epsilon composes under one "
+                    f"accountant. Run with accountant={kept_with.value}, or archive the ledger "
                     "(clinical-fl-ledger --archive) to start a new one.")
             ledger.runs = {run.run_id: run for run in runs}
             ledger.events = events
