@@ -27,16 +27,19 @@ MAX_LABEL_COUNT_NOISE = 1e6  # standard deviation of the noise on a released lab
 
 
 class Accountant(Enum):
-    """Opacus accountants that give an upper bound on epsilon (GDP is only an approximation)."""
+    """Accountants that give an upper bound on epsilon (GDP is only an approximation):
+    Opacus' RDP and PRV, and dp-accounting's privacy loss distributions (PLD, pessimistic
+    discretisation), the tightest of the three for the subsampled Gaussian."""
 
     rdp = "rdp"
     prv = "prv"
+    pld = "pld"
 
 
 class RecordLevelMechanism(Enum):
     """``privacy.mechanism``: the one switch of record-level DP, read by server and hospitals
     alike; the presets of ``conf/privacy/`` set it. Each mechanism is one module of
-    ``tasks/privacy/`` behind one interface (``tasks/privacy/mechanism.py``)."""
+    ``tasks/privacy/mechanisms/`` behind one interface (``base.py`` there)."""
 
     none = "none"  # no record-level DP (client-level DP on the server may still be on)
     dp_sgd = "dp_sgd"  # DP-SGD inside each hospital (Opacus)
