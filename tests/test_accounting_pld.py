@@ -11,7 +11,11 @@ from dp_accounting.pld import privacy_loss_distribution as pld
 
 from clinical_fl.settings.compose import compose_config, to_run_settings
 from clinical_fl.settings.privacy import Accountant
-from tasks.privacy.accounting import calibrate_noise_multiplier, epsilon_spent
+from tasks.privacy.accounting import (
+    PLD_RDP_CEILING,
+    calibrate_noise_multiplier,
+    epsilon_spent,
+)
 
 HISTORIES = [
     [(0.7, 0.0667, 180)],  # the product-like setting: RDP 15.4, PLD 13.2
@@ -56,6 +60,10 @@ def test_audit_pld_calibrates_less_noise_for_the_same_target():
 
 def test_audit_pld_gives_no_figure_for_noise_without_meaning_and_no_steps_cost_nothing():
     assert epsilon_spent([(0.01, 0.5, 10)], 1e-5, Accountant.pld) == math.inf
+    # Little noise over many steps (20 GiB as a PLD): RDP's figure, the higher bound.
+    hostile = [(0.2, 1.0, 100_000)]
+    assert epsilon_spent(hostile, 1e-5, Accountant.pld) == epsilon_spent(
+        hostile, 1e-5, Accountant.rdp) > PLD_RDP_CEILING
     assert epsilon_spent([(1.0, 0.5, 0)], 1e-5, Accountant.pld) == 0.0
     with pytest.raises(ValueError, match="noise multiplier"):
         epsilon_spent([(-1.0, 0.5, 10)], 1e-5, Accountant.pld)
