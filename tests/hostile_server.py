@@ -58,3 +58,33 @@ def tampered(task_yaml: str, changes: dict[str, object]) -> str:
 def holds_canary(*texts: object) -> bool:
     return any(CANARY in (t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t))
                for t in texts)
+
+
+class StepSpy:
+    """Stands in for every training step and scoring: a message the hospital must refuse
+    reaches none."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, name: str):  # noqa: ANN204
+        def step(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.calls.append(name)
+            raise AssertionError(f"{name} ran for a message the hospital must refuse")
+        return step
+
+
+# Each step a hospital may take, where it is called: the mechanisms (tasks/privacy/mechanisms/)
+# and the hospital's evaluation.
+STEPS = {"train_with_dp_sgd": "tasks.privacy.mechanisms.dp_sgd",
+         "train_locally": "tasks.privacy.mechanisms.no_dp",
+         "clipped_gradient_sum": "tasks.privacy.mechanisms.distributed_dp",
+         "evaluate": "tasks.hospital"}
+
+
+def spy_on_steps(monkeypatch) -> StepSpy:  # noqa: ANN001
+    """Every step of STEPS replaced by the spy, for the rest of the test."""
+    spy = StepSpy()
+    for name, caller in STEPS.items():
+        monkeypatch.setattr(f"{caller}.{name}", spy(name))
+    return spy

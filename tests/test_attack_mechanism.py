@@ -44,7 +44,13 @@ from tasks.privacy.mechanisms.distributed_dp import DistributedDp
 from tasks.privacy.mechanisms.dp_sgd import DpSgd
 from tasks.privacy.mechanisms.no_dp import NoRecordLevelDp
 from tests.hospital_process import initial_arrays
-from tests.hostile_server import LABELS, holds_canary, tampered, write_canary_export
+from tests.hostile_server import (
+    LABELS,
+    holds_canary,
+    spy_on_steps,
+    tampered,
+    write_canary_export,
+)
 from tests.support import task
 
 NODE, OTHERS = 7, [8, 9]
@@ -166,31 +172,9 @@ def _history(state: Path, run: int = RUN) -> list:
     return [list(step) for step in lifetime.runs[run].history] if run in lifetime.runs else []
 
 
-class StepSpy:
-    """Stands in for every training step and scoring: a refused message reaches none."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def __call__(self, name: str):  # noqa: ANN204
-        def step(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            self.calls.append(name)
-            raise AssertionError(f"{name} ran for a refused message")
-        return step
-
-
-STEPS = {"train_with_dp_sgd": "tasks.privacy.mechanisms.dp_sgd",
-         "train_locally": "tasks.privacy.mechanisms.no_dp",
-         "clipped_gradient_sum": "tasks.privacy.mechanisms.distributed_dp",
-         "evaluate": "tasks.hospital"}
-
-
 @pytest.fixture
 def spy(monkeypatch):
-    spy = StepSpy()
-    for name, caller in STEPS.items():
-        monkeypatch.setattr(f"{caller}.{name}", spy(name))
-    return spy
+    return spy_on_steps(monkeypatch)
 
 
 def _assert_refused_and_nothing_left(reply, state, before, spy, expected, key, capfd):

@@ -30,6 +30,7 @@ from tests.hostile_server import (
     CANARY_COLUMN,
     LABELS,
     holds_canary,
+    spy_on_steps,
     tampered,
     write_canary_export,
 )
@@ -113,33 +114,9 @@ def process_identity_module():
     TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
 
 
-class StepSpy:
-    """Stands in for every training step and scoring: a hostile message must reach none."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def __call__(self, name: str):  # noqa: ANN204
-        def step(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            self.calls.append(name)
-            raise AssertionError(f"{name} ran for a hostile message")
-        return step
-
-
-# Each step a hospital may take, where it is called: the mechanisms (tasks/privacy/mechanisms/)
-# and the hospital's evaluation.
-STEPS = {"train_with_dp_sgd": "tasks.privacy.mechanisms.dp_sgd",
-         "train_locally": "tasks.privacy.mechanisms.no_dp",
-         "clipped_gradient_sum": "tasks.privacy.mechanisms.distributed_dp",
-         "evaluate": "tasks.hospital"}
-
-
 @pytest.fixture
 def spy(monkeypatch):
-    spy = StepSpy()
-    for name, caller in STEPS.items():
-        monkeypatch.setattr(f"{caller}.{name}", spy(name))
-    return spy
+    return spy_on_steps(monkeypatch)
 
 
 def _task(hospital, base, changes):
