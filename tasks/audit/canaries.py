@@ -23,6 +23,7 @@ import secrets
 import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import datasets
 import torch
@@ -92,6 +93,15 @@ def direction(seed: int, shapes: list[torch.Size]) -> list[torch.Tensor]:
     return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes, strict=True)]
 
 
+class AuditCanaries(Protocol):
+    """What DP-SGD's step does with an audit's canaries: their per-record gradients put in
+    before clipping, and every step's release shown after it."""
+
+    def replace_grad_samples(self, canary_ids: torch.Tensor) -> None: ...
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None: ...
+
+
 class GradientCanaries:
     """Puts each gradient canary's secret direction where its gradient would be.
 
@@ -120,6 +130,9 @@ class GradientCanaries:
                                          "(grad_sample_mode hooks or functorch, not ghost)")
                 param.grad_sample[row] = self.norm * part.to(param.grad_sample.device,
                                                              param.grad_sample.dtype)
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The federated audit scores the updates the server receives, not the steps."""
 
     def add_to_grads(self, canary_ids: torch.Tensor, batch_size: int) -> None:
         """Plain training (the loss is a batch mean): each canary adds ``norm x u_j / B``."""

@@ -51,3 +51,33 @@ def black_box_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
         loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
         scores += (-loss).tolist()
     return scores
+
+
+def observed_noise(observed: np.ndarray) -> float:
+    """The noise's standard deviation as the releases show it (units of C / B): the median
+    absolute deviation of all of them, scaled to a Gaussian's (canaries are drawn in a
+    fraction q of steps, so the median sees the noise). The auditor scores with the noise
+    it sees, not the noise claimed: a mechanism adding less than it claims is scored at its
+    own noise."""
+    values = np.asarray(observed, dtype=np.float64).ravel()
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+
+
+def mixture_scores(observed: np.ndarray, sample_rate: float, noise_multiplier: float
+                   ) -> np.ndarray:
+    """Local white-box, sampling secret: per canary, the log-likelihood ratio of its
+    coordinate's releases (steps x canaries, in units of C / B) under "in" (each step: the
+    canary, of value 1, with probability q, plus noise N(0, sigma^2)) against "out" (the
+    noise alone). The most powerful test of one canary at (q, sigma)."""
+    variance = noise_multiplier ** 2
+    drawn = np.log(sample_rate) + (2 * observed - 1) / (2 * variance)
+    left_out = np.log1p(-sample_rate) if sample_rate < 1 else -np.inf
+    return np.logaddexp(left_out, drawn).sum(axis=0)
+
+
+def replay_scores(observed: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Local white-box, sampling predicted: the log-likelihood ratio (up to a factor) if
+    the canary's slot was in exactly the steps ``predicted`` (steps x canaries) says. A
+    server that can recompute the hospital's batches sees each drawn step whole, without
+    the amplification the accountant counts; with secret sampling the prediction is noise."""
+    return (predicted * (2 * observed - 1)).sum(axis=0)

@@ -42,6 +42,7 @@ from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader
 
 from clinical_fl.settings.privacy import Accountant, DistributedDpSettings, GradSampleMode
+from tasks.audit.canaries import CANARY_COLUMN, AuditCanaries
 from tasks.errors import TaskInputError
 from tasks.model.compute import CPU_FP32, Compute
 from tasks.privacy.accounting import Step, calibrate_noise_multiplier, epsilon_spent
@@ -168,15 +169,15 @@ def plan_distributed_dp(target_epsilon: float | None, delta: float, total_record
 
 
 def clipped_gradient_sum(model: torch.nn.Module, loader: DataLoader, plan: DistributedDpPlan,
-                         compute: Compute = CPU_FP32, poisson_sampling: bool = True
-                         ) -> dict[str, torch.Tensor]:
+                         compute: Compute = CPU_FP32, poisson_sampling: bool = True,
+                         canaries: AuditCanaries | None = None) -> dict[str, torch.Tensor]:
     """The sum over a Poisson batch (rate q, sampled with OS entropy) of every record's
     gradient of the trainable parameters, each clipped to C: float64, no noise yet.
 
     Opacus' hooks give the per-record gradients; the clipping and the sum are done here in
     float64, so that no float32 rounding of a sum of many records can push one record's
     contribution past C. ``poisson_sampling=False`` (the loader's records in one batch)
-    exists for tests."""
+    exists for tests; ``canaries``: the local audit's (tasks/audit/dirac.py)."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if poisson_sampling:
         secret = torch.Generator().manual_seed(secrets.randbits(63))
@@ -196,7 +197,7 @@ def clipped_gradient_sum(model: torch.nn.Module, loader: DataLoader, plan: Distr
         with warnings.catch_warnings():  # a filter added once per round would pile up
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             return _clipped_sum(model, dp_loader, dp_optimizer, named, plan.max_grad_norm,
-                                compute)
+                                compute, canaries)
     finally:
         hooks.cleanup()
         for _, param in named:
@@ -205,7 +206,8 @@ def clipped_gradient_sum(model: torch.nn.Module, loader: DataLoader, plan: Distr
 
 def _clipped_sum(model: torch.nn.Module, dp_loader: DataLoader,
                  dp_optimizer: torch.optim.Optimizer, named: list, max_grad_norm: float,
-                 compute: Compute) -> dict[str, torch.Tensor]:
+                 compute: Compute, canaries: AuditCanaries | None
+                 ) -> dict[str, torch.Tensor]:
     batch = next(iter(compute.batches(dp_loader)))
     if int(batch["labels"].shape[0]) == 0:  # an empty draw: nothing to clip, still a share
         return {name: torch.zeros(param.shape, dtype=torch.float64) for name, param in named}
@@ -216,6 +218,8 @@ def _clipped_sum(model: torch.nn.Module, dp_loader: DataLoader,
                                       reduction="sum").backward()
     per_note(dp_optimizer, batch, GradSampleMode.hooks, loss_reduction="sum")
     _per_record_gradients_in_float32(dp_optimizer)
+    if canaries is not None and CANARY_COLUMN in batch:
+        canaries.replace_grad_samples(batch[CANARY_COLUMN])
     per_record = {name: param.grad_sample.detach().cpu().double() for name, param in named}
     records = next(iter(per_record.values())).shape[0]
     norms = torch.sqrt(sum(g.reshape(records, -1).square().sum(dim=1)

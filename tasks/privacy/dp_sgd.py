@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from clinical_fl.settings.privacy import GradSampleMode
 from clinical_fl.settings.train import TrainSettings
-from tasks.audit.canaries import CANARY_COLUMN, GradientCanaries
+from tasks.audit.canaries import CANARY_COLUMN, AuditCanaries
 from tasks.errors import TaskInputError
 from tasks.learning.passes import split_passes
 from tasks.learning.progress import TrainingProgress
@@ -132,7 +132,7 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
                       grad_sample_mode: GradSampleMode, history: list[Step],
                       poisson_sampling: bool = True,
                       noise_seed: int | None = None,
-                      canaries: GradientCanaries | None = None,
+                      canaries: AuditCanaries | None = None,
                       compute: Compute = CPU_FP32, lr_factor: float = 1.0) -> TrainOutcome:
     """``settings.local_epochs`` epochs of DP-SGD (the optimizer steps on privatized gradients).
 
@@ -140,10 +140,11 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
     appended to it by Opacus' own accountant hook, step by step.
     ``poisson_sampling=False`` and ``noise_seed`` exist for tests that compare
     against non-private training; they void the privacy guarantee. ``canaries``: the
-    privacy audit's gradient canaries (tasks/audit/canaries.py). ``compute``: the model's
-    device and the forward pass's precision (bf16 only with the ``hooks`` mode; the others
-    would compute per-record norms in bf16, so they run in float32). ``lr_factor``: the
-    round's factor of the learning rates (train.lr_schedule; post-processing, no privacy cost).
+    privacy audit's canaries (tasks/audit/canaries.py, dirac.py), shown every step.
+    ``compute``: the model's device and the forward pass's precision (bf16 only with the
+    ``hooks`` mode; the others would compute per-record norms in bf16, so they run in
+    float32). ``lr_factor``: the round's factor of the learning rates (train.lr_schedule;
+    post-processing, no privacy cost).
     """
     if grad_sample_mode != GradSampleMode.hooks:
         compute = compute.without_bf16(f"grad_sample_mode={grad_sample_mode.value}")
@@ -163,6 +164,8 @@ def train_with_dp_sgd(model: torch.nn.Module, loader: DataLoader, settings: Trai
             for batch in compute.batches(private.loader):
                 loss, batch_size = _private_step(model, private, batch, grad_sample_mode, cap,
                                                  canaries, compute)
+                if canaries is not None:  # the audit sees every step's release
+                    canaries.after_step(private.optimizer)
                 total_loss += loss
                 steps += 1
                 seen += batch_size
@@ -228,7 +231,7 @@ def _make_private(model: torch.nn.Module, loader: DataLoader, settings: TrainSet
 
 def _private_step(model: torch.nn.Module, private: _PrivateTraining,
                   batch: dict[str, torch.Tensor], grad_sample_mode: GradSampleMode,
-                  cap: int | None, canaries: GradientCanaries | None,
+                  cap: int | None, canaries: AuditCanaries | None,
                   compute: Compute) -> tuple[torch.Tensor | float, int]:
     """One DP-SGD step on one Poisson batch: (the batch's summed loss, its records)."""
     dp_optimizer = private.optimizer
