@@ -2,22 +2,18 @@
 against independent computations, the measured-noise bound, and four injected bugs that the
 audit must catch at a claimed epsilon of 1 while the correct code passes the same audit.
 
-The bugs are injected by monkeypatching the libraries and functions the product really runs
-(Opacus' noise and clipping, the product's sampler, the distributed-DP share's noise), never
-by product flags. Confidence 0.99 throughout, so a correct run is flagged with probability
-under 1% (in practice far less: the one-run bounds sit far below a correct claim).
+The bugs (tests/audit_injections.py) are injected by patching the libraries and functions the
+product really runs (Opacus' noise and clipping, the product's sampler, the distributed-DP
+share's noise), never by product flags. Confidence 0.99 throughout, so a correct run is
+flagged with probability under 1% (in practice far less: the one-run bounds sit far below a
+correct claim).
 """
 
 from __future__ import annotations
 
-import math
-
 import dp_accounting
 import numpy as np
 import pytest
-import torch
-from opacus.optimizers import optimizer as opacus_optimizer
-from torch.utils.data import DataLoader
 
 from clinical_fl.settings.data import DataSettings
 from clinical_fl.settings.model import ModelSettings
@@ -29,9 +25,13 @@ from tasks.audit.noise_check import measured_noise
 from tasks.data.hospital_data import load_hospital_data
 from tasks.data.synthetic_notes import SPECIALTIES
 from tasks.model.build import build_model, load_tokenizer
-from tasks.privacy import dp_sgd
 from tasks.privacy.accounting import epsilon_spent
-from tasks.privacy.distributed_dp import DistributedDpPlan
+from tests.audit_injections import (
+    clipping_skipped,
+    half_the_noise,
+    predictable_sampling,
+    share_for_twice_the_threshold,
+)
 
 CLAIM = 1.0
 # Where the bugs show: DP-SGD at q 0.02 for 100 steps (noise ~1.3 for epsilon 1, a canary
@@ -143,56 +143,35 @@ def test_audit_local_passes_the_correct_distributed_dp_share(audited):
     assert not report["failed"], report["best"]
 
 
-def test_audit_inject_predictable_sampling(audited, monkeypatch):
-    """The sampler seeded with a value the server knows (the run seed, as before the fix):
-    the server replays it, knows each canary's steps, and the bound passes the claim."""
-    def seeded(loader: DataLoader) -> DataLoader:
-        return DataLoader(loader.dataset, batch_size=loader.batch_size,
-                          collate_fn=loader.collate_fn,
-                          generator=torch.Generator().manual_seed(42))
-    monkeypatch.setattr(dp_sgd, "with_secret_sampling", seeded)
-    report = audited(DP_SGD_AUDIT)
+def test_audit_inject_predictable_sampling(audited):
+    """The server replays a sampler it can predict, knows each canary's steps, and the bound
+    passes the claim."""
+    with predictable_sampling():
+        report = audited(DP_SGD_AUDIT)
     assert report["failed"] and report["best"]["score"] == "replayed_sampling", report["best"]
 
 
-def test_audit_inject_half_the_noise(audited, monkeypatch):
-    """Opacus draws half the noise its accountant books."""
-    draw = opacus_optimizer._generate_noise
-
-    def half(std, reference, generator=None, secure_mode=False):
-        return draw(std * 0.5, reference, generator, secure_mode)
-    monkeypatch.setattr(opacus_optimizer, "_generate_noise", half)
-    report = audited(DP_SGD_AUDIT)
+def test_audit_inject_half_the_noise(audited):
+    with half_the_noise():
+        report = audited(DP_SGD_AUDIT)
     assert report["failed"], report["best"]
     assert report["measured_noise"]["noise_multiplier"] == pytest.approx(
         report["noise_multiplier"] / 2, rel=0.05)
 
 
-def test_audit_inject_gradients_that_skip_clipping(audited, monkeypatch):
-    """Per-record gradients summed unclipped: a canary moves the release by 10 C, not C."""
-    clip = opacus_optimizer.DPOptimizer.clip_and_accumulate
-
-    def unclipped(self):
-        norm, self.max_grad_norm = self.max_grad_norm, math.inf
-        try:
-            clip(self)
-        finally:
-            self.max_grad_norm = norm
-    monkeypatch.setattr(opacus_optimizer.DPOptimizer, "clip_and_accumulate", unclipped)
-    report = audited(DP_SGD_AUDIT)
+def test_audit_inject_gradients_that_skip_clipping(audited):
+    with clipping_skipped():
+        report = audited(DP_SGD_AUDIT)
     assert report["failed"] and report["best"]["score"] == "secret_sampling", report["best"]
 
 
-def test_audit_inject_share_that_assumes_twice_the_threshold(audited, monkeypatch):
-    """Each hospital's noise share sized for 2t hospitals: t shares carry sigma / sqrt(2)."""
-    monkeypatch.setattr(DistributedDpPlan, "share_noise_multiplier", property(
-        lambda plan: plan.noise_multiplier / math.sqrt(2 * plan.threshold)))
-    report = audited(DISTRIBUTED_AUDIT)
+def test_audit_inject_share_that_assumes_twice_the_threshold(audited):
+    with share_for_twice_the_threshold():
+        report = audited(DISTRIBUTED_AUDIT)
     assert report["failed"], report["best"]
 
 
-def test_audit_inject_fails_the_command_and_tags_the_mlflow_run(tiny_random_bert, tmp_path,
-                                                                  monkeypatch):
+def test_audit_inject_fails_the_command_and_tags_the_mlflow_run(tiny_random_bert, tmp_path):
     """``clinical-fl-audit-local``: exit code 3 and ``audit.verdict=failed`` on the MLflow run
     when the noise is halved; 0 and ``passed`` on the correct code."""
     from mlflow.tracking import MlflowClient
@@ -205,11 +184,8 @@ def test_audit_inject_fails_the_command_and_tags_the_mlflow_run(tiny_random_bert
             f"model.name_or_path={tiny_random_bert}", "model.max_length=16",
             f"tracking.uri={uri}", "data.notes_per_hospital=40"]
     assert local_audit.main(argv) == 0
-    draw = opacus_optimizer._generate_noise
-    monkeypatch.setattr(opacus_optimizer, "_generate_noise",
-                        lambda std, reference, generator=None, secure_mode=False:
-                        draw(std * 0.5, reference, generator, secure_mode))
-    assert local_audit.main(argv) == local_audit.FAILED
+    with half_the_noise():
+        assert local_audit.main(argv) == local_audit.FAILED
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(local_audit.EXPERIMENT)
     verdicts = sorted(r.data.tags["audit.verdict"]
