@@ -27,7 +27,7 @@ from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from clinical_fl.settings.privacy import Accountant, GradSampleMode
+from clinical_fl.settings.privacy import Accountant, DpSgdSettings, GradSampleMode
 from clinical_fl.settings.train import TrainSettings
 from tasks.audit.canaries import CANARY_COLUMN, NOT_A_CANARY
 from tasks.audit.dirac import DiracCanaries, slot_of
@@ -61,7 +61,7 @@ class LocalAudit:
     rounds: int = 16  # distributed DP
     threshold: int = 3
     max_grad_norm: float = 1.0
-    accountant: Accountant = Accountant.rdp
+    accountant: Accountant = DpSgdSettings.accountant  # the product's default
     max_length: int = 16
     confidence: float = 0.95
 
