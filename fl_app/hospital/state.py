@@ -122,6 +122,9 @@ def load_ledger(context: Context, hospital: int, accountant: Accountant,
 
 
 def save_ledger(context: Context, lifetime: LifetimeLedger, run_id: int) -> Path:
-    context.state.config_records[LEDGER_KEY] = ConfigRecord(
-        {"json": lifetime.run(run_id).to_json()})
+    """This run's entry into ``context.state`` and the whole ledger to disk, the entry naming
+    the accountant this run books with."""
+    run = lifetime.run(run_id)
+    run.booked_by(lifetime.accountant)
+    context.state.config_records[LEDGER_KEY] = ConfigRecord({"json": run.to_json()})
     return LedgerStore(state_dir(context)).save(lifetime)
