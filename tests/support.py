@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import lru_cache
 from pathlib import Path
 
 import dp_accounting
@@ -71,6 +72,13 @@ def independent_epsilon(steps: list[tuple[float, float, int]], delta: float,
       event as the library composes them, where the product builds the distributions itself;
       as the product reports it, never above the RDP figure, and RDP's where that is above
       ``PLD_RDP_CEILING`` (tasks/privacy/accounting.py)."""
+    return _independent_epsilon(tuple((float(z), float(q), int(n)) for z, q, n in steps),
+                                float(delta), accountant)
+
+
+@lru_cache(maxsize=256)  # a PLD takes about half a second; tests ask again for the same steps
+def _independent_epsilon(steps: tuple[tuple[float, float, int], ...], delta: float,
+                         accountant: Accountant) -> float:
     zero_out = dp_accounting.NeighboringRelation.REPLACE_SPECIAL
     events = [(dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise)),
                count) for noise, rate, count in steps]

@@ -134,7 +134,7 @@ def test_distributed_dp_epsilon_matches_an_independent_accountant(accountant):
         [(alone, plan.sample_rate, rounds)], delta, accountant), rel=1e-6)
     assert fallback > ours
     # CKKS adds the continuous Gaussian: nothing to inflate.
-    ckks = plan_distributed_dp(8.0, delta, 1920, 128, rounds, 1.0, threshold, accountant)
+    ckks = plan_distributed_dp(8.0, delta, 1920, 128, rounds, 1.0, threshold, Accountant.rdp)
     assert ckks.accounted_noise_multiplier == ckks.noise_multiplier
 
 
