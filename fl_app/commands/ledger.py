@@ -34,7 +34,7 @@ def _kept_with(state: Path) -> Accountant:
             return Accountant(json.loads(path.read_text(encoding="utf-8"))["accountant"])
         except (ValueError, KeyError, TypeError):
             pass  # LedgerStore.load names the problem
-    return Accountant.rdp
+    return Accountant.pld  # no ledger yet: the default
 
 
 def _hospital_delta(ledger: LifetimeLedger, state: Path, delta: float | None
