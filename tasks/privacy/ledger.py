@@ -282,7 +282,7 @@ def _relation(data: dict) -> str:
 
 def _booked(run: object, file_format: int, kept_with: Accountant) -> object:
     """A run as stored, naming its accountants: before format 3 a file was kept with one
-    accountant (an other one was refused), the one it names."""
+    accountant (another was refused), the one it names."""
     if file_format < 3 and isinstance(run, dict) and "accountants" not in run:
         return {**run, "accountants": [kept_with.value]}
     return run
