@@ -7,17 +7,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import lru_cache
 from pathlib import Path
 
 import dp_accounting
+from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from clinical_fl.settings.compose import compose_config, task_settings
+from clinical_fl.settings.privacy import Accountant
 from clinical_fl.settings.task import TaskSettings
 from tasks.data.synthetic_notes import SPECIALTIES
-from tasks.privacy.accounting import RDP_ORDERS
+from tasks.privacy.accounting import PLD_RDP_CEILING, RDP_ORDERS
 
 # Settings every test federation shares: the tiny model at short sequences, no LoRA dropout.
 FAST = ("model.max_length=64", "model.lora.dropout=0.0")
@@ -57,16 +60,39 @@ def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
-def independent_epsilon(steps: list[tuple[float, float, int]], delta: float) -> float:
-    """Epsilon of (noise, sample rate, steps) segments through Google's dp-accounting RDP
-    accountant on the same orders: an implementation independent of ours and of Opacus,
-    under the relation the product claims (zero-out, dp-accounting's REPLACE_SPECIAL)."""
+def independent_epsilon(steps: list[tuple[float, float, int]], delta: float,
+                        accountant: Accountant = Accountant.pld) -> float:
+    """Epsilon of (noise, sample rate, steps) segments through Google's dp-accounting alone,
+    under the relation the product claims (zero-out, dp-accounting's REPLACE_SPECIAL), for the
+    accountant the product reports with (PLD by default):
+
+    - ``rdp``: dp-accounting's RDP accountant on the product's orders, an implementation
+      independent of ours and of Opacus;
+    - ``pld``: dp-accounting's ``PLDAccountant`` (pessimistic, its own discretisation), event by
+      event as the library composes them, where the product builds the distributions itself;
+      as the product reports it, never above the RDP figure, and RDP's where that is above
+      ``PLD_RDP_CEILING`` (tasks/privacy/accounting.py)."""
+    return _independent_epsilon(tuple((float(z), float(q), int(n)) for z, q, n in steps),
+                                float(delta), accountant)
+
+
+@lru_cache(maxsize=256)  # a PLD takes about half a second; tests ask again for the same steps
+def _independent_epsilon(steps: tuple[tuple[float, float, int], ...], delta: float,
+                         accountant: Accountant) -> float:
     zero_out = dp_accounting.NeighboringRelation.REPLACE_SPECIAL
-    accountant = RdpAccountant(orders=list(RDP_ORDERS), neighboring_relation=zero_out)
-    for noise, rate, count in steps:
-        accountant.compose(dp_accounting.PoissonSampledDpEvent(
-            rate, dp_accounting.GaussianDpEvent(noise)), count)
-    return accountant.get_epsilon(delta)
+    events = [(dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise)),
+               count) for noise, rate, count in steps]
+    rdp = RdpAccountant(orders=list(RDP_ORDERS), neighboring_relation=zero_out)
+    for event, count in events:
+        rdp.compose(event, count)
+    rdp_epsilon = rdp.get_epsilon(delta)
+    if accountant == Accountant.rdp or rdp_epsilon > PLD_RDP_CEILING:
+        return rdp_epsilon
+    assert accountant == Accountant.pld, accountant
+    pld = PLDAccountant(neighboring_relation=zero_out)
+    for event, count in events:
+        pld.compose(event, count)
+    return min(rdp_epsilon, pld.get_epsilon(delta))
 
 
 def checkpointed_round(store: Path) -> int:

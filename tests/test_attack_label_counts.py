@@ -258,19 +258,19 @@ def test_many_run_ids_each_draw_is_booked_and_the_lifetime_budget_stops_them(tin
     for ledger_run in range(100, 116):
         status, counts = hospital_preflight_counts(
             _yaml(tiny_bert, "privacy.dp_sgd.target_epsilon=1.5",
-                  "privacy.dp_sgd.label_count_noise=6", ledger_run=ledger_run),
+                  "privacy.dp_sgd.label_count_noise=4", ledger_run=ledger_run),
             tmp_path, RUN, node_config=POLICY)
         if counts is None:
             assert _code(status) == "policy-refused", status
             break
         draws.append(counts)
     runs = _runs(tmp_path)
-    assert 1 <= len(draws) < 16, "the lifetime budget stopped the draws (14 here)"
+    assert 1 <= len(draws) < 16, "the lifetime budget stopped the draws (7 here)"
     assert sum(r["released_label_counts"] is not None for r in runs.values()) == len(draws)
-    assert _booked(tmp_path) == [[6.0, 1.0, 1]] * len(draws)
+    assert _booked(tmp_path) == [[4.0, 1.0, 1]] * len(draws)
     records = sum(_exact_counts(_settings(tiny_bert, "privacy.dp_sgd.target_epsilon=1.5")))
-    assert epsilon_spent([(6.0, 1.0, 1)] * len(draws), default_delta(records),
-                         Accountant.rdp) <= POLICY["max-epsilon"]
+    assert epsilon_spent([(4.0, 1.0, 1)] * len(draws), default_delta(records),
+                         Accountant.pld) <= POLICY["max-epsilon"]  # the default accountant
 
 
 def test_many_run_ids_without_a_lifetime_budget_each_draw_is_booked(tiny_bert, tmp_path):
@@ -307,7 +307,7 @@ def test_a_release_after_the_noise_is_committed_is_refused(
                    ledger_run=None if same_run else RUN)
     status, counts = hospital_preflight_counts(asking, tmp_path, RUN if same_run else RUN + 1,
                                                node_config=POLICY)
-    lifetime = epsilon_spent([tuple(s) for s in _booked(tmp_path)], 1e-5, Accountant.rdp)
+    lifetime = epsilon_spent([tuple(s) for s in _booked(tmp_path)], 1e-5, Accountant.pld)
     exact = _exact_counts(_settings(tiny_bert, "privacy.dp_sgd.target_epsilon=3"))
     assert counts is None, (f"counts released after training (exact: {counts == exact}), "
                             f"lifetime epsilon now {lifetime:.3g} against the policy's "
@@ -330,9 +330,9 @@ def test_the_first_rounds_calibration_leaves_room_for_the_release(tiny_bert, tmp
     assert run["history"][0] == [sigma, 1.0, 1]
     noise, rate, steps = run["history"][1]
     assert noise == calibrate_noise_multiplier(target, run["delta"], rate, 2 * steps,
-                                               Accountant.rdp, preceding=[(sigma, 1.0, 1)])
+                                               Accountant.pld, preceding=[(sigma, 1.0, 1)])
     assert epsilon_spent([(sigma, 1.0, 1), (noise, rate, 2 * steps)], run["delta"],
-                         Accountant.rdp) <= target
+                         Accountant.pld) <= target
     assert run["released_label_counts"] == counts
 
 

@@ -157,8 +157,8 @@ def test_a_private_run_survives_a_lost_and_a_restarted_hospital_and_a_refusing_o
     # the restart; a ledger that restarted from zero would report less.
     epsilon = history(client, run_id, "hospital_1/epsilon")
     last = epsilon[max(epsilon)]
-    whole = epsilon_spent(ledger.history, ledger.delta, Accountant.rdp)
+    whole = epsilon_spent(ledger.history, ledger.delta, Accountant.pld)  # the default
     after_restart_only = epsilon_spent([(1.0, ledger.history[0][1], 5 * (len(trained) - 1))],
-                                       ledger.delta, Accountant.rdp)
+                                       ledger.delta, Accountant.pld)
     assert last == pytest.approx(whole, rel=1e-9)
     assert last > after_restart_only * 1.05

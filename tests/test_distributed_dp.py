@@ -108,13 +108,13 @@ def test_distributed_dp_clips_each_record_and_adds_one_share_of_the_noise(setup)
     assert (decoded - signal).std() == pytest.approx(expected, rel=0.05)
 
 
-@pytest.mark.parametrize("accountant", [Accountant.rdp])
+@pytest.mark.parametrize("accountant", [Accountant.pld, Accountant.rdp])
 def test_distributed_dp_epsilon_matches_an_independent_accountant(accountant):
     rounds, delta, threshold, dimension = 200, 1e-5, 3, 344_000
     step = 2 * 0.5 / 2**24  # SecAgg+'s lattice at clipping range 0.5
     plan = plan_distributed_dp(8.0, delta, total_records=1920, expected_batch=128,
                                planned_rounds=rounds, max_grad_norm=1.0, threshold=threshold,
-                               lattice_step=step, dimension=dimension)
+                               accountant=accountant, lattice_step=step, dimension=dimension)
     assert plan.sample_rate == pytest.approx(128 / 1920)
     # The noise the ledgers record: sigma against the lattice's sensitivity, by hand.
     sensitivity = 1.0 / 128
@@ -125,16 +125,16 @@ def test_distributed_dp_epsilon_matches_an_independent_accountant(accountant):
     ours = plan.epsilon(rounds, delta, accountant)
     assert 7.9 <= ours <= 8.0
     assert ours == pytest.approx(independent_epsilon(
-        [(accounted, plan.sample_rate, rounds)], delta), rel=1e-6)
+        [(accounted, plan.sample_rate, rounds)], delta, accountant), rel=1e-6)
     # Were only this hospital's share of the noise to protect it: a weaker guarantee.
     alone = plan.noise_multiplier / math.sqrt(threshold) * sensitivity / (
         sensitivity + step * math.sqrt(dimension) * 1.5)
     fallback = plan.epsilon(rounds, delta, accountant, fallback=True)
     assert fallback == pytest.approx(independent_epsilon(
-        [(alone, plan.sample_rate, rounds)], delta), rel=1e-6)
+        [(alone, plan.sample_rate, rounds)], delta, accountant), rel=1e-6)
     assert fallback > ours
     # CKKS adds the continuous Gaussian: nothing to inflate.
-    ckks = plan_distributed_dp(8.0, delta, 1920, 128, rounds, 1.0, threshold)
+    ckks = plan_distributed_dp(8.0, delta, 1920, 128, rounds, 1.0, threshold, Accountant.rdp)
     assert ckks.accounted_noise_multiplier == ckks.noise_multiplier
 
 
@@ -342,8 +342,9 @@ def test_distributed_dp_rounds_share_one_ledger_entry():
     assert ledger.history == [(1.2, 0.1, 300)] and ledger.steps == 300
     ledger.add_step((1.5, 0.1, 1))
     assert len(ledger.history) == 2
-    assert epsilon_spent(ledger.history, 1e-5, Accountant.rdp) == pytest.approx(
-        epsilon_spent([(1.2, 0.1, 1)] * 300 + [(1.5, 0.1, 1)], 1e-5, Accountant.rdp))
+    for accountant in (Accountant.rdp, Accountant.pld):
+        assert epsilon_spent(ledger.history, 1e-5, accountant) == pytest.approx(
+            epsilon_spent([(1.2, 0.1, 1)] * 300 + [(1.5, 0.1, 1)], 1e-5, accountant))
 
 
 @pytest.mark.parametrize("overrides,key", [

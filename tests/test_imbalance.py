@@ -207,7 +207,9 @@ def test_imbalance_a_private_hospital_releases_noisy_counts_once_and_books_them(
     """Through the real handlers: the noisy counts leave only after the release is in the
     ledger as (sigma, 1.0, 1); a second preflight of the run sends the same counts and books
     nothing more; the first round's noise is calibrated so that release and training together
-    stay within the target, and the epsilon reported is Opacus' own over that history."""
+    stay within the target, and the epsilon reported is Opacus' own over that history (under
+    accountant=rdp; PLD, the default, is checked against dp-accounting in
+    tests/test_accounting_pld.py)."""
     import json
 
     from opacus.accountants import RDPAccountant
@@ -218,7 +220,7 @@ def test_imbalance_a_private_hospital_releases_noisy_counts_once_and_books_them(
     sigma, target = 4.0, 3.0
     settings = task(tiny_bert, "privacy=dp_sgd", f"privacy.dp_sgd.target_epsilon={target}",
                     f"privacy.dp_sgd.label_count_noise={sigma}", "data.notes_per_hospital=40",
-                    "train.batch_size=8", planned_rounds=2)
+                    "train.batch_size=8", "privacy.dp_sgd.accountant=rdp", planned_rounds=2)
     yaml = task_settings_to_yaml(settings)
     status, counts = hospital_preflight_counts(yaml, tmp_path, 5)
     assert status["ok"] and not status["declined"], status

@@ -43,8 +43,9 @@ def _train_in_new_process(settings_file, state_dir, run_id, server_round, node_c
 
 def test_lifetime_ledger_composes_runs_and_stops_the_second_when_spent(settings_yaml,
                                                                       tmp_path):
-    # A budget that holds exactly four rounds over the hospital's whole life.
-    budget = epsilon_spent([ROUND] * 4, DELTA, Accountant.rdp) * 1.001
+    # A budget that holds exactly four rounds over the hospital's whole life, accounted with
+    # the default accountant (PLD).
+    budget = epsilon_spent([ROUND] * 4, DELTA, Accountant.pld) * 1.001
     policy = {"max-epsilon": budget, "max-delta": DELTA}
     state = tmp_path / "hospital-a"
     first_run = [hospital_train(settings_yaml, state, 101, r, policy) for r in (1, 2, 3)]
@@ -72,10 +73,13 @@ def test_lifetime_ledger_composes_runs_and_stops_the_second_when_spent(settings_
     assert "noise is too low for the remaining lifetime budget" in (
         state / "hospital.log").read_text().rsplit("refused as", 1)[-1]
 
-    ledger = LedgerStore(state).load(0, Accountant.rdp)
+    ledger = LedgerStore(state).load(0, Accountant.pld)
     assert sorted(ledger.runs) == [101, 202], "a refused run spent nothing and wrote nothing"
     assert [ledger.runs[k].rounds_trained for k in (101, 202)] == [[1, 2, 3], [1]]
+    assert [ledger.runs[k].accountants for k in (101, 202)] == [["pld"], ["pld"]]
     assert ledger.epsilon(DELTA) == pytest.approx(independent_epsilon(both, DELTA), rel=1e-6)
+    # RDP, the cross-check, reads the same ledger and is never below.
+    assert LedgerStore(state).load(0, Accountant.rdp).epsilon(DELTA) > ledger.epsilon(DELTA)
 
     # Without a policy the same ledger still reports the lifetime figure (no cap).
     free = hospital_train(settings_yaml, state, 404, 1)
@@ -83,15 +87,99 @@ def test_lifetime_ledger_composes_runs_and_stops_the_second_when_spent(settings_
         independent_epsilon([ROUND] * 5, free["lifetime-delta"]), rel=1e-6)
 
 
-def test_a_ledger_kept_with_another_accountant_is_refused_naming_the_key(tmp_path):
-    store = LedgerStore(tmp_path)
-    ledger = store.load(2, Accountant.prv)
-    ledger.run(9).history.append(ROUND)
+def _kept_with_rdp(store: LedgerStore, run_id: int, rounds: int) -> None:
+    """A run booked as the hospital books it (fl_app/hospital/state.py::save_ledger), by a
+    run whose mechanism accounts with RDP."""
+    ledger = store.load(2, Accountant.rdp)
+    run = ledger.run(run_id)
+    run.noise_multiplier, run.delta = NOISE, DELTA
+    for _ in range(rounds):
+        run.add_step(ROUND)
+    run.booked_by(Accountant.rdp)
     store.save(ledger)
-    with pytest.raises(LedgerError, match=r"hospital 2: privacy ledger .* key 'accountant' is "
-                                          r"'prv' but this run's mechanism uses accountant="
-                                          r"'rdp'"):
-        store.load(2, Accountant.rdp)
+
+
+def test_audit_pld_a_ledger_kept_with_rdp_loads_under_pld_and_composes(tmp_path, capsys):
+    """The history is the mechanism, (noise, rate, steps): a run accounting with PLD reads a
+    ledger kept with RDP, composes its own steps after it, and computes the lifetime epsilon
+    over the whole history with PLD, never above RDP's figure; and the other way round."""
+    store = LedgerStore(tmp_path)
+    _kept_with_rdp(store, 9, rounds=2)
+    assert json.loads(store.path.read_text())["accountant"] == "rdp"
+
+    ledger = store.load(2, Accountant.pld)
+    assert ledger.accountant == Accountant.pld and ledger.runs[9].accountants == ["rdp"]
+    assert ledger.epsilon(DELTA) == epsilon_spent([ROUND] * 2, DELTA, Accountant.pld)
+    assert ledger.epsilon(DELTA) == pytest.approx(independent_epsilon([ROUND] * 2, DELTA),
+                                                  rel=1e-6)
+    run = ledger.run(10)  # a new run, accounting with PLD, composes after the RDP one
+    run.noise_multiplier, run.delta = NOISE, DELTA
+    run.add_step(ROUND)
+    run.booked_by(Accountant.pld)
+    store.save(ledger)
+
+    written = json.loads(store.path.read_text())
+    assert written["format"] == 3 and written["accountant"] == "pld"
+    assert [r["accountants"] for r in written["runs"]] == [["rdp"], ["pld"]]
+    whole = [ROUND] * 3
+    pld = store.load(2, Accountant.pld).epsilon(DELTA)
+    assert pld == epsilon_spent(whole, DELTA, Accountant.pld)
+    assert pld == pytest.approx(independent_epsilon(whole, DELTA), rel=1e-6)
+    rdp = store.load(2, Accountant.rdp).epsilon(DELTA)  # and back: RDP reads it too
+    assert rdp == pytest.approx(independent_epsilon(whole, DELTA, Accountant.rdp), rel=1e-6)
+    assert pld < rdp
+    assert store.load(2, Accountant.prv).epsilon(DELTA) > 0  # any accountant composes it
+
+    # The privacy officer's view: PLD's figure (the accountant last written with), RDP's
+    # beside it, and which accountants booked each run.
+    assert ledger_cli.main([str(tmp_path), "--json", "--delta", str(DELTA)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accountant"] == "pld" and report["lifetime_epsilon"] == pytest.approx(pld)
+    assert report["lifetime_epsilon_rdp"] == pytest.approx(rdp)
+    assert [r["accountants"] for r in report["runs"]] == [["rdp"], ["pld"]]
+    assert ledger_cli.main([str(tmp_path), "--delta", str(DELTA), "--accountant", "rdp"]) == 0
+    assert f"lifetime epsilon {rdp:.4f} at delta 1e-05" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def settings_yaml_rdp(tiny_bert):
+    return task_settings_to_yaml(task(
+        tiny_bert, "data.notes_per_hospital=40", "train.batch_size=8", "privacy=dp_sgd",
+        "train.local_epochs=1", "privacy.dp_sgd.target_epsilon=null",
+        f"privacy.dp_sgd.noise_multiplier={NOISE}", "privacy.dp_sgd.accountant=rdp",
+        planned_rounds=2))
+
+
+def test_audit_pld_the_lifetime_budget_holds_under_the_accountant_each_run_uses(
+        settings_yaml, settings_yaml_rdp, tmp_path):
+    """A hospital that kept its ledger with RDP carries on under PLD: the lifetime epsilon is
+    the whole history's under the run's accountant, and its budget is checked with that
+    accountant. Both figures bound the same true epsilon, so a budget checked with either
+    holds; the server choosing the accountant loosens nothing of the hospital's policy."""
+    budget = 7.5  # [ROUND] x 4: RDP 8.26 (over), PLD 7.30 (within)
+    policy = {"max-epsilon": budget, "max-delta": DELTA}
+    state = tmp_path / "hospital-a"
+    first = [hospital_train(settings_yaml_rdp, state, 101, r, policy) for r in (1, 2)]
+    assert first[-1]["lifetime-epsilon"] == pytest.approx(
+        independent_epsilon([ROUND] * 2, DELTA, Accountant.rdp), rel=1e-6)
+
+    second = hospital_train(settings_yaml, state, 202, 1, policy)  # the default: PLD
+    three = [ROUND] * 3
+    assert second["lifetime-epsilon"] == pytest.approx(independent_epsilon(three, DELTA),
+                                                       rel=1e-6)
+    assert second["lifetime-epsilon"] < epsilon_spent(three, DELTA, Accountant.rdp)
+    assert second["can-train-next"] == 1, "PLD: a 4th round reaches 7.30, within 7.5"
+    ledger = LedgerStore(state).load(0, Accountant.pld)
+    assert [ledger.runs[k].accountants for k in (101, 202)] == [["rdp"], ["pld"]]
+
+    # A run accounting with RDP checks the same budget with RDP: a 4th round (8.26) is over.
+    refused = hospital_train(settings_yaml_rdp, state, 303, 1, policy)
+    assert refused["code"] == 4007
+    third = hospital_train(settings_yaml, state, 303, 1, policy)
+    assert third["lifetime-epsilon"] == pytest.approx(
+        independent_epsilon([ROUND] * 4, DELTA), rel=1e-6)
+    assert third["lifetime-epsilon"] <= budget
+    assert third["can-train-next"] == 0, "PLD: a 5th round would reach 8.08"
 
 
 @pytest.mark.parametrize("text", ["{", '{"format": 1, "accountant": "rdp"}',
@@ -145,7 +233,8 @@ def test_a_ledger_file_with_a_bad_entry_is_refused_naming_file_and_field(tmp_pat
 
 @pytest.mark.parametrize("field,value", [("noise_multiplier", -1.0), ("noise_multiplier", 0.0),
                                          ("noise_multiplier", math.inf), ("delta", 0.0),
-                                         ("delta", 1.0), ("delta", -1e-5)])
+                                         ("delta", 1.0), ("delta", -1e-5),
+                                         ("accountants", ["gdp"]), ("accountants", "rdp")])
 def test_a_ledger_with_a_bad_committed_noise_or_delta_is_refused(tmp_path, field, value):
     _ledger_file(tmp_path, _run(**{field: value}))
     with pytest.raises(LedgerError, match=f"unreadable .*{field}"):
@@ -173,7 +262,7 @@ def test_a_ledger_the_product_writes_never_contains_nan(tmp_path):
     store.save(ledger)
     good = store.path.read_text()
     assert "NaN" not in good and "Infinity" not in good
-    assert json.loads(good, parse_constant=lambda c: pytest.fail(c))["format"] == 2
+    assert json.loads(good, parse_constant=lambda c: pytest.fail(c))["format"] == 3
     # What slipped past add_step (history edited in place, a NaN delta) is refused at writing,
     # and the file on disk stays what it was.
     for bad in ({"delta": math.nan}, {"history": [ROUND, (math.nan, 0.25, 4)]}):
@@ -240,9 +329,9 @@ def test_ledger_command_shows_runs_and_lifetime_and_archives_only_with_a_reason(
     report = json.loads(capsys.readouterr().out)
     assert [r["steps"] for r in report["runs"]] == [8, 4]
     assert report["runs"][0]["run_epsilon"] == pytest.approx(
-        independent_epsilon([ROUND] * 2, DELTA), rel=1e-6)
+        independent_epsilon([ROUND] * 2, DELTA, Accountant.rdp), rel=1e-6)
     assert report["hospital_delta"] == 1e-6 and "max-delta" in report["hospital_delta_from"]
-    lifetime = independent_epsilon([ROUND] * 3, 1e-6)
+    lifetime = independent_epsilon([ROUND] * 3, 1e-6, Accountant.rdp)
     assert report["lifetime_epsilon"] == pytest.approx(lifetime, rel=1e-6)
 
     assert ledger_cli.main([str(tmp_path)]) == 0

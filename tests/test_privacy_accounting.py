@@ -43,7 +43,7 @@ HISTORIES = [
 @pytest.mark.parametrize("delta", [1e-5, 4e-4])
 def test_rdp_epsilon_matches_dp_accounting(history, delta):
     ours = epsilon_spent(history, delta, Accountant.rdp)
-    assert ours == pytest.approx(independent_epsilon(history, delta), rel=1e-6)
+    assert ours == pytest.approx(independent_epsilon(history, delta, Accountant.rdp), rel=1e-6)
 
 
 ZERO_OUT_HISTORIES = [
@@ -61,12 +61,12 @@ def test_epsilon_is_dp_accountings_under_the_zero_out_relation(history):
     assert NEIGHBOURING_RELATION == "zero_out"
     for delta in (1e-5, 1e-7):
         assert epsilon_spent(history, delta, Accountant.rdp) == pytest.approx(
-            independent_epsilon(history, delta), rel=1e-6)
+            independent_epsilon(history, delta, Accountant.rdp), rel=1e-6)
 
 
 def test_rdp_cannot_account_replace_one_for_this_mechanism():
-    """Why the product does not claim replace-one: the RDP accountant refuses it for the
-    Poisson-subsampled Gaussian (PLD accounting would be needed: a later change)."""
+    """Why the product does not claim replace-one: the RDP accountant, its cross-check,
+    refuses it for the Poisson-subsampled Gaussian (PLD accounts it, at a higher epsilon)."""
     accountant = RdpAccountant(orders=list(RDP_ORDERS),
                                neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
     assert not accountant.supports(_event(0.7, 1 / 15))
@@ -101,10 +101,10 @@ def test_epsilon_is_never_nan_a_noise_too_small_to_compute_is_infinite():
     # 1e-300 makes Opacus' series divide by zero; no noise to speak of is no guarantee.
     assert epsilon_spent([(1e-300, 0.5, 1)], 1e-5, Accountant.rdp) == math.inf
     assert epsilon_spent([(1e-300, 0.5, 0), (1.0, 0.1, 1)], 1e-5, Accountant.rdp) == (
-        pytest.approx(independent_epsilon([(1.0, 0.1, 1)], 1e-5), rel=1e-6))
+        pytest.approx(independent_epsilon([(1.0, 0.1, 1)], 1e-5, Accountant.rdp), rel=1e-6))
     # At a delta near 1 the RDP conversion goes negative; like dp-accounting, report 0.
     assert epsilon_spent([(5.0, 0.01, 1)], 0.9, Accountant.rdp) == 0.0
-    assert independent_epsilon([(5.0, 0.01, 1)], 0.9) == 0.0
+    assert independent_epsilon([(5.0, 0.01, 1)], 0.9, Accountant.rdp) == 0.0
 
 
 def test_prv_epsilon_is_close_to_dp_accounting_pld_and_not_below_it():
@@ -214,24 +214,50 @@ def test_ledger_round_trips_through_its_durable_store(tmp_path):
 # Computed before the ledger recorded its neighbouring relation (format 1), with the product's
 # accountant: the same history must give the same epsilon now.
 FORMAT_1_EPSILON = 6.528418259356984  # [(1.0, 0.25, 8)] at delta 1e-5
+FORMAT_1 = {"format": 1, "hospital": 0, "accountant": "rdp",
+            "runs": [{"run_id": 5, "hospital": 0, "noise_multiplier": 1.0, "delta": 1e-5,
+                      "history": [[1.0, 0.25, 8]], "rounds_trained": [1, 2]}],
+            "events": []}
 
 
 def test_a_format_1_ledger_still_loads_and_gives_the_same_epsilon(tmp_path):
-    format_1 = {"format": 1, "hospital": 0, "accountant": "rdp",
-                "runs": [{"run_id": 5, "hospital": 0, "noise_multiplier": 1.0, "delta": 1e-5,
-                          "history": [[1.0, 0.25, 8]], "rounds_trained": [1, 2]}],
-                "events": []}
-    (tmp_path / "privacy-ledger.json").write_text(json.dumps(format_1, indent=1))
+    (tmp_path / "privacy-ledger.json").write_text(json.dumps(FORMAT_1, indent=1))
     store = LedgerStore(tmp_path)
     ledger = store.load(0, Accountant.rdp)
     assert ledger.runs[5].history == [(1.0, 0.25, 8)]
     assert ledger.epsilon(1e-5) == pytest.approx(FORMAT_1_EPSILON, rel=1e-12)
-    assert ledger.epsilon(1e-5) == pytest.approx(independent_epsilon([(1.0, 0.25, 8)], 1e-5),
-                                                 rel=1e-6)
+    assert ledger.epsilon(1e-5) == pytest.approx(
+        independent_epsilon([(1.0, 0.25, 8)], 1e-5, Accountant.rdp), rel=1e-6)
     store.save(ledger)  # written again in the current format, naming the relation
     written = json.loads(store.path.read_text())
-    assert written["format"] == 2 and written["neighbouring_relation"] == "zero_out"
+    assert written["format"] == 3 and written["neighbouring_relation"] == "zero_out"
+    assert written["runs"][0]["accountants"] == ["rdp"], "format 1 was kept with one accountant"
     assert store.load(0, Accountant.rdp).epsilon(1e-5) == pytest.approx(FORMAT_1_EPSILON)
+
+
+def test_audit_pld_a_format_1_ledger_kept_with_rdp_loads_under_pld_and_composes(tmp_path):
+    """A ledger of the first format, kept with RDP (the accountant then required), is read by
+    a run accounting with PLD: its lifetime epsilon is PLD's over the whole history, below the
+    RDP figure it was written with, and new steps compose after it."""
+    (tmp_path / "privacy-ledger.json").write_text(json.dumps(FORMAT_1, indent=1))
+    store = LedgerStore(tmp_path)
+    ledger = store.load(0, Accountant.pld)
+    assert ledger.runs[5].accountants == ["rdp"]
+    old = [(1.0, 0.25, 8)]
+    assert ledger.epsilon(1e-5) == epsilon_spent(old, 1e-5, Accountant.pld)
+    assert ledger.epsilon(1e-5) == pytest.approx(independent_epsilon(old, 1e-5), rel=1e-6)
+    assert ledger.epsilon(1e-5) < FORMAT_1_EPSILON
+    run = ledger.run(6)
+    run.noise_multiplier, run.delta = 1.2, 1e-5
+    run.add_step((1.2, 0.1, 30))
+    run.booked_by(Accountant.pld)
+    store.save(ledger)
+    whole = [*old, (1.2, 0.1, 30)]
+    again = store.load(0, Accountant.pld)
+    assert [again.runs[k].accountants for k in (5, 6)] == [["rdp"], ["pld"]]
+    assert again.epsilon(1e-5) == pytest.approx(independent_epsilon(whole, 1e-5), rel=1e-6)
+    assert again.epsilon(1e-5) < store.load(0, Accountant.rdp).epsilon(1e-5) == pytest.approx(
+        independent_epsilon(whole, 1e-5, Accountant.rdp), rel=1e-6)
 
 
 @pytest.mark.parametrize("relation", ["add_or_remove_one", "replace_one", None])
@@ -259,10 +285,11 @@ def test_of_two_copies_the_one_with_more_spending_wins():
 
 
 def test_cumulative_epsilon_over_rounds_is_exact_monotone_and_within_budget(tiny_bert):
-    """A hospital trains round after round with DP-SGD until its budget refuses."""
+    """A hospital trains round after round with DP-SGD until its budget refuses, accounted
+    with the default accountant (PLD), RDP's figure never below it."""
     settings = task(tiny_bert, "data.notes_per_hospital=60", "train.batch_size=8",
                     "privacy=dp_sgd", "train.local_epochs=1", "privacy.dp_sgd.target_epsilon=null",
-                    "privacy.dp_sgd.noise_multiplier=1.0", "privacy.dp_sgd.max_epsilon=6.8",
+                    "privacy.dp_sgd.noise_multiplier=1.0", "privacy.dp_sgd.max_epsilon=5.6",
                     planned_rounds=3)
     hospital = Hospital(settings, list(SPECIALTIES), 0, 2)
     ledger = PrivacyLedger(run_id=1, hospital=hospital.data.hospital)
@@ -273,18 +300,20 @@ def test_cumulative_epsilon_over_rounds_is_exact_monotone_and_within_budget(tiny
             state, outcome = hospital.train(state, server_round, ledger=ledger)
         except PrivacyBudgetError as refusal:
             assert f"round {server_round} would raise epsilon" in str(refusal)
-            assert "above its budget 6.8" in str(refusal)
+            assert "above its budget 5.6" in str(refusal)
             break
         report = outcome.privacy
         reported.append(report.epsilon)
         assert report.epsilon == pytest.approx(
             independent_epsilon(ledger.history, report.delta), rel=1e-6)
-        assert report.epsilon <= 6.8
+        assert report.epsilon <= 5.6
+        assert report.epsilon < independent_epsilon(ledger.history, report.delta,
+                                                    Accountant.rdp), "RDP, the cross-check"
         after = independent_epsilon(ledger.history + [ledger.history[-1][:2] + (
             report.steps // server_round,)], report.delta)
-        assert report.can_train_next_round == (after <= 6.8)
+        assert report.can_train_next_round == (after <= 5.6)
     assert reported == sorted(reported) and len(set(reported)) == len(reported)
     rounds = len(reported)
-    assert rounds == 3, "4.27, 5.45, 6.50; a 4th round would reach 7.07"
+    assert rounds == 3, "3.61, 4.60, 5.39; a 4th round would reach 6.07 (RDP: 4.27 5.45 6.50)"
     assert ledger.rounds_trained == list(range(1, rounds + 1))
     assert ledger.steps == rounds * -(-len(hospital.data.train) // 8)

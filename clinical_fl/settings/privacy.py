@@ -29,7 +29,9 @@ MAX_LABEL_COUNT_NOISE = 1e6  # standard deviation of the noise on a released lab
 class Accountant(Enum):
     """Accountants that give an upper bound on epsilon (GDP is only an approximation):
     Opacus' RDP and PRV, and dp-accounting's privacy loss distributions (PLD, pessimistic
-    discretisation), the tightest of the three for the subsampled Gaussian."""
+    discretisation), the tightest of the three for the subsampled Gaussian and the default,
+    with RDP as its cross-check (a PLD figure is never reported above RDP's for the same
+    steps: tasks/privacy/accounting.py)."""
 
     rdp = "rdp"
     prv = "prv"
@@ -111,7 +113,7 @@ class DpSgdSettings:
     # This run's cap: a hospital refuses any round that would take the run's epsilon above
     # it. A hospital's own lifetime budget (its privacy policy, max-epsilon) holds as well.
     max_epsilon: float | None = None
-    accountant: Accountant = Accountant.rdp
+    accountant: Accountant = Accountant.pld
     grad_sample_mode: GradSampleMode = GradSampleMode.hooks
     # With train.class_weighting=balanced: each hospital releases its training records' label
     # counts with Gaussian noise of this standard deviation (one record moves one count by 1)
@@ -168,7 +170,7 @@ class DistributedDpSettings:
     # The union's expected batch per round: every record is sampled at q = this / all records.
     expected_batch_size: int = 128
     max_epsilon: float | None = None
-    accountant: Accountant = Accountant.rdp
+    accountant: Accountant = Accountant.pld
     # Set by the server for the hospitals: q, and the secure-aggregation threshold t.
     sample_rate: float | None = None
     threshold: int | None = None

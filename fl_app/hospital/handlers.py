@@ -137,7 +137,8 @@ def _plan_at_preflight(context: Context, mechanism: RecordLevelPrivacy,
                        data: HospitalData) -> list[int] | None:
     """The mechanism's check of its plan before round 1, against this hospital's ledgers (a
     refusal raises), and any label counts it releases: booked and saved before they leave."""
-    # An unreadable ledger, or one kept with another accountant, stops the run.
+    # An unreadable ledger stops the run; one kept with another accountant is read, its
+    # whole history composed with this run's.
     run_id = ledger_run(settings, context)
     lifetime, run = load_ledger(context, data.hospital, mechanism.accountant(), run_id)
     booked = len(run.history)

@@ -116,12 +116,19 @@ def load_ledger(context: Context, hospital: int, accountant: Accountant,
         in_memory = PrivacyLedger.from_json(str(context.state.config_records[LEDGER_KEY]["json"]))
         if in_memory.run_id != run_id:
             in_memory = None
-    run = most_spent(in_memory, lifetime.runs.get(run_id))
+    on_disk = lifetime.runs.get(run_id)
+    run = most_spent(in_memory, on_disk)
     lifetime.runs[run_id] = run or PrivacyLedger(run_id=run_id, hospital=hospital)
+    for copy in (in_memory, on_disk):  # whichever copy wins, no booking accountant is lost
+        for name in copy.accountants if copy is not None else ():
+            lifetime.runs[run_id].booked_by(Accountant(name))
     return lifetime, lifetime.runs[run_id]
 
 
 def save_ledger(context: Context, lifetime: LifetimeLedger, run_id: int) -> Path:
-    context.state.config_records[LEDGER_KEY] = ConfigRecord(
-        {"json": lifetime.run(run_id).to_json()})
+    """This run's entry into ``context.state`` and the whole ledger to disk, the entry naming
+    the accountant this run books with."""
+    run = lifetime.run(run_id)
+    run.booked_by(lifetime.accountant)
+    context.state.config_records[LEDGER_KEY] = ConfigRecord({"json": run.to_json()})
     return LedgerStore(state_dir(context)).save(lifetime)

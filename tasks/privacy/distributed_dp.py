@@ -143,7 +143,7 @@ def hospital_plan(settings: DistributedDpSettings, hospital: int, train_records:
 
 def plan_distributed_dp(target_epsilon: float | None, delta: float, total_records: int,
                         expected_batch: float, planned_rounds: int, max_grad_norm: float,
-                        threshold: int, accountant: Accountant = Accountant.rdp,
+                        threshold: int, accountant: Accountant = Accountant.pld,
                         noise_multiplier: float | None = None,
                         lattice_step: float | None = None,
                         dimension: int = 0) -> DistributedDpPlan:

@@ -4,9 +4,16 @@ One ledger per hospital state directory, across runs: each run's accountant
 history is kept under its run id, and the hospital's lifetime epsilon is the
 composition of all of them (its patients do not get a fresh budget with each
 run). The file is written atomically, with the directory synced, before an
-update leaves the hospital; an unreadable ledger, or one kept with another
-accountant or for another neighbouring relation, stops the hospital rather than
-start again from zero.
+update leaves the hospital; an unreadable ledger, or one kept for another
+neighbouring relation, stops the hospital rather than start again from zero.
+
+The history is the mechanism itself, ``(noise multiplier, sample rate, steps)``,
+not an accountant's figure, so any accountant composes it: a ledger kept with
+RDP is read by a run that accounts with PLD (and the other way round), which
+computes the lifetime epsilon over the whole history with its own accountant.
+Each accountant's figure is an upper bound on the same true epsilon, so a
+budget checked with any of them holds. Each run's entry names the accountants
+that booked it (``accountants``).
 
 Every entry is checked when it is added and whenever a ledger is read (file,
 Flower's ``context.state``): a noise multiplier that is not finite
@@ -42,8 +49,11 @@ LEDGER_FILE = "privacy-ledger.json"
 # 2: the file names the neighbouring relation its epsilons hold under. A format-1 file has
 # the same step history (a description of the mechanism, accounted the same way), so it is
 # still read, as zero-out.
-LEDGER_FORMAT = 2
-READABLE_FORMATS = (1, 2)
+# 3: each run names the accountants that booked its entries (``accountants``), and the file's
+# ``accountant`` is the one its last writer computed with; any accountant reads it. Formats 1
+# and 2 were kept with the one accountant they name, so their runs are read as booked by it.
+LEDGER_FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
 # Ledgers of the versions of 2026-11-26, one file per run, before LEDGER_FILE replaced them.
 # No longer read: one in the state directory stops the hospital (LedgerStore.load says why).
 LEGACY_PATTERN = "privacy_ledger_run_*.json"
@@ -114,6 +124,10 @@ class PrivacyLedger:
     # label_counts.py), sent again as they are on a second preflight of the run.
     released_label_counts: list[int] | None = None
     released_labels: list[str] | None = None  # the labels of those counts, in their order
+    # The accountants (privacy.*.accountant) of the runs that booked these entries, in the
+    # order they first did: a record for the privacy officer, never used to compute epsilon
+    # (every reading composes the whole history with its own accountant).
+    accountants: list[str] = field(default_factory=list)
 
     def _refused(self, field_name: str, err: Exception) -> LedgerError:
         return LedgerError(f"hospital {self.hospital}: privacy ledger of run {self.run_id}: "
@@ -154,6 +168,16 @@ class PrivacyLedger:
                 and all(isinstance(label, str) for label in labels)):
             raise self._refused("released_labels",
                                 ValueError("not one label name per released count"))
+        known = {accountant.value for accountant in Accountant}
+        if not (isinstance(self.accountants, list)
+                and all(isinstance(name, str) and name in known for name in self.accountants)):
+            raise self._refused("accountants", ValueError(
+                f"not a list of accountant names ({', '.join(sorted(known))})"))
+
+    def booked_by(self, accountant: Accountant) -> None:
+        """Record that a run accounting with ``accountant`` booked entries here."""
+        if accountant.value not in self.accountants:
+            self.accountants.append(accountant.value)
 
     def add_step(self, step: Step) -> None:
         """One more step; consecutive steps at the same (noise, rate) share one entry, so the
@@ -211,7 +235,8 @@ def most_spent(*ledgers: PrivacyLedger | None) -> PrivacyLedger | None:
 
 @dataclass
 class LifetimeLedger:
-    """Every run's spending of one hospital, and the record of any archiving."""
+    """Every run's spending of one hospital, and the record of any archiving. ``accountant``
+    is the one this reading computes epsilon with (the run's), whichever booked the entries."""
 
     hospital: int
     accountant: Accountant
@@ -255,6 +280,14 @@ def _relation(data: dict) -> str:
     return data["neighbouring_relation"]
 
 
+def _booked(run: object, file_format: int, kept_with: Accountant) -> object:
+    """A run as stored, naming its accountants: before format 3 a file was kept with one
+    accountant (another was refused), the one it names."""
+    if file_format < 3 and isinstance(run, dict) and "accountants" not in run:
+        return {**run, "accountants": [kept_with.value]}
+    return run
+
+
 def _atomic_write(path: Path, text: str) -> None:
     """A crash leaves the old file or the new one, never half; the rename itself is synced."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,7 +317,9 @@ class LedgerStore:
                            "rather than forget spent privacy")
 
     def load(self, hospital: int, accountant: Accountant) -> LifetimeLedger:
-        """The hospital's ledger; ``accountant`` must be the one it was kept with."""
+        """The hospital's ledger, its epsilons computed with ``accountant`` over the whole
+        history, whichever accountant kept it. The runs of a format-1 or format-2 file, kept
+        with the one accountant the file names, are read as booked by it."""
         ledger = LifetimeLedger(hospital=hospital, accountant=accountant)
         if self.path.exists():
             try:
@@ -294,7 +329,8 @@ class LedgerStore:
                                      f"{READABLE_FORMATS}")
                 kept_with = Accountant(data["accountant"])
                 relation = _relation(data)
-                runs = [PrivacyLedger.from_dict(run) for run in data["runs"]]
+                runs = [PrivacyLedger.from_dict(_booked(run, data["format"], kept_with))
+                        for run in data["runs"]]
                 events = list(data.get("events", []))
             except (ValueError, KeyError, TypeError, AttributeError) as err:
                 # LedgerError is a ValueError: a refused entry names the file here too.
@@ -305,14 +341,6 @@ class LedgerStore:
                     f"'neighbouring_relation' is {relation!r} but this product's epsilons hold "
                     f"under {NEIGHBOURING_RELATION!r}; its history cannot be composed here. "
                     "Archive the ledger (clinical-fl-ledger --archive) to start a new one.")
-            if kept_with != accountant:
-                raise LedgerError(
-                    f"hospital {hospital}: privacy ledger {self.path} key 'accountant' is "
-                    f"{kept_with.value!r} but this run's mechanism uses accountant="
-                    f"{accountant.value!r} (privacy.dp_sgd.accountant or "
-                    "privacy.distributed_dp.accountant); a lifetime epsilon composes under one "
-                    f"accountant. Run with accountant={kept_with.value}, or archive the ledger "
-                    "(clinical-fl-ledger --archive) to start a new one.")
             ledger.runs = {run.run_id: run for run in runs}
             ledger.events = events
         self._refuse_per_run_files()

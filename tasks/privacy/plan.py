@@ -101,23 +101,40 @@ class DpSgdPlan:
         """Epsilon if this hospital trains one more round."""
         return self.epsilon(list(history) + [self.round_steps()])
 
+    def over(self, history: list[Step], delta: float, cap: float) -> float | None:
+        """The epsilon of ``history`` at ``delta`` under this plan's accountant where it is not
+        clearly within ``cap`` (NaN included), else None. Under PLD, an RDP figure within the
+        cap decides without computing the PLD (a second or so): the PLD figure is never
+        reported above RDP's, so the answer is the PLD's own."""
+        if self.accountant == Accountant.pld and epsilon_spent(
+                history, delta, Accountant.rdp) <= cap:
+            return None
+        figure = epsilon_spent(history, delta, self.accountant)
+        return None if figure <= cap else figure
+
+    def _run_over(self, history: list[Step]) -> float | None:
+        """This run's epsilon after one more round, where it breaks the run's cap."""
+        if self.max_epsilon is None:
+            return None
+        return self.over(list(history) + [self.round_steps()], self.delta, self.max_epsilon)
+
     def refusal(self, history: list[Step], server_round: int) -> str | None:
         """Why the next round would break the run's cap or the hospital's lifetime budget."""
         where = f"hospital {self.hospital}"
-        if self.max_epsilon is not None:
-            now, after = self.epsilon(history), self.epsilon_after_round(history)
-            if not after <= self.max_epsilon:
-                return (f"{where}: privacy budget: round {server_round} would raise epsilon "
-                        f"from {now:.4g} to {after:.4g}, above its budget {self.max_epsilon:g} "
-                        f"(delta {self.delta:.3g}); no update sent")
+        after = self._run_over(history)
+        if after is not None:
+            return (f"{where}: privacy budget: round {server_round} would raise epsilon "
+                    f"from {self.epsilon(history):.4g} to {after:.4g}, above its budget "
+                    f"{self.max_epsilon:g} (delta {self.delta:.3g}); no update sent")
         cap = self.policy.max_epsilon
         if cap is not None:
-            now = self.lifetime_epsilon(history)
-            after = self.lifetime_epsilon(list(history) + [self.round_steps()])
-            if not after <= cap:
+            after = self.over(list(self.prior_history) + list(history) + [self.round_steps()],
+                              self.hospital_delta, cap)
+            if after is not None:
                 return (f"{where}: privacy policy max-epsilon ({self.policy.source}): round "
-                        f"{server_round} would raise the lifetime epsilon from {now:.4g} to "
-                        f"{after:.4g}, above the hospital's lifetime budget {cap:g} (delta "
+                        f"{server_round} would raise the lifetime epsilon from "
+                        f"{self.lifetime_epsilon(history):.4g} to {after:.4g}, above the "
+                        f"hospital's lifetime budget {cap:g} (delta "
                         f"{self.hospital_delta:.3g}, noise multiplier "
                         f"{self.noise_multiplier:.3g}); no update sent")
         return None
@@ -125,8 +142,7 @@ class DpSgdPlan:
     def refusal_key(self, history: list[Step]) -> str:
         """The setting or policy key a refusal of the next round concerns: the run's cap, or
         the hospital's lifetime budget."""
-        if self.max_epsilon is not None and not self.epsilon_after_round(history) \
-                <= self.max_epsilon:
+        if self._run_over(history) is not None:
             return f"{self.section}.max_epsilon"
         return "max-epsilon"
 
@@ -226,8 +242,9 @@ def plan_dp_sgd(settings: DpSgdSettings, hospital: int, train_records: int, batc
                      prior_history=tuple(tuple(s) for s in prior_history))
     if committed_noise_multiplier is None:
         spent = list(run_history)
-        first = plan.epsilon([*spent, plan.round_steps()])
-        if max_epsilon is not None and not first <= max_epsilon:
+        first = (plan.over([*spent, plan.round_steps()], delta, max_epsilon)
+                 if max_epsilon is not None else None)
+        if first is not None:
             raise PrivacyBudgetError(
                 f"{where}: max_epsilon {max_epsilon:g} is too small for even one round: one "
                 f"round ({steps_per_round} steps at sample rate {sample_rate:.3g}, noise "
