@@ -112,7 +112,10 @@ class Hospital:
         self.canaries = None
         if CANARY_COLUMN in self.data.train.column_names:
             trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-            norm = settings.audit.canary_norm or settings.privacy.dp_sgd.max_grad_norm
+            # The record-level mechanism's clipping norm (DP-SGD's when there is none).
+            section = settings.privacy.section(settings.privacy.mechanism)
+            norm = settings.audit.canary_norm or (section or settings.privacy.dp_sgd
+                                                  ).max_grad_norm
             self.canaries = GradientCanaries(
                 trainable, read_canaries(settings.audit.canaries_path), norm)
 
