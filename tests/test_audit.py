@@ -18,6 +18,7 @@ from clinical_fl.settings.compose import task_settings_to_yaml
 from clinical_fl.settings.privacy import DpSgdSettings, RecordLevelMechanism
 from fl_app.commands.audit import AUDITORS, audit_bounds
 from fl_app.server.grids.secure_aggregation import SecureAggregationGrid
+from fl_app.server.preflight import run_preflight
 from strategies.update_recorder import SECURE_SUM, UpdateRecorder
 from tasks.audit.bound import epsilon_lower_bound, guess_and_bound, p_value
 from tasks.audit.canaries import GRADIENT, NOTE, make_canaries, write_canaries
@@ -151,8 +152,11 @@ def test_audit_under_distributed_dp_scores_the_secure_sum_its_canaries_reach(
                     "privacy.distributed_dp.noise_multiplier=1.0",
                     "privacy.distributed_dp.max_grad_norm=10",
                     f"audit.canaries_path={given}")
-    records = [len(Hospital(settings, list(SPECIALTIES), k, 2).train_records) for k in range(2)]
-    assert records[0] == 32 + sum(c.included for c in canaries)
+    hospitals = ClientAppGrid(tmp_path)
+    config = ConfigRecord({m.TASK_KEY: task_settings_to_yaml(settings)})
+    # The server plans with the record counts of preflight: the canaries are counted.
+    records = [r.train_records for r in run_preflight(hospitals, config, 2, 60)]
+    assert records == [32 + sum(c.included for c in canaries), 32]
     plan = settings.privacy.distributed_dp  # what the server's plan would fill in
     # A hospital refuses sigma = 0; 1e-12 adds nothing measurable at this norm.
     plan.noise_multiplier, plan.sample_rate, plan.threshold = 1e-12, 1.0, 2
@@ -160,8 +164,7 @@ def test_audit_under_distributed_dp_scores_the_secure_sum_its_canaries_reach(
     start = trainable_state(Hospital(settings, list(SPECIALTIES), 0, 2).model)
     recorder = UpdateRecorder(FedAvg(weighted_by_key=m.WEIGHT_KEY, min_available_nodes=2,
                                      min_train_nodes=2), 0, tmp_path / "updates", SECURE_SUM)
-    secure = SecureAggregationGrid(ClientAppGrid(tmp_path), settings.secure_aggregation, 1,
-                                   sum_updates=True)
+    secure = SecureAggregationGrid(hospitals, settings.secure_aggregation, 1, sum_updates=True)
     config = ConfigRecord({m.TASK_KEY: task_settings_to_yaml(settings)})
     replies = list(secure.send_and_receive(recorder.configure_train(
         1, ArrayRecord(start), config, secure)))
