@@ -58,7 +58,7 @@ def _cached_records(key: str, settings: TaskSettings, labels: tuple[str, ...],
             _RECORDS.clear()
         data = load_hospital_data(settings.data, list(labels), partition_id, num_partitions,
                                   data_path)
-        data.train = _audit_canaries(settings, partition_id, data_path, data.train)
+        data.train = with_audit_canaries(settings, partition_id, data_path, data.train)
         max_length, chunking = settings.model.max_length, chunking_for(settings.model)
         _RECORDS[key] = (data, tokenize(data.train, tokenizer, max_length, chunking),
                          tokenize(data.eval, tokenizer, max_length, chunking))
@@ -75,8 +75,8 @@ def refuse_audit_in_deployment(settings: TaskSettings, partition_id: int,
                              key="audit.canaries_path")
 
 
-def _audit_canaries(settings: TaskSettings, partition_id: int, data_path: str | None,
-                    train: datasets.Dataset) -> datasets.Dataset:
+def with_audit_canaries(settings: TaskSettings, partition_id: int, data_path: str | None,
+                        train: datasets.Dataset) -> datasets.Dataset:
     """The audited hospital's training records with the audit's canaries."""
     refuse_audit_in_deployment(settings, partition_id, data_path)
     audit = settings.audit
@@ -112,7 +112,10 @@ class Hospital:
         self.canaries = None
         if CANARY_COLUMN in self.data.train.column_names:
             trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-            norm = settings.audit.canary_norm or settings.privacy.dp_sgd.max_grad_norm
+            # The record-level mechanism's clipping norm (DP-SGD's when there is none).
+            section = settings.privacy.section(settings.privacy.mechanism)
+            norm = settings.audit.canary_norm or (section or settings.privacy.dp_sgd
+                                                  ).max_grad_norm
             self.canaries = GradientCanaries(
                 trainable, read_canaries(settings.audit.canaries_path), norm)
 

@@ -10,9 +10,16 @@ import sys
 
 import numpy as np
 import pytest
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp.strategy import FedAvg
 
+from clinical_fl.protocol import messages as m
+from clinical_fl.settings.compose import task_settings_to_yaml
 from clinical_fl.settings.privacy import DpSgdSettings, RecordLevelMechanism
 from fl_app.commands.audit import AUDITORS, audit_bounds
+from fl_app.server.grids.secure_aggregation import SecureAggregationGrid
+from fl_app.server.preflight import run_preflight
+from strategies.update_recorder import SECURE_SUM, UpdateRecorder
 from tasks.audit.bound import epsilon_lower_bound, guess_and_bound, p_value
 from tasks.audit.canaries import GRADIENT, NOTE, make_canaries, write_canaries
 from tasks.audit.scores import white_box_scores
@@ -22,6 +29,7 @@ from tasks.model.build import trainable_state
 from tasks.privacy.ledger import PrivacyLedger
 from tests.flower_processes import ROOT
 from tests.support import NO_DEID, mlflow_client, task
+from tests.test_distributed_dp import ClientAppGrid
 
 
 def _paper_p_value(m, r, v, eps, delta):
@@ -126,6 +134,54 @@ def test_audit_gradient_canaries_reach_the_update_the_server_sees(canary_hospita
         assert sorted(inside)[len(inside) // 2] > 3 * max(abs(s) for s in outside)
     else:
         assert min(inside) > 3 * max(abs(s) for s in outside)
+
+
+def test_audit_under_distributed_dp_scores_the_secure_sum_its_canaries_reach(
+        tiny_bert, tmp_path, process_identity):
+    """privacy=distributed_dp over SecAgg+: hospital 0's gradient canaries go into its share
+    (through its step loader and the clipped gradient sum, at the mechanism's clipping norm),
+    the server records the one aggregate the protocol releases (every contributor's reply
+    carries it), and on that sum, minus the round's mean gradient, an included canary scores
+    C / B and an excluded one about 0. One round, every record drawn (q = 1), no noise."""
+    canaries = make_canaries(12, len(SPECIALTIES))
+    given = write_canaries([c for c in canaries if c.included], tmp_path / "given.jsonl")
+    # C = 10 as in canary_hospital, here distributed DP's own clipping norm (no canary_norm).
+    settings = task(tiny_bert, "model.max_length=32", "data.notes_per_hospital=40",
+                    "privacy=distributed_dp", "secure_aggregation=secagg_plus",
+                    "train.precision=fp32", "privacy.distributed_dp.target_epsilon=null",
+                    "privacy.distributed_dp.noise_multiplier=1.0",
+                    "privacy.distributed_dp.max_grad_norm=10",
+                    f"audit.canaries_path={given}")
+    hospitals = ClientAppGrid(tmp_path)
+    config = ConfigRecord({m.TASK_KEY: task_settings_to_yaml(settings)})
+    # The server plans with the record counts of preflight: the canaries are counted.
+    records = [r.train_records for r in run_preflight(hospitals, config, 2, 60)]
+    assert records == [32 + sum(c.included for c in canaries), 32]
+    plan = settings.privacy.distributed_dp  # what the server's plan would fill in
+    # A hospital refuses sigma = 0; 1e-12 adds nothing measurable at this norm.
+    plan.noise_multiplier, plan.sample_rate, plan.threshold = 1e-12, 1.0, 2
+    plan.target_delta, plan.expected_batch_size = 1e-5, sum(records)
+    start = trainable_state(Hospital(settings, list(SPECIALTIES), 0, 2).model)
+    recorder = UpdateRecorder(FedAvg(weighted_by_key=m.WEIGHT_KEY, min_available_nodes=2,
+                                     min_train_nodes=2), 0, tmp_path / "updates", SECURE_SUM)
+    secure = SecureAggregationGrid(hospitals, settings.secure_aggregation, 1, sum_updates=True)
+    config = ConfigRecord({m.TASK_KEY: task_settings_to_yaml(settings)})
+    replies = list(secure.send_and_receive(recorder.configure_train(
+        1, ArrayRecord(start), config, secure)))
+    assert not any(r.has_error() for r in replies), [r.error.reason for r in replies
+                                                      if r.has_error()]
+    arrays, _ = recorder.aggregate_train(1, replies)
+    with np.load(tmp_path / "updates" / "round-1.npz") as kept:  # the released sum
+        for name, value in arrays.items():
+            np.testing.assert_allclose(kept[name], value.numpy() - start[name].numpy(),
+                                       atol=1e-6)
+    scores = white_box_scores([tmp_path / "updates" / "round-1.npz"], canaries)
+    gradients = [c for c in canaries if c.kind == GRADIENT]
+    inside = [s for s, c in zip(scores, gradients, strict=True) if c.included]
+    outside = [s for s, c in zip(scores, gradients, strict=True) if not c.included]
+    assert inside and outside
+    assert min(inside) > 3 * max(abs(s) for s in outside)
+    assert np.median(inside) == pytest.approx(10 / sum(records), rel=0.2)
 
 
 def test_audit_canaries_are_refused_by_a_deployed_hospital(canary_hospital, tmp_path):

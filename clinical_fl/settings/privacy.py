@@ -258,8 +258,8 @@ class AuditSettings:
     # JSONL of the canaries to add to one hospital's training records (tasks/audit/).
     canaries_path: str | None = None
     hospital: int = 0  # the audited hospital (partition id)
-    # Norm of a gradient canary; None: the DP-SGD clipping norm (under DP-SGD the canary is
-    # clipped to it anyway).
+    # Norm of a gradient canary; None: the record-level mechanism's clipping norm (DP-SGD's
+    # or distributed DP's, which clip the canary to it anyway; DP-SGD's without one).
     canary_norm: float | None = None
     # Where the server keeps the audited hospital's updates (its view, for the white-box
     # scores); server side only.
@@ -269,7 +269,7 @@ class AuditSettings:
         require(self.hospital >= 0, "audit.hospital", self.hospital, "a partition id, at least 0")
         if self.canary_norm is not None:
             require_positive(self.canary_norm, "audit.canary_norm",
-                             ", or null (the DP-SGD clipping norm)")
+                             ", or null (the mechanism's clipping norm)")
 
 
 def check_precision_fits_dp_sgd(train: TrainSettings, privacy: PrivacySettings) -> None:

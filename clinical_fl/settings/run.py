@@ -173,9 +173,6 @@ class RunSettings(SharedSettings):
                 f"{self.strategy.name.value} needs every hospital's own update (to rank, trim "
                 "or take medians), which secure aggregation hides from the server; use "
                 "fedavg, fedprox, fedadam, fedyogi or fedavgm")
-        require(self.audit.updates_dir is None, "audit.updates_dir", self.audit.updates_dir,
-                f"null with secure_aggregation={mode.value}: the audit reads one hospital's "
-                "updates, which the server no longer sees")
         threshold = self.secure_aggregation.reconstruction_threshold
         if threshold is not None:
             require(self.strategy.min_hospitals >= threshold, "strategy.min_hospitals",

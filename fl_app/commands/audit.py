@@ -3,6 +3,7 @@
     clinical-fl-audit                                         # non-private
     clinical-fl-audit privacy=dp_sgd privacy.dp_sgd.target_epsilon=8
     clinical-fl-audit --canaries 500 --out audit.json privacy=dp_sgd ...
+    clinical-fl-audit privacy=distributed_dp privacy.distributed_dp.target_epsilon=8
 
 One-run audit in the manner of Steinke, Nasr and Jagielski (NeurIPS 2023): m
 canaries of each kind go into hospital 0's training records, each with
@@ -12,8 +13,12 @@ most and least confident are guessed in and out; the number right becomes an
 epsilon lower bound (tasks/audit/bound.py).
 
 - black-box: note canaries, scored by the final global model's loss;
-- white-box: gradient canaries, scored on the audited hospital's updates as
-  the server receives them.
+- white-box: gradient canaries, scored on what the server receives of hospital
+  0: its updates (view ``hospital_update``), or under secure aggregation, where
+  the server never holds one hospital's update (``privacy=distributed_dp`` over
+  SecAgg+ or CKKS, or any mode of ``secure_aggregation``), each round's released
+  aggregate (view ``secure_sum``; strategies/update_recorder.py). The report's
+  ``white_box.view`` says which.
 
 The two bounds hold together at --confidence (default 95%): each is computed at
 1 - (1 - confidence) / 2 (Bonferroni over the two), and within each, Bonferroni
@@ -46,6 +51,7 @@ from fl_app.commands.cli import _stream, flwr_run_command, write_run_config
 from fl_app.commands.flower_env import flower_env
 from fl_app.commands.flower_runs import COMPLETED, run_status, started_run_id
 from fl_app.server.data_check import checked_labels
+from strategies.update_recorder import audit_view
 from tasks.audit.bound import guess_and_bound, per_bound_confidence
 from tasks.audit.canaries import GRADIENT, NOTE, make_canaries, write_canaries
 from tasks.audit.scores import black_box_scores, white_box_scores
@@ -129,6 +135,7 @@ def run_audit(overrides: list[str], canaries_per_kind: int, guesses: list[int],
 
     notes = [c for c in canaries if c.kind == NOTE]
     gradients = [c for c in canaries if c.kind == GRADIENT]
+    view = audit_view(settings.secure_aggregation.enabled)  # what the recorder kept
     white = white_box_scores(sorted(updates.glob("round-*.npz")), canaries)
     adapter = mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
                                                   artifact_path="adapter", tracking_uri=uri,
@@ -146,9 +153,11 @@ def run_audit(overrides: list[str], canaries_per_kind: int, guesses: list[int],
                         "black_box": [c.included for c in notes]},
                        guesses, delta, confidence),
     }
+    report["white_box"]["view"] = view
     report["epsilon_lower_bound"] = max(report["white_box"]["epsilon_lower_bound"],
                                         report["black_box"]["epsilon_lower_bound"])
     client.log_dict(run.info.run_id, report, "audit/report.json")
+    client.set_tag(run.info.run_id, "audit/white_box_view", view)
     for mode in AUDITORS:
         client.log_metric(run.info.run_id, f"audit/{mode}_epsilon_lower_bound",
                           report[mode]["epsilon_lower_bound"])
@@ -186,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=1), encoding="utf-8")
     for mode in AUDITORS:
         part = report[mode]
-        print(f"{mode}: epsilon >= {part['epsilon_lower_bound']:.3f} ({part['correct']} of "
+        seen = f" ({part['view']})" if "view" in part else ""
+        print(f"{mode}{seen}: epsilon >= {part['epsilon_lower_bound']:.3f} ({part['correct']} of "
               f"{part['guesses']} guesses right, {part['canaries']} canaries)")
     print(f"both bounds hold together at confidence {report['confidence']:g} (each at "
           f"{report['white_box']['confidence']:g}, Bonferroni)")

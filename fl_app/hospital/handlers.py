@@ -44,7 +44,7 @@ from fl_app.hospital.state import (
 )
 from tasks.data.hospital_data import HospitalData, load_hospital_data
 from tasks.errors import UnknownLabelsError
-from tasks.hospital import Hospital, refuse_audit_in_deployment
+from tasks.hospital import Hospital, refuse_audit_in_deployment, with_audit_canaries
 from tasks.model.compute import resolve_compute
 from tasks.privacy.mechanisms import RecordLevelPrivacy, record_level_privacy
 from tasks.privacy.plan import PolicyRefusal
@@ -108,6 +108,10 @@ def preflight(msg: Message, context: Context) -> Message:
     with _exact_counts_withheld(received):
         data = load_hospital_data(settings.data, settings.data.labels, received.partition_id,
                                   received.num_partitions, policy.data_path)
+    # An audit's canaries (simulation only) are training records like any other: in the counts
+    # the server plans with (distributed DP's sampling rate, secure aggregation's max weight).
+    data.train = with_audit_canaries(settings, received.partition_id, policy.data_path,
+                                     data.train)
     policy.check_records(len(data.train))
     mechanism = record_level_privacy(settings.privacy)
     released = None

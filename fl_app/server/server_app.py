@@ -67,7 +67,7 @@ from strategies.registry import build_strategy
 from strategies.round_offset import AfterRound
 from strategies.strategy_state import restore_strategy_state
 from strategies.update_check import UpdateCheck
-from strategies.update_recorder import UpdateRecorder
+from strategies.update_recorder import UpdateRecorder, audit_view
 from tasks.data.hospital_data import load_server_test_set
 from tasks.learning.batches import chunking_for
 from tasks.learning.central_evaluation import CentralEvaluator
@@ -525,9 +525,11 @@ def server_strategy(settings: RunSettings, federation: Federation, tracker: RunT
     for report in federation.reports:
         if report.declined:
             gate.exclude(report.node_id, report.declined)
-    if settings.audit.updates_dir:  # clinical-fl-audit: keep the audited hospital's updates
+    if settings.audit.updates_dir:  # clinical-fl-audit: what the server has of the audited
+        # hospital: its updates, or under secure aggregation the rounds' aggregates
         strategy = UpdateRecorder(strategy, settings.audit.hospital,
-                                  Path(settings.audit.updates_dir))
+                                  Path(settings.audit.updates_dir),
+                                  audit_view(settings.secure_aggregation.enabled))
     check = UpdateCheck(strategy, settings.update_checks, hospital_of, gate.exclude,
                         summed=settings.secure_aggregation.enabled)
     return StrategyChain(check, gate, check, hospital_of, client_level_privacy)

@@ -177,7 +177,8 @@ def clipped_gradient_sum(model: torch.nn.Module, loader: DataLoader, plan: Distr
     Opacus' hooks give the per-record gradients; the clipping and the sum are done here in
     float64, so that no float32 rounding of a sum of many records can push one record's
     contribution past C. ``poisson_sampling=False`` (the loader's records in one batch)
-    exists for tests; ``canaries``: the local audit's (tasks/audit/dirac.py)."""
+    exists for tests; ``canaries``: an audit's, the local one's (tasks/audit/dirac.py) or
+    the federated one's gradient canaries (tasks/audit/canaries.py)."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if poisson_sampling:
         secret = torch.Generator().manual_seed(secrets.randbits(63))

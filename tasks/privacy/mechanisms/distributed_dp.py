@@ -53,8 +53,9 @@ class DistributedDp(RecordLevelPrivacy):
         if refusal:
             raise refusal
         start = time.perf_counter()
+        # The audit's gradient canaries (simulation only) are in the share like any record.
         clipped = clipped_gradient_sum(hospital.model, hospital.step_loader(global_state),
-                                       plan, hospital.compute)
+                                       plan, hospital.compute, canaries=hospital.canaries)
         if list(clipped) != list(global_state):
             raise TaskInputError(f"hospital {hospital.data.hospital}: the global adapter's "
                                  "arrays are not this model's trainable parameters")
