@@ -216,6 +216,7 @@ def test_audit_runs_end_to_end_on_the_tiny_model(superlink, tiny_bert, tmp_path)
     client = mlflow_client(tmp_path)
     run = client.get_run(report["mlflow_run_id"])
     assert "audit/white_box_epsilon_lower_bound" in run.data.metrics
+    assert run.data.tags["audit.verdict"] == "passed"  # a non-private run claims no epsilon
     assert {a.path for a in client.list_artifacts(run.info.run_id, "audit")} == {
         "audit/report.json"}
     assert NOTE and report["black_box"]["epsilon_lower_bound"] >= 0
