@@ -66,10 +66,13 @@ def _cached_records(key: str, settings: TaskSettings, labels: tuple[str, ...],
 
 
 def refuse_audit_in_deployment(settings: TaskSettings, partition_id: int,
-                               data_path: str | None) -> None:
-    """A real hospital (reading its own data-path) never lets the server add records to its
-    training set: the audit's canaries are for simulation only."""
-    if settings.audit.canaries_path and data_path:
+                               owns_data: bool | str | None) -> None:
+    """A real hospital never lets the server add records to its training set, nor name a file
+    on its machine to read: the audit's canaries are for simulation only. ``owns_data``: the
+    hospital reads its own data-path, or is deployed (node config ``data-path`` or
+    ``state-dir``) or has a policy file (``HospitalPolicy.owns_data``): a deployed hospital
+    with a state-dir and no data-path (synthetic notes) is deployed all the same."""
+    if settings.audit.canaries_path and owns_data:
         raise TaskInputError(f"hospital {partition_id}: audit.canaries_path is set, but audit "
                              "canaries are for simulation only; a deployed hospital refuses them",
                              key="audit.canaries_path")

@@ -137,7 +137,7 @@ def test_audit_gradient_canaries_reach_the_update_the_server_sees(canary_hospita
 
 
 def test_audit_under_distributed_dp_scores_the_secure_sum_its_canaries_reach(
-        tiny_bert, tmp_path, process_identity):
+        tiny_bert, tmp_path, process_identity, monkeypatch):
     """privacy=distributed_dp over SecAgg+: hospital 0's gradient canaries go into its share
     (through its step loader and the clipped gradient sum, at the mechanism's clipping norm),
     the server records the one aggregate the protocol releases (every contributor's reply
@@ -152,7 +152,9 @@ def test_audit_under_distributed_dp_scores_the_secure_sum_its_canaries_reach(
                     "privacy.distributed_dp.noise_multiplier=1.0",
                     "privacy.distributed_dp.max_grad_norm=10",
                     f"audit.canaries_path={given}")
-    hospitals = ClientAppGrid(tmp_path)
+    # Simulated hospitals (no state-dir): a deployed one refuses the audit's canaries.
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    hospitals = ClientAppGrid(tmp_path, simulated=True)
     config = ConfigRecord({m.TASK_KEY: task_settings_to_yaml(settings)})
     # The server plans with the record counts of preflight: the canaries are counted.
     records = [r.train_records for r in run_preflight(hospitals, config, 2, 60)]

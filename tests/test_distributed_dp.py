@@ -173,14 +173,17 @@ def test_distributed_dp_samples_in_secret_and_an_empty_draw_still_sends_its_nois
 # --- One round through the real ClientApp, the secure Grid and Flower's FedAvg ---------------
 
 class ClientAppGrid(Grid):
-    """Hands each message to the real ClientApp (its mods and handlers) of hospital k."""
+    """Hands each message to the real ClientApp (its mods and handlers) of hospital k.
+    ``simulated``: node configs as a simulation's (no state-dir, so not a deployed hospital;
+    the state lives under $FLWR_HOME, which the caller points at a temporary folder)."""
 
-    def __init__(self, state: Path, hospitals: int = 2) -> None:
+    def __init__(self, state: Path, hospitals: int = 2, simulated: bool = False) -> None:
         self.contexts = {100 + k: Context(run_id=5, node_id=100 + k, state=RecordDict(),
                                           run_config={}, node_config={
                                               "partition-id": k, "num-partitions": hospitals,
-                                              "state-dir": str(state / f"h{k}"),
-                                              "deid": "allowed"})
+                                              **({} if simulated else
+                                                 {"state-dir": str(state / f"h{k}"),
+                                                  "deid": "allowed"})})
                          for k in range(hospitals)}
         self.received: list[RecordDict | None] = []
 

@@ -66,7 +66,11 @@ def _received(msg: Message, context: Context) -> Received:
     server's settings with the hospital's data mapping in place."""
     policy = hospital_policy(context, hospital_number(context))
     partition_id, num_partitions = partition(context, reads_own_file=bool(policy.data_path))
-    return Received(received_settings(msg, policy), policy, partition_id, num_partitions)
+    settings = received_settings(msg, policy)
+    # Before any step or read, in every handler: a deployed hospital (data-path or state-dir)
+    # or one with a policy file takes no audit canaries, whatever data it reads.
+    refuse_audit_in_deployment(settings, partition_id, policy.owns_data or policy.data_path)
+    return Received(settings, policy, partition_id, num_partitions)
 
 
 def _hospital(received: Received) -> Hospital:
@@ -104,7 +108,6 @@ def preflight(msg: Message, context: Context) -> Message:
     compute = resolve_compute(settings.train)
     # No key material, or a key that is not a CKKS secret context, stops the run here.
     key = _ckks_public(context, settings.secure_aggregation.mode)
-    refuse_audit_in_deployment(settings, received.partition_id, policy.data_path)
     with _exact_counts_withheld(received):
         data = load_hospital_data(settings.data, settings.data.labels, received.partition_id,
                                   received.num_partitions, policy.data_path)

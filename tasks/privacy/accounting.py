@@ -44,6 +44,12 @@ PRV_MIN_NOISE = 0.2  # below it the PRV accountant reports no guarantee (inf): s
 # to 1e7 steps).
 PLD_RDP_CEILING = 64.0
 PLD_DISCRETISATION = 1e-4  # dp-accounting's PLDAccountant default (value_discretization_interval)
+# The most distinct (noise, rate) pairs a PLD composes: the one-step distributions cached
+# (_pld_of_one_step). Beyond it every reading rebuilt them all (0.5 to 5 s each at noise 0.2 to
+# 0.5): a server running a hospital through 40 one-step runs at noise ~0.5 made each round's
+# lifetime reading take ~24 s, 1,000 runs ~10 min, for a lifetime epsilon of ~5. Beyond it, RDP's
+# figure (an upper bound, PLD's cross-check) is reported.
+PLD_MAX_MECHANISMS = 16
 
 NEIGHBOURING_RELATION = "zero_out"
 """The neighbouring datasets every epsilon of this product is stated for: zero-out, one
@@ -157,10 +163,14 @@ def _pld_or_rdp(history: list[Step], delta: float, discretisation: float) -> flo
     rdp = _safe(_rdp_epsilon(history, delta))
     if not rdp <= PLD_RDP_CEILING:
         return rdp
-    return min(rdp, _pld_epsilon(_merged(history), float(delta), discretisation))
+    merged = _merged(history)
+    if len({(noise, rate) for noise, rate, _ in merged}) > PLD_MAX_MECHANISMS:
+        return rdp  # more one-step distributions than are cached: see PLD_MAX_MECHANISMS
+    return min(rdp, _pld_epsilon(merged, float(delta), discretisation))
 
 
-@lru_cache(maxsize=16)  # 1.5 MB at noise 0.88, rate 0.07; 10 MB at noise 0.2, rate 1
+# 1.5 MB at noise 0.88, rate 0.07; 10 MB at noise 0.2, rate 1
+@lru_cache(maxsize=PLD_MAX_MECHANISMS)
 def _pld_of_one_step(noise_multiplier: float, sample_rate: float, discretisation: float
                      ) -> privacy_loss_distribution.PrivacyLossDistribution:
     """One step's loss distribution, exactly as dp-accounting's ``PLDAccountant`` builds it for
