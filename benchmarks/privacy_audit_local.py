@@ -19,6 +19,7 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def _line(name: str, report: dict, seconds: float) -> dict:
     return row
 
 
-def _run(name: str, audit: LocalAudit, overrides: list[str], injection=None) -> dict:
+def _run(name: str, audit: LocalAudit, overrides: list[str],
+         injection: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict:
     start = time.perf_counter()
     with injection() if injection else contextlib.nullcontext():
         report = run_local_audit(audit, overrides)
