@@ -9,8 +9,10 @@ patient data that left the hospital.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -88,3 +90,16 @@ def spy_on_steps(monkeypatch) -> StepSpy:  # noqa: ANN001
     for name, caller in STEPS.items():
         monkeypatch.setattr(f"{caller}.{name}", spy(name))
     return spy
+
+
+@contextlib.contextmanager
+def task_identity(run_id: int, node_id: int) -> Iterator[None]:
+    """Flower's task identity of a ClientApp called in-process (what a SuperNode sets before
+    running it), cleared after."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, node_id
+    try:
+        yield
+    finally:
+        TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None

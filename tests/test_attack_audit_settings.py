@@ -20,7 +20,7 @@ from clinical_fl.settings.compose import task_settings_to_yaml
 from fl_app.hospital.client_app import app
 from tasks.audit.canaries import make_canaries, write_canaries
 from tasks.data.synthetic_notes import SPECIALTIES
-from tests.hostile_server import spy_on_steps
+from tests.hostile_server import spy_on_steps, task_identity
 from tests.support import task
 
 NODE, RUN = 7, 43
@@ -29,11 +29,8 @@ LABELS = list(SPECIALTIES)
 
 @pytest.fixture(scope="module")
 def identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN, NODE
-    yield
-    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
+    with task_identity(RUN, NODE):
+        yield
 
 
 @pytest.fixture

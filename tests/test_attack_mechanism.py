@@ -49,6 +49,7 @@ from tests.hostile_server import (
     holds_canary,
     spy_on_steps,
     tampered,
+    task_identity,
     write_canary_export,
 )
 from tests.support import task
@@ -62,11 +63,8 @@ POLICY = {"max-epsilon": 3.0, "require-dp": True}
 
 @pytest.fixture(scope="module")
 def identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN, NODE
-    yield
-    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
+    with task_identity(RUN, NODE):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from tasks.privacy import accounting
 from tasks.privacy.accounting import epsilon_spent
 from tasks.privacy.ledger import LEDGER_FILE
 from tests.hospital_process import initial_arrays
-from tests.hostile_server import LABELS, write_canary_export
+from tests.hostile_server import LABELS, task_identity, write_canary_export
 from tests.support import task
 
 NODE, RUN = 7, 44
@@ -38,11 +38,8 @@ EARLIER = [(0.5 + 0.0001 * k, 1e-3, 1) for k in range(40)]  # 40 runs, one step 
 
 @pytest.fixture(scope="module")
 def identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN, NODE
-    yield
-    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
+    with task_identity(RUN, NODE):
+        yield
 
 
 def _earlier_runs(state) -> None:

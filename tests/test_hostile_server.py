@@ -32,6 +32,7 @@ from tests.hostile_server import (
     holds_canary,
     spy_on_steps,
     tampered,
+    task_identity,
     write_canary_export,
 )
 from tests.support import task
@@ -107,11 +108,8 @@ def honest_ledger(hospital, process_identity_module):
 
 @pytest.fixture(scope="module")
 def process_identity_module():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, DP_RUN, NODE
-    yield
-    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
+    with task_identity(DP_RUN, NODE):
+        yield
 
 
 @pytest.fixture
