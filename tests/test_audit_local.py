@@ -24,6 +24,7 @@ from tasks.audit.local import LocalAudit, audit_distributed_dp, audit_dp_sgd
 from tasks.audit.noise_check import measured_noise
 from tasks.data.hospital_data import load_hospital_data
 from tasks.data.synthetic_notes import SPECIALTIES
+from tasks.errors import TaskInputError
 from tasks.model.build import build_model, load_tokenizer
 from tasks.privacy.accounting import epsilon_spent
 from tests.audit_injections import (
@@ -191,3 +192,18 @@ def test_audit_inject_fails_the_command_and_tags_the_mlflow_run(tiny_random_bert
     verdicts = sorted(r.data.tags["audit.verdict"]
                       for r in client.search_runs([experiment.experiment_id]))
     assert verdicts == ["failed", "passed"]
+
+
+@pytest.mark.parametrize("option, value", [
+    ("sample_rate", 0.0), ("sample_rate", 1.5), ("target_epsilon", float("inf")),
+    ("canaries", 1), ("threshold", 1), ("confidence", 1.0), ("mechanism", "central_dp")])
+def test_audit_local_refuses_options_out_of_range_naming_them(option, value):
+    with pytest.raises(TaskInputError, match=option):
+        LocalAudit(**{"mechanism": "dp_sgd", "target_epsilon": 1.0, option: value})
+
+
+def test_audit_local_command_refuses_a_bad_option_before_training(capsys):
+    from fl_app.commands import local_audit
+
+    assert local_audit.main(["--sample-rate", "0"]) == 1
+    assert "sample_rate" in capsys.readouterr().err

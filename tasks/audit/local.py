@@ -17,6 +17,7 @@ synthetic notes, and reports epsilons and counts.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 
@@ -33,6 +34,7 @@ from tasks.audit.canaries import CANARY_COLUMN, NOT_A_CANARY
 from tasks.audit.dirac import DiracCanaries, slot_of
 from tasks.audit.scores import mixture_scores, observed_noise, replay_scores
 from tasks.audit.verdict import NoiseCheck, audit_verdict
+from tasks.errors import TaskInputError
 from tasks.learning.batches import make_loader, tokenize
 from tasks.privacy import dp_sgd
 from tasks.privacy.accounting import calibrate_noise_multiplier, epsilon_spent
@@ -64,6 +66,21 @@ class LocalAudit:
     accountant: Accountant = DpSgdSettings.accountant  # the product's default
     max_length: int = 16
     confidence: float = 0.95
+
+    def __post_init__(self) -> None:
+        """Refuse what the audit cannot run, naming the option, before any training."""
+        checks = {
+            "mechanism": self.mechanism in (DP_SGD, DISTRIBUTED_DP),
+            "target_epsilon": math.isfinite(self.target_epsilon) and self.target_epsilon > 0,
+            "delta": 0 < self.delta < 1, "canaries": self.canaries >= 2,
+            "sample_rate": 0 < self.sample_rate <= 1, "epochs": self.epochs >= 1,
+            "rounds": self.rounds >= 1, "threshold": self.threshold >= 2,
+            "max_grad_norm": math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0,
+            "max_length": self.max_length >= 2, "confidence": 0 < self.confidence < 1}
+        for option, holds in checks.items():
+            if not holds:
+                raise TaskInputError(f"local audit: {option}={getattr(self, option)!r} is out "
+                                     "of range", key=option)
 
 
 def _records(real: datasets.Dataset, canaries: DiracCanaries, num_labels: int
