@@ -6,6 +6,7 @@ here; real training runs in the flwr run tests)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from uuid import uuid4
 
 import numpy as np
@@ -13,6 +14,7 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, 
 from flwr.serverapp import Grid
 
 from clinical_fl.protocol import messages as m
+from clinical_fl.secure_aggregation import signing
 from fl_app.hospital.clipping_mod import asks_for_clipping, clip_update_for_client_level_dp
 from fl_app.hospital.edge import HOSPITAL_LOG, hospital_edge_mod
 from fl_app.hospital.node_config import state_dir
@@ -20,6 +22,24 @@ from fl_app.hospital.secure_aggregation_mod import secure_aggregation_mod
 
 ADAPTER = {"lora_A": np.zeros((8, 64), np.float32), "lora_B": np.zeros((64, 8), np.float32),
            "head.weight": np.zeros((3, 64), np.float32)}
+
+
+def provision_signing_keys(contexts: Iterable[Context], directory: Path) -> Path:
+    """What deploy/ does for deployed hospitals: a signing key each (node config
+    ``secagg-signing-key``) and one roster of their public keys (``secagg-roster``)."""
+    contexts = list(contexts)
+    directory.mkdir(parents=True, exist_ok=True)
+    roster = directory / "roster"
+    lines = []
+    for context in contexts:
+        key = directory / f"node-{context.node_id}.pem"
+        if not key.exists():
+            signing.new_private_key(key)
+        lines.append(key.with_name(key.name + ".pub").read_bytes())
+        context.node_config["secagg-signing-key"] = str(key)
+        context.node_config["secagg-roster"] = str(roster)
+    roster.write_bytes(b"".join(lines))
+    return roster
 
 
 def through_hospital(msg: Message, context: Context, handler) -> Message:  # noqa: ANN001

@@ -38,6 +38,7 @@ from tasks.privacy.distributed_dp import (
 )
 from tasks.privacy.lattice import Lattice
 from tasks.privacy.ledger import LedgerStore
+from tests.secure_hospitals import provision_signing_keys
 from tests.support import independent_epsilon, task
 
 
@@ -185,6 +186,8 @@ class ClientAppGrid(Grid):
                                                  {"state-dir": str(state / f"h{k}"),
                                                   "deid": "allowed"})})
                          for k in range(hospitals)}
+        if not simulated:  # deployed hospitals sign SecAgg+ round keys with their own keys
+            provision_signing_keys(self.contexts.values(), state / "signing")
         self.received: list[RecordDict | None] = []
 
     def send_and_receive(self, messages, *, timeout=None):

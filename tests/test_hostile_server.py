@@ -191,11 +191,12 @@ CASES = [
      {}, "policy-refused", None),
     # -- secure-aggregation stages out of order or malformed ----------------------------
     ("unmask-before-setup", "train", TRAIN, {}, {
-        m.SECAGG_STAGE: m.STAGE_UNMASK, m.SECAGG_ROUND: 1, m.SECAGG_ACTIVE: [NODE, 8],
-        m.SECAGG_DROPPED: [9]}, {}, "stage-refused", None),
+        m.SECAGG_STAGE: m.STAGE_UNMASK, m.SECAGG_ROUND: 1, m.SECAGG_ALIVE: [NODE, 8],
+        m.SECAGG_SIGNERS: [], m.SECAGG_SIGNATURE: []}, {}, "stage-refused", None),
     ("share-keys-before-setup", "train", TRAIN, {}, {
         m.SECAGG_STAGE: m.STAGE_SHARE_KEYS, m.SECAGG_ROUND: 1, m.SECAGG_NODES: [],
-        m.SECAGG_PUBLIC_KEY_1: [], m.SECAGG_PUBLIC_KEY_2: []}, {}, "stage-refused", None),
+        m.SECAGG_PUBLIC_KEY_1: [], m.SECAGG_PUBLIC_KEY_2: [], m.SECAGG_SIGNING_KEY: [],
+        m.SECAGG_SIGNATURE: []}, {}, "stage-refused", None),
     ("collect-before-setup", "train", TRAIN, {}, {
         m.SECAGG_STAGE: m.STAGE_COLLECT, m.SECAGG_ROUND: 1, m.SECAGG_SOURCES: [],
         m.SECAGG_CIPHERTEXTS: []}, {}, "stage-refused", None),

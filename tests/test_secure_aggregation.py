@@ -97,34 +97,36 @@ def test_secagg_plus_gives_fedavg_and_the_server_never_sees_an_update():
     assert stats["secure_aggregation/update_bytes"] > 0
 
 
-@pytest.mark.parametrize("num_shares,refusing,summed", [
-    # A ring of 3 shares each (SecAgg+'s graph), threshold 2: 404 drops after key sharing.
-    (3, [], [101, 202, 303]),
-    # Everyone shares with everyone: 404 drops after key sharing and 303 refuses to train
-    # (its budget); the refusal keeps its code.
-    (None, [303], [101, 202]),
+@pytest.mark.parametrize("nodes,refusing,summed", [
+    # Threshold 3 of 4: 404 drops after key sharing; its pairwise masks are rebuilt.
+    (NODES, [], [101, 202, 303]),
+    # Threshold 3 of 5: 404 drops after key sharing and 303 refuses to train (its budget);
+    # the refusal keeps its code.
+    ([*NODES, 505], [303], [101, 202, 505]),
 ])
-def test_secagg_plus_survives_hospitals_lost_after_sharing_keys(num_shares, refusing, summed):
-    hospitals = HospitalsGrid(NODES, silent={404: m.STAGE_COLLECT}, refusing=refusing)
-    settings = SecureAggregationSettings(mode="secagg_plus", num_shares=num_shares,
-                                         reconstruction_threshold=2)
+def test_secagg_plus_survives_hospitals_lost_after_sharing_keys(nodes, refusing, summed):
+    hospitals = HospitalsGrid(nodes, silent={404: m.STAGE_COLLECT}, refusing=refusing)
+    settings = SecureAggregationSettings(mode="secagg_plus")
     _, replies, start, arrays = _round(hospitals, settings)
     _assert_fedavg(arrays, summed, start, 1e-5)
     codes = [r.error.code for r in replies if r.has_error()]
     assert codes == [m.PRIVACY_BUDGET_REFUSED] * len(refusing)
 
 
-def test_secagg_plus_releases_nothing_when_a_secret_has_too_few_shares():
-    # On a ring of 3, losing two neighbours leaves one share of 303's key: no sum, no leak.
+def test_secagg_plus_releases_nothing_when_fewer_than_the_threshold_are_alive():
+    # Threshold 3 of 4: 404 lost after key sharing and 303 refusing leave two updates.
     hospitals = HospitalsGrid(NODES, silent={404: m.STAGE_COLLECT}, refusing=[303])
-    settings = SecureAggregationSettings(mode="secagg_plus", num_shares=3,
-                                         reconstruction_threshold=2)
+    settings = SecureAggregationSettings(mode="secagg_plus")
     _, replies, _, arrays = _round(hospitals, settings)
     assert arrays is None
     reasons = {r.metadata.src_node_id: (r.error.code, r.error.reason) for r in replies}
     # Its refusal, kept as it was sent.
     assert reasons[303] == (m.PRIVACY_BUDGET_REFUSED, "4031 privacy-budget-refused")
-    assert "1 shares of node 303's secret" in reasons[101][1]
+    assert "updates received: 2 hospital(s), fewer than the reconstruction threshold 3" \
+        in reasons[101][1]
+    # No hospital was asked for a share: nothing but the masked updates reached the server.
+    stages = [c[m.SECAGG_RECORD] for _, c in hospitals.received if c and m.SECAGG_RECORD in c]
+    assert not any(m.SECAGG_SHARE_VALUES in record for record in stages)
 
 
 def test_a_round_below_the_threshold_releases_nothing():
@@ -213,17 +215,6 @@ def _never_called(msg, context):
     raise AssertionError("the train handler must not run for a key stage")
 
 
-def test_a_hospital_refuses_to_unmask_a_neighbour_listed_as_active_and_dropped():
-    hospitals = HospitalsGrid(NODES)
-    settings = SecureAggregationSettings(mode="secagg_plus")
-    _round(hospitals, settings)  # a full round leaves the hospitals' state after unmask
-    context = hospitals.contexts[101]
-    reply = through_hospital(_stage_message(101, {
-        m.SECAGG_STAGE: m.STAGE_UNMASK, m.SECAGG_ROUND: 1, m.SECAGG_ACTIVE: [101, 202],
-        m.SECAGG_DROPPED: [202]}), context, _never_called)
-    assert reply.error.reason == "4011 stage-refused"
-
-
 def test_a_hospital_refuses_a_threshold_of_one_and_a_second_unmask():
     hospitals = HospitalsGrid(NODES)
     context = hospitals.contexts[101]
@@ -235,8 +226,8 @@ def test_a_hospital_refuses_a_threshold_of_one_and_a_second_unmask():
     assert "one share would reveal a secret" in hospital_log(context)
     _round(hospitals, SecureAggregationSettings(mode="secagg_plus"))
     reply = through_hospital(_stage_message(101, {
-        m.SECAGG_STAGE: m.STAGE_UNMASK, m.SECAGG_ROUND: 1, m.SECAGG_ACTIVE: [101, 202],
-        m.SECAGG_DROPPED: []}), context, _never_called)
+        m.SECAGG_STAGE: m.STAGE_UNMASK, m.SECAGG_ROUND: 1, m.SECAGG_ALIVE: [101, 202, 303],
+        m.SECAGG_SIGNERS: [], m.SECAGG_SIGNATURE: []}), context, _never_called)
     assert reply.error.reason == "4011 stage-refused" and "no keys" in hospital_log(context)
 
 
@@ -272,7 +263,8 @@ def test_a_hospital_masks_one_update_a_round():
     list(grid.send_and_receive(strategy.configure_train(1, start, ConfigRecord({"x": 1}),
                                                         grid)))
     secrets = {m.SECAGG_STAGE: m.STAGE_SHARE_KEYS, m.SECAGG_ROUND: 1, m.SECAGG_NODES: [],
-               m.SECAGG_PUBLIC_KEY_1: [], m.SECAGG_PUBLIC_KEY_2: []}
+               m.SECAGG_PUBLIC_KEY_1: [], m.SECAGG_PUBLIC_KEY_2: [],
+               m.SECAGG_SIGNING_KEY: [], m.SECAGG_SIGNATURE: []}
     reply = through_hospital(_stage_message(101, secrets), hospitals.contexts[101],
                                    _never_called)
     assert reply.has_error()  # the round's secrets are gone after unmasking
@@ -306,9 +298,6 @@ def test_a_deployed_hospital_without_key_material_is_told_how_to_make_it(tmp_pat
      "strategy.min_hospitals"),
     (["secure_aggregation=secagg_plus", "secure_aggregation.reconstruction_threshold=1"],
      "secure_aggregation.reconstruction_threshold"),
-    (["secure_aggregation=secagg_plus", "secure_aggregation.num_shares=2",
-      "secure_aggregation.reconstruction_threshold=3", "strategy.min_hospitals=3"],
-     "secure_aggregation.num_shares"),
 ])
 def test_settings_that_would_need_individual_updates_or_cannot_release_are_refused(
         overrides, key):
@@ -379,7 +368,7 @@ def test_hospitals_with_other_ckks_key_material_are_named(tmp_path):
 
 
 def test_default_threshold_is_a_majority_of_the_hospitals_each_shares_with():
-    settings = SecureAggregationSettings(mode="secagg_plus", num_shares=4)
+    settings = SecureAggregationSettings(mode="ckks", num_shares=4)
     assert settings.shares_for(10) == 5  # a ring is odd: 4 is rounded up, as Flower does
     assert settings.threshold_for(10) == 3
     assert SecureAggregationSettings(mode="secagg_plus").threshold_for(10) == 6
@@ -460,15 +449,33 @@ def test_hostile_server_per_hospital_parameters_leave_the_sum_masked(other_view)
     """Pairwise masks are keyed by the round's parameters: a server that tells one hospital a
     lattice (or weight, or threshold) of its own, to read the other's levels in the low bits
     of a sum of two, gets masks that do not cancel. Told alike, they cancel exactly."""
-    from clinical_fl.secure_aggregation import secagg_plus
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from clinical_fl.secure_aggregation import secagg_plus, signing
     from clinical_fl.secure_aggregation.masking import mask
 
     honest = {"threshold": 2, "clipping_range": 4.0, "quantization_range": 2**24,
               "max_weight": 100.0}
     views = {1: honest, 2: {**honest, **other_view}}
-    secrets = {n: secagg_plus.setup(1, n, **views[n]) for n in (1, 2)}
-    public = {n: (s.pk1, s.pk2) for n, s in secrets.items()}
-    sent = {n: secagg_plus.share_keys(s, public) for n, s in secrets.items()}
+    signers = {n: ec.generate_private_key(ec.SECP384R1()) for n in (1, 2)}
+    roster = signing.Roster(frozenset(signing.public_bytes(k) for k in signers.values()))
+    setups = {n: secagg_plus.setup(1, n, **views[n], run_id=7, signer=signers[n])
+              for n in (1, 2)}
+    secrets = {n: s for n, (s, _) in setups.items()}
+
+    def share(node):
+        return secagg_plus.share_keys(
+            secrets[node], {n: (s.pk1, s.pk2) for n, s in secrets.items()},
+            {n: s.signing_key for n, s in secrets.items()},
+            {n: signature for n, (_, signature) in setups.items()}, roster)
+
+    if other_view:
+        # The round keys are signed under each hospital's round parameters: told others,
+        # a hospital finds its neighbour's signature invalid before sharing anything.
+        with pytest.raises(secagg_plus.KeyUnauthenticated):
+            share(1)
+        return
+    sent = {n: share(n) for n in secrets}
     for node, own in secrets.items():
         other = 3 - node
         secagg_plus.receive_shares(own, [other], [sent[other][1][0]])
@@ -476,4 +483,4 @@ def test_hostile_server_per_hospital_parameters_leave_the_sum_masked(other_view)
     masked = {n: secagg_plus.masked_levels(s, levels, 0) for n, s in secrets.items()}
     pairwise = masked[1] + masked[2] - mask(secrets[1].rd_seed, 65) - mask(secrets[2].rd_seed,
                                                                              65)
-    assert (not pairwise.any()) == (other_view == {})
+    assert not pairwise.any()

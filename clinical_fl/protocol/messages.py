@@ -61,28 +61,31 @@ PRIVACY_BUDGET_REFUSED = BY_NAME["privacy-budget-refused"].code
 # collect stage (training) to the train handler, without the record.
 SECAGG_RECORD = "secure-aggregation"
 SECAGG_STAGE = "stage"
-# SecAgg+ stages, in order, and CKKS's two.
+# SecAgg+ stages, in order (secure against a lying server: clinical_fl/secure_aggregation/
+# secagg_plus.py), and CKKS's two.
 STAGE_SETUP = "setup"  # settings in; the hospital's two public keys out
 STAGE_SHARE_KEYS = "share-keys"  # neighbours' public keys in; encrypted Shamir shares out
 STAGE_COLLECT = "collect"  # the train message plus shares for it; a masked update out
-STAGE_UNMASK = "unmask"  # who replied, who dropped; the shares that remove the masks out
+STAGE_CONSISTENCY = "consistency"  # who is alive in; a signature of the hospital's view out
+STAGE_UNMASK = "unmask"  # the alive list and its signatures; the shares that remove masks out
 STAGE_CKKS_COLLECT = "ckks-collect"  # the train message; an encrypted update out
 STAGE_CKKS_DECRYPT = "ckks-decrypt"  # the encrypted sum in; the sum out
 # Keys of the stages' records.
 SECAGG_ROUND = "round"
 SECAGG_NODES = "node-ids"
 SECAGG_THRESHOLD = "threshold"
-SECAGG_SHARES = "num-shares"
 SECAGG_CLIPPING_RANGE = "clipping-range"
 SECAGG_QUANTIZATION_RANGE = "quantization-range"
 SECAGG_MAX_WEIGHT = "max-weight"  # the largest aggregation weight of the round's hospitals
 SECAGG_PUBLIC_KEY_1 = "pk1"  # pairwise masks (ECDH)
 SECAGG_PUBLIC_KEY_2 = "pk2"  # encrypting the shares to each neighbour (ECDH + Fernet)
+SECAGG_SIGNING_KEY = "signing-key"  # a hospital's long-term public key (OpenSSH line)
+SECAGG_SIGNATURE = "signature"  # its signature: of its round keys, or of its view
 SECAGG_SOURCES = "sources"
 SECAGG_DESTINATIONS = "destinations"
 SECAGG_CIPHERTEXTS = "ciphertexts"
-SECAGG_ACTIVE = "active"
-SECAGG_DROPPED = "dropped"
+SECAGG_ALIVE = "alive"  # the hospitals whose masked update the server holds
+SECAGG_SIGNERS = "signers"  # node ids beside SECAGG_SIGNATURE lists
 SECAGG_SHARE_OWNERS = "share-owners"
 SECAGG_SHARE_VALUES = "share-values"
 SECAGG_LENGTH = "length"

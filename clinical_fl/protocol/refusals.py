@@ -52,14 +52,24 @@ CODES: tuple[RefusalCode, ...] = (
                 "in this run as its policy allows", "the hospital's max-evaluations"),
     RefusalCode(4011, "stage-refused", "a secure-aggregation stage out of order or "
                 "inconsistent with the round", "the server's secure-aggregation logs"),
-    RefusalCode(4012, "key-material", "the hospital's CKKS key material is missing or does not "
-                "match", "the hospital's ckks-context"),
+    RefusalCode(4012, "key-material", "the hospital's CKKS key material or SecAgg+ signing key "
+                "or roster is missing or does not match", "the named node config key "
+                "(ckks-context, secagg-signing-key, secagg-roster)"),
     RefusalCode(4013, "model-unavailable", "the model cannot be loaded at the hospital",
                 "model.name_or_path against what the hospital has installed"),
     RefusalCode(4014, "compute-unavailable", "the device or precision asked for is not at the "
                 "hospital", "train.device and train.precision"),
     RefusalCode(4015, "ledger-unreadable", "the hospital's privacy ledger cannot be trusted; "
                 "it trains no more until its operator looks", "the hospital's privacy ledger"),
+    RefusalCode(4016, "secagg-unauthenticated", "a SecAgg+ round key or signature that does "
+                "not verify against the hospital's roster (forged, swapped, replayed, unknown)",
+                "the hospitals' roster files and the server's secure-aggregation logs"),
+    RefusalCode(4017, "secagg-inconsistent", "the server's lists of who shared keys and who "
+                "is alive disagree with the hospital's view, or too few hospitals signed it",
+                "the server's secure-aggregation logs (a lying or faulty server)"),
+    RefusalCode(4018, "secagg-threshold-refused", "a SecAgg+ threshold below a majority of the "
+                "hospitals it shares with (counts: threshold, hospitals)",
+                "secure_aggregation.reconstruction_threshold"),
     RefusalCode(4031, "privacy-budget-refused", "the hospital's privacy budget rules out this "
                 "round", "the hospital's max-epsilon and the run's privacy settings"),
     RefusalCode(4032, "secure-aggregation-failed", "the hospital could not complete a "

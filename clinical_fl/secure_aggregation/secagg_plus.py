@@ -9,16 +9,34 @@ of the shares (``flwr.common.secure_aggregation.crypto.symmetric_encryption``), 
 secret sharing (``...crypto.shamir``), quantisation (``...quantization``); the masks come
 from ChaCha20 (``masking.py``) instead of Flower's 32-bit-seeded generator.
 
-One round, for the hospitals U the strategy sampled:
-1. setup: each hospital makes two key pairs and sends the public keys.
-2. share keys: each gets its neighbours' public keys; it Shamir-shares its self-mask seed
-   and its first private key among them, each share encrypted to its owner.
+One round, for the hospitals U the strategy sampled, secure against a server that lies
+(Bonawitz et al., CCS 2017, section 6: signed keys and a consistency round):
+1. setup: each hospital makes two key pairs and sends the public keys, signed with its
+   long-term key (``signing.py``) over the run, the round and the round's parameters.
+2. share keys: each gets the round's key list; it checks every key's signature against its
+   own roster (one entry per roster hospital), and that the threshold is a majority of the
+   list; then it Shamir-shares its self-mask seed and its first private key among them,
+   each share encrypted to its owner.
 3. collect: each receives the shares for it, trains, and sends its quantised weighted update
-   plus a self mask plus a pairwise mask with every neighbour (+ or - by node id), mod 2^32.
-4. unmask: the hospitals that sent an update return, for each active neighbour, its share of
-   the self-mask seed, and for each neighbour that dropped after sharing keys, its share of
-   the private key; the server removes the self masks and the dropped hospitals' pairwise
-   masks and is left with the sum. A hospital never reveals both secrets of one neighbour.
+   plus a self mask plus a pairwise mask with every hospital that shared with it (+ or - by
+   node id), mod 2^32.
+4. consistency: each hospital that sent an update is told who did (the alive list); it
+   checks it is listed, that every listed hospital shared with it, and signs its whole view
+   of the round (key list, who shared with it, who is alive).
+5. unmask: with the signatures of at least t hospitals over exactly its own view, each
+   returns, for each alive hospital, its share of the self-mask seed, and for each that
+   shared keys but is not alive, its share of the private key; the server removes the self
+   masks and the dropped hospitals' pairwise masks and is left with the sum. The alive and
+   dropped lists are the hospital's own view, never a list the server sends at this stage.
+
+Why this holds with a majority threshold t > k/2 (k: the round's key list) against a server
+that colludes with no hospital: to unmask hospital u alone it needs t shares of u's seed and
+t shares of the private keys of every hospital u masked with. Hospitals that accept an unmask
+share one signed view (t signers each; an honest hospital signs once a round, and the
+signers of any view containing u are among u's k neighbours, so two views would need
+2t > k of them); in that one view, u is alive and its partners dropped, so the signers are
+neither u nor its >= t - 1 partners: at most k - t < t of them. With c colluding hospitals
+the same count needs t > (k + c) / 2 (docs/secure-aggregation.md).
 """
 
 from __future__ import annotations
@@ -50,11 +68,36 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
+from clinical_fl.secure_aggregation import signing
 from clinical_fl.secure_aggregation.masking import dequantize_sum, mask, quantize_vector
 
 
 class SecAggError(ValueError):
     """A stage that cannot go on without weakening the protocol (the reason says why)."""
+
+
+class KeyUnauthenticated(SecAggError):
+    """A round key or signature that does not verify against the hospital's own roster:
+    forged, swapped, replayed from another round, or of a hospital it does not know."""
+
+
+class ViewInconsistent(SecAggError):
+    """The server's lists of who shared and who is alive disagree with what this hospital
+    saw, or too few hospitals signed the same view."""
+
+
+class ThresholdRefused(SecAggError):
+    """A reconstruction threshold below a majority of the hospitals this one shares with."""
+
+    def __init__(self, threshold: int, hospitals: int) -> None:
+        super().__init__(f"a reconstruction threshold of {threshold} among {hospitals} "
+                         f"hospitals; a majority is at least {hospitals // 2 + 1}")
+        self.counts = {"threshold": threshold, "hospitals": hospitals}
+
+
+def majority(hospitals: int) -> int:
+    """The smallest threshold t with 2t > ``hospitals``."""
+    return hospitals // 2 + 1
 
 
 def ring_neighbours(nodes: list[int], num_shares: int) -> dict[int, list[int]]:
@@ -99,6 +142,7 @@ class HospitalSecrets:
 
     round: int
     node_id: int
+    run_id: int
     threshold: int
     clipping_range: float
     quantization_range: int
@@ -108,12 +152,26 @@ class HospitalSecrets:
     sk2: bytes
     pk2: bytes
     stage: str
+    signing_key: bytes = b""  # this hospital's long-term public key (OpenSSH line)
     rd_seed: bytes = b""
     pk1_of: dict[int, bytes] = field(default_factory=dict)
     share_key_of: dict[int, bytes] = field(default_factory=dict)
     rd_seed_shares: dict[int, bytes] = field(default_factory=dict)
     sk1_shares: dict[int, bytes] = field(default_factory=dict)
     mask_partners: list[int] = field(default_factory=list)
+    signing_key_of: dict[int, bytes] = field(default_factory=dict)
+    key_list: bytes = b""  # signing.roster_view_hash of the key list it was given
+    alive: list[int] = field(default_factory=list)  # the alive list it signed
+
+    @property
+    def shared(self) -> list[int]:
+        """Who shared keys with this hospital, itself included."""
+        return sorted({self.node_id, *self.mask_partners})
+
+    def view(self) -> bytes:
+        """The statement it signs in the consistency round, and checks others' against."""
+        return signing.view_statement(self.run_id, self.round, self.digest, self.key_list,
+                                      self.shared, self.alive)
 
     @property
     def digest(self) -> bytes:
@@ -149,8 +207,10 @@ def _expect_stage(secrets: HospitalSecrets, done: str, asked: str) -> None:
 
 
 def setup(round_: int, node_id: int, threshold: int, clipping_range: float,
-          quantization_range: int, max_weight: float) -> HospitalSecrets:
-    """Stage 1: fresh key pairs for this round (their public halves go to the server)."""
+          quantization_range: int, max_weight: float, run_id: int,
+          signer: signing.PrivateKey) -> tuple[HospitalSecrets, bytes]:
+    """Stage 1: fresh key pairs for this round. Returns (the round's secrets, the signature
+    of its public keys with the hospital's long-term key)."""
     if threshold < 2:
         raise SecAggError(f"a reconstruction threshold of {threshold}: one share would reveal "
                           "a secret (at least 2)")
@@ -161,25 +221,41 @@ def setup(round_: int, node_id: int, threshold: int, clipping_range: float,
                           f"levels) or max weight {max_weight} out of range")
     sk1, pk1 = generate_key_pairs()
     sk2, pk2 = generate_key_pairs()
-    return HospitalSecrets(round_, node_id, threshold, clipping_range, quantization_range,
-                           max_weight, private_key_to_bytes(sk1), public_key_to_bytes(pk1),
-                           private_key_to_bytes(sk2), public_key_to_bytes(pk2), stage="setup")
+    secrets = HospitalSecrets(round_, node_id, run_id, threshold, clipping_range,
+                              quantization_range, max_weight, private_key_to_bytes(sk1),
+                              public_key_to_bytes(pk1), private_key_to_bytes(sk2),
+                              public_key_to_bytes(pk2), stage="setup",
+                              signing_key=signing.public_bytes(signer))
+    signature = signing.sign(signer, signing.keys_statement(
+        run_id, round_, secrets.digest, node_id, secrets.pk1, secrets.pk2))
+    return secrets, signature
 
 
-def share_keys(secrets: HospitalSecrets, public_keys: dict[int, tuple[bytes, bytes]]
-               ) -> tuple[list[int], list[bytes]]:
-    """Stage 2: Shamir shares of the self-mask seed and of the first private key, one per
-    neighbour, each encrypted with the key agreed with that neighbour. Returns
-    (destinations, ciphertexts)."""
+def share_keys(secrets: HospitalSecrets, public_keys: dict[int, tuple[bytes, bytes]],
+               signing_keys: dict[int, bytes], signatures: dict[int, bytes],
+               roster: signing.Roster) -> tuple[list[int], list[bytes]]:
+    """Stage 2: check the round's key list against the roster, then Shamir shares of the
+    self-mask seed and of the first private key, one per listed hospital, each encrypted
+    with the key agreed with it. Returns (destinations, ciphertexts)."""
     _expect_stage(secrets, "setup", "share keys")
+    if set(signing_keys) != set(public_keys) or set(signatures) != set(public_keys):
+        raise KeyUnauthenticated("the key list lacks a signing key or a signature for some "
+                                 "hospitals")
+    if public_keys.get(secrets.node_id) != (secrets.pk1, secrets.pk2) \
+            or signing_keys.get(secrets.node_id) != secrets.signing_key:
+        raise KeyUnauthenticated("the server's list does not hold this hospital's own keys")
+    _check_signed_keys(secrets, public_keys, signing_keys, signatures, roster)
+    if secrets.threshold < majority(len(public_keys)):
+        raise ThresholdRefused(secrets.threshold, len(public_keys))
     if len(public_keys) < secrets.threshold:
         raise SecAggError(f"{len(public_keys)} neighbours, fewer than the reconstruction "
                           f"threshold {secrets.threshold}")
     keys = [k for pair in public_keys.values() for k in pair]
     if len(set(keys)) != len(keys):
         raise SecAggError("two neighbours sent the same public key")
-    if public_keys.get(secrets.node_id) != (secrets.pk1, secrets.pk2):
-        raise SecAggError("the server's list does not hold this hospital's own public keys")
+    secrets.signing_key_of = dict(signing_keys)
+    secrets.key_list = signing.roster_view_hash(
+        {n: (*public_keys[n], signing_keys[n]) for n in public_keys})
     secrets.rd_seed = os.urandom(32)
     seed_shares = create_shares(secrets.rd_seed, secrets.threshold, len(public_keys))
     key_shares = create_shares(secrets.sk1, secrets.threshold, len(public_keys))
@@ -201,6 +277,24 @@ def share_keys(secrets: HospitalSecrets, public_keys: dict[int, tuple[bytes, byt
     return destinations, ciphertexts
 
 
+def _check_signed_keys(secrets: HospitalSecrets, public_keys: dict[int, tuple[bytes, bytes]],
+                       signing_keys: dict[int, bytes], signatures: dict[int, bytes],
+                       roster: signing.Roster) -> None:
+    """Every listed hospital is a distinct hospital of the roster, and signed these round
+    keys for this run, round and round parameters."""
+    if len(set(signing_keys.values())) != len(signing_keys):
+        raise KeyUnauthenticated("one roster hospital is listed under two node ids")
+    for node, (pk1, pk2) in public_keys.items():
+        if signing_keys[node] not in roster:
+            raise KeyUnauthenticated(f"node {node}'s signing key is not in this hospital's "
+                                     "roster")
+        statement = signing.keys_statement(secrets.run_id, secrets.round, secrets.digest,
+                                           node, pk1, pk2)
+        if not signing.verify(signing_keys[node], signatures[node], statement):
+            raise KeyUnauthenticated(f"node {node}'s round keys are not signed by its roster "
+                                     "key for this run, round and round parameters")
+
+
 def receive_shares(secrets: HospitalSecrets, sources: list[int],
                    ciphertexts: list[bytes]) -> None:
     """Stage 3, before training: keep the neighbours' shares meant for this hospital; each
@@ -211,6 +305,8 @@ def receive_shares(secrets: HospitalSecrets, sources: list[int],
     if len(sources) + 1 < secrets.threshold:
         raise SecAggError(f"shares from {len(sources)} neighbours: with this hospital, fewer "
                           f"than the reconstruction threshold {secrets.threshold}")
+    if len(set(sources)) != len(sources):
+        raise SecAggError("shares from one neighbour listed twice")
     for source, ciphertext in zip(sources, ciphertexts, strict=True):
         if source not in secrets.share_key_of:
             raise SecAggError(f"shares from node {source}, which is not a neighbour")
@@ -258,22 +354,49 @@ def masked_levels(secrets: HospitalSecrets, levels: np.ndarray,
     return vector
 
 
-def unmask_shares(secrets: HospitalSecrets, active: list[int],
-                  dropped: list[int]) -> tuple[list[int], list[bytes]]:
-    """Stage 4: self-mask seed shares of the active neighbours, private-key shares of the
-    dropped ones. Returns (owners, shares)."""
-    _expect_stage(secrets, "collect", "unmask")
-    if set(active) & set(dropped):
-        raise SecAggError(f"nodes {sorted(set(active) & set(dropped))} listed as both active "
-                          "and dropped: revealing both secrets of a node unmasks its update")
-    if len(active) < secrets.threshold:
-        raise SecAggError(f"{len(active)} active neighbours, fewer than the reconstruction "
-                          f"threshold {secrets.threshold}")
-    unknown = (set(active) | set(dropped)) - set(secrets.rd_seed_shares)
-    if unknown:
-        raise SecAggError(f"no shares held for nodes {sorted(unknown)}")
+def consistency(secrets: HospitalSecrets, alive: list[int],
+                signer: signing.PrivateKey) -> bytes:
+    """Stage 4: the server's list of the hospitals whose masked update it holds. This
+    hospital signs its whole view of the round only if it is listed itself, every listed
+    hospital shared keys with it, and the list reaches the threshold; once a round."""
+    _expect_stage(secrets, "collect", "consistency")
+    if len(set(alive)) != len(alive):
+        raise ViewInconsistent("the alive list names a hospital twice")
+    if secrets.node_id not in alive:
+        raise ViewInconsistent("the alive list leaves out this hospital, which sent its "
+                               "update: it would be unmasked as dropped")
+    strangers = set(alive) - set(secrets.shared)
+    if strangers:
+        raise ViewInconsistent(f"the alive list names {len(strangers)} hospital(s) that did "
+                               "not share keys with this one")
+    if len(alive) < secrets.threshold:
+        raise ViewInconsistent(f"{len(alive)} alive hospitals, fewer than the reconstruction "
+                               f"threshold {secrets.threshold}")
+    secrets.alive = sorted(alive)
+    secrets.stage = "consistency"
+    return signing.sign(signer, secrets.view())
+
+
+def unmask_shares(secrets: HospitalSecrets, alive: list[int],
+                  signatures: dict[int, bytes]) -> tuple[list[int], list[bytes]]:
+    """Stage 5: with at least ``threshold`` hospitals' signatures over exactly this
+    hospital's view, its self-mask seed shares of the alive hospitals and its private-key
+    shares of those that shared keys but are not alive. Returns (owners, shares)."""
+    _expect_stage(secrets, "consistency", "unmask")
+    if sorted(set(alive)) != secrets.alive or len(set(alive)) != len(alive):
+        raise ViewInconsistent("the alive list differs from the one this hospital signed")
+    statement = secrets.view()
+    signed = {secrets.node_id} | {
+        node for node, signature in signatures.items()
+        if node in secrets.alive and node in secrets.signing_key_of
+        and signing.verify(secrets.signing_key_of[node], signature, statement)}
+    if len(signed) < secrets.threshold:
+        raise ViewInconsistent(f"{len(signed)} hospitals signed this hospital's view of the "
+                               f"round, fewer than the threshold {secrets.threshold}")
     secrets.stage = "unmask"
-    owners = list(active) + list(dropped)
+    active = secrets.alive
+    dropped = [n for n in secrets.shared if n not in active]
+    owners = list(active) + dropped
     shares = ([secrets.rd_seed_shares[n] for n in active]
               + [secrets.sk1_shares[n] for n in dropped])
     return owners, shares

@@ -21,9 +21,10 @@ from flwr.common import MessageType
 from flwr.common.logger import log
 
 from clinical_fl.protocol import messages as m
-from clinical_fl.secure_aggregation import ckks, secagg_plus
+from clinical_fl.secure_aggregation import ckks, secagg_plus, signing
 from clinical_fl.secure_aggregation.update_vector import flatten, weight_share, weighted_update
 from fl_app.exchange import ciphertext_record, ciphertexts_of, vector_record
+from fl_app.hospital import signing_keys
 from fl_app.hospital.node_config import configured_ckks_context, hospital_name, is_deployed
 
 STATE_KEY = "secure-aggregation"
@@ -78,7 +79,8 @@ def secure_aggregation_mod(msg: Message, context: Context,
         return _ckks_decrypt(msg, context)
     if stage == m.STAGE_COLLECT:
         return _secagg_collect(msg, context, call_next)
-    stages = {m.STAGE_SETUP: _setup, m.STAGE_SHARE_KEYS: _share_keys, m.STAGE_UNMASK: _unmask}
+    stages = {m.STAGE_SETUP: _setup, m.STAGE_SHARE_KEYS: _share_keys,
+              m.STAGE_CONSISTENCY: _consistency, m.STAGE_UNMASK: _unmask}
     if stage not in stages:
         raise StageRefused(f"unknown secure aggregation stage {stage!r}")
     try:
@@ -117,33 +119,58 @@ def _keep(context: Context, secrets: secagg_plus.HospitalSecrets) -> None:
 
 
 def _setup(record: ConfigRecord, context: Context) -> dict:
-    secrets = secagg_plus.setup(
-        int(record[m.SECAGG_ROUND]), context.node_id, int(record[m.SECAGG_THRESHOLD]),
-        float(record[m.SECAGG_CLIPPING_RANGE]), int(record[m.SECAGG_QUANTIZATION_RANGE]),
-        float(record[m.SECAGG_MAX_WEIGHT]))
+    round_, threshold = int(record[m.SECAGG_ROUND]), int(record[m.SECAGG_THRESHOLD])
+    lattice = (float(record[m.SECAGG_CLIPPING_RANGE]),
+               int(record[m.SECAGG_QUANTIZATION_RANGE]), float(record[m.SECAGG_MAX_WEIGHT]))
+    signer, roster = signing_keys.signing_key(context), signing_keys.roster(context)
+    if signing.public_bytes(signer) not in roster:
+        raise signing_keys.SigningKeyMissing(
+            f"{_who(context)}: its own signing key is not in its roster; the others could "
+            "not verify its round keys", signing_keys.ROSTER)
+    secrets, signature = secagg_plus.setup(round_, context.node_id, threshold, *lattice,
+                                           int(context.run_id), signer)
     _keep(context, secrets)
-    return {m.SECAGG_PUBLIC_KEY_1: secrets.pk1, m.SECAGG_PUBLIC_KEY_2: secrets.pk2}
+    return {m.SECAGG_PUBLIC_KEY_1: secrets.pk1, m.SECAGG_PUBLIC_KEY_2: secrets.pk2,
+            m.SECAGG_SIGNING_KEY: secrets.signing_key, m.SECAGG_SIGNATURE: signature}
 
 
 def _share_keys(record: ConfigRecord, context: Context) -> dict:
     secrets = _secrets(context, int(record[m.SECAGG_ROUND]))
-    public = {int(n): (bytes(p1), bytes(p2)) for n, p1, p2 in zip(
-        record[m.SECAGG_NODES], record[m.SECAGG_PUBLIC_KEY_1], record[m.SECAGG_PUBLIC_KEY_2],
-        strict=True)}
-    destinations, ciphertexts = secagg_plus.share_keys(secrets, public)
+    nodes = [int(n) for n in record[m.SECAGG_NODES]]
+    if len(set(nodes)) != len(nodes):
+        raise secagg_plus.ViewInconsistent("the key list names a node twice")
+    columns = [record[k] for k in (m.SECAGG_PUBLIC_KEY_1, m.SECAGG_PUBLIC_KEY_2,
+                                   m.SECAGG_SIGNING_KEY, m.SECAGG_SIGNATURE)]
+    rows = {n: tuple(bytes(v) for v in row) for n, *row in zip(nodes, *columns, strict=True)}
+    destinations, ciphertexts = secagg_plus.share_keys(
+        secrets, {n: (r[0], r[1]) for n, r in rows.items()}, {n: r[2] for n, r in rows.items()},
+        {n: r[3] for n, r in rows.items()}, signing_keys.roster(context))
     _keep(context, secrets)
     log(INFO, "%s: secure aggregation round %s: key shares sent to %d neighbours",
         _who(context), secrets.round, len(destinations))
     return {m.SECAGG_DESTINATIONS: destinations, m.SECAGG_CIPHERTEXTS: ciphertexts}
 
 
+def _consistency(record: ConfigRecord, context: Context) -> dict:
+    secrets = _secrets(context, int(record[m.SECAGG_ROUND]))
+    signature = secagg_plus.consistency(secrets, [int(n) for n in record[m.SECAGG_ALIVE]],
+                                        signing_keys.signing_key(context))
+    _keep(context, secrets)
+    return {m.SECAGG_SIGNATURE: signature}
+
+
 def _unmask(record: ConfigRecord, context: Context) -> dict:
     secrets = _secrets(context, int(record[m.SECAGG_ROUND]))
-    owners, shares = secagg_plus.unmask_shares(
-        secrets, [int(n) for n in record[m.SECAGG_ACTIVE]],
-        [int(n) for n in record[m.SECAGG_DROPPED]])
-    # The round's secrets are done with: a second unmask finds none to reveal.
+    signers = [int(n) for n in record[m.SECAGG_SIGNERS]]
+    signatures = [bytes(s) for s in record[m.SECAGG_SIGNATURE]]
+    if len(set(signers)) != len(signers) or len(signers) != len(signatures):
+        raise secagg_plus.ViewInconsistent("the signatures are not one per named hospital")
+    # The round's secrets are done with whatever the answer: a refused unmask is not asked
+    # again with other lists.
     del context.state.config_records[STATE_KEY]
+    owners, shares = secagg_plus.unmask_shares(
+        secrets, [int(n) for n in record[m.SECAGG_ALIVE]], dict(zip(signers, signatures,
+                                                                    strict=True)))
     return {m.SECAGG_SHARE_OWNERS: owners, m.SECAGG_SHARE_VALUES: shares}
 
 

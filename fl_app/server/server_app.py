@@ -405,6 +405,25 @@ def plan_distributed_dp_for(settings: RunSettings, federation: Federation,
              federation.task.planned_rounds, plan.threshold)
 
 
+def check_secagg_plus_graph(secure: SecureAggregationSettings, per_round: int,
+                            threshold: int) -> None:
+    """SecAgg+ against a malicious server: every hospital of a round shares with every other
+    (the consistency round compares whole views, docs/secure-aggregation.md), and the
+    threshold is a majority of them (each hospital refuses a smaller one)."""
+    shares = secure.shares_for(per_round)
+    if shares < per_round:
+        raise ConfigError(
+            f"secure_aggregation.num_shares={secure.num_shares}: a round of {per_round} "
+            f"hospitals would share on a ring of {shares}; SecAgg+ here shares among every "
+            "hospital of a round (leave num_shares null or at least the round's hospitals)")
+    if threshold < per_round // 2 + 1:
+        raise ConfigError(
+            f"secure_aggregation.reconstruction_threshold={threshold}: a round of "
+            f"{per_round} hospitals needs a majority, at least {per_round // 2 + 1}; below "
+            "it a lying server could rebuild one hospital's masks, and every hospital "
+            "refuses the round")
+
+
 def secure_aggregation_grid(grid: Grid, settings: RunSettings, federation: Federation,
                             tracker: RunTracker) -> SecureAggregationGrid | None:
     """The Grid that runs secure aggregation under the strategy (None: mode none), after
@@ -421,12 +440,8 @@ def secure_aggregation_grid(grid: Grid, settings: RunSettings, federation: Feder
             f"secure_aggregation={secure.mode.value}: {per_round} hospital(s) per round "
             f"(of {len(taking_part)} taking part), fewer than the reconstruction threshold "
             f"{threshold}; a sum of fewer hospitals is never released")
-    shares = secure.shares_for(per_round)
-    if secure.mode == SecureAggregationMode.secagg_plus and shares < threshold:
-        raise ConfigError(
-            f"secure_aggregation.num_shares: each hospital shares with {shares} hospital(s) "
-            f"(itself included), fewer than the reconstruction threshold {threshold}: no "
-            "secret could be rebuilt")
+    if secure.mode == SecureAggregationMode.secagg_plus:
+        check_secagg_plus_graph(secure, per_round, threshold)
     public = check_ckks_keys(secure, taking_part) if secure.mode == SecureAggregationMode.ckks \
         else None
     # FedAvg's weight: the hospital's training records, or 1 under client-level DP and

@@ -68,7 +68,8 @@ MAPPING_KEYS = {"data-path": "path", "text-column": "text_column",
 RELEASE_KEYS = ("deid", "max-evaluations")
 KEYS = (*PRIVACY_KEYS, *MAPPING_KEYS, *RELEASE_KEYS)
 # Node config keys that are not policy: where the hospital runs and keeps its state.
-NODE_KEYS = ("partition-id", "num-partitions", "state-dir", "ckks-context", "fault-drill")
+NODE_KEYS = ("partition-id", "num-partitions", "state-dir", "ckks-context", "fault-drill",
+             "secagg-signing-key", "secagg-roster")
 
 
 def default_delta(train_records: int) -> float:

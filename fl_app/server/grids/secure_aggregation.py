@@ -180,8 +180,9 @@ class SecureAggregationGrid(GridWrapper):
                                f"reconstruction threshold {threshold}")
 
     def _secagg_plus(self, messages: list[Message], timeout: float | None) -> list[Message]:
-        """SecAgg+'s stages in order: setup (public keys), share keys, collect (masked
-        updates), unmask (the shares that remove the masks), then the released sum."""
+        """SecAgg+'s stages in order: setup (signed public keys), share keys, collect
+        (masked updates), consistency (signed views), unmask (the shares that remove the
+        masks), then the released sum."""
         round_, start = self._round_facts(messages)
         nodes = sorted(msg.metadata.dst_node_id for msg in messages)
         threshold = self._threshold(len(nodes))
@@ -199,7 +200,8 @@ class SecureAggregationGrid(GridWrapper):
         self._check_count(len(masked), threshold, "updates received")
         log.info("secure aggregation round %s: %d masked updates, %d dropped after sharing "
                  "keys", round_, len(masked), len(dropped))
-        shares = self._unmask_shares(run, masked, dropped)
+        signatures = self._consistency(run, masked, public)
+        shares = self._unmask_shares(run, masked, signatures)
         aggregate = self._release(run, start, masked, shares, public, dropped)
         return self._replies(uploaded, refused + list(failed.values()), aggregate)
 
@@ -211,9 +213,10 @@ class SecureAggregationGrid(GridWrapper):
                                f"{self.settings.quantization_range} would wrap around 2^32")
 
     def _setup_keys(self, run: _SecAggPlusRound, nodes: list[int],
-                    ) -> tuple[dict[int, tuple[bytes, bytes]], dict[int, Message]]:
+                    ) -> tuple[dict[int, tuple[bytes, ...]], dict[int, Message]]:
         """Stage setup: the round's parameters to every sampled hospital; (each hospital's
-        two public keys, error replies) by node."""
+        two public keys, its long-term signing key and its signature of the two; error
+        replies) by node. The server relays them; each hospital checks them."""
         settings = self.settings
         setup = ConfigRecord({
             m.SECAGG_STAGE: m.STAGE_SETUP, m.SECAGG_ROUND: run.round_,
@@ -222,23 +225,25 @@ class SecureAggregationGrid(GridWrapper):
             m.SECAGG_MAX_WEIGHT: self.max_weight})
         keyed, failed = self._stage({n: RecordDict({m.SECAGG_RECORD: setup}) for n in nodes},
                                     run.group, run.timeout)
-        public = {node: (bytes(r.content[m.SECAGG_RECORD][m.SECAGG_PUBLIC_KEY_1]),
-                         bytes(r.content[m.SECAGG_RECORD][m.SECAGG_PUBLIC_KEY_2]))
-                  for node, r in keyed.items()}
+        public = {node: tuple(bytes(r.content[m.SECAGG_RECORD][key]) for key in (
+            m.SECAGG_PUBLIC_KEY_1, m.SECAGG_PUBLIC_KEY_2, m.SECAGG_SIGNING_KEY,
+            m.SECAGG_SIGNATURE)) for node, r in keyed.items()}
         self._check_count(len(public), run.threshold, "after setup")
         return public, failed
 
-    def _share_keys(self, run: _SecAggPlusRound, public: dict[int, tuple[bytes, bytes]],
+    def _share_keys(self, run: _SecAggPlusRound, public: dict[int, tuple[bytes, ...]],
                     ) -> tuple[dict[int, Message], dict[int, Message]]:
-        """Stage share keys: each hospital gets the public keys of its neighbours that
+        """Stage share keys: each hospital gets the signed keys of its neighbours that
         answered setup; (replies with its encrypted shares, error replies) by node."""
 
         def share_request(node: int) -> RecordDict:
             known = [n for n in run.neighbours[node] if n in public]
+            keys = (m.SECAGG_PUBLIC_KEY_1, m.SECAGG_PUBLIC_KEY_2, m.SECAGG_SIGNING_KEY,
+                    m.SECAGG_SIGNATURE)
             return RecordDict({m.SECAGG_RECORD: ConfigRecord({
                 m.SECAGG_STAGE: m.STAGE_SHARE_KEYS, m.SECAGG_ROUND: run.round_,
-                m.SECAGG_NODES: known, m.SECAGG_PUBLIC_KEY_1: [public[n][0] for n in known],
-                m.SECAGG_PUBLIC_KEY_2: [public[n][1] for n in known]})})
+                m.SECAGG_NODES: known,
+                **{key: [public[n][col] for n in known] for col, key in enumerate(keys)}})})
 
         shared, failed = self._stage({n: share_request(n) for n in public}, run.group,
                                      run.timeout)
@@ -276,19 +281,35 @@ class SecureAggregationGrid(GridWrapper):
             masked[node] = vector
         return masked
 
-    def _unmask_shares(self, run: _SecAggPlusRound, masked: dict[int, np.ndarray],
-                       dropped: list[int]) -> dict[int, list[bytes]]:
-        """Stage unmask: each hospital that uploaded is told which neighbours are active and
-        which dropped; the shares it returns, by the hospital whose secret they are of."""
+    def _consistency(self, run: _SecAggPlusRound, masked: dict[int, np.ndarray],
+                     public: dict[int, tuple[bytes, ...]]) -> dict[int, bytes]:
+        """Stage consistency: every hospital that uploaded is told who did (the same list
+        to all) and signs its view of the round; the signatures, by node. A hospital
+        refuses to unmask without the signatures of at least the threshold over its own
+        view, so a round whose hospitals saw different rounds releases nothing."""
+        alive = sorted(masked)
+        signed, _ = self._stage({n: RecordDict({m.SECAGG_RECORD: ConfigRecord({
+            m.SECAGG_STAGE: m.STAGE_CONSISTENCY, m.SECAGG_ROUND: run.round_,
+            m.SECAGG_ALIVE: alive})}) for n in alive}, run.group, run.timeout)
+        signatures = {node: bytes(r.content[m.SECAGG_RECORD][m.SECAGG_SIGNATURE])
+                      for node, r in signed.items()}
+        self._check_count(len(signatures), run.threshold, "views signed")
+        return signatures
 
-        def unmask_request(node: int) -> RecordDict:
+    def _unmask_shares(self, run: _SecAggPlusRound, masked: dict[int, np.ndarray],
+                       signatures: dict[int, bytes]) -> dict[int, list[bytes]]:
+        """Stage unmask: each hospital that uploaded gets the alive list and the view
+        signatures; the shares it returns (of the alive hospitals' seeds and of the
+        dropped ones' keys, by its own view), by the hospital whose secret they are of."""
+        signers = sorted(signatures)
+
+        def request() -> RecordDict:
             return RecordDict({m.SECAGG_RECORD: ConfigRecord({
                 m.SECAGG_STAGE: m.STAGE_UNMASK, m.SECAGG_ROUND: run.round_,
-                m.SECAGG_ACTIVE: [n for n in run.neighbours[node] if n in masked],
-                m.SECAGG_DROPPED: [n for n in run.neighbours[node] if n in dropped]})})
+                m.SECAGG_ALIVE: sorted(masked), m.SECAGG_SIGNERS: signers,
+                m.SECAGG_SIGNATURE: [signatures[n] for n in signers]})})
 
-        unmasked, _ = self._stage({n: unmask_request(n) for n in masked}, run.group,
-                                  run.timeout)
+        unmasked, _ = self._stage({n: request() for n in masked}, run.group, run.timeout)
         shares: dict[int, list[bytes]] = {}
         for reply in unmasked.values():
             record = reply.content[m.SECAGG_RECORD]
@@ -299,7 +320,7 @@ class SecureAggregationGrid(GridWrapper):
 
     def _release(self, run: _SecAggPlusRound, start: dict[str, np.ndarray],
                  masked: dict[int, np.ndarray], shares: dict[int, list[bytes]],
-                 public: dict[int, tuple[bytes, bytes]],
+                 public: dict[int, tuple[bytes, ...]],
                  dropped: list[int]) -> dict[str, np.ndarray]:
         """The masks removed from the sum of the masked updates, dequantised and combined
         with the round's start into the aggregate adapter; the round's range used."""
