@@ -52,6 +52,7 @@ from tests.hostile_server import (
     task_identity,
     write_canary_export,
 )
+from tests.secure_hospitals import provision_signing_keys
 from tests.support import task
 
 NODE, OTHERS = 7, [8, 9]
@@ -76,6 +77,8 @@ def hospital(tiny_bert, tmp_path_factory, identity):
     secret = ckks.simulation_secret_context(root / "ckks")
     mapping = {"partition-id": 0, "data-path": str(export), "text-column": "text",
                "label-column": "label", "deid": "allowed", "ckks-context": str(secret)}
+    provision_signing_keys([Context(run_id=0, node_id=NODE, node_config=mapping,
+                                    state=RecordDict(), run_config={})], root / "signing")
     files = ("data=files", f"data.labels=[{','.join(LABELS)}]", "train.batch_size=8",
              "train.local_epochs=1")
     dp = task(tiny_bert, *files, "privacy=dp_sgd", "privacy.dp_sgd.target_epsilon=2",

@@ -35,6 +35,7 @@ from tests.hostile_server import (
     task_identity,
     write_canary_export,
 )
+from tests.secure_hospitals import provision_signing_keys
 from tests.support import task
 
 NODE = 7
@@ -53,6 +54,9 @@ def hospital(tiny_bert, tmp_path_factory):
                    "data-path": str(export), "text-column": "text", "label-column": "label",
                    "max-epsilon": 3.0, "require-dp": True, "deid": "allowed",
                    "ckks-context": str(secret)}
+    signer = Context(run_id=0, node_id=NODE, node_config=node_config, state=RecordDict(),
+                     run_config={})
+    provision_signing_keys([signer], root / "signing")
     files = ("data=files", f"data.labels=[{','.join(LABELS)}]", "train.batch_size=8")
     dp = task(tiny_bert, *files, "privacy=dp_sgd", "privacy.dp_sgd.target_epsilon=2",
               "train.local_epochs=1", labels=LABELS, planned_rounds=2)

@@ -89,6 +89,10 @@ SECAGG_SIGNERS = "signers"  # node ids beside SECAGG_SIGNATURE lists
 SECAGG_SHARE_OWNERS = "share-owners"
 SECAGG_SHARE_VALUES = "share-values"
 SECAGG_LENGTH = "length"
+SECAGG_DIGEST = "digest"  # CKKS: signing.ciphertexts_digest of each contributor's update
+# CKKS collect replies: beside the ciphertexts, the hospital's long-term key and its signature
+# of them (signing.contribution_statement), in a ConfigRecord of their own.
+SECAGG_CONTRIBUTION_RECORD = "secure-aggregation-contribution"
 # The masked update (uint32, one flat array) or the decrypted sum (float64) in a reply.
 SECAGG_VECTOR = "vector"
 # Set by the hospital's own secure-aggregation mod in the train config it hands the handler

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 _KEYS_DOMAIN = b"clinical-fl secagg+ round keys v2"
 _VIEW_DOMAIN = b"clinical-fl secagg+ consistency v2"
+_CONTRIBUTION_DOMAIN = b"clinical-fl ckks contribution v1"
 _MAX_ROSTER_BYTES = 1 << 20  # a roster of a few thousand hospitals at most
 
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -83,6 +84,19 @@ def view_statement(run_id: int, round_: int, digest: bytes, key_list: bytes,
     the other's threshold."""
     return _digest(_VIEW_DOMAIN, [_int(run_id), _int(round_), digest, key_list,
                                   _nodes(shared), _nodes(alive)])
+
+
+def ciphertexts_digest(ciphertexts: Iterable[bytes]) -> bytes:
+    """One hospital's encrypted update (CKKS ciphertexts, in order), hashed."""
+    return _digest(b"ciphertexts", list(ciphertexts))
+
+
+def contribution_statement(run_id: int, round_: int, node: int, ciphertexts: bytes) -> bytes:
+    """What a hospital signs when it encrypts its CKKS update: node ``node`` sent these
+    ciphertexts (``ciphertexts_digest``) in this run's round. A decryption request names its
+    contributors with these signatures, so it cannot count a hospital that did not contribute
+    in that round, nor a round's contribution in another."""
+    return _digest(_CONTRIBUTION_DOMAIN, [_int(run_id), _int(round_), _int(node), ciphertexts])
 
 
 # --- Keys --------------------------------------------------------------------------------

@@ -270,6 +270,7 @@ def _secagg_collect(msg: Message, context: Context, call_next: ClientAppCallable
 def _ckks_collect(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     record = msg.content[m.SECAGG_RECORD]
     key = load_ckks_context(context)  # before training: no key, no work
+    signer = _own_signing_key(context)
     max_weight = _field(record, m.SECAGG_MAX_WEIGHT, float)
     round_ = _field(record, m.SECAGG_ROUND, int)
     threshold = _field(record, m.SECAGG_THRESHOLD, int)
@@ -293,18 +294,62 @@ def _ckks_collect(msg: Message, context: Context, call_next: ClientAppCallable) 
     else:
         values = weighted_update(_trained(reply), start, share)
     ciphertexts = ckks.encrypt(key, values)
+    digest = signing.ciphertexts_digest(ciphertexts)
+    signature = signing.sign(signer, signing.contribution_statement(
+        int(context.run_id), round_, context.node_id, digest))
     rounds = _ckks_rounds(context)
     rounds["encrypted"] = [int(r) for r in rounds["encrypted"]] + [round_]
+    rounds["digests"] = [bytes(d) for d in rounds.get("digests", [])] + [digest]
     # The fewest hospitals a sum holding this update may be decrypted with: the round's
     # threshold, and the t a distributed DP noise share assumes.
     assumes = int(reply.content[m.DISTRIBUTED_SHARE_RECORD][m.SHARE_THRESHOLD]) \
         if m.DISTRIBUTED_SHARE_RECORD in reply.content else 2
     rounds["assumes"] = [int(t) for t in rounds.get("assumes", [])] + [max(threshold, assumes)]
     context.state.config_records[CKKS_ROUNDS_KEY] = rounds
+    contribution = ConfigRecord({m.SECAGG_SIGNING_KEY: signing.public_bytes(signer),
+                                 m.SECAGG_SIGNATURE: signature})
     return Message(RecordDict({m.SECAGG_RECORD: ciphertext_record(ciphertexts),
+                               m.SECAGG_CONTRIBUTION_RECORD: contribution,
                                m.METRICS_RECORD: _metrics(reply,
                                                           time.perf_counter() - started)}),
                    reply_to=msg)
+
+
+def _own_signing_key(context: Context) -> signing.PrivateKey:
+    """The hospital's long-term key, which must be in its own roster (others check it)."""
+    signer = signing_keys.signing_key(context)
+    if signing.public_bytes(signer) not in signing_keys.roster(context):
+        raise signing_keys.SigningKeyMissing(
+            f"{_who(context)}: its own signing key is not in its roster; the others could "
+            "not verify its signatures", signing_keys.ROSTER)
+    return signer
+
+
+def _check_contributors(record: ConfigRecord, context: Context, round_: int,
+                        contributors: list[int], threshold: int, own_digest: bytes) -> None:
+    """The request's contributors are at least ``threshold`` distinct hospitals of this
+    hospital's roster, each with its signature of its ciphertexts in this run's round, this
+    hospital's own being the ciphertexts it sent. (Whether the ciphertext to decrypt is their
+    sum, a hospital cannot tell: docs/secure-aggregation.md.)"""
+    columns = [list(_field(record, key, list)) for key in (
+        m.SECAGG_SIGNING_KEY, m.SECAGG_SIGNATURE, m.SECAGG_DIGEST)]
+    if any(len(column) != len(contributors) for column in columns) \
+            or len(set(contributors)) != len(contributors):
+        raise secagg_plus.KeyUnauthenticated("the contributors are not one signed entry each")
+    roster = signing_keys.roster(context)
+    keys, signatures, digests = ([bytes(v) for v in column] for column in columns)
+    if len(set(keys)) != len(keys):
+        raise secagg_plus.KeyUnauthenticated("one roster hospital is listed under two node ids")
+    for node, key, signature, digest in zip(contributors, keys, signatures, digests,
+                                            strict=True):
+        statement = signing.contribution_statement(int(context.run_id), round_, node, digest)
+        if key not in roster or not signing.verify(key, signature, statement):
+            raise secagg_plus.KeyUnauthenticated(
+                f"node {node}'s contribution is not signed by a roster hospital for this run "
+                "and round")
+        if node == context.node_id and digest != own_digest:
+            raise secagg_plus.KeyUnauthenticated("the request's entry for this hospital is not "
+                                                 "the update it encrypted")
 
 
 def _ckks_rounds(context: Context) -> ConfigRecord:
@@ -344,6 +389,10 @@ def _ckks_decrypt(msg: Message, context: Context) -> Message:
     decrypted = [int(r) for r in rounds["decrypted"]]
     if round_ in decrypted:
         raise StageRefused(f"already decrypted one sum in round {round_}")
+    digests = [bytes(d) for d in rounds.get("digests", [])]
+    _check_contributors(record, context, round_, contributors, threshold,
+                        digests[encrypted.index(round_)] if len(digests) == len(encrypted)
+                        else b"")
     rounds["decrypted"] = decrypted + [round_]
     context.state.config_records[CKKS_ROUNDS_KEY] = rounds
     key = load_ckks_context(context)

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 
 from clinical_fl.protocol import messages as m
 from clinical_fl.protocol.refusals import explain_reason
-from clinical_fl.secure_aggregation import ckks, secagg_plus
+from clinical_fl.secure_aggregation import ckks, secagg_plus, signing
 from clinical_fl.secure_aggregation.update_vector import summed, weighted_mean
 from clinical_fl.settings.secure_aggregation import (
     SECAGG_MODULUS,
@@ -364,6 +364,7 @@ class SecureAggregationGrid(GridWrapper):
         started = time.perf_counter()
         encrypted = {node: ciphertexts_of(r.content[m.SECAGG_RECORD])
                      for node, r in uploaded.items()}
+        signed = self._contributions(uploaded, encrypted)
         try:
             total = ckks.add(self._ckks, list(encrypted.values()))
         except ValueError as err:
@@ -376,7 +377,8 @@ class SecureAggregationGrid(GridWrapper):
             request = RecordDict({m.SECAGG_RECORD: ConfigRecord({
                 m.SECAGG_STAGE: m.STAGE_CKKS_DECRYPT, m.SECAGG_ROUND: round_,
                 m.SECAGG_NODES: contributors, m.SECAGG_THRESHOLD: threshold,
-                m.SECAGG_LENGTH: length}), m.ARRAYS_RECORD: ciphertext_record(total)})
+                m.SECAGG_LENGTH: length, **signed}),
+                m.ARRAYS_RECORD: ciphertext_record(total)})
             decrypted, _ = self._stage({node: request}, str(round_), timeout)
             if node in decrypted:
                 vector = decrypted[node].content[m.ARRAYS_RECORD][m.SECAGG_VECTOR].numpy()
@@ -387,6 +389,20 @@ class SecureAggregationGrid(GridWrapper):
                 except ValueError as err:
                     raise RoundAborted(f"decrypted sum unusable: {err}") from err
         raise RoundAborted("no contributing hospital decrypted the sum")
+
+    @staticmethod
+    def _contributions(uploaded: dict[int, Message], encrypted: dict[int, list[bytes]],
+                       ) -> dict[str, list[bytes]]:
+        """The decryption request's binding: each contributor's long-term key, its signature
+        of its ciphertexts in this round, and their digest, in contributor order."""
+        contributors = sorted(uploaded)
+        records = [uploaded[n].content.get(m.SECAGG_CONTRIBUTION_RECORD) for n in contributors]
+        if any(r is None for r in records):
+            raise RoundAborted("an encrypted update came without its contribution signature")
+        return {m.SECAGG_SIGNING_KEY: [bytes(r[m.SECAGG_SIGNING_KEY]) for r in records],
+                m.SECAGG_SIGNATURE: [bytes(r[m.SECAGG_SIGNATURE]) for r in records],
+                m.SECAGG_DIGEST: [signing.ciphertexts_digest(encrypted[n])
+                                  for n in contributors]}
 
     # --- Train messages only through the protocol; the rest is GridWrapper's ----------
 
