@@ -48,16 +48,19 @@ def _stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 @dataclass
 class Deployment:
-    """Coordinator side: certificates, the SuperLink, registered keys, the CLI connection."""
+    """Coordinator side: certificates, the SuperLink, registered keys, the CLI connection, and
+    the hospitals' SecAgg+ roster (deploy/roster.sh over every key ``hospital_key`` made)."""
 
     root: Path
     secure: bool = True
     connection: str = "test-deploy"
     processes: list[subprocess.Popen] = field(default_factory=list)
     supernodes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    roster_keys: tuple[Path, ...] = ()  # the public keys the roster file holds
 
     def __post_init__(self) -> None:
         self.certs, self.keys = self.root / "certs", self.root / "keys"
+        self.roster = self.root / "roster.pub"
         self.home = self.root / "coordinator-home"
         self.env = {**_env(self.home), "HOSPITAL_REGISTRY": str(self.root / "hospitals.tsv")}
         self.port = free_port()
@@ -98,6 +101,18 @@ class Deployment:
             _script("register.sh", str(self.keys / f"{name}.pub"), self.connection, env=self.env)
         return self.keys / name
 
+    def make_roster(self, *also: Path) -> Path:
+        """The roster of every hospital key made so far (and of the private keys ``also``,
+        by their .pub beside them), (re)written when a key was added. A SuperNode reads the
+        file at each SecAgg+ stage, so the ones already running see the hospitals that joined
+        after them (deploy/roster.sh replaces the file whole)."""
+        keys = tuple(sorted({*self.roster_keys, *self.keys.glob("*.pub"),
+                             *(key.with_name(f"{key.name}.pub") for key in also)}))
+        if keys != self.roster_keys:
+            _script("roster.sh", "--force", str(self.roster), *map(str, keys), env=self.env)
+            self.roster_keys = keys
+        return self.roster
+
     def start_supernode(self, name: str, number: int, data: Path, secure: bool | None = None,
                         key: Path | None = None, policy: dict[str, str] | None = None,
                         ckks_context: Path | None = None) -> subprocess.Popen:
@@ -106,8 +121,9 @@ class Deployment:
         secure = self.secure if secure is None else secure
         state = self.root / "hospitals" / name
         state.mkdir(parents=True, exist_ok=True)
-        security = (["--ca", str(self.certs / "ca.crt"), "--key", str(key or self.keys / name)]
-                    if secure else ["--insecure"])
+        key_file = key or self.keys / name
+        security = (["--ca", str(self.certs / "ca.crt"), "--key", str(key_file),
+                     "--roster", str(self.make_roster(key_file))] if secure else ["--insecure"])
         log = (state / "supernode.log").open("a")
         process = subprocess.Popen(
             ["bash", str(DEPLOY / "supernode.sh"), "--hospital", name, "--number", str(number),
