@@ -44,12 +44,17 @@ class LyingServer:
 
     # --- One message to one hospital, through its real ClientApp mods ----------------
 
-    def ask(self, node: int, record: dict, train: bool = False) -> Message:
+    def ask(self, node: int, record: dict, train: bool = False,
+            start: dict[str, np.ndarray] | None = None, config: dict | None = None) -> Message:
+        """``start`` and ``config``: the train message's adapter and config (the collect
+        stage), the round's own unless a liar gives this hospital others."""
         content = RecordDict({m.SECAGG_RECORD: ConfigRecord(
             {m.SECAGG_ROUND: self.round_, **record})})
         if train:
-            content[m.ARRAYS_RECORD] = ArrayRecord({k: Array(v) for k, v in self.start.items()})
-            content[m.CONFIG_RECORD] = ConfigRecord({m.SERVER_ROUND_KEY: self.round_})
+            content[m.ARRAYS_RECORD] = ArrayRecord(
+                {k: Array(v) for k, v in (start or self.start).items()})
+            content[m.CONFIG_RECORD] = ConfigRecord(
+                {m.SERVER_ROUND_KEY: self.round_, **(config or {})})
         msg = Message(content, dst_node_id=node, message_type="train",
                       group_id=str(self.round_))
         return next(iter(self.hospitals.send_and_receive([msg])))
@@ -92,11 +97,12 @@ class LyingServer:
                 inbox[int(dst)][node] = bytes(ciphertext)
         return inbox
 
-    def collect(self, node: int, shares: dict[int, bytes]) -> np.ndarray:
-        """Hands ``node`` the shares chosen for it; it trains and sends its masked vector."""
+    def collect(self, node: int, shares: dict[int, bytes], **train: object) -> np.ndarray:
+        """Hands ``node`` the shares chosen for it; it trains and sends its masked vector.
+        ``train``: ``start`` or ``config`` of its own (see ``ask``)."""
         record = self.answer(self.ask(node, {
             m.SECAGG_STAGE: m.STAGE_COLLECT, m.SECAGG_SOURCES: list(shares),
-            m.SECAGG_CIPHERTEXTS: list(shares.values())}, train=True))
+            m.SECAGG_CIPHERTEXTS: list(shares.values())}, train=True, **train))
         return record[m.SECAGG_VECTOR].numpy()
 
     def consistency(self, node: int, alive: list[int]) -> Message:

@@ -13,7 +13,7 @@ from clinical_fl.secure_aggregation import secagg_plus, signing
 from clinical_fl.secure_aggregation.masking import dequantize_sum, mask
 from clinical_fl.secure_aggregation.update_vector import weighted_update
 from tests.lying_server import CLIPPING_RANGE, LEVELS, LyingServer, SignedKeys
-from tests.secure_hospitals import records_of, step_of
+from tests.secure_hospitals import ADAPTER, records_of, step_of
 
 H1, H2, H3, H4, H5 = NODES = [11, 22, 33, 44, 55]
 UNAUTHENTICATED, INCONSISTENT = "4016 secagg-unauthenticated", "4017 secagg-inconsistent"
@@ -244,6 +244,28 @@ def test_lying_server_unmask_list_other_than_the_signed_one_is_refused():
     assert server.unmask(H5, NODES, forged).error.reason == INCONSISTENT
     assert server.revealed() == []
     assert server.answer(server.unmask(H2, NODES, signatures))[m.SECAGG_SHARE_VALUES]
+
+
+@pytest.mark.parametrize("other", [
+    # The others get an adapter whose update the server can predict (here: another start),
+    # or settings that make their update known (a learning rate of nearly 0), so that the
+    # sum would be hospital 1's update plus known terms (Pasquini et al., CCS 2022).
+    {"start": {k: np.zeros_like(v) for k, v in ADAPTER.items()}},
+    {"config": {"lr": 1e-30}},
+])
+def test_lying_server_different_train_messages_release_nothing(other):
+    server = LyingServer(NODES, threshold=3)
+    inbox = server.share_all(server.setup())
+    server.collect(H1, inbox[H1])
+    for node in NODES[1:]:
+        server.collect(node, inbox[node], **other)
+    signatures = {n: bytes(server.answer(server.consistency(n, NODES))[m.SECAGG_SIGNATURE])
+                  for n in NODES}
+    # Hospitals 2-5 agree with each other, but hospital 1's view (its train message) differs:
+    # every view lacks an alive hospital's signature, so nobody unmasks, not even 1's seed.
+    for node in NODES:
+        assert server.unmask(node, NODES, signatures).error.reason == INCONSISTENT
+    assert server.revealed() == []
 
 
 def test_lying_server_roster_is_the_hospitals_not_the_servers(tmp_path):

@@ -129,6 +129,18 @@ def test_secagg_plus_releases_nothing_when_fewer_than_the_threshold_are_alive():
     assert not any(m.SECAGG_SHARE_VALUES in record for record in stages)
 
 
+def test_secagg_plus_releases_nothing_when_a_hospital_is_lost_after_its_update():
+    # 404 sent its masked update and was lost before signing the round's view: every
+    # hospital unmasks only a view all alive hospitals signed, so the round is lost (its
+    # masked update cannot be told apart from a lie about who is alive).
+    hospitals = HospitalsGrid(NODES, silent={404: m.STAGE_CONSISTENCY})
+    _, replies, _, arrays = _round(hospitals, SecureAggregationSettings(mode="secagg_plus"))
+    assert arrays is None
+    assert "views signed: 3 of the 4 hospitals" in replies[0].error.reason
+    stages = [c[m.SECAGG_RECORD] for _, c in hospitals.received if c and m.SECAGG_RECORD in c]
+    assert not any(m.SECAGG_SHARE_VALUES in record for record in stages)
+
+
 def test_a_round_below_the_threshold_releases_nothing():
     hospitals = HospitalsGrid(NODES, silent={303: m.STAGE_COLLECT, 404: m.STAGE_COLLECT})
     settings = SecureAggregationSettings(mode="secagg_plus", reconstruction_threshold=3)

@@ -22,21 +22,26 @@ One round, for the hospitals U the strategy sampled, secure against a server tha
    node id), mod 2^32.
 4. consistency: each hospital that sent an update is told who did (the alive list); it
    checks it is listed, that every listed hospital shared with it, and signs its whole view
-   of the round (key list, who shared with it, who is alive).
-5. unmask: with the signatures of at least t hospitals over exactly its own view, each
+   of the round: key list, who shared with it, who is alive, and a digest of the train
+   message it trained on (global adapter and settings).
+5. unmask: with the signatures of every alive hospital over exactly its own view, each
    returns, for each alive hospital, its share of the self-mask seed, and for each that
    shared keys but is not alive, its share of the private key; the server removes the self
    masks and the dropped hospitals' pairwise masks and is left with the sum. The alive and
    dropped lists are the hospital's own view, never a list the server sends at this stage.
 
 Why this holds with a majority threshold t > k/2 (k: the round's key list) against a server
-that colludes with no hospital: to unmask hospital u alone it needs t shares of u's seed and
-t shares of the private keys of every hospital u masked with. Hospitals that accept an unmask
-share one signed view (t signers each; an honest hospital signs once a round, and the
-signers of any view containing u are among u's k neighbours, so two views would need
-2t > k of them); in that one view, u is alive and its partners dropped, so the signers are
-neither u nor its >= t - 1 partners: at most k - t < t of them. With c colluding hospitals
-the same count needs t > (k + c) / 2 (docs/secure-aggregation.md).
+that colludes with no hospital. Each hospital signs one view a round. If hospital u's seed
+is revealed, u is alive in some view V that every alive hospital of V signed, u included; so
+V's key list is u's and V's alive hospitals all shared keys with u and trained on the same
+train message. To strip u's mask with an alive hospital v of V the server needs v's private
+key: t shares from holders accepting a view W with v dropped, which every alive hospital of W
+(at least t) signed, all of them holders of v's shares, so all in V's key list of k, and none
+alive in V (those signed V). Two disjoint groups of t within k < 2t: impossible. So the
+server learns at most the sum over V's alive hospitals, at least t of them, all trained on
+one message; two such views have disjoint alive lists. A hospital never reveals both secrets
+of one hospital (one unmask a round, by one view). With c colluding hospitals the same count
+needs t > (k + c) / 2 (docs/secure-aggregation.md).
 """
 
 from __future__ import annotations
@@ -162,6 +167,7 @@ class HospitalSecrets:
     signing_key_of: dict[int, bytes] = field(default_factory=dict)
     key_list: bytes = b""  # signing.roster_view_hash of the key list it was given
     alive: list[int] = field(default_factory=list)  # the alive list it signed
+    instructions: bytes = b""  # digest of the train message it trained on (adapter, settings)
 
     @property
     def shared(self) -> list[int]:
@@ -171,7 +177,7 @@ class HospitalSecrets:
     def view(self) -> bytes:
         """The statement it signs in the consistency round, and checks others' against."""
         return signing.view_statement(self.run_id, self.round, self.digest, self.key_list,
-                                      self.shared, self.alive)
+                                      self.shared, self.alive, self.instructions)
 
     @property
     def digest(self) -> bytes:
@@ -379,9 +385,9 @@ def consistency(secrets: HospitalSecrets, alive: list[int],
 
 def unmask_shares(secrets: HospitalSecrets, alive: list[int],
                   signatures: dict[int, bytes]) -> tuple[list[int], list[bytes]]:
-    """Stage 5: with at least ``threshold`` hospitals' signatures over exactly this
-    hospital's view, its self-mask seed shares of the alive hospitals and its private-key
-    shares of those that shared keys but are not alive. Returns (owners, shares)."""
+    """Stage 5: with the signatures of every alive hospital over exactly this hospital's
+    view, its self-mask seed shares of the alive hospitals and its private-key shares of
+    those that shared keys but are not alive. Returns (owners, shares)."""
     _expect_stage(secrets, "consistency", "unmask")
     if sorted(set(alive)) != secrets.alive or len(set(alive)) != len(alive):
         raise ViewInconsistent("the alive list differs from the one this hospital signed")
@@ -390,9 +396,10 @@ def unmask_shares(secrets: HospitalSecrets, alive: list[int],
         node for node, signature in signatures.items()
         if node in secrets.alive and node in secrets.signing_key_of
         and signing.verify(secrets.signing_key_of[node], signature, statement)}
-    if len(signed) < secrets.threshold:
-        raise ViewInconsistent(f"{len(signed)} hospitals signed this hospital's view of the "
-                               f"round, fewer than the threshold {secrets.threshold}")
+    if set(secrets.alive) - signed:
+        raise ViewInconsistent(f"{len(set(secrets.alive) - signed)} of the "
+                               f"{len(secrets.alive)} alive hospitals did not sign this "
+                               "hospital's view of the round")
     secrets.stage = "unmask"
     active = secrets.alive
     dropped = [n for n in secrets.shared if n not in active]

@@ -77,13 +77,14 @@ def roster_view_hash(entries: dict[int, tuple[bytes, bytes, bytes]]) -> bytes:
 
 
 def view_statement(run_id: int, round_: int, digest: bytes, key_list: bytes,
-                   shared: Iterable[int], alive: Iterable[int]) -> bytes:
+                   shared: Iterable[int], alive: Iterable[int], instructions: bytes) -> bytes:
     """What a hospital signs in the consistency round: the whole of its view of the round
-    (the key list, who shared keys with it, who the server says sent an update). Hospitals
-    whose views differ in anything sign different statements, so one cannot count towards
-    the other's threshold."""
+    (the key list, who shared keys with it, who the server says sent an update, and the
+    train message it trained on: global adapter and settings). Hospitals whose views differ
+    in anything sign different statements, and each unmasks only a view every alive hospital
+    signed."""
     return _digest(_VIEW_DOMAIN, [_int(run_id), _int(round_), digest, key_list,
-                                  _nodes(shared), _nodes(alive)])
+                                  _nodes(shared), _nodes(alive), instructions])
 
 
 def ciphertexts_digest(ciphertexts: Iterable[bytes]) -> bytes:

@@ -23,7 +23,7 @@ from flwr.common.logger import log
 from clinical_fl.protocol import messages as m
 from clinical_fl.secure_aggregation import ckks, secagg_plus, signing
 from clinical_fl.secure_aggregation.update_vector import flatten, weight_share, weighted_update
-from fl_app.exchange import ciphertext_record, ciphertexts_of, vector_record
+from fl_app.exchange import ciphertext_record, ciphertexts_of, content_digest, vector_record
 from fl_app.hospital import signing_keys
 from fl_app.hospital.node_config import configured_ckks_context, hospital_name, is_deployed
 
@@ -156,6 +156,8 @@ def _consistency(record: ConfigRecord, context: Context) -> dict:
     signature = secagg_plus.consistency(secrets, [int(n) for n in record[m.SECAGG_ALIVE]],
                                         signing_keys.signing_key(context))
     _keep(context, secrets)
+    log(INFO, "%s: secure aggregation round %s: signed a view with %d of %d hospitals alive",
+        _who(context), secrets.round, len(secrets.alive), len(secrets.pk1_of))
     return {m.SECAGG_SIGNATURE: signature}
 
 
@@ -237,6 +239,9 @@ def _secagg_collect(msg: Message, context: Context, call_next: ClientAppCallable
     secrets = _secrets(context, int(record[m.SECAGG_ROUND]))
     secagg_plus.receive_shares(secrets, [int(n) for n in record[m.SECAGG_SOURCES]],
                                [bytes(c) for c in record[m.SECAGG_CIPHERTEXTS]])
+    # What it is told to train on goes into the view it signs: a server that sends the
+    # others other adapters or settings (to make their updates known) gets no unmasking.
+    secrets.instructions = content_digest(msg.content, m.SECAGG_RECORD, _SET_BY_THIS_MOD)
     _keep(context, secrets)
     reply, start = _train(msg, context, call_next, secrets.threshold, len(secrets.pk1_of))
     if reply.has_error():

@@ -285,15 +285,20 @@ class SecureAggregationGrid(GridWrapper):
                      public: dict[int, tuple[bytes, ...]]) -> dict[int, bytes]:
         """Stage consistency: every hospital that uploaded is told who did (the same list
         to all) and signs its view of the round; the signatures, by node. A hospital
-        refuses to unmask without the signatures of at least the threshold over its own
-        view, so a round whose hospitals saw different rounds releases nothing."""
+        refuses to unmask without every alive hospital's signature over its own view, so a
+        round whose hospitals saw different rounds (or trained on different messages)
+        releases nothing."""
         alive = sorted(masked)
         signed, _ = self._stage({n: RecordDict({m.SECAGG_RECORD: ConfigRecord({
             m.SECAGG_STAGE: m.STAGE_CONSISTENCY, m.SECAGG_ROUND: run.round_,
             m.SECAGG_ALIVE: alive})}) for n in alive}, run.group, run.timeout)
         signatures = {node: bytes(r.content[m.SECAGG_RECORD][m.SECAGG_SIGNATURE])
                       for node, r in signed.items()}
-        self._check_count(len(signatures), run.threshold, "views signed")
+        if len(signatures) < len(alive):
+            # Every alive hospital must sign: one that uploaded and then was lost cannot.
+            raise RoundAborted(f"views signed: {len(signatures)} of the {len(alive)} "
+                               "hospitals that sent an update; each unmasks only a view all "
+                               "of them signed")
         return signatures
 
     def _unmask_shares(self, run: _SecAggPlusRound, masked: dict[int, np.ndarray],
