@@ -16,6 +16,7 @@ from clinical_fl.secure_aggregation import ckks
 from clinical_fl.settings.checks import ConfigError
 from clinical_fl.settings.compose import compose_config, task_settings_to_yaml, to_run_settings
 from clinical_fl.settings.secure_aggregation import SecureAggregationMode, SecureAggregationSettings
+from fl_app.exchange import ciphertext_record
 from fl_app.hospital.secure_aggregation_mod import ckks_context_path
 from fl_app.server.grids.secure_aggregation import SecureAggregationGrid, ciphertexts_of
 from fl_app.server.preflight import HospitalReport
@@ -496,3 +497,64 @@ def test_hostile_server_per_hospital_parameters_leave_the_sum_masked(other_view)
     pairwise = masked[1] + masked[2] - mask(secrets[1].rd_seed, 65) - mask(secrets[2].rd_seed,
                                                                              65)
     assert not pairwise.any()
+
+
+# --- CKKS decryption requests bound to the round's signed contributions (issue 34) ------------
+
+def test_lying_server_ckks_decrypt_needs_the_contributors_signatures(ckks_home):
+    from clinical_fl.secure_aggregation import signing
+
+    hospitals = HospitalsGrid(NODES)
+    _round(hospitals, SecureAggregationSettings(mode="ckks"), public=_public_of(hospitals))
+    # What the collect replies carried: each hospital's ciphertexts and signed contribution.
+    uploads = {src: c for src, c in hospitals.received
+               if c is not None and m.SECAGG_CONTRIBUTION_RECORD in c}
+    assert sorted(uploads) == NODES
+    honest = {
+        m.SECAGG_SIGNING_KEY: [bytes(uploads[n][m.SECAGG_CONTRIBUTION_RECORD][
+            m.SECAGG_SIGNING_KEY]) for n in NODES],
+        m.SECAGG_SIGNATURE: [bytes(uploads[n][m.SECAGG_CONTRIBUTION_RECORD][
+            m.SECAGG_SIGNATURE]) for n in NODES],
+        m.SECAGG_DIGEST: [signing.ciphertexts_digest(ciphertexts_of(uploads[n][
+            m.SECAGG_RECORD])) for n in NODES]}
+    total = ckks.add(ckks.load_public_context(_public_of(hospitals), "test"),
+                     [ciphertexts_of(uploads[n][m.SECAGG_RECORD]) for n in NODES])
+
+    length = sum(a.size for a in ADAPTER.values()) + 1
+
+    def ask(node, nodes=NODES, **binding):
+        message = _stage_message(node, {
+            m.SECAGG_STAGE: m.STAGE_CKKS_DECRYPT, m.SECAGG_ROUND: 1, m.SECAGG_NODES: nodes,
+            m.SECAGG_THRESHOLD: 3, m.SECAGG_LENGTH: length, **honest, **binding})
+        message.content[m.ARRAYS_RECORD] = ciphertext_record(total)
+        return through_hospital(message, hospitals.contexts[node], _never_called)
+
+    def flipped(column, index):
+        values = list(honest[column])
+        values[index] = values[index][:-1] + bytes([values[index][-1] ^ 1])
+        return values
+
+    unauthenticated = "4016 secagg-unauthenticated"
+    # A forged signature, a tampered digest, and hospital 202's own entry not its own.
+    assert ask(202, **{m.SECAGG_SIGNATURE: flipped(m.SECAGG_SIGNATURE, 2)}).error.reason \
+        == unauthenticated
+    assert ask(202, **{m.SECAGG_DIGEST: flipped(m.SECAGG_DIGEST, 0)}).error.reason \
+        == unauthenticated
+    # An invented fourth contributor made of another's signed entry (to reach a threshold).
+    assert ask(202, nodes=[*NODES, 999], **{k: [*v, v[0]] for k, v in honest.items()}
+               ).error.reason == unauthenticated
+    # Signed for round 1 of run 7: read as another round, nothing verifies.
+    statement = signing.contribution_statement(7, 1, 101, honest[m.SECAGG_DIGEST][0])
+    assert signing.verify(honest[m.SECAGG_SIGNING_KEY][0], honest[m.SECAGG_SIGNATURE][0],
+                          statement)
+    assert not signing.verify(honest[m.SECAGG_SIGNING_KEY][0], honest[m.SECAGG_SIGNATURE][0],
+                              signing.contribution_statement(7, 2, 101,
+                                                             honest[m.SECAGG_DIGEST][0]))
+    # The honest binding: hospital 303 decrypts the sum (once).
+    reply = ask(303)
+    assert reply.has_content(), hospital_log(hospitals.contexts[303])[-3000:]
+    top = max(records_of(n) for n in NODES)
+    expected = sum(np.append(np.concatenate([step_of(n)[k].ravel() for k in ADAPTER]),
+                             1.0) * records_of(n) / top for n in NODES)
+    vector = reply.content[m.ARRAYS_RECORD][m.SECAGG_VECTOR].numpy()
+    assert vector.size == length and np.abs(vector - expected).max() < 1e-5
