@@ -189,6 +189,31 @@ def test_lying_server_replayed_keys_and_signatures_of_an_earlier_round_are_refus
     assert masked and second.revealed() == []
 
 
+def test_lying_server_round_run_again_is_refused_before_any_training():
+    """Found by attacking it: five runs of round 1, each over four of five hospitals with the
+    same adapter, gave sums whose differences are one hospital's (deterministic) update. A
+    hospital sets up one round once a run, and trains only for the round its keys are of."""
+    server = LyingServer(NODES, threshold=3)
+    inbox = server.share_all(server.setup())
+    for node in NODES[:4]:
+        server.collect(node, inbox[node])
+    for node in NODES:  # round 1 again, before or after its update
+        reply = server.ask(node, {
+            m.SECAGG_STAGE: m.STAGE_SETUP, m.SECAGG_THRESHOLD: 3,
+            m.SECAGG_CLIPPING_RANGE: CLIPPING_RANGE, m.SECAGG_QUANTIZATION_RANGE: LEVELS,
+            m.SECAGG_MAX_WEIGHT: server.max_weight})
+        assert reply.error.reason == INCONSISTENT, node
+    # Hospital 5 still holds round 1's keys: a train message of round 2 under them is refused.
+    reply = server.ask(H5, {m.SECAGG_STAGE: m.STAGE_COLLECT,
+                            m.SECAGG_SOURCES: list(inbox[H5]),
+                            m.SECAGG_CIPHERTEXTS: list(inbox[H5].values())},
+                       train=True, config={m.SERVER_ROUND_KEY: 2})
+    assert reply.error.reason == INCONSISTENT
+    trained = [c for _, c in server.hospitals.received
+               if c is not None and m.SECAGG_VECTOR in c.get(m.SECAGG_RECORD, {})]
+    assert len(trained) == 4  # the first four updates only
+
+
 def test_lying_server_threshold_below_a_majority_is_refused_with_its_counts():
     server = LyingServer(NODES, threshold=3)
     keys = server.setup(threshold=2)  # 2 of 5: two disjoint groups could each rebuild

@@ -29,6 +29,10 @@ from fl_app.hospital.node_config import configured_ckks_context, hospital_name, 
 
 STATE_KEY = "secure-aggregation"
 CKKS_ROUNDS_KEY = "ckks-rounds"  # the rounds this hospital encrypted in, and decrypted in
+# The rounds of this run this hospital has set up SecAgg+ keys for: one masked update a round.
+# A server that ran a round again with other hospitals and the same adapter would get sums
+# that differ by one hospital's (deterministic) update.
+SECAGG_ROUNDS_KEY = "secagg-rounds"
 
 
 class StageRefused(ValueError):
@@ -120,6 +124,12 @@ def _keep(context: Context, secrets: secagg_plus.HospitalSecrets) -> None:
 
 def _setup(record: ConfigRecord, context: Context) -> dict:
     round_, threshold = int(record[m.SECAGG_ROUND]), int(record[m.SECAGG_THRESHOLD])
+    done = [int(r) for r in context.state.config_records.get(
+        SECAGG_ROUNDS_KEY, ConfigRecord({"rounds": []}))["rounds"]]
+    if round_ in done:
+        raise secagg_plus.ViewInconsistent(
+            f"round {round_} was set up before in this run: one masked update a round (a "
+            "round run again would give sums that differ by one hospital's update)")
     lattice = (float(record[m.SECAGG_CLIPPING_RANGE]),
                int(record[m.SECAGG_QUANTIZATION_RANGE]), float(record[m.SECAGG_MAX_WEIGHT]))
     signer, roster = signing_keys.signing_key(context), signing_keys.roster(context)
@@ -129,6 +139,7 @@ def _setup(record: ConfigRecord, context: Context) -> dict:
             "not verify its round keys", signing_keys.ROSTER)
     secrets, signature = secagg_plus.setup(round_, context.node_id, threshold, *lattice,
                                            int(context.run_id), signer)
+    context.state.config_records[SECAGG_ROUNDS_KEY] = ConfigRecord({"rounds": done + [round_]})
     _keep(context, secrets)
     return {m.SECAGG_PUBLIC_KEY_1: secrets.pk1, m.SECAGG_PUBLIC_KEY_2: secrets.pk2,
             m.SECAGG_SIGNING_KEY: secrets.signing_key, m.SECAGG_SIGNATURE: signature}
@@ -239,6 +250,13 @@ def _secagg_collect(msg: Message, context: Context, call_next: ClientAppCallable
     secrets = _secrets(context, int(record[m.SECAGG_ROUND]))
     secagg_plus.receive_shares(secrets, [int(n) for n in record[m.SECAGG_SOURCES]],
                                [bytes(c) for c in record[m.SECAGG_CIPHERTEXTS]])
+    # The keys' round is the round it trains for: a train message of another round under
+    # this round's masks is refused (nothing kept: the shares received are dropped).
+    trains_for = msg.content[m.CONFIG_RECORD].get(m.SERVER_ROUND_KEY) \
+        if m.CONFIG_RECORD in msg.content else None
+    if trains_for is None or int(trains_for) != secrets.round:
+        raise secagg_plus.ViewInconsistent(
+            f"a train message for round {trains_for} under the keys of round {secrets.round}")
     # What it is told to train on goes into the view it signs: a server that sends the
     # others other adapters or settings (to make their updates known) gets no unmasking.
     secrets.instructions = content_digest(msg.content, m.SECAGG_RECORD, _SET_BY_THIS_MOD)
@@ -287,6 +305,10 @@ def _ckks_collect(msg: Message, context: Context, call_next: ClientAppCallable) 
                            "update")
     if round_ in [int(r) for r in _ckks_rounds(context)["encrypted"]]:
         raise StageRefused(f"already encrypted an update in round {round_}")
+    trains_for = msg.content[m.CONFIG_RECORD].get(m.SERVER_ROUND_KEY) \
+        if m.CONFIG_RECORD in msg.content else None
+    if trains_for is None or int(trains_for) != round_:
+        raise StageRefused(f"a train message for round {trains_for} encrypted as round {round_}")
     reply, start = _train(msg, context, call_next, threshold, len(nodes))
     if reply.has_error():
         return reply
