@@ -3,13 +3,13 @@
 #   bash deploy/supernode.sh --hospital NAME --number K --data-path FILE --state-dir DIR \
 #       --ca CA_CERT --key KEY_FILE --roster ROSTER [--superlink HOST:8000] [--port 9094]
 #       [--max-epsilon E] [--max-delta D] [--require-dp true|false] [--eval-metrics full|aggregate|none]
-#       [--distributed-dp-noise-floor S] [--ckks-context FILE]
+#       [--distributed-dp-noise-floor S] [--min-secure-sum N] [--ckks-context FILE]
 #       [--text-column C] [--label-column C] [--site-column C] [--split-column C]
 #       [--eval-fraction F] [--deid required|allowed] [--max-evaluations N]
 #   ... --insecure instead of --ca/--key for local experiments only.
 # NAME is for logs; K (0, 1, ...) numbers the hospital in MLflow. DIR keeps what the
 # hospital must remember (privacy ledger, privacy-policy.toml); it must survive restarts.
-# The --max-*/--require-dp/--eval-metrics/--distributed-dp-noise-floor flags are the hospital's
+# The --max-*/--require-dp/--eval-metrics/--distributed-dp-noise-floor/--min-secure-sum flags are the hospital's
 # privacy policy (node config keys); they add to DIR/privacy-policy.toml, the stricter value
 # winning. The server cannot loosen them. The column, --eval-fraction, --deid and
 # --max-evaluations flags are the hospital's data mapping and release rules: a server value
@@ -39,6 +39,7 @@ while [ $# -gt 0 ]; do
     --require-dp) policy+=" require-dp=$2"; shift 2;;
     --eval-metrics) policy+=" eval-metrics=\"$2\""; shift 2;;
     --distributed-dp-noise-floor) policy+=" distributed-dp-noise-floor=$2"; shift 2;;
+    --min-secure-sum) policy+=" min-secure-sum=$2"; shift 2;;
     --text-column|--label-column|--site-column|--split-column|--deid)
       policy+=" ${1#--}=\"$2\""; shift 2;;
     --eval-fraction|--max-evaluations) policy+=" ${1#--}=$2"; shift 2;;

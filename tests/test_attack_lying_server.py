@@ -221,6 +221,21 @@ def test_lying_server_threshold_below_a_majority_is_refused_with_its_counts():
     assert reply.error.reason == "4018 secagg-threshold-refused threshold=2 hospitals=5"
 
 
+def test_lying_server_threshold_below_the_hospitals_own_floor_is_refused(tmp_path):
+    """A hospital's policy (min-secure-sum) sets the fewest hospitals in a sum holding its
+    update: a server that gives it a smaller round (k = 3, t = 2, a majority of the list it
+    chose) is refused before any key is made."""
+    server = LyingServer(NODES[:3], threshold=2)
+    (tmp_path / "h1").mkdir()
+    (tmp_path / "h1" / "privacy-policy.toml").write_text("min-secure-sum = 4\n")
+    server.hospitals.contexts[H1].node_config["state-dir"] = str(tmp_path / "h1")
+    reply = server.ask(H1, {
+        m.SECAGG_STAGE: m.STAGE_SETUP, m.SECAGG_THRESHOLD: 2,
+        m.SECAGG_CLIPPING_RANGE: CLIPPING_RANGE, m.SECAGG_QUANTIZATION_RANGE: LEVELS,
+        m.SECAGG_MAX_WEIGHT: server.max_weight})
+    assert reply.error.reason == "4007 policy-refused key=min-secure-sum"
+
+
 def _up_to_consistency(server: LyingServer) -> None:
     inbox = server.share_all(server.setup())
     for node in NODES:

@@ -25,7 +25,12 @@ from clinical_fl.secure_aggregation import ckks, secagg_plus, signing
 from clinical_fl.secure_aggregation.update_vector import flatten, weight_share, weighted_update
 from fl_app.exchange import ciphertext_record, ciphertexts_of, content_digest, vector_record
 from fl_app.hospital import signing_keys
-from fl_app.hospital.node_config import configured_ckks_context, hospital_name, is_deployed
+from fl_app.hospital.node_config import (
+    configured_ckks_context,
+    hospital_name,
+    hospital_number,
+    is_deployed,
+)
 
 STATE_KEY = "secure-aggregation"
 CKKS_ROUNDS_KEY = "ckks-rounds"  # the rounds this hospital encrypted in, and decrypted in
@@ -41,6 +46,23 @@ class StageRefused(ValueError):
 
 def _who(context: Context) -> str:
     return hospital_name(context)
+
+
+def _min_secure_sum(context: Context) -> int:
+    """The hospital policy's ``min-secure-sum`` (2 where it sets none): no sum of fewer
+    hospitals holds its update, whatever threshold the server chose."""
+    from fl_app.hospital.state import hospital_policy
+
+    return hospital_policy(context, hospital_number(context)).min_secure_sum or 2
+
+
+def _hold_min_secure_sum(context: Context, threshold: int) -> None:
+    from tasks.privacy.plan import PolicyRefusal
+
+    floor = _min_secure_sum(context)
+    if threshold < floor:
+        raise PolicyRefusal(f"{_who(context)}: a round threshold of {threshold}, below its "
+                            f"min-secure-sum {floor}", key="min-secure-sum")
 
 
 def ckks_context_path(context: Context) -> Path:
@@ -130,6 +152,7 @@ def _setup(record: ConfigRecord, context: Context) -> dict:
         raise secagg_plus.ViewInconsistent(
             f"round {round_} was set up before in this run: one masked update a round (a "
             "round run again would give sums that differ by one hospital's update)")
+    _hold_min_secure_sum(context, threshold)
     lattice = (float(record[m.SECAGG_CLIPPING_RANGE]),
                int(record[m.SECAGG_QUANTIZATION_RANGE]), float(record[m.SECAGG_MAX_WEIGHT]))
     signer, roster = signing_keys.signing_key(context), signing_keys.roster(context)
@@ -303,6 +326,7 @@ def _ckks_collect(msg: Message, context: Context, call_next: ClientAppCallable) 
     if threshold < 2:
         raise StageRefused(f"a round threshold of {threshold}: the sum of one hospital is its "
                            "update")
+    _hold_min_secure_sum(context, threshold)
     if round_ in [int(r) for r in _ckks_rounds(context)["encrypted"]]:
         raise StageRefused(f"already encrypted an update in round {round_}")
     trains_for = msg.content[m.CONFIG_RECORD].get(m.SERVER_ROUND_KEY) \
@@ -407,7 +431,7 @@ def _ckks_decrypt(msg: Message, context: Context) -> Message:
     # hospital's noise share assumes is never decrypted.
     assumes = [int(t) for t in rounds.get("assumes", [])]
     own = assumes[encrypted.index(round_)] if len(assumes) == len(encrypted) else 2
-    threshold = max(2, _field(record, m.SECAGG_THRESHOLD, int), own)
+    threshold = max(2, _field(record, m.SECAGG_THRESHOLD, int), own, _min_secure_sum(context))
     if context.node_id not in contributors:
         raise StageRefused("asked to decrypt a sum this hospital did not contribute to")
     if len(set(contributors)) < threshold:

@@ -15,7 +15,9 @@ Keys:
   ``none`` (record counts only);
 - ``distributed-dp-noise-floor``: under distributed DP, the least noise multiplier of the
   hospital's own share (in units of C / B, like sigma), whatever the run's threshold: its
-  protection should others omit their noise (``tasks/privacy/distributed_dp.py``).
+  protection should others omit their noise (``tasks/privacy/distributed_dp.py``);
+- ``min-secure-sum``: the fewest hospitals in any sum of secure aggregation this hospital's
+  update goes into (the round's threshold t), whatever the server chooses; at least 2.
 
 The hospital's data mapping and release rules (``tasks/data/mapping.py`` applies them):
 ``data-path``, ``text-column``, ``label-column``, ``site-column``, ``split-column``,
@@ -60,7 +62,7 @@ class Deid(Enum):
 
 _STRICTNESS = {EvalRelease.full: 0, EvalRelease.aggregate: 1, EvalRelease.none: 2}
 PRIVACY_KEYS = ("max-epsilon", "max-delta", "require-dp", "eval-metrics",
-                "distributed-dp-noise-floor")
+                "distributed-dp-noise-floor", "min-secure-sum")
 # The hospital's data mapping: policy key -> the data setting it fixes.
 MAPPING_KEYS = {"data-path": "path", "text-column": "text_column",
                 "label-column": "label_column", "site-column": "site_column",
@@ -93,6 +95,7 @@ class HospitalPolicy:
     # Deployed, or a policy file: the hospital's mapping and release rules hold, and
     # de-identification is required unless its policy says ``deid = "allowed"``.
     owns_data: bool = False
+    min_secure_sum: int | None = None
 
     @property
     def data_path(self) -> str | None:
@@ -222,7 +225,19 @@ def parse_policy(values: Mapping[str, object], hospital: int, source: str) -> Ho
                               "distributed-dp-noise-floor", where)
     deid, max_evaluations = _release_rules(values, where)
     return HospitalPolicy(hospital, max_epsilon, max_delta, require_dp, eval_metrics, source,
-                          noise_floor, _data_mapping(values, where), deid, max_evaluations)
+                          noise_floor, _data_mapping(values, where), deid, max_evaluations,
+                          min_secure_sum=_min_secure_sum(values, where))
+
+
+def _min_secure_sum(values: Mapping[str, object], where: str) -> int | None:
+    value = values.get("min-secure-sum")
+    if value in (None, ""):
+        return None
+    number = _number(value, "min-secure-sum", where)
+    if number != int(number) or number < 2:
+        raise PolicyError(f"{where}: key 'min-secure-sum' must be a whole number of hospitals, "
+                          f"at least 2, got {value!r}", key="min-secure-sum")
+    return int(number)
 
 
 def _stricter(a: float | None, b: float | None) -> float | None:
@@ -262,7 +277,9 @@ def combine(first: HospitalPolicy, second: HospitalPolicy) -> HospitalPolicy:
         data_mapping=_same_mapping(first, second),
         deid=(Deid.required if Deid.required in deid else Deid.allowed) if deid else None,
         max_evaluations=None if evaluations is None else int(evaluations),
-        owns_data=first.owns_data or second.owns_data)
+        owns_data=first.owns_data or second.owns_data,
+        min_secure_sum=max((n for n in (first.min_secure_sum, second.min_secure_sum)
+                            if n is not None), default=None))
 
 
 def _look_alike(key: str) -> str | None:
