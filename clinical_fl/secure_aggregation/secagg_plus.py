@@ -31,7 +31,10 @@ One round, for the hospitals U the strategy sampled, secure against a server tha
    dropped lists are the hospital's own view, never a list the server sends at this stage.
 
 Why this holds with a majority threshold t > k/2 (k: the round's key list) against a server
-that colludes with no hospital. Each hospital signs one view a round. If hospital u's seed
+that colludes with no hospital. Each hospital signs one view a round, and sets up each
+round once a run and trains only for the round its keys are of (fl_app/hospital/
+secure_aggregation_mod.py: a round run again with other hospitals alive would give sums
+that differ by one deterministic update). If hospital u's seed
 is revealed, u is alive in some view V that every alive hospital of V signed, u included; so
 V's key list is u's and V's alive hospitals all shared keys with u and trained on the same
 train message. To strip u's mask with an alive hospital v of V the server needs v's private
