@@ -4,7 +4,9 @@ On long notes a round is many minutes of local training; Flower's Grid waits in 
 This one sends and collects the same way (push, then pull until every reply is in or the
 timeout passes) and, every ``every_s`` seconds of waiting, logs one line: the round, what
 it waits for, how many hospitals have answered and which have not. It polls every second
-instead of Flower's three, so no round waits seconds after its last reply.
+instead of Flower's three, and sooner at first (0.02 s, doubling up to 1 s), so that short
+exchanges (secure aggregation's key stages, a few tens of milliseconds at each hospital)
+do not wait a whole second for their replies.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from fl_app.server.grids.base import GridWrapper
 
 log = logging.getLogger(__name__)
 POLL_S = 1.0
+FIRST_POLL_S = 0.02
 
 
 class ProgressGrid(GridWrapper):
@@ -42,6 +45,7 @@ class ProgressGrid(GridWrapper):
         start = time.monotonic()
         next_note = start + self.every_s
         replies: list[Message] = []
+        pause = FIRST_POLL_S
         while waiting:
             pulled = list(self.pull_messages(set(waiting)))
             replies += pulled
@@ -56,7 +60,8 @@ class ProgressGrid(GridWrapper):
                          "hospital %s", what, len(messages) - len(waiting), len(messages),
                          now - start, ", ".join(pending))
                 next_note = now + self.every_s
-            time.sleep(POLL_S)
+            time.sleep(pause)
+            pause = min(POLL_S, 2 * pause)
         return replies
 
 
