@@ -155,10 +155,14 @@ def test_a_distributed_share_that_does_not_fit_the_rounds_secure_aggregation_is_
     """The hospital's secure-aggregation mod masks a distributed DP share only on the lattice
     this round sums on, and only if SecAgg+ releases no sum of fewer hospitals than its noise
     share assumes."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     from clinical_fl.secure_aggregation import secagg_plus
     from fl_app.hospital.secure_aggregation_mod import StageRefused, _lattice_share
 
-    secrets = secagg_plus.setup(1, 1, 2, 0.25, 2**24, 1.0)  # this round: c 0.25, threshold 2
+    # This round: c 0.25, threshold 2.
+    secrets, _ = secagg_plus.setup(1, 1, 2, 0.25, 2**24, 1.0, run_id=1,
+                                   signer=ec.generate_private_key(ec.SECP384R1()))
     start = {"w": np.zeros(2, np.float32)}
     reply = distributed_share_reply(_instruction("train"), {"w": np.zeros(2, np.uint32)},
                                     _private_outcome(), 1, lattice, threshold)

@@ -48,19 +48,19 @@ def _who(context: Context) -> str:
     return hospital_name(context)
 
 
-def _min_secure_sum(context: Context) -> int:
-    """The hospital policy's ``min-secure-sum`` (2 where it sets none): no sum of fewer
+def _min_secure_sum(context: Context) -> int | None:
+    """The hospital policy's ``min-secure-sum`` (None where it sets none): no sum of fewer
     hospitals holds its update, whatever threshold the server chose."""
     from fl_app.hospital.state import hospital_policy
 
-    return hospital_policy(context, hospital_number(context)).min_secure_sum or 2
+    return hospital_policy(context, hospital_number(context)).min_secure_sum
 
 
 def _hold_min_secure_sum(context: Context, threshold: int) -> None:
     from tasks.privacy.plan import PolicyRefusal
 
     floor = _min_secure_sum(context)
-    if threshold < floor:
+    if floor is not None and threshold < floor:
         raise PolicyRefusal(f"{_who(context)}: a round threshold of {threshold}, below its "
                             f"min-secure-sum {floor}", key="min-secure-sum")
 
@@ -431,7 +431,8 @@ def _ckks_decrypt(msg: Message, context: Context) -> Message:
     # hospital's noise share assumes is never decrypted.
     assumes = [int(t) for t in rounds.get("assumes", [])]
     own = assumes[encrypted.index(round_)] if len(assumes) == len(encrypted) else 2
-    threshold = max(2, _field(record, m.SECAGG_THRESHOLD, int), own, _min_secure_sum(context))
+    threshold = max(2, _field(record, m.SECAGG_THRESHOLD, int), own,
+                    _min_secure_sum(context) or 2)
     if context.node_id not in contributors:
         raise StageRefused("asked to decrypt a sum this hospital did not contribute to")
     if len(set(contributors)) < threshold:
