@@ -108,20 +108,6 @@ def majority(hospitals: int) -> int:
     return hospitals // 2 + 1
 
 
-def ring_neighbours(nodes: list[int], num_shares: int) -> dict[int, list[int]]:
-    """SecAgg+'s communication graph: each node and the ``num_shares - 1`` nearest on a ring
-    of the sorted node ids (all nodes when ``num_shares`` >= their number)."""
-    ordered = sorted(nodes)
-    if num_shares >= len(ordered):
-        return {node: list(ordered) for node in ordered}
-    half = num_shares // 2
-    out = {}
-    for idx, node in enumerate(ordered):
-        ring = {ordered[(idx + off) % len(ordered)] for off in range(-half, half + 1)}
-        out[node] = sorted(ring)
-    return out
-
-
 def round_digest(round_: int, threshold: int, clipping_range: float, quantization_range: int,
                  max_weight: float) -> bytes:
     """What every hospital of a round must have been told alike, hashed. Pairwise masks are

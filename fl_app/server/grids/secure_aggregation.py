@@ -44,7 +44,8 @@ class RoundAborted(Exception):
 @dataclass(frozen=True)
 class _SecAggPlusRound:
     """What every SecAgg+ stage of one round shares: the round, its reconstruction
-    threshold, each hospital's neighbours (those it shares its secrets with), the timeout."""
+    threshold, each hospital's neighbours (those it shares its secrets with: all of the
+    round's), the timeout."""
 
     round_: int
     threshold: int
@@ -189,8 +190,9 @@ class SecureAggregationGrid(GridWrapper):
         self._check_secagg_plus_round(nodes, threshold)
         run = _SecAggPlusRound(
             round_=round_, threshold=threshold, timeout=timeout,
-            neighbours=secagg_plus.ring_neighbours(nodes,
-                                                   self.settings.shares_for(len(nodes))))
+            # The complete graph: every hospital shares with every other (no ring: the
+            # consistency stage compares whole views, docs/secure-aggregation.md).
+            neighbours={node: nodes for node in nodes})
         public, failed = self._setup_keys(run, nodes)
         shared, failed_sharing = self._share_keys(run, public)
         failed.update(failed_sharing)
@@ -208,6 +210,9 @@ class SecureAggregationGrid(GridWrapper):
     def _check_secagg_plus_round(self, nodes: list[int], threshold: int) -> None:
         """Enough hospitals sampled, and not so many that their quantised sum wraps around."""
         self._check_count(len(nodes), threshold, "sampled")
+        if self.settings.shares_for(len(nodes)) < len(nodes):
+            raise RoundAborted(f"num_shares {self.settings.num_shares}: a ring among "
+                               f"{len(nodes)} hospitals; SecAgg+ shares among all of them")
         if len(nodes) * self.settings.quantization_range >= SECAGG_MODULUS:
             raise RoundAborted(f"{len(nodes)} hospitals x quantization_range "
                                f"{self.settings.quantization_range} would wrap around 2^32")
