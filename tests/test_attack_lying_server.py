@@ -320,3 +320,32 @@ def test_lying_server_roster_is_the_hospitals_not_the_servers(tmp_path):
     roster.write_bytes(signing.public_bytes(key) + b"\nnot a key\n")
     with pytest.raises(signing.SigningKeyError, match="line 2"):
         signing.load_roster(roster, "test")
+
+
+def test_lying_server_deployed_hospital_without_its_own_key_or_roster_refuses(tmp_path):
+    """A deployed hospital (state-dir) takes no roster from anyone but its node config: without
+    a signing key, without a roster, or with a roster that lacks its own key, it refuses SecAgg+
+    before making any key, naming the node config key."""
+    from tests.secure_hospitals import provision_signing_keys
+
+    server = LyingServer(NODES[:3], threshold=2)
+    context = server.hospitals.contexts[H1]
+    context.node_config["state-dir"] = str(tmp_path / "state")
+
+    def setup_reply():
+        return server.ask(H1, {
+            m.SECAGG_STAGE: m.STAGE_SETUP, m.SECAGG_THRESHOLD: 2,
+            m.SECAGG_CLIPPING_RANGE: CLIPPING_RANGE, m.SECAGG_QUANTIZATION_RANGE: LEVELS,
+            m.SECAGG_MAX_WEIGHT: server.max_weight}).error.reason
+
+    assert setup_reply() == "4012 key-material key=secagg-signing-key"
+    roster = provision_signing_keys([context], tmp_path / "keys")
+    del context.node_config["secagg-roster"]
+    assert setup_reply() == "4012 key-material key=secagg-roster"
+    context.node_config["secagg-roster"] = str(roster)
+    roster.write_bytes(signing.public_bytes(ec.generate_private_key(ec.SECP384R1())) + b"\n")
+    assert setup_reply() == "4012 key-material key=secagg-roster"
+    roster.write_bytes(b"not a key\n")
+    assert setup_reply() == "4012 key-material key=secagg-roster"
+    assert server.revealed() == [] and "secure-aggregation" not in \
+        context.state.config_records
